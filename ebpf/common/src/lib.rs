@@ -1,0 +1,48 @@
+//! The kernel/user boundary of backplane.
+//!
+//! Every type here is `#[repr(C)]`, made of integers only, with explicit padding so
+//! that no struct has implicit holes; their sizes are asserted at compile time. Map and
+//! program names are constants so that the eBPF crate and the agent cannot disagree.
+#![no_std]
+
+pub mod config;
+pub mod event;
+pub mod flow;
+pub mod maps;
+pub mod policy;
+pub mod reason;
+
+pub use config::{DatapathConfig, PortInfo, PortRole};
+pub use event::{FlowEvent, FlowEventKind};
+pub use flow::{FlowKey, FlowValue};
+pub use reason::{Counter, Verdict};
+
+/// Implements `aya::Pod` for boundary types when built for userspace.
+#[cfg(feature = "user")]
+macro_rules! user_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            // SAFETY: the type is repr(C), made only of integers and byte arrays,
+            // and has no implicit padding (asserted in its module).
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
+
+#[cfg(feature = "user")]
+user_pod!(
+    FlowKey,
+    FlowValue,
+    FlowEvent,
+    DatapathConfig,
+    PortInfo,
+    policy::PolicyKey,
+    policy::PolicyValue,
+    policy::EndpointKey,
+    policy::EndpointValue,
+    policy::ZoneKey,
+    policy::ZoneValue,
+    policy::AddrKey,
+    policy::ZonePairKey,
+    policy::ZonePairStats,
+);

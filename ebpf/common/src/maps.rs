@@ -1,0 +1,42 @@
+//! Names of maps and programs, shared by the eBPF object and the agent.
+
+/// Flow table: `LRU_HASH<FlowKey, FlowValue>`, one entry per bidirectional flow.
+pub const FLOWS: &str = "FLOWS";
+/// Flow start/end events: `RINGBUF` of [`crate::FlowEvent`].
+pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+/// Per-CPU counters indexed by [`crate::Counter`]: `PERCPU_ARRAY<u64>`.
+pub const COUNTERS: &str = "COUNTERS";
+/// Data path configuration, one entry: `ARRAY<DatapathConfig>`.
+pub const CONFIG: &str = "CONFIG";
+/// Attached ports: `HASH<u32 ifindex, PortInfo>`.
+pub const PORTS: &str = "PORTS";
+/// Endpoints by MAC: `HASH<EndpointKey, EndpointValue>`.
+pub const ENDPOINTS: &str = "ENDPOINTS";
+/// Zone membership by address: `LPM_TRIE<AddrKey, ZoneValue-less u32 zone>`.
+pub const ZONE_CIDRS: &str = "ZONE_CIDRS";
+/// Per-zone settings: `HASH<ZoneKey, ZoneValue>`.
+pub const ZONES: &str = "ZONES";
+/// Zone-pair policy: `LPM_TRIE<PolicyKey, PolicyValue>`.
+pub const POLICIES: &str = "POLICIES";
+/// Per-CPU packet/byte/drop counters by zone pair and verdict: `PERCPU_HASH<ZonePairKey, ZonePairStats>`.
+pub const ZONE_PAIR_STATS: &str = "ZONE_PAIR_STATS";
+
+/// XDP program on a port: what the VM (or the uplink's peer) sends into the switch.
+pub const PROG_FROM_PORT: &str = "from_port";
+/// TC egress program on a port: what the switch delivers to the VM (or the uplink).
+pub const PROG_TO_PORT: &str = "to_port";
+
+/// All maps that are pinned under the agent's pin directory, so that they survive
+/// a restart of the agent.
+pub const PINNED_MAPS: &[&str] = &[
+    FLOWS,
+    FLOW_EVENTS,
+    COUNTERS,
+    CONFIG,
+    PORTS,
+    ENDPOINTS,
+    ZONE_CIDRS,
+    ZONES,
+    POLICIES,
+    ZONE_PAIR_STATS,
+];

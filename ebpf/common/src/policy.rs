@@ -1,0 +1,128 @@
+//! Keys and values of the zone and policy tables.
+//!
+//! Every rule table is double-buffered: its keys start with a `slot` (0 or 1) and the
+//! data path reads only the half named by `DatapathConfig::active_slot`.
+
+/// Zone id of the built-in zone `world` (addresses outside every zone).
+pub const ZONE_WORLD: u16 = 0;
+
+/// `policy_id` for verdicts decided by a default rather than by a policy.
+pub const POLICY_ID_DEFAULT_INTER_ZONE: u32 = u32::MAX;
+/// `policy_id` for verdicts decided by a zone's `intra_zone` setting.
+pub const POLICY_ID_INTRA_ZONE: u32 = u32::MAX - 1;
+/// `policy_id` when no rule set is in force.
+pub const POLICY_ID_NONE: u32 = u32::MAX - 2;
+
+/// Policy mode: enforce verdicts.
+pub const MODE_ENFORCE: u8 = 0;
+/// Policy mode: pass, but record the verdict that enforcing would have given.
+pub const MODE_AUDIT: u8 = 1;
+
+/// `ENDPOINTS` key: a MAC address in one rule-table half.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub slot: u8,
+    pub _pad: u8,
+    pub mac: [u8; 6],
+}
+
+/// `ENDPOINT_FLAG_*` bits of [`EndpointValue::flags`].
+pub const ENDPOINT_QUARANTINED: u16 = 1 << 0;
+pub const ENDPOINT_ISOLATED: u16 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub zone: u16,
+    pub flags: u16,
+    pub endpoint_id: u32,
+}
+
+/// `ZONE_CIDRS` LPM key data. The prefix length counts the 32 bits of
+/// `slot`, `family` and padding before the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrKey {
+    pub slot: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Bits of an [`AddrKey`] before its address.
+pub const ADDR_KEY_HEADER_BITS: u32 = 32;
+
+/// `ZONES` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ZoneKey {
+    pub slot: u8,
+    pub _pad: u8,
+    pub zone: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZoneValue {
+    /// [`crate::Verdict`] for traffic within the zone.
+    pub intra_zone: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `POLICIES` LPM key data, all fields big-endian so that prefixes of the port are
+/// prefixes of the key: `slot, proto, src_zone, dst_zone, port`. A rule for a whole
+/// protocol has prefix length [`POLICY_KEY_PROTO_BITS`]; a port range is split into
+/// prefixes of the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyKey {
+    pub slot: u8,
+    pub proto: u8,
+    pub src_zone: [u8; 2],
+    pub dst_zone: [u8; 2],
+    pub port: [u8; 2],
+}
+
+/// Bits of a [`PolicyKey`] before its port.
+pub const POLICY_KEY_PROTO_BITS: u32 = 48;
+/// Bits of a whole [`PolicyKey`].
+pub const POLICY_KEY_BITS: u32 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub policy_id: u32,
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    pub mode: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `ZONE_PAIR_STATS` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ZonePairKey {
+    pub src_zone: u16,
+    pub dst_zone: u16,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZonePairStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ZoneKey>() == 4);
+const _: () = assert!(core::mem::size_of::<ZoneValue>() == 4);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ZonePairKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ZonePairStats>() == 16);

@@ -1,0 +1,231 @@
+//! Verdicts, the reasons behind them, and the data path's counters: one set of enums
+//! shared by the data path, the flow records and the metrics, so that every dropped or
+//! unparsed packet says why.
+
+/// What the data path did with a flow.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No rule set is in force: the flow is observed and passed.
+    Observed = 0,
+    Allowed = 1,
+    Denied = 2,
+    /// A policy in audit mode would have denied it; it passed.
+    Audit = 3,
+}
+
+impl Verdict {
+    #[must_use]
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Observed),
+            1 => Some(Self::Allowed),
+            2 => Some(Self::Denied),
+            3 => Some(Self::Audit),
+            _ => None,
+        }
+    }
+
+    /// The name used in flow records and metric labels.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Observed => "observed",
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+/// Why a verdict was given.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// No rule set in force.
+    NoRules = 0,
+    /// A policy's allow list matched.
+    PolicyAllow = 1,
+    /// The zone pair has a policy but none of its allow entries matched.
+    PolicyNoMatch = 2,
+    /// No policy for the zone pair: `default_inter_zone` decided.
+    DefaultInterZone = 3,
+    /// Both ends in one zone: its `intra_zone` setting decided.
+    IntraZone = 4,
+    /// A TCP packet without SYN matched no known flow (no mid-stream pickup).
+    TcpNotSyn = 5,
+    /// The endpoint is quarantined.
+    Quarantined = 6,
+    /// The endpoint is isolated.
+    Isolated = 7,
+    /// A virtual patch denies it.
+    VirtualPatch = 8,
+    /// The source address or MAC is not owned by the port that sent it.
+    Spoofed = 9,
+    /// A reply of a flow that policy allowed in the other direction.
+    EstablishedReply = 10,
+    /// The flow was handed over from another node.
+    Migrated = 11,
+}
+
+impl Reason {
+    pub const ALL: [Self; 12] = [
+        Self::NoRules,
+        Self::PolicyAllow,
+        Self::PolicyNoMatch,
+        Self::DefaultInterZone,
+        Self::IntraZone,
+        Self::TcpNotSyn,
+        Self::Quarantined,
+        Self::Isolated,
+        Self::VirtualPatch,
+        Self::Spoofed,
+        Self::EstablishedReply,
+        Self::Migrated,
+    ];
+
+    #[must_use]
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRules => "no_rules",
+            Self::PolicyAllow => "policy_allow",
+            Self::PolicyNoMatch => "policy_no_match",
+            Self::DefaultInterZone => "default_inter_zone",
+            Self::IntraZone => "intra_zone",
+            Self::TcpNotSyn => "tcp_not_syn",
+            Self::Quarantined => "quarantined",
+            Self::Isolated => "isolated",
+            Self::VirtualPatch => "virtual_patch",
+            Self::Spoofed => "spoofed",
+            Self::EstablishedReply => "established_reply",
+            Self::Migrated => "migrated",
+        }
+    }
+}
+
+/// Indexes of the per-CPU `COUNTERS` array. The agent sums them over CPUs.
+///
+/// `Parse*` counters say why a frame could not be parsed down to a flow; such
+/// frames are passed, never aborted.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Frames seen by any program.
+    Packets = 0,
+    /// Bytes of those frames (L2 length).
+    Bytes,
+    /// Frames that belonged to a flow.
+    FlowPackets,
+    /// Flow entries created by packets.
+    FlowsCreated,
+    /// Flow entries that could not be created (map update failed).
+    FlowInsertFailed,
+    /// Start/end events lost because the ring buffer was full.
+    EventsLost,
+    /// Frames dropped by verdict.
+    Dropped,
+    /// ARP frames seen.
+    Arp,
+    /// RARP frames seen (QEMU's announcement after a live migration).
+    Rarp,
+    /// Frames with an ethertype that is not ARP, RARP, IPv4 or IPv6.
+    ParseNotIp,
+    /// Frame shorter than an Ethernet header.
+    ParseTruncatedEthernet,
+    /// A VLAN tag cut short.
+    ParseTruncatedVlan,
+    /// More VLAN tags than the data path walks (2: 802.1ad + 802.1Q).
+    ParseVlanTooDeep,
+    /// ARP/RARP cut short.
+    ParseTruncatedArp,
+    /// IPv4 header cut short.
+    ParseTruncatedIpv4,
+    /// IPv4 IHL below 5, or a header longer than the frame.
+    ParseBadIpv4Ihl,
+    /// IPv4 version field is not 4 (or IPv6's not 6).
+    ParseBadIpVersion,
+    /// IPv4 non-first fragment: no transport header to read.
+    ParseIpv4Fragment,
+    /// IPv6 header cut short.
+    ParseTruncatedIpv6,
+    /// IPv6 extension header chain longer than the bounded walk.
+    ParseIpv6ExtTooDeep,
+    /// IPv6 extension header cut short, or a non-first fragment.
+    ParseBadIpv6Ext,
+    /// TCP/UDP/ICMP header cut short.
+    ParseTruncatedL4,
+    /// Frames the TC egress program counted because no ingress program saw them.
+    EgressOnly,
+    /// Number of counters; not a counter.
+    Count,
+}
+
+impl Counter {
+    pub const ALL: [Self; Self::Count as usize] = [
+        Self::Packets,
+        Self::Bytes,
+        Self::FlowPackets,
+        Self::FlowsCreated,
+        Self::FlowInsertFailed,
+        Self::EventsLost,
+        Self::Dropped,
+        Self::Arp,
+        Self::Rarp,
+        Self::ParseNotIp,
+        Self::ParseTruncatedEthernet,
+        Self::ParseTruncatedVlan,
+        Self::ParseVlanTooDeep,
+        Self::ParseTruncatedArp,
+        Self::ParseTruncatedIpv4,
+        Self::ParseBadIpv4Ihl,
+        Self::ParseBadIpVersion,
+        Self::ParseIpv4Fragment,
+        Self::ParseTruncatedIpv6,
+        Self::ParseIpv6ExtTooDeep,
+        Self::ParseBadIpv6Ext,
+        Self::ParseTruncatedL4,
+        Self::EgressOnly,
+    ];
+
+    /// Snake-case name for status output and metric labels.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Packets => "packets",
+            Self::Bytes => "bytes",
+            Self::FlowPackets => "flow_packets",
+            Self::FlowsCreated => "flows_created",
+            Self::FlowInsertFailed => "flow_insert_failed",
+            Self::EventsLost => "events_lost",
+            Self::Dropped => "dropped",
+            Self::Arp => "arp",
+            Self::Rarp => "rarp",
+            Self::ParseNotIp => "not_ip",
+            Self::ParseTruncatedEthernet => "truncated_ethernet",
+            Self::ParseTruncatedVlan => "truncated_vlan",
+            Self::ParseVlanTooDeep => "vlan_too_deep",
+            Self::ParseTruncatedArp => "truncated_arp",
+            Self::ParseTruncatedIpv4 => "truncated_ipv4",
+            Self::ParseBadIpv4Ihl => "bad_ipv4_ihl",
+            Self::ParseBadIpVersion => "bad_ip_version",
+            Self::ParseIpv4Fragment => "ipv4_fragment",
+            Self::ParseTruncatedIpv6 => "truncated_ipv6",
+            Self::ParseIpv6ExtTooDeep => "ipv6_ext_too_deep",
+            Self::ParseBadIpv6Ext => "bad_ipv6_ext",
+            Self::ParseTruncatedL4 => "truncated_l4",
+            Self::EgressOnly => "egress_only",
+            Self::Count => "count",
+        }
+    }
+
+    /// Whether this counter is a parse failure reason.
+    #[must_use]
+    pub fn is_parse_failure(self) -> bool {
+        (self as u32) >= (Self::ParseNotIp as u32) && (self as u32) <= (Self::ParseTruncatedL4 as u32)
+    }
+}

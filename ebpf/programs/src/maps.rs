@@ -1,0 +1,47 @@
+//! The data path's maps. Names match `backplane_common::maps`; all are pinned by name
+//! under the agent's pin directory so that they outlive the agent.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use backplane_common::{
+    DatapathConfig, FlowKey, FlowValue, PortInfo,
+    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
+    reason::Counter,
+};
+
+/// Default flow table size; the agent sets the real one (`--flow-table-size`) at load.
+const FLOWS_DEFAULT: u32 = 65_536;
+/// Default ring buffer size in bytes; the agent sets the real one at load.
+const EVENTS_DEFAULT: u32 = 1 << 22;
+
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOWS_DEFAULT, 0);
+
+#[map(name = "FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(EVENTS_DEFAULT, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::Count as u32, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+#[map(name = "PORTS")]
+pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(4096, 0);
+
+#[map(name = "ENDPOINTS")]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(262_144, 0);
+
+#[map(name = "ZONE_CIDRS")]
+pub static ZONE_CIDRS: LpmTrie<AddrKey, u32> = LpmTrie::pinned(262_144, 0);
+
+#[map(name = "ZONES")]
+pub static ZONES: HashMap<ZoneKey, ZoneValue> = HashMap::pinned(8192, 0);
+
+#[map(name = "POLICIES")]
+pub static POLICIES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576, 0);
+
+#[map(name = "ZONE_PAIR_STATS")]
+pub static ZONE_PAIR_STATS: PerCpuHashMap<ZonePairKey, ZonePairStats> = PerCpuHashMap::pinned(65_536, 0);
