@@ -1,28 +1,47 @@
 //! backplane's data path.
 //!
-//! One XDP program (`from_port`) sees what enters the switch through a port (what a VM
-//! sends, or what arrives from another node on an uplink); one TC egress program
-//! (`to_port`) sees what the switch delivers through it. Both parse the frame, find or
-//! create its flow, judge it and count it. Userspace never touches packets here.
+//! One XDP program (`from_port`) sees what enters the switch through a port: what a VM
+//! sends, or what arrives from another node on an uplink. One TC egress program
+//! (`to_port`) sees what the switch delivers through that port. Both parse the frame,
+//! find or create its flow in the kernel flow table, judge it and count it. Userspace
+//! never touches individual packets; it hears only of flow starts and ends.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "atomic add on map values needs core::intrinsics::atomic_xadd")]
 
+mod conntrack;
+mod counters;
+mod datapath;
+mod events;
+mod frame;
 mod maps;
+mod parse;
+mod policy;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use conntrack::{Action, Hook};
 
 #[xdp]
-pub fn from_port(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn from_port(ctx: XdpContext) -> u32 {
+    match datapath::handle(&ctx, ctx.ingress_ifindex() as u32, Hook::FromPort) {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+    }
 }
 
 #[classifier]
-pub fn to_port(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn to_port(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is the skb the kernel handed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match datapath::handle(&ctx, ifindex, Hook::ToPort) {
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
+    }
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,115 @@
+//! Loads the data path for `BPF_PROG_TEST_RUN`, with its maps pinned under a pin
+//! directory of its own that is removed on drop.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use backplane_common::{FlowKey, FlowValue, maps, reason::Counter};
+
+pub struct TestDatapath {
+    pub ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Mounts bpffs at /sys/fs/bpf if it is not mounted.
+pub fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+        return;
+    }
+    let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("run mount");
+    assert!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
+}
+
+impl TestDatapath {
+    /// Loads the embedded data path object with a flow table of `flows` entries.
+    pub fn load(flows: u32) -> Self {
+        ensure_bpffs();
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/backplane-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&pin_dir).expect("create pin dir");
+        let guard = PinDirGuard(pin_dir.clone());
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .map_max_entries(maps::FLOWS, flows)
+            .load(backplane::DATAPATH_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the data path: {e:#}"));
+        let xdp: &mut Xdp = ebpf.program_mut(maps::PROG_FROM_PORT).expect("from_port").try_into().expect("xdp");
+        xdp.load().unwrap_or_else(|e| panic!("from_port verifier: {e:#}"));
+        let tc: &mut SchedClassifier = ebpf.program_mut(maps::PROG_TO_PORT).expect("to_port").try_into().expect("tc");
+        tc.load().unwrap_or_else(|e| panic!("to_port verifier: {e:#}"));
+        std::mem::forget(guard);
+        Self { ebpf, pin_dir }
+    }
+
+    /// Runs `from_port` on a frame and returns the XDP action.
+    pub fn from_port(&mut self, frame: &[u8]) -> u32 {
+        self.try_from_port(frame).expect("BPF_PROG_TEST_RUN from_port")
+    }
+
+    /// Runs `from_port`; the kernel refuses frames shorter than an Ethernet header.
+    pub fn try_from_port(&mut self, frame: &[u8]) -> Result<u32, aya::programs::ProgramError> {
+        let xdp: &mut Xdp = self.ebpf.program_mut(maps::PROG_FROM_PORT).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
+        xdp.test_run(opts).map(|r| r.return_value)
+    }
+
+    /// Runs `to_port` on a frame and returns the TC action.
+    pub fn to_port(&mut self, frame: &[u8]) -> i32 {
+        self.try_to_port(frame).expect("BPF_PROG_TEST_RUN to_port")
+    }
+
+    pub fn try_to_port(&mut self, frame: &[u8]) -> Result<i32, aya::programs::ProgramError> {
+        let tc: &mut SchedClassifier = self.ebpf.program_mut(maps::PROG_TO_PORT).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
+        tc.test_run(opts).map(|r| r.return_value as i32)
+    }
+
+    /// Sum over CPUs of one counter.
+    pub fn counter(&self, c: Counter) -> u64 {
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).unwrap()).unwrap();
+        arr.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+
+    pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
+        let m: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(self.ebpf.map(maps::FLOWS).unwrap()).unwrap();
+        m.iter().map(|r| r.unwrap()).collect()
+    }
+}
+
+struct PinDirGuard(PathBuf);
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        remove_pin_dir(&self.0);
+    }
+}
+
+fn remove_pin_dir(dir: &PathBuf) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+impl Drop for TestDatapath {
+    fn drop(&mut self) {
+        remove_pin_dir(&self.pin_dir);
+    }
+}

@@ -1,0 +1,5 @@
+//! Shared by the integration tests.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+pub mod datapath;
+pub mod frames;

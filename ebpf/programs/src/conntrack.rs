@@ -1,0 +1,217 @@
+//! The flow table: find or create the flow of a packet, count it, judge it.
+//!
+//! Counting rule: every frame is counted once, where it enters the switch (`from_port`
+//! on a VM port or an uplink). The egress program (`to_port`) counts a direction only
+//! when no ingress program has seen that direction of the flow (`ifindex[dir] == 0`),
+//! e.g. traffic the host itself sends to a VM.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use backplane_common::{
+    DatapathConfig, FlowEventKind, FlowKey, FlowValue, Verdict,
+    flow::STATE_ENDED,
+    reason::Counter,
+};
+
+use crate::{
+    counters, events,
+    maps::FLOWS,
+    parse::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
+    policy::{self, End},
+};
+
+/// Where the packet is seen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Entering the switch through a port (XDP).
+    FromPort,
+    /// Leaving the switch through a port (TC egress).
+    ToPort,
+}
+
+/// `BPF_NOEXIST`: create only.
+const BPF_NOEXIST: u64 = 1;
+
+/// What to do with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+}
+
+/// Adds to a counter shared by all CPUs (BPF_ATOMIC add; the bpf target has no
+/// compare-and-swap, so `core::sync::atomic` offers no `fetch_add` here).
+///
+/// # Safety
+/// `counter` must point into a live map value.
+#[inline(always)]
+unsafe fn atomic_add(counter: *mut u64, n: u64) {
+    // SAFETY: guaranteed by the caller; the result is unused, so this is BPF_XADD.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+/// A pair indexed by direction: `this` at `dir`, `other` at the opposite one. Written
+/// without a variable index into a stack array, which LLVM may turn into an `|` on
+/// the frame pointer that the verifier rejects.
+#[inline(always)]
+fn by_dir<T: Copy>(dir: u8, this: T, other: T) -> [T; 2] {
+    if dir & 1 == 0 { [this, other] } else { [other, this] }
+}
+
+#[inline(always)]
+fn idx(dir: u8) -> usize {
+    (dir & 1) as usize
+}
+
+/// Tracks one packet of a flow and returns whether it passes.
+#[inline(always)]
+pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, port_zone: u16, hook: Hook) -> Action {
+    let (key, dir) = FlowKey::canonical(
+        &packet.src,
+        packet.sport,
+        &packet.dst,
+        packet.dport,
+        packet.vlan,
+        packet.proto,
+        packet.family,
+    );
+    // SAFETY: reading the kernel's monotonic clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = match FLOWS.get_ptr_mut(&key) {
+        Some(flow) => flow,
+        None => return create(cfg, &key, dir, packet, len, ifindex, port_zone, hook, now),
+    };
+    // SAFETY: pointer from a map lookup, valid for this program run; concurrent
+    // updates of counters go through atomics, the rest are single-word stores.
+    let flow = unsafe { &mut *flow };
+    let d = idx(dir);
+    let counted = match hook {
+        Hook::FromPort => {
+            if flow.ifindex[d] == 0 {
+                flow.ifindex[d] = ifindex;
+            }
+            true
+        }
+        Hook::ToPort => flow.ifindex[d] == 0,
+    };
+    if counted {
+        // SAFETY: the counters are 8-byte aligned fields of a live map value.
+        unsafe {
+            atomic_add(&raw mut flow.packets[d], 1);
+            atomic_add(&raw mut flow.bytes[d], u64::from(len));
+        }
+        if hook == Hook::ToPort {
+            counters::inc(Counter::EgressOnly);
+        }
+        counters::inc(Counter::FlowPackets);
+    }
+    flow.last_seen_ns = now;
+    if packet.proto == IPPROTO_TCP {
+        if flow.tcp_flags[d] & packet.tcp_flags != packet.tcp_flags {
+            flow.tcp_flags[d] |= packet.tcp_flags;
+        }
+        if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && flow.state & STATE_ENDED == 0 {
+            flow.state |= STATE_ENDED;
+            events::emit(FlowEventKind::End, &key, now, ifindex, dir, flow.verdict, packet.tcp_flags);
+        }
+    }
+    if flow.generation != cfg.generation {
+        rejudge(cfg, &key, flow, dir, packet, port_zone, hook);
+    }
+    action(flow.verdict)
+}
+
+#[inline(always)]
+fn action(verdict: u8) -> Action {
+    if verdict == Verdict::Denied as u8 { Action::Drop } else { Action::Pass }
+}
+
+/// The two ends of a packet as the judge sees them: the port's zone belongs to the
+/// sender when the packet enters the switch, to the receiver when it leaves.
+#[inline(always)]
+fn ends<'a>(packet: &'a Packet, port_zone: u16, hook: Hook) -> (End<'a>, End<'a>) {
+    let (src_pz, dst_pz) = match hook {
+        Hook::FromPort => (port_zone, 0),
+        Hook::ToPort => (0, port_zone),
+    };
+    (
+        End { mac: &packet.src_mac, addr: &packet.src, port_zone: src_pz },
+        End { mac: &packet.dst_mac, addr: &packet.dst, port_zone: dst_pz },
+    )
+}
+
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the per-packet path passes what it parsed")]
+fn create(
+    cfg: &DatapathConfig,
+    key: &FlowKey,
+    dir: u8,
+    packet: &Packet,
+    len: u32,
+    ifindex: u32,
+    port_zone: u16,
+    hook: Hook,
+    now: u64,
+) -> Action {
+    let (src, dst) = ends(packet, port_zone, hook);
+    let j = policy::judge(cfg, packet.family, packet.proto, packet.dport, &src, &dst);
+    let d = idx(dir);
+    let mut value = FlowValue {
+        packets: by_dir(dir, 1, 0),
+        bytes: by_dir(dir, u64::from(len), 0),
+        first_seen_ns: now,
+        last_seen_ns: now,
+        ifindex: by_dir(dir, if hook == Hook::FromPort { ifindex } else { 0 }, 0),
+        policy_id: j.policy_id,
+        generation: cfg.generation,
+        zone: by_dir(dir, j.src_zone, j.dst_zone),
+        tcp_flags: by_dir(dir, packet.tcp_flags, 0),
+        initiator: dir,
+        verdict: j.verdict as u8,
+        reason: j.reason as u8,
+        ..FlowValue::default()
+    };
+    if hook == Hook::ToPort {
+        counters::inc(Counter::EgressOnly);
+    }
+    if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        value.state |= STATE_ENDED;
+    }
+    if FLOWS.insert(key, &value, BPF_NOEXIST).is_err() {
+        // Another CPU created it first (then count on its entry), or the update failed.
+        if let Some(flow) = FLOWS.get_ptr_mut(key) {
+            // SAFETY: pointer from a map lookup, valid for this program run.
+            let flow = unsafe { &mut *flow };
+            // SAFETY: 8-byte aligned fields of a live map value.
+            unsafe {
+                atomic_add(&raw mut flow.packets[d], 1);
+                atomic_add(&raw mut flow.bytes[d], u64::from(len));
+            }
+            counters::inc(Counter::FlowPackets);
+            return action(flow.verdict);
+        }
+        counters::inc(Counter::FlowInsertFailed);
+        return action(value.verdict);
+    }
+    counters::inc(Counter::FlowsCreated);
+    counters::inc(Counter::FlowPackets);
+    events::emit(FlowEventKind::Start, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
+    if value.state & STATE_ENDED != 0 {
+        events::emit(FlowEventKind::End, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
+    }
+    action(value.verdict)
+}
+
+/// Judges an existing flow again under the rule generation now in force, from the
+/// point of view of the side that started it.
+#[inline(always)]
+fn rejudge(cfg: &DatapathConfig, key: &FlowKey, flow: &mut FlowValue, dir: u8, packet: &Packet, port_zone: u16, hook: Hook) {
+    let (src, dst) = ends(packet, port_zone, hook);
+    let (initiator, responder) = if dir == flow.initiator { (src, dst) } else { (dst, src) };
+    let (_, dport) = key.receiver(flow.initiator);
+    let j = policy::judge(cfg, key.family, key.proto, dport, &initiator, &responder);
+    flow.zone = by_dir(flow.initiator, j.src_zone, j.dst_zone);
+    flow.verdict = j.verdict as u8;
+    flow.reason = j.reason as u8;
+    flow.policy_id = j.policy_id;
+    flow.generation = cfg.generation;
+}

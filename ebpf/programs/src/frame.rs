@@ -1,0 +1,72 @@
+//! Uniform, bounds-checked access to the bytes of a frame for both program types.
+//!
+//! XDP reads packet memory directly (every read checked against `data_end`); TC reads
+//! with `bpf_skb_load_bytes`, which also reaches the non-linear part of an skb (GSO
+//! super-frames written by a guest keep their headers there on some paths).
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+/// Largest header offset the parser reads at. Bounding offsets keeps the verifier
+/// able to prove every packet access in range.
+pub const MAX_HEADER_OFFSET: usize = 1024;
+
+pub trait Frame {
+    /// Length of the whole frame from its Ethernet header, in bytes.
+    fn frame_len(&self) -> u32;
+    /// The `size_of::<T>()` bytes at `offset`, or `None` when the frame is shorter.
+    ///
+    /// `T` is at least two bytes: for a one-byte load LLVM rewrites the bounds check
+    /// `p + 1 > end` into `p >= end`, a form this kernel's verifier does not turn into
+    /// a packet range. Single header bytes are read together with a neighbour
+    /// ([`load_pair`]).
+    fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn frame_len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        const { assert!(core::mem::size_of::<T>() >= 2) };
+        if offset > MAX_HEADER_OFFSET {
+            return None;
+        }
+        let start = self.data() + offset;
+        if start + core::mem::size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: the range [start, start + size_of::<T>()) lies inside the frame,
+        // checked just above; T is plain old data read without alignment.
+        Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn frame_len(&self) -> u32 {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        if offset > MAX_HEADER_OFFSET {
+            return None;
+        }
+        TcContext::load::<T>(self, offset).ok()
+    }
+}
+
+/// Reads a big-endian `u16` at `offset`.
+#[inline(always)]
+pub fn load_be16<F: Frame>(frame: &F, offset: usize) -> Option<u16> {
+    frame.load::<[u8; 2]>(offset).map(u16::from_be_bytes)
+}
+
+/// Reads the two bytes at `offset` as `[byte at offset, byte at offset + 1]`.
+#[inline(always)]
+pub fn load_pair<F: Frame>(frame: &F, offset: usize) -> Option<[u8; 2]> {
+    frame.load::<[u8; 2]>(offset)
+}
