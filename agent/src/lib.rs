@@ -1,4 +1,25 @@
 //! backplane's agent as a library: the `backplane` binary is a thin CLI over it.
+//!
+//! - [`datapath`]: load the eBPF object, attach it to ports, read its counters
+//! - [`ports`]: which interfaces are ports; follow them through netlink
+//! - [`events`]: decode the ring buffer's flow start/end events
+//! - [`flows`]: the userspace flow table and the exported flow records
+//! - [`control`]: the control socket's protocol, server and client
+//! - [`agent`]: `backplane run` from start to orderly exit
+//! - [`cli`]: the command line
+//! - [`clock`], [`ifnames`], [`paths`], [`error`]: support
+
+pub mod agent;
+pub mod cli;
+pub mod clock;
+pub mod control;
+pub mod datapath;
+pub mod error;
+pub mod events;
+pub mod flows;
+pub mod ifnames;
+pub mod paths;
+pub mod ports;
 
 /// The compiled data path (eBPF object), embedded at build time.
 pub static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backplane-datapath"));

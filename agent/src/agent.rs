@@ -1,0 +1,315 @@
+//! `backplane run`: the agent's life from start to orderly exit.
+//!
+//! Start: mount bpffs if needed, prepare the pin directory, load the data path, attach
+//! the ports that exist, start the event reader, the flow refresh and the interface
+//! watch, and only then create the control socket: the socket appearing means ready.
+//! Exit (SIGINT/SIGTERM): stop serving, remove the socket, and either leave the data
+//! path attached through its pins or, with `--detach-on-exit`, detach and unpin it all.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use backplane_common::Counter;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    task::JoinHandle,
+};
+
+use crate::{
+    DATAPATH_OBJECT,
+    clock::Clock,
+    control,
+    datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, XdpAttachMode},
+    error::{ControlError, DatapathError, WatchError},
+    events,
+    flows::{FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows},
+    ifnames::IfNames,
+    ports::{PortSelector, PortWatcher},
+};
+
+/// How often the kernel flow table is read.
+const REFRESH_PERIOD: Duration = Duration::from_secs(1);
+
+/// Everything `backplane run` is told.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub interfaces: Vec<String>,
+    pub uplinks: Vec<String>,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub node: String,
+    pub flow_table_size: u32,
+    pub ring_size: u32,
+    pub idle_timeout: Duration,
+    pub xdp_mode: XdpAttachMode,
+    pub detach_on_exit: bool,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
+    #[error("invalid node name {0:?}: it names a directory under the pin root")]
+    BadNode(String),
+}
+
+/// The flow table's place in `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTableStatus {
+    /// Entries in the kernel map at the last read.
+    pub entries: u64,
+    /// `--flow-table-size`.
+    pub capacity: u32,
+    #[serde(flatten)]
+    pub stats: FlowStats,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub pin_dir: String,
+    pub socket: String,
+    pub xdp_mode: String,
+    pub idle_timeout_secs: u64,
+    pub detach_on_exit: bool,
+    pub program_ids: ProgramIds,
+    /// Rule generation and flags in force (CONFIG[0]).
+    pub config_generation: u32,
+    pub config_flags: u8,
+    pub ports: Vec<PortStatus>,
+    pub flows: FlowTableStatus,
+    /// Start/end events the data path could not put in the ring buffer.
+    pub events_lost: u64,
+    /// Every data path counter by name, summed over CPUs.
+    pub counters: BTreeMap<String, u64>,
+    /// The parse-failure counters (a subset of `counters`): why frames were not parsed.
+    pub parse_failures: BTreeMap<String, u64>,
+}
+
+/// The running agent, as the control socket sees it.
+pub struct Agent {
+    opts: RunOptions,
+    datapath: Arc<Mutex<Datapath>>,
+    flows: Arc<SharedFlows>,
+}
+
+impl Agent {
+    /// All flow records, after a fresh read of the kernel table.
+    pub async fn flows(&self) -> Vec<FlowRecord> {
+        let flows = Arc::clone(&self.flows);
+        tokio::task::spawn_blocking(move || {
+            flows.refresh();
+            flows.snapshot()
+        })
+        .await
+        .unwrap_or_else(|e| {
+            log::error!("flow refresh task failed: {e}");
+            self.flows.snapshot()
+        })
+    }
+
+    #[must_use]
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FollowMessage> {
+        self.flows.subscribe()
+    }
+
+    #[must_use]
+    pub fn status(&self) -> Status {
+        let datapath = self.datapath.lock().expect("datapath lock");
+        let counters = datapath.counters();
+        let config = datapath.config().unwrap_or_default();
+        let stats = self.flows.stats();
+        Status {
+            node: self.opts.node.clone(),
+            pin_dir: datapath.pin_dir().display().to_string(),
+            socket: self.opts.socket.display().to_string(),
+            xdp_mode: datapath.xdp_mode().as_str().into(),
+            idle_timeout_secs: self.opts.idle_timeout.as_secs(),
+            detach_on_exit: self.opts.detach_on_exit,
+            program_ids: datapath.program_ids(),
+            config_generation: config.generation,
+            config_flags: config.flags,
+            ports: datapath.port_status(),
+            flows: FlowTableStatus { entries: stats.kernel_entries, capacity: datapath.flow_table_size(), stats },
+            events_lost: counters.iter().find(|(c, _)| *c == Counter::EventsLost).map_or(0, |(_, v)| *v),
+            counters: counters.iter().map(|(c, v)| (c.as_str().to_owned(), *v)).collect(),
+            parse_failures: counters
+                .iter()
+                .filter(|(c, _)| c.is_parse_failure())
+                .map(|(c, v)| (c.as_str().to_owned(), *v))
+                .collect(),
+        }
+    }
+}
+
+/// Reads aya-log records of the data path, if it has a log map.
+fn start_ebpf_logger(datapath: &mut Datapath) -> Option<JoinHandle<()>> {
+    match aya_log::EbpfLogger::init(datapath.ebpf_mut()) {
+        Ok(logger) => Some(tokio::spawn(async move {
+            // SAFETY: the logger owns its ring buffer map and returns that same open fd
+            // for as long as it lives, which is as long as the AsyncFd that owns it.
+            let mut fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+                Ok(fd) => fd,
+                Err(e) => {
+                    log::warn!("cannot poll the data path's log buffer: {e}");
+                    return;
+                }
+            };
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else { return };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        })),
+        Err(aya_log::Error::MapNotFound) => {
+            log::warn!("the data path has no log map (AYA_LOGS); its log lines are off");
+            None
+        }
+        Err(e) => {
+            log::warn!("cannot read the data path's log lines: {e}");
+            None
+        }
+    }
+}
+
+fn validate_node(node: &str) -> Result<(), AgentError> {
+    if node.is_empty() || node == "." || node == ".." || node.contains('/') || node.contains('\0') {
+        return Err(AgentError::BadNode(node.into()));
+    }
+    Ok(())
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
+    // Signals first: a SIGTERM during start-up must still lead to an orderly exit.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+
+    validate_node(&opts.node)?;
+    control::ensure_not_in_use(&opts.socket)?;
+    let selector = PortSelector::new(&opts.interfaces, &opts.uplinks)?;
+    let dp_opts = DatapathOptions {
+        pin_dir: opts.pin_dir.clone(),
+        flow_table_size: opts.flow_table_size,
+        ring_size: opts.ring_size,
+        xdp_mode: opts.xdp_mode,
+    };
+    dp_opts.validate()?;
+    let clock = Clock::measure();
+
+    datapath::ensure_bpffs()?;
+    datapath::prepare_pin_dir(&opts.pin_dir)?;
+    let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, &dp_opts)?;
+    let ids = dp.program_ids();
+    log::info!(
+        "data path loaded: from_port (XDP, {}) id {}, to_port (TCX egress) id {}; maps pinned in {}",
+        opts.xdp_mode.as_str(),
+        ids.from_port,
+        ids.to_port,
+        opts.pin_dir.display()
+    );
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    tasks.extend(start_ebpf_logger(&mut dp));
+
+    let datapath = Arc::new(Mutex::new(dp));
+    let ifnames = Arc::new(IfNames::new());
+    let idle_ns = u64::try_from(opts.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+    let flows = Arc::new(SharedFlows::new(FlowTable::new(clock, idle_ns, Arc::clone(&ifnames)), Some(maps.flows)));
+
+    let result = async {
+        log::info!("watching interfaces: {}", selector.describe());
+        let mut watcher = PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames))?;
+        watcher.reconcile(&HashSet::new()).await?;
+        tasks.push(tokio::spawn(watcher.run()));
+
+        let events_flows = Arc::clone(&flows);
+        let ring = maps.events;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = events::consume(ring, events_flows).await {
+                log::error!("flow event reader stopped: {e}; flows are still read from the kernel table");
+            }
+        }));
+
+        let refresh_flows = Arc::clone(&flows);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let f = Arc::clone(&refresh_flows);
+                if let Err(e) = tokio::task::spawn_blocking(move || f.refresh()).await {
+                    log::error!("flow refresh failed: {e}");
+                }
+            }
+        }));
+
+        let agent = Arc::new(Agent { opts: opts.clone(), datapath: Arc::clone(&datapath), flows: Arc::clone(&flows) });
+        let listener = control::bind(&opts.socket)?;
+        tasks.push(tokio::spawn(control::serve(listener, agent)));
+        log::info!("ready: control socket {}", opts.socket.display());
+        Ok::<(), AgentError>(())
+    }
+    .await;
+
+    if result.is_ok() {
+        tokio::select! {
+            _ = sigterm.recv() => log::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => log::info!("SIGINT: shutting down"),
+        }
+    }
+
+    for task in &tasks {
+        task.abort();
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    if result.is_ok()
+        && let Err(e) = std::fs::remove_file(&opts.socket)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        log::warn!("cannot remove control socket {}: {e}", opts.socket.display());
+    }
+    // Clients still connected may hold the agent; the data path is shut down through
+    // the lock either way.
+    {
+        let mut dp = datapath.lock().expect("datapath lock");
+        if opts.detach_on_exit || result.is_err() {
+            let ports = dp.attached().len();
+            dp.detach_all_and_unpin();
+            log::info!("detached from {ports} port(s) and removed the pins in {}", opts.pin_dir.display());
+        } else {
+            dp.leave_attached();
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_must_be_one_path_component() {
+        assert!(validate_node("hv-01").is_ok());
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(validate_node(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,608 @@
+//! Loading the data path, attaching it to ports, and reading its counters.
+//!
+//! Maps are pinned under the pin directory (`<pin-dir>/<MAP>`) and each port's two
+//! links under `<pin-dir>/links/<ifname>.xdp` and `.tc`, so the programs stay attached
+//! and the maps keep their state when the agent exits without `--detach-on-exit`.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use backplane_common::{
+    Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
+    config::CONFIG_INDEX,
+    maps::{COUNTERS, CONFIG, FLOW_EVENTS, FLOWS, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{DatapathError, PortError},
+    ifnames::name_to_index,
+    paths::{BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_path, links_dir},
+};
+
+/// `statfs(2)` magic number of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How XDP runs on the ports.
+///
+/// `skb` (generic) runs after the kernel built an skb: slower per packet than native
+/// XDP, but it leaves GRO/TSO alone. Native XDP on a veth disables GRO and TSO for the
+/// pair, which cut TCP throughput between two veth "VMs" from 8.3 to 1.6 Gbit/s on this
+/// project's machines, so `skb` is the default; `native` suits physical uplinks whose
+/// driver supports XDP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttachMode {
+    #[default]
+    Skb,
+    Native,
+}
+
+impl XdpAttachMode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skb => "skb",
+            Self::Native => "native",
+        }
+    }
+
+    fn aya(self) -> XdpMode {
+        match self {
+            Self::Skb => XdpMode::Skb,
+            Self::Native => XdpMode::Driver,
+        }
+    }
+}
+
+/// Role of a port as shown in `status`.
+#[must_use]
+pub fn role_name(role: PortRole) -> &'static str {
+    match role {
+        PortRole::Vm => "vm",
+        PortRole::Uplink => "uplink",
+    }
+}
+
+/// Options for loading the data path.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    pub pin_dir: PathBuf,
+    pub flow_table_size: u32,
+    pub ring_size: u32,
+    pub xdp_mode: XdpAttachMode,
+}
+
+impl DatapathOptions {
+    pub fn validate(&self) -> Result<(), DatapathError> {
+        if self.flow_table_size == 0 {
+            return Err(DatapathError::InvalidOption("--flow-table-size must be at least 1".into()));
+        }
+        if !self.ring_size.is_power_of_two() || self.ring_size < 4096 {
+            return Err(DatapathError::InvalidOption(format!(
+                "--ring-size must be a power of two of at least 4096 bytes, not {}",
+                self.ring_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Ids of the loaded programs, as `bpftool prog` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramIds {
+    pub from_port: u32,
+    pub to_port: u32,
+}
+
+/// One way a program is attached to a port.
+#[derive(Debug)]
+enum Attachment {
+    /// A bpf link pinned at `path`: it stays attached when the agent exits.
+    Pinned { link: FdLink, path: PathBuf },
+    /// An XDP link the kernel would not let us pin (netlink fallback): it lives as long
+    /// as the agent.
+    Xdp(XdpLink),
+    /// A TC link that could not be pinned: it lives as long as the agent.
+    Tc(SchedClassifierLink),
+}
+
+impl Attachment {
+    fn pinned(&self) -> bool {
+        matches!(self, Self::Pinned { .. })
+    }
+
+    /// Detaches: removes the pin (if any) and closes the link.
+    fn detach(self) {
+        match self {
+            Self::Pinned { link, path } => {
+                if let Err(e) = fs::remove_file(&path)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    log::warn!("cannot remove link pin {}: {e}", path.display());
+                }
+                drop(link);
+            }
+            Self::Xdp(link) => drop(link),
+            Self::Tc(link) => drop(link),
+        }
+    }
+
+    /// Moves the pin after the interface was renamed.
+    fn rename(&mut self, new_path: PathBuf) {
+        if let Self::Pinned { path, .. } = self {
+            match fs::rename(&*path, &new_path) {
+                Ok(()) => *path = new_path,
+                Err(e) => log::warn!("cannot move link pin {} to {}: {e}", path.display(), new_path.display()),
+            }
+        }
+    }
+}
+
+/// A port the data path is attached to.
+#[derive(Debug)]
+struct AttachedPort {
+    name: String,
+    role: PortRole,
+    xdp: Attachment,
+    tc: Attachment,
+}
+
+/// What `status` shows about a port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: String,
+    pub xdp_mode: String,
+    /// Program id of `from_port` (XDP) on this port.
+    pub from_port_id: u32,
+    /// Program id of `to_port` (TC egress, TCX) on this port.
+    pub to_port_id: u32,
+    /// Whether both links are pinned (survive the agent).
+    pub pinned: bool,
+}
+
+/// Maps that other parts of the agent own once the data path is loaded.
+pub struct DatapathMaps {
+    pub flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    pub events: RingBuf<MapData>,
+}
+
+/// The loaded data path and its ports.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    xdp_mode: XdpAttachMode,
+    flow_table_size: u32,
+    program_ids: ProgramIds,
+    ports_map: BpfHashMap<MapData, u32, PortInfo>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, DatapathConfig>,
+    ports: BTreeMap<u32, AttachedPort>,
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless something is mounted there already.
+pub fn ensure_bpffs() -> Result<(), DatapathError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(DatapathError::Mounts)?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_src, target, fstype) = (fields.next(), fields.next(), fields.next());
+        target == Some(BPFFS_ROOT) && fstype == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    log::info!("bpffs is not mounted; mounting it at {BPFFS_ROOT}");
+    let path = PathBuf::from(BPFFS_ROOT);
+    fs::create_dir_all(&path).map_err(|source| DatapathError::MountBpffs { path: path.clone(), source })?;
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("bpf"), c(BPFFS_ROOT), c("bpf"));
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(DatapathError::MountBpffs { path, source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs is plain old data; zeroed is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is writable.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[expect(clippy::useless_conversion, reason = "f_type's width differs between targets")]
+    Ok(i64::from(st.f_type))
+}
+
+/// Creates the pin directory on bpffs and clears pins a previous agent left there.
+///
+/// Adopting a running data path is not supported yet: stale link pins are removed
+/// (which detaches their programs) and stale map pins are removed so that the maps are
+/// created afresh with the requested sizes. Only names this agent pins are touched.
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::PinDir { path: pin_dir.to_owned(), source };
+    fs::create_dir_all(pin_dir).map_err(err)?;
+    let magic = fs_magic(pin_dir).map_err(err)?;
+    if magic != BPF_FS_MAGIC {
+        return Err(DatapathError::NotBpffs { path: pin_dir.to_owned(), magic });
+    }
+    let links = links_dir(pin_dir);
+    let mut stale = 0usize;
+    if let Ok(entries) = fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let ours = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e == XDP_LINK_SUFFIX || e == TC_LINK_SUFFIX);
+            if ours {
+                fs::remove_file(&path).map_err(err)?;
+                stale += 1;
+            }
+        }
+    }
+    for name in PINNED_MAPS {
+        let path = pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => stale += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    if stale > 0 {
+        log::warn!(
+            "replaced {stale} pins a previous agent left in {} (adopting a running data path is not supported yet; \
+             its programs were detached)",
+            pin_dir.display()
+        );
+    }
+    fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
+    Ok(())
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
+}
+
+impl Datapath {
+    /// Loads the object, creates (and pins) its maps, loads both programs and writes the
+    /// initial configuration (observe only). Attaches nothing.
+    pub fn load(object: &[u8], opts: &DatapathOptions) -> Result<(Self, DatapathMaps), DatapathError> {
+        opts.validate()?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&opts.pin_dir)
+            .map_max_entries(FLOWS, opts.flow_table_size)
+            .map_max_entries(FLOW_EVENTS, opts.ring_size)
+            .load(object)
+            .map_err(|e| match e {
+                aya::EbpfError::ProgramError(p) => DatapathError::program("(object)", p),
+                e => DatapathError::Object(Box::new(e)),
+            })?;
+
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROG_FROM_PORT)
+            .ok_or(DatapathError::MissingProgram(PROG_FROM_PORT))?
+            .try_into()
+            .map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?;
+        xdp.load().map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?;
+        let from_port = xdp.info().map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?.id();
+
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TO_PORT)
+            .ok_or(DatapathError::MissingProgram(PROG_TO_PORT))?
+            .try_into()
+            .map_err(|e| DatapathError::program(PROG_TO_PORT, e))?;
+        tc.load().map_err(|e| DatapathError::program(PROG_TO_PORT, e))?;
+        let to_port = tc.info().map_err(|e| DatapathError::program(PROG_TO_PORT, e))?.id();
+
+        let flows = BpfHashMap::try_from(take_map(&mut ebpf, FLOWS)?).map_err(DatapathError::map(FLOWS))?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, FLOW_EVENTS)?).map_err(DatapathError::map(FLOW_EVENTS))?;
+        let ports_map = BpfHashMap::try_from(take_map(&mut ebpf, PORTS)?).map_err(DatapathError::map(PORTS))?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
+        let mut config: Array<MapData, DatapathConfig> =
+            Array::try_from(take_map(&mut ebpf, CONFIG)?).map_err(DatapathError::map(CONFIG))?;
+        // Generation 0, no flags: observe only until rule sets arrive.
+        config.set(CONFIG_INDEX, DatapathConfig::default(), 0).map_err(DatapathError::map(CONFIG))?;
+
+        let datapath = Self {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            xdp_mode: opts.xdp_mode,
+            flow_table_size: opts.flow_table_size,
+            program_ids: ProgramIds { from_port, to_port },
+            ports_map,
+            counters,
+            config,
+            ports: BTreeMap::new(),
+        };
+        Ok((datapath, DatapathMaps { flows, events }))
+    }
+
+    /// The object, for aya-log (which takes its own map out of it).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    #[must_use]
+    pub fn xdp_mode(&self) -> XdpAttachMode {
+        self.xdp_mode
+    }
+
+    #[must_use]
+    pub fn flow_table_size(&self) -> u32 {
+        self.flow_table_size
+    }
+
+    #[must_use]
+    pub fn program_ids(&self) -> ProgramIds {
+        self.program_ids
+    }
+
+    /// The configuration in force (CONFIG[0]).
+    pub fn config(&self) -> Result<DatapathConfig, MapError> {
+        self.config.get(&CONFIG_INDEX, 0)
+    }
+
+    /// The attached port of `ifindex`, with its name.
+    #[must_use]
+    pub fn attached_name(&self, ifindex: u32) -> Option<&str> {
+        self.ports.get(&ifindex).map(|p| p.name.as_str())
+    }
+
+    /// Attached ports by ifindex: name and role.
+    #[must_use]
+    pub fn attached_ports(&self) -> BTreeMap<u32, (String, PortRole)> {
+        self.ports.iter().map(|(&i, p)| (i, (p.name.clone(), p.role))).collect()
+    }
+
+    /// Ifindexes of all attached ports.
+    #[must_use]
+    pub fn attached(&self) -> Vec<u32> {
+        self.ports.keys().copied().collect()
+    }
+
+    /// Attaches `from_port` (XDP) and `to_port` (TCX egress) to a port and registers it
+    /// in `PORTS`. On failure nothing of the port is left behind.
+    pub fn attach_port(&mut self, ifindex: u32, name: &str, role: PortRole) -> Result<(), PortError> {
+        if name_to_index(name) != Some(ifindex) {
+            return Err(PortError::Vanished { ifname: name.into(), ifindex });
+        }
+        let links = links_dir(&self.pin_dir);
+        fs::create_dir_all(&links)
+            .map_err(|source| PortError::LinksDir { ifname: name.into(), path: links, source })?;
+        let info = PortInfo { role: role as u8, ..PortInfo::default() };
+        self.ports_map
+            .insert(ifindex, info, 0)
+            .map_err(|source| PortError::PortsMap { ifname: name.into(), ifindex, source })?;
+        let xdp = match self.attach_xdp(ifindex, name) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = self.ports_map.remove(&ifindex);
+                return Err(e);
+            }
+        };
+        let tc = match self.attach_tc(ifindex, name) {
+            Ok(a) => a,
+            Err(e) => {
+                xdp.detach();
+                let _ = self.ports_map.remove(&ifindex);
+                return Err(e);
+            }
+        };
+        if !(xdp.pinned() && tc.pinned()) {
+            log::warn!("{name}: links could not be pinned; the port is inspected only while the agent runs");
+        }
+        self.ports.insert(ifindex, AttachedPort { name: name.into(), role, xdp, tc });
+        Ok(())
+    }
+
+    fn attach_error(ifindex: u32, name: &str, program: &'static str, source: aya::programs::ProgramError) -> PortError {
+        // The device may have gone between listing and attaching.
+        if name_to_index(name) != Some(ifindex) {
+            return PortError::Vanished { ifname: name.into(), ifindex };
+        }
+        PortError::Attach { ifname: name.into(), ifindex, program, source }
+    }
+
+    fn xdp_program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROG_FROM_PORT)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("from_port was loaded as XDP")
+    }
+
+    fn tc_program(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(PROG_TO_PORT)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .expect("to_port was loaded as a classifier")
+    }
+
+    fn attach_xdp(&mut self, ifindex: u32, name: &str) -> Result<Attachment, PortError> {
+        let mode = self.xdp_mode.aya();
+        let path = link_pin_path(&self.pin_dir, name, XDP_LINK_SUFFIX);
+        remove_stale_pin(&path);
+        let prog = self.xdp_program();
+        let attach = |prog: &mut Xdp| -> Result<XdpLink, PortError> {
+            let id = prog
+                .attach_to_if_index(ifindex, mode)
+                .map_err(|e| Self::attach_error(ifindex, name, PROG_FROM_PORT, e))?;
+            prog.take_link(id).map_err(|e| Self::attach_error(ifindex, name, PROG_FROM_PORT, e))
+        };
+        let link = attach(prog)?;
+        match FdLink::try_from(link) {
+            Ok(fd) => match fd.pin(&path) {
+                Ok(pinned) => return Ok(Attachment::Pinned { link: pinned.into(), path }),
+                Err(e) => log::warn!("{name}: cannot pin XDP link at {}: {e}", path.display()),
+            },
+            Err(e) => log::warn!("{name}: XDP attached through netlink, not a pinnable link: {e}"),
+        }
+        // The failed conversion or pin dropped (detached) the link: attach again and
+        // keep the link in the agent.
+        Ok(Attachment::Xdp(attach(self.xdp_program())?))
+    }
+
+    fn attach_tc(&mut self, ifindex: u32, name: &str) -> Result<Attachment, PortError> {
+        let path = link_pin_path(&self.pin_dir, name, TC_LINK_SUFFIX);
+        remove_stale_pin(&path);
+        let attach = |prog: &mut SchedClassifier| -> Result<SchedClassifierLink, PortError> {
+            let id = prog
+                .attach_with_options(name, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| Self::attach_error(ifindex, name, PROG_TO_PORT, e))?;
+            prog.take_link(id).map_err(|e| Self::attach_error(ifindex, name, PROG_TO_PORT, e))
+        };
+        let link = attach(self.tc_program())?;
+        match FdLink::try_from(link) {
+            Ok(fd) => match fd.pin(&path) {
+                Ok(pinned) => return Ok(Attachment::Pinned { link: pinned.into(), path }),
+                Err(e) => log::warn!("{name}: cannot pin TC link at {}: {e}", path.display()),
+            },
+            Err(e) => log::warn!("{name}: TC attached through netlink, not a pinnable link: {e}"),
+        }
+        Ok(Attachment::Tc(attach(self.tc_program())?))
+    }
+
+    /// Forgets a port: removes it from `PORTS` and detaches (unpins) its links. When
+    /// the device is already gone the kernel has dropped the attachments; this only
+    /// cleans up.
+    pub fn detach_port(&mut self, ifindex: u32) -> bool {
+        let Some(port) = self.ports.remove(&ifindex) else { return false };
+        match self.ports_map.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => log::warn!("{}: cannot remove PORTS entry: {e}", port.name),
+        }
+        port.xdp.detach();
+        port.tc.detach();
+        true
+    }
+
+    /// Follows a rename of an attached port: moves its link pins.
+    pub fn rename_port(&mut self, ifindex: u32, new_name: &str) {
+        let pin_dir = self.pin_dir.clone();
+        if let Some(port) = self.ports.get_mut(&ifindex) {
+            port.xdp.rename(link_pin_path(&pin_dir, new_name, XDP_LINK_SUFFIX));
+            port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX));
+            port.name = new_name.to_owned();
+        }
+    }
+
+    /// Ports as `status` shows them, by ifindex.
+    #[must_use]
+    pub fn port_status(&self) -> Vec<PortStatus> {
+        self.ports
+            .iter()
+            .map(|(&ifindex, p)| PortStatus {
+                name: p.name.clone(),
+                ifindex,
+                role: role_name(p.role).into(),
+                xdp_mode: self.xdp_mode.as_str().into(),
+                from_port_id: self.program_ids.from_port,
+                to_port_id: self.program_ids.to_port,
+                pinned: p.xdp.pinned() && p.tc.pinned(),
+            })
+            .collect()
+    }
+
+    /// All counters, summed over CPUs, in [`Counter::ALL`] order. A counter the map
+    /// does not have (an older object) reads 0.
+    #[must_use]
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let total = self
+                    .counters
+                    .get(&(c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+                    .unwrap_or(0);
+                (c, total)
+            })
+            .collect()
+    }
+
+    /// Detaches every port, removes every pin this agent made and the pin directory.
+    /// The maps themselves live on until the agent's last descriptor closes.
+    pub fn detach_all_and_unpin(&mut self) {
+        for ifindex in self.attached() {
+            self.detach_port(ifindex);
+        }
+        let pin_dir = self.pin_dir.clone();
+        for name in PINNED_MAPS {
+            let path = pin_dir.join(name);
+            if let Err(e) = fs::remove_file(&path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                log::warn!("cannot remove map pin {}: {e}", path.display());
+            }
+        }
+        for dir in [links_dir(&pin_dir), pin_dir] {
+            if let Err(e) = fs::remove_dir(&dir)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                log::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// Leaves every port attached through its pinned links and every map pinned; links
+    /// that could not be pinned are detached as the agent goes.
+    pub fn leave_attached(&self) {
+        let pinned = self.ports.values().filter(|p| p.xdp.pinned() && p.tc.pinned()).count();
+        log::info!(
+            "leaving the data path attached to {pinned} port(s) through pins in {}",
+            self.pin_dir.display()
+        );
+    }
+}
+
+fn remove_stale_pin(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => log::debug!("removed stale link pin {}", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("cannot remove stale link pin {}: {e}", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_validated() {
+        let ok = DatapathOptions {
+            pin_dir: "/sys/fs/bpf/x".into(),
+            flow_table_size: 262_144,
+            ring_size: 4 << 20,
+            xdp_mode: XdpAttachMode::Skb,
+        };
+        assert!(ok.validate().is_ok());
+        assert!(DatapathOptions { ring_size: 3 << 20, ..ok.clone() }.validate().is_err());
+        assert!(DatapathOptions { ring_size: 2048, ..ok.clone() }.validate().is_err());
+        assert!(DatapathOptions { flow_table_size: 0, ..ok }.validate().is_err());
+    }
+}

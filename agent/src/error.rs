@@ -1,0 +1,208 @@
+//! Error types, one enum per subsystem. Each variant names what it was doing and keeps
+//! its source; a program that the verifier rejects carries the verifier's log.
+
+use std::{io, path::PathBuf};
+
+use aya::{
+    EbpfError,
+    maps::MapError,
+    pin::PinError,
+    programs::{ProgramError, links::LinkError},
+};
+use thiserror::Error;
+
+/// Loading the data path and driving its maps.
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("cannot read /proc/mounts to find bpffs: {0}")]
+    Mounts(#[source] io::Error),
+
+    #[error("cannot mount bpffs at {path}: {source}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("pin directory {path} is not on bpffs (filesystem magic {magic:#x})")]
+    NotBpffs { path: PathBuf, magic: i64 },
+
+    #[error("cannot load the data path object: {0}")]
+    Object(#[source] Box<EbpfError>),
+
+    #[error("the data path object has no program `{0}`")]
+    MissingProgram(&'static str),
+
+    #[error("the data path object has no map `{0}`")]
+    MissingMap(&'static str),
+
+    /// The kernel's verifier (or the load syscall) rejected a program.
+    #[error("the kernel rejected program `{program}`: {io_error}\nverifier log:\n{verifier_log}")]
+    Verifier {
+        program: &'static str,
+        #[source]
+        io_error: io::Error,
+        verifier_log: String,
+    },
+
+    #[error("program `{program}`: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+
+    #[error("map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+}
+
+impl DatapathError {
+    /// Wraps a program error, pulling the verifier log out of a load failure.
+    pub(crate) fn program(program: &'static str, source: ProgramError) -> Self {
+        match source {
+            ProgramError::LoadError { io_error, verifier_log } => {
+                Self::Verifier { program, io_error, verifier_log: verifier_log.to_string() }
+            }
+            source => Self::Program { program, source },
+        }
+    }
+
+    pub(crate) fn map(map: &'static str) -> impl FnOnce(MapError) -> Self {
+        move |source| Self::Map { map, source }
+    }
+}
+
+/// Attaching the data path to a port, or detaching it.
+#[derive(Debug, Error)]
+pub enum PortError {
+    #[error("interface {ifname} (ifindex {ifindex}): cannot attach {program}: {source}")]
+    Attach {
+        ifname: String,
+        ifindex: u32,
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+
+    #[error("interface {ifname}: cannot pin link at {path}: {source}")]
+    Pin {
+        ifname: String,
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+
+    #[error("interface {ifname}: link: {source}")]
+    Link {
+        ifname: String,
+        #[source]
+        source: LinkError,
+    },
+
+    #[error("interface {ifname}: cannot unpin {path}: {source}")]
+    Unpin {
+        ifname: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("interface {ifname} (ifindex {ifindex}): PORTS map: {source}")]
+    PortsMap {
+        ifname: String,
+        ifindex: u32,
+        #[source]
+        source: MapError,
+    },
+
+    #[error("interface {ifname} (ifindex {ifindex}) went away before it could be attached")]
+    Vanished { ifname: String, ifindex: u32 },
+
+    #[error("interface {ifname}: pin directory for links {path}: {source}")]
+    LinksDir {
+        ifname: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Following the host's interfaces through netlink.
+#[derive(Debug, Error)]
+pub enum WatchError {
+    #[error("cannot open a netlink socket for link events: {0}")]
+    Socket(#[source] io::Error),
+
+    #[error("cannot list the host's interfaces: {0}")]
+    Dump(#[source] rtnetlink::Error),
+
+    #[error("invalid interface pattern {pattern:?}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: glob::PatternError,
+    },
+}
+
+/// A ring buffer record that is not a valid [`backplane_common::FlowEvent`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    #[error("flow event of {got} bytes, expected {expected}")]
+    WrongLength { expected: usize, got: usize },
+
+    #[error("flow event of unknown kind {0}")]
+    UnknownKind(u8),
+
+    #[error("flow event with invalid direction {0}")]
+    BadDirection(u8),
+
+    #[error("flow event with unknown address family {0}")]
+    BadFamily(u8),
+}
+
+/// The control socket, on the agent's side and on the CLI's.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("cannot reach the agent at {path}: {source} (is `backplane run` running?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("another agent is already serving {0}; stop it first")]
+    InUse(PathBuf),
+
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("talking to the agent: {0}")]
+    Io(#[from] io::Error),
+
+    #[error("the agent sent an invalid reply: {0}")]
+    BadReply(#[source] serde_json::Error),
+
+    #[error("the agent closed the connection without a reply")]
+    NoReply,
+
+    #[error("the agent answered: {0}")]
+    Agent(String),
+}

@@ -1,0 +1,369 @@
+//! Which interfaces are ports, and following them as they come and go.
+//!
+//! The watcher is level-triggered: every link event (RTM_NEWLINK/RTM_DELLINK on
+//! RTNLGRP_LINK), and a timer as a safety net for lost netlink messages, triggers a
+//! full listing of the host's links that is compared with the attached ports. A link
+//! that appears down, or appears under one name and is renamed later, is attached as
+//! soon as it exists under a matching name; a deleted one is forgotten.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use backplane_common::PortRole;
+use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _, stream::BoxStream};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage},
+};
+use rtnetlink::{Handle, MulticastGroup};
+
+use crate::{
+    datapath::{Datapath, role_name},
+    error::{PortError, WatchError},
+    ifnames::IfNames,
+};
+
+/// Safety-net period of a full comparison when no link event arrives.
+const RESYNC_PERIOD: Duration = Duration::from_secs(5);
+/// Polling period when the netlink event stream has failed.
+const POLL_PERIOD: Duration = Duration::from_secs(1);
+/// How long an interface whose attachment failed is left alone before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Interfaces the data path attaches to, by name.
+#[derive(Clone, Debug)]
+pub struct PortSelector {
+    vm: Vec<glob::Pattern>,
+    uplinks: Vec<glob::Pattern>,
+}
+
+fn patterns(list: &[String]) -> Result<Vec<glob::Pattern>, WatchError> {
+    list.iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|p| glob::Pattern::new(p).map_err(|source| WatchError::Pattern { pattern: p.into(), source }))
+        .collect()
+}
+
+impl PortSelector {
+    /// VM-facing ports match `interfaces` (shell patterns, comma-separated allowed);
+    /// uplinks are named by `uplinks` (names or patterns). An uplink match wins.
+    pub fn new(interfaces: &[String], uplinks: &[String]) -> Result<Self, WatchError> {
+        Ok(Self { vm: patterns(interfaces)?, uplinks: patterns(uplinks)? })
+    }
+
+    /// The role of an interface, or `None` if it is not a port.
+    #[must_use]
+    pub fn role(&self, name: &str) -> Option<PortRole> {
+        if self.uplinks.iter().any(|p| p.matches(name)) {
+            Some(PortRole::Uplink)
+        } else if self.vm.iter().any(|p| p.matches(name)) {
+            Some(PortRole::Vm)
+        } else {
+            None
+        }
+    }
+
+    /// The patterns, for logs.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let join = |v: &[glob::Pattern]| v.iter().map(glob::Pattern::as_str).collect::<Vec<_>>().join(",");
+        format!("vm ports [{}], uplinks [{}]", join(&self.vm), join(&self.uplinks))
+    }
+}
+
+/// A link of the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostLink {
+    pub ifindex: u32,
+    pub name: String,
+}
+
+/// A step towards the wanted set of ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortAction {
+    Attach { ifindex: u32, name: String, role: PortRole },
+    Detach { ifindex: u32, name: String },
+    Rename { ifindex: u32, from: String, to: String },
+}
+
+/// Compares the host's links with the attached ports. Detaches come first so that a
+/// port whose role changed with its name is attached afresh.
+#[must_use]
+pub fn plan(links: &[HostLink], attached: &BTreeMap<u32, (String, PortRole)>, selector: &PortSelector) -> Vec<PortAction> {
+    let by_index: HashMap<u32, &str> = links.iter().map(|l| (l.ifindex, l.name.as_str())).collect();
+    let mut detach = Vec::new();
+    let mut other = Vec::new();
+    let mut keep = HashSet::new();
+    for (&ifindex, (name, role)) in attached {
+        match by_index.get(&ifindex) {
+            None => detach.push(PortAction::Detach { ifindex, name: name.clone() }),
+            Some(&now) if now == name => {
+                keep.insert(ifindex);
+            }
+            Some(&now) => {
+                if selector.role(now) == Some(*role) {
+                    keep.insert(ifindex);
+                    other.push(PortAction::Rename { ifindex, from: name.clone(), to: now.into() });
+                } else {
+                    detach.push(PortAction::Detach { ifindex, name: name.clone() });
+                }
+            }
+        }
+    }
+    for link in links {
+        if keep.contains(&link.ifindex) {
+            continue;
+        }
+        if let Some(role) = selector.role(&link.name) {
+            other.push(PortAction::Attach { ifindex: link.ifindex, name: link.name.clone(), role });
+        }
+    }
+    detach.extend(other);
+    detach
+}
+
+fn host_link(msg: &LinkMessage) -> Option<HostLink> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(HostLink { ifindex: msg.header.index, name: name.clone() }),
+        _ => None,
+    })
+}
+
+/// Lists the links of the agent's network namespace.
+pub async fn list_links(handle: &Handle) -> Result<Vec<HostLink>, WatchError> {
+    let mut links = Vec::new();
+    let mut dump = handle.link().get().execute();
+    while let Some(msg) = dump.try_next().await.map_err(WatchError::Dump)? {
+        if let Some(link) = host_link(&msg) {
+            links.push(link);
+        }
+    }
+    Ok(links)
+}
+
+/// Keeps the data path attached to the ports that exist.
+pub struct PortWatcher {
+    selector: PortSelector,
+    datapath: Arc<Mutex<Datapath>>,
+    ifnames: Arc<IfNames>,
+    handle: Handle,
+    messages: BoxStream<'static, NetlinkMessage<RouteNetlinkMessage>>,
+    /// Interfaces whose attachment failed: name and when, to retry later without
+    /// repeating the error every few seconds.
+    failed: HashMap<u32, (String, Instant)>,
+}
+
+impl PortWatcher {
+    /// Subscribes to link events (before the first listing, so nothing falls between).
+    pub fn subscribe(selector: PortSelector, datapath: Arc<Mutex<Datapath>>, ifnames: Arc<IfNames>) -> Result<Self, WatchError> {
+        let (connection, handle, messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(WatchError::Socket)?;
+        tokio::spawn(connection);
+        let messages = messages.map(|(msg, _addr)| msg).boxed();
+        Ok(Self { selector, datapath, ifnames, handle, messages, failed: HashMap::new() })
+    }
+
+    /// Lists the links and attaches, detaches or renames ports to match.
+    pub async fn reconcile(&mut self, deleted: &HashSet<u32>) -> Result<(), WatchError> {
+        let links = list_links(&self.handle).await?;
+        for link in &links {
+            self.ifnames.remember(link.ifindex, &link.name);
+        }
+        let present: HashSet<u32> = links.iter().map(|l| l.ifindex).collect();
+        self.failed.retain(|idx, _| present.contains(idx));
+
+        let mut datapath = self.datapath.lock().expect("datapath lock");
+        // A deleted ifindex may already be reused by a new link: forget the old port first.
+        for &ifindex in deleted {
+            if let Some(name) = datapath.attached_name(ifindex).map(str::to_owned)
+                && datapath.detach_port(ifindex)
+            {
+                log::info!("port {name} (ifindex {ifindex}) was removed; forgotten");
+            }
+        }
+        let attached: BTreeMap<u32, (String, PortRole)> = datapath.attached_ports();
+        for action in plan(&links, &attached, &self.selector) {
+            match action {
+                PortAction::Attach { ifindex, name, role } => {
+                    if let Some((failed_name, at)) = self.failed.get(&ifindex)
+                        && *failed_name == name
+                        && at.elapsed() < RETRY_AFTER
+                    {
+                        continue;
+                    }
+                    match datapath.attach_port(ifindex, &name, role) {
+                        Ok(()) => {
+                            self.failed.remove(&ifindex);
+                            log::info!(
+                                "attached to port {name} (ifindex {ifindex}, role {}, xdp {})",
+                                role_name(role),
+                                datapath.xdp_mode().as_str()
+                            );
+                        }
+                        Err(PortError::Vanished { .. }) => {
+                            log::debug!("interface {name} (ifindex {ifindex}) went away before it could be attached");
+                        }
+                        Err(e) => {
+                            let again = self.failed.insert(ifindex, (name.clone(), Instant::now())).is_some();
+                            if again {
+                                log::debug!("still cannot attach: {e}");
+                            } else {
+                                log::error!("{e}; leaving it uninspected (next try in {}s)", RETRY_AFTER.as_secs());
+                            }
+                        }
+                    }
+                }
+                PortAction::Detach { ifindex, name } => {
+                    if datapath.detach_port(ifindex) {
+                        if present.contains(&ifindex) {
+                            log::info!("port {name} (ifindex {ifindex}) no longer matches; detached");
+                        } else {
+                            log::info!("port {name} (ifindex {ifindex}) was removed; forgotten");
+                        }
+                    }
+                }
+                PortAction::Rename { ifindex, from, to } => {
+                    datapath.rename_port(ifindex, &to);
+                    log::info!("port {from} (ifindex {ifindex}) was renamed to {to}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows link events until the task is dropped.
+    pub async fn run(mut self) {
+        let mut resync = tokio::time::interval(RESYNC_PERIOD);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.reset();
+        let mut events_alive = true;
+        loop {
+            let mut deleted = HashSet::new();
+            tokio::select! {
+                msg = self.messages.next(), if events_alive => match msg {
+                    Some(msg) => {
+                        note_deleted(&msg, &mut deleted);
+                        // Coalesce a burst of events into one comparison.
+                        while let Some(Some(msg)) = self.messages.next().now_or_never() {
+                            note_deleted(&msg, &mut deleted);
+                        }
+                    }
+                    None => {
+                        log::error!(
+                            "the netlink link-event stream ended; polling the interfaces every {}s instead",
+                            POLL_PERIOD.as_secs()
+                        );
+                        events_alive = false;
+                        resync = tokio::time::interval(POLL_PERIOD);
+                    }
+                },
+                _ = resync.tick() => {}
+            }
+            if let Err(e) = self.reconcile(&deleted).await {
+                log::warn!("{e}");
+            }
+        }
+    }
+}
+
+/// Collects the ifindex of an RTM_DELLINK that removes a device (not the AF_BRIDGE
+/// notification of a port leaving its bridge).
+fn note_deleted(msg: &NetlinkMessage<RouteNetlinkMessage>, deleted: &mut HashSet<u32>) {
+    if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = &msg.payload
+        && link.header.interface_family == AddressFamily::Unspec
+    {
+        deleted.insert(link.header.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(vm: &str, up: &str) -> PortSelector {
+        PortSelector::new(&[vm.to_string()], &[up.to_string()]).unwrap()
+    }
+
+    fn link(ifindex: u32, name: &str) -> HostLink {
+        HostLink { ifindex, name: name.into() }
+    }
+
+    #[test]
+    fn glob_matching_and_roles() {
+        let s = sel("tap*,vnet*", "eth0");
+        assert_eq!(s.role("tap0"), Some(PortRole::Vm));
+        assert_eq!(s.role("vnet12"), Some(PortRole::Vm));
+        assert_eq!(s.role("eth0"), Some(PortRole::Uplink));
+        assert_eq!(s.role("eth1"), None);
+        assert_eq!(s.role("lo"), None);
+        assert_eq!(s.role("br0"), None);
+        assert_eq!(s.role("xtap0"), None);
+        // An uplink that also matches a VM pattern is an uplink.
+        let s = sel("*", "bond0");
+        assert_eq!(s.role("bond0"), Some(PortRole::Uplink));
+        // Character classes and repeated flags.
+        let s = PortSelector::new(&["bpv[ab]?".into(), " veth* ".into()], &[]).unwrap();
+        assert_eq!(s.role("bpva1"), Some(PortRole::Vm));
+        assert_eq!(s.role("bpvc1"), None);
+        assert_eq!(s.role("veth9"), Some(PortRole::Vm));
+        assert!(PortSelector::new(&["tap[".into()], &[]).is_err());
+    }
+
+    #[test]
+    fn plan_attaches_new_detaches_gone_and_follows_renames() {
+        let s = sel("tap*", "up0");
+        let mut attached = BTreeMap::new();
+        attached.insert(2, ("tap0".to_string(), PortRole::Vm));
+        attached.insert(3, ("tap1".to_string(), PortRole::Vm));
+        attached.insert(4, ("tap2".to_string(), PortRole::Vm));
+        attached.insert(5, ("tap3".to_string(), PortRole::Vm));
+        let links = vec![
+            link(1, "lo"),
+            link(2, "tap0"),     // unchanged
+            link(4, "tap9"),     // renamed, still a port
+            link(5, "eth5"),     // renamed away
+            link(6, "tap4"),     // new
+            link(7, "up0"),      // new uplink
+        ];
+        let actions = plan(&links, &attached, &s);
+        assert_eq!(
+            actions,
+            vec![
+                PortAction::Detach { ifindex: 3, name: "tap1".into() },
+                PortAction::Detach { ifindex: 5, name: "tap3".into() },
+                PortAction::Rename { ifindex: 4, from: "tap2".into(), to: "tap9".into() },
+                PortAction::Attach { ifindex: 6, name: "tap4".into(), role: PortRole::Vm },
+                PortAction::Attach { ifindex: 7, name: "up0".into(), role: PortRole::Uplink },
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_reattaches_when_a_rename_changes_the_role() {
+        let s = sel("tap*", "up*");
+        let mut attached = BTreeMap::new();
+        attached.insert(9, ("tap0".to_string(), PortRole::Vm));
+        let actions = plan(&[link(9, "up1")], &attached, &s);
+        assert_eq!(
+            actions,
+            vec![
+                PortAction::Detach { ifindex: 9, name: "tap0".into() },
+                PortAction::Attach { ifindex: 9, name: "up1".into(), role: PortRole::Uplink },
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_is_idle_when_in_sync() {
+        let s = sel("tap*", "");
+        let mut attached = BTreeMap::new();
+        attached.insert(2, ("tap0".to_string(), PortRole::Vm));
+        assert!(plan(&[link(1, "lo"), link(2, "tap0")], &attached, &s).is_empty());
+    }
+}
