@@ -1,1 +1,154 @@
-fn main() {}
+//! `cargo xtask <task>`: backplane's developer tasks.
+//!
+//! Every task that builds or runs something first runs `setup`, which installs what a
+//! fresh Debian 12 machine lacks (as root) and takes well under two seconds once done.
+//! Adding a task: a variant in [`Task`], a module, and a line in [`run`].
+
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "backplane's developer tasks (run as root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building, testing and the demo need: Debian packages, the nightly
+    /// toolchain with rust-src, bpf-linker, and bpffs at /sys/fs/bpf. Idempotent.
+    Setup,
+    /// Setup, then build the workspace's default members.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, then build and run every test of the workspace (privileged ones too), one
+    /// test at a time, and fail if anything is left behind.
+    ///
+    /// `cargo xtask test [CARGO_TEST_ARGS]... [-- TEST_BINARY_ARGS...]`.
+    Test {
+        /// Arguments for `cargo test` (e.g. `-p backplane-lab`).
+        #[arg(allow_hyphen_values = true, value_name = "CARGO_TEST_ARGS")]
+        cargo_args: Vec<String>,
+        /// Arguments for the test binaries, after `--` (e.g. a test name filter).
+        #[arg(last = true, value_name = "TEST_BINARY_ARGS")]
+        test_args: Vec<String>,
+    },
+    /// Setup, build the agent, and run it on a lab of three VMs (two veth, one tap) that
+    /// ping, talk TCP and UDP, and ping over IPv6; then show its flows and status.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    util::put_cargo_bin_on_path();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            let mut cargo = util::cargo();
+            cargo.arg("build");
+            if release {
+                cargo.arg("--release");
+            }
+            util::run(&mut cargo)
+        }
+        Task::Test {
+            cargo_args,
+            test_args,
+        } => {
+            setup::run()?;
+            let (cargo_args, test_args) = split_test_args(cargo_args, test_args);
+            test::run(&cargo_args, &test_args)
+        }
+        Task::Demo => {
+            setup::run()?;
+            util::run(util::cargo().args(["build", "-p", "backplane-agent"]))?;
+            demo::run()
+        }
+    }
+}
+
+/// clap gives `-p x -- filter` all to the hyphen-accepting `cargo_args`, and only a
+/// leading `-- filter` to `test_args`: split at the first `--` either way.
+fn split_test_args(
+    mut cargo_args: Vec<String>,
+    mut test_args: Vec<String>,
+) -> (Vec<String>, Vec<String>) {
+    if let Some(at) = cargo_args.iter().position(|arg| arg == "--") {
+        let mut after = cargo_args.split_off(at);
+        after.remove(0);
+        after.append(&mut test_args);
+        test_args = after;
+    }
+    (cargo_args, test_args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_args(line: &[&str]) -> (Vec<String>, Vec<String>) {
+        match Cli::try_parse_from(line).unwrap().task {
+            Task::Test {
+                cargo_args,
+                test_args,
+            } => split_test_args(cargo_args, test_args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn strings(words: &[&str]) -> Vec<String> {
+        words.iter().map(|word| (*word).to_owned()).collect()
+    }
+
+    #[test]
+    fn test_arguments_split_at_double_dash() {
+        assert_eq!(test_args(&["xtask", "test"]), (vec![], vec![]));
+        assert_eq!(
+            test_args(&["xtask", "test", "--", "ping"]),
+            (vec![], strings(&["ping"]))
+        );
+        assert_eq!(
+            test_args(&[
+                "xtask",
+                "test",
+                "-p",
+                "backplane-lab",
+                "--",
+                "ping",
+                "--nocapture"
+            ]),
+            (
+                strings(&["-p", "backplane-lab"]),
+                strings(&["ping", "--nocapture"])
+            )
+        );
+        assert_eq!(
+            test_args(&["xtask", "test", "--release"]),
+            (strings(&["--release"]), vec![])
+        );
+    }
+}
