@@ -39,7 +39,7 @@ impl Clock {
         let before = clock_ns(libc::CLOCK_MONOTONIC);
         let real = clock_ns(libc::CLOCK_REALTIME);
         let after = clock_ns(libc::CLOCK_MONOTONIC);
-        Self { offset_ns: real - (before + after) / 2 }
+        Self { offset_ns: real - i128::midpoint(before, after) }
     }
 
     /// A clock with a given offset (tests).

@@ -120,10 +120,6 @@ async fn write_error<W: AsyncWrite + Unpin>(w: &mut W, error: impl Into<String>)
 async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
-    if uid != 0 {
-        log::warn!("refused a control client with uid {uid}");
-        return write_error(&mut write, format!("permission denied: uid {uid} is not root (uid 0)")).await;
-    }
     let mut reader = BufReader::new(read);
     let mut line = String::new();
     let mut limited = (&mut reader).take(MAX_REQUEST);
@@ -133,6 +129,12 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
         Ok(Err(e)) => return write_error(&mut write, format!("bad request: {e}")).await,
         Ok(Ok(0)) => return Ok(()),
         Ok(Ok(_)) => {}
+    }
+    // Refused only after its request is read, so that the client, still writing,
+    // gets the reason rather than a broken pipe.
+    if uid != 0 {
+        log::warn!("refused a control client with uid {uid}");
+        return write_error(&mut write, format!("permission denied: uid {uid} is not root (uid 0)")).await;
     }
     if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST {
         return write_error(&mut write, "request line too long").await;
@@ -191,8 +193,16 @@ impl Client {
         Ok(Self { path: path.to_owned(), reader: BufReader::new(read), writer })
     }
 
+    /// Sends a request. If the agent closed the connection meanwhile, its reason (an
+    /// error line) is still read and returned.
     async fn send(&mut self, request: Request) -> Result<(), ControlError> {
-        write_line(&mut self.writer, &request).await.map_err(ControlError::Io)
+        match write_line(&mut self.writer, &request).await {
+            Ok(()) => Ok(()),
+            Err(e) => match self.next_line::<serde_json::Value>().await {
+                Err(agent @ ControlError::Agent(_)) => Err(agent),
+                _ => Err(ControlError::Io(e)),
+            },
+        }
     }
 
     /// Reads one reply line; `None` at the end of the stream.

@@ -1,8 +1,9 @@
 //! Loading the data path, attaching it to ports, and reading its counters.
 //!
 //! Maps are pinned under the pin directory (`<pin-dir>/<MAP>`) and each port's two
-//! links under `<pin-dir>/links/<ifname>.xdp` and `.tc`, so the programs stay attached
+//! links under `<pin-dir>/links/<ifname>:xdp` and `:tc`, so the programs stay attached
 //! and the maps keep their state when the agent exits without `--detach-on-exit`.
+//! (bpffs forbids dots in names, hence `:` rather than `.`; see [`crate::paths`].)
 
 use std::{
     collections::BTreeMap,
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{DatapathError, PortError},
     ifnames::name_to_index,
-    paths::{BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_path, links_dir},
+    paths::{BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path, links_dir},
 };
 
 /// `statfs(2)` magic number of bpffs.
@@ -251,10 +252,7 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     if let Ok(entries) = fs::read_dir(&links) {
         for entry in entries.flatten() {
             let path = entry.path();
-            let ours = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| e == XDP_LINK_SUFFIX || e == TC_LINK_SUFFIX);
+            let ours = path.file_name().and_then(|n| n.to_str()).and_then(link_pin_kind).is_some();
             if ours {
                 fs::remove_file(&path).map_err(err)?;
                 stale += 1;
@@ -507,7 +505,7 @@ impl Datapath {
         if let Some(port) = self.ports.get_mut(&ifindex) {
             port.xdp.rename(link_pin_path(&pin_dir, new_name, XDP_LINK_SUFFIX));
             port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX));
-            port.name = new_name.to_owned();
+            new_name.clone_into(&mut port.name);
         }
     }
 
@@ -538,8 +536,7 @@ impl Datapath {
                 let total = self
                     .counters
                     .get(&(c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
-                    .unwrap_or(0);
+                    .map_or(0, |per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
                 (c, total)
             })
             .collect()

@@ -174,10 +174,18 @@ pub enum DecodeError {
     BadFamily(u8),
 }
 
+/// What to do about a failed connection to the control socket.
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => "the control socket is for root only",
+        _ => "is `backplane run` running?",
+    }
+}
+
 /// The control socket, on the agent's side and on the CLI's.
 #[derive(Debug, Error)]
 pub enum ControlError {
-    #[error("cannot reach the agent at {path}: {source} (is `backplane run` running?)")]
+    #[error("cannot reach the agent at {path}: {source} ({hint})", hint = connect_hint(source))]
     Connect {
         path: PathBuf,
         #[source]

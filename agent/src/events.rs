@@ -69,7 +69,7 @@ pub async fn consume(ring: RingBuf<MapData>, flows: Arc<SharedFlows>) -> std::io
         let ring = guard.get_inner_mut();
         let mut decoded = Vec::new();
         while let Some(item) = ring.next() {
-            decoded.push(FlowEvent::from_bytes(&*item));
+            decoded.push(FlowEvent::from_bytes(&item));
         }
         guard.clear_ready();
         if !decoded.is_empty() {

@@ -132,7 +132,7 @@ pub fn addr_text(addr: &[u8; 16], family: u8) -> String {
 
 /// The initiator's direction, tolerating a corrupt byte (anything but 1 reads as 0).
 fn initiator(value: &FlowValue) -> usize {
-    if value.initiator == DIR_HI_TO_LO { 1 } else { 0 }
+    usize::from(value.initiator == DIR_HI_TO_LO)
 }
 
 /// Builds the exported record of a flow from its key and kernel value.
@@ -446,7 +446,7 @@ impl FlowTable {
             .iter()
             .map(|(key, rec)| (rec.value.first_seen_ns, self.render(key, &rec.value, RecordState::Active)))
             .collect();
-        live.sort_by(|a, b| b.0.cmp(&a.0));
+        live.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         live.into_iter().map(|(_, r)| r).chain(self.history.iter().rev().cloned()).collect()
     }
 

@@ -5,6 +5,12 @@ use clap::Parser as _;
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = backplane::cli::Cli::parse();
+    if !matches!(cli.command, backplane::cli::Command::Run(_)) {
+        // A client piped into `head` should end quietly, as other Unix tools do. The
+        // agent keeps SIGPIPE ignored: a vanishing control client must not kill it.
+        // SAFETY: setting a signal disposition to the default has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -15,7 +21,16 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(backplane::cli::dispatch(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("backplane: {e:#}");
+            // Error messages here already name their cause; add only causes they omit.
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message.push_str(": ");
+                    message.push_str(&cause);
+                }
+            }
+            eprintln!("backplane: {message}");
             std::process::ExitCode::FAILURE
         }
     }

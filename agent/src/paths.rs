@@ -14,11 +14,19 @@ pub const DEFAULT_SOCKET: &str = "/run/backplane/backplane.sock";
 /// Sub-directory of the pin directory that holds the pinned links of the ports.
 pub const LINKS_SUBDIR: &str = "links";
 
-/// File-name suffix of a port's pinned XDP link (`links/<ifname>.xdp`).
+/// Kind of a port's pinned XDP link (`links/<ifname>:xdp`).
 pub const XDP_LINK_SUFFIX: &str = "xdp";
 
-/// File-name suffix of a port's pinned TC (TCX egress) link (`links/<ifname>.tc`).
+/// Kind of a port's pinned TC (TCX egress) link (`links/<ifname>:tc`).
 pub const TC_LINK_SUFFIX: &str = "tc";
+
+/// Separates the interface name from the link kind in a link pin's file name.
+///
+/// bpffs refuses names with a dot (`EPERM`: dots are reserved), so `<ifname>.xdp` cannot
+/// exist. Interface names never contain `:`, which makes it an unambiguous separator;
+/// a dot inside an interface name (`bond0.100`) is written as `:` too, and the kind is
+/// always after the last `:`.
+pub const LINK_KIND_SEPARATOR: char = ':';
 
 /// Default pin directory of a node: `/sys/fs/bpf/backplane/<node>`.
 #[must_use]
@@ -32,10 +40,23 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(LINKS_SUBDIR)
 }
 
+/// File name of one of a port's link pins: `<ifname>:<kind>`, dots as `:`.
+#[must_use]
+pub fn link_pin_name(ifname: &str, kind: &str) -> String {
+    format!("{}{LINK_KIND_SEPARATOR}{kind}", ifname.replace('.', ":"))
+}
+
+/// The kind (`xdp`, `tc`) of a link pin's file name, if it is one.
+#[must_use]
+pub fn link_pin_kind(file_name: &str) -> Option<&str> {
+    let (_, kind) = file_name.rsplit_once(LINK_KIND_SEPARATOR)?;
+    [XDP_LINK_SUFFIX, TC_LINK_SUFFIX].into_iter().find(|k| *k == kind)
+}
+
 /// Pin path of one of a port's links.
 #[must_use]
-pub fn link_pin_path(pin_dir: &Path, ifname: &str, suffix: &str) -> PathBuf {
-    links_dir(pin_dir).join(format!("{ifname}.{suffix}"))
+pub fn link_pin_path(pin_dir: &Path, ifname: &str, kind: &str) -> PathBuf {
+    links_dir(pin_dir).join(link_pin_name(ifname, kind))
 }
 
 #[cfg(test)]
@@ -48,7 +69,13 @@ mod tests {
         assert_eq!(dir, Path::new("/sys/fs/bpf/backplane/node-a"));
         assert_eq!(
             link_pin_path(&dir, "tap0", XDP_LINK_SUFFIX),
-            Path::new("/sys/fs/bpf/backplane/node-a/links/tap0.xdp")
+            Path::new("/sys/fs/bpf/backplane/node-a/links/tap0:xdp")
         );
+        assert_eq!(link_pin_name("bond0.100", TC_LINK_SUFFIX), "bond0:100:tc");
+        assert!(!link_pin_name("a.b.c", XDP_LINK_SUFFIX).contains('.'));
+        assert_eq!(link_pin_kind("bond0:100:tc"), Some("tc"));
+        assert_eq!(link_pin_kind("tap0:xdp"), Some("xdp"));
+        assert_eq!(link_pin_kind("tap0"), None);
+        assert_eq!(link_pin_kind("tap0:foo"), None);
     }
 }

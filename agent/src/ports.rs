@@ -1,7 +1,7 @@
 //! Which interfaces are ports, and following them as they come and go.
 //!
-//! The watcher is level-triggered: every link event (RTM_NEWLINK/RTM_DELLINK on
-//! RTNLGRP_LINK), and a timer as a safety net for lost netlink messages, triggers a
+//! The watcher is level-triggered: every link event (`RTM_NEWLINK`/`RTM_DELLINK` on
+//! `RTNLGRP_LINK`), and a timer as a safety net for lost netlink messages, triggers a
 //! full listing of the host's links that is compared with the attached ports. A link
 //! that appears down, or appears under one name and is renamed later, is attached as
 //! soon as it exists under a matching name; a deleted one is forgotten.
@@ -246,15 +246,14 @@ impl PortWatcher {
         loop {
             let mut deleted = HashSet::new();
             tokio::select! {
-                msg = self.messages.next(), if events_alive => match msg {
-                    Some(msg) => {
+                msg = self.messages.next(), if events_alive => {
+                    if let Some(msg) = msg {
                         note_deleted(&msg, &mut deleted);
                         // Coalesce a burst of events into one comparison.
                         while let Some(Some(msg)) = self.messages.next().now_or_never() {
                             note_deleted(&msg, &mut deleted);
                         }
-                    }
-                    None => {
+                    } else {
                         log::error!(
                             "the netlink link-event stream ended; polling the interfaces every {}s instead",
                             POLL_PERIOD.as_secs()
@@ -262,7 +261,7 @@ impl PortWatcher {
                         events_alive = false;
                         resync = tokio::time::interval(POLL_PERIOD);
                     }
-                },
+                }
                 _ = resync.tick() => {}
             }
             if let Err(e) = self.reconcile(&deleted).await {
@@ -272,7 +271,7 @@ impl PortWatcher {
     }
 }
 
-/// Collects the ifindex of an RTM_DELLINK that removes a device (not the AF_BRIDGE
+/// Collects the ifindex of an `RTM_DELLINK` that removes a device (not the `AF_BRIDGE`
 /// notification of a port leaving its bridge).
 fn note_deleted(msg: &NetlinkMessage<RouteNetlinkMessage>, deleted: &mut HashSet<u32>) {
     if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = &msg.payload
