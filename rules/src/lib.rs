@@ -1,1 +1,27 @@
-//! Rules.
+//! Zone rule sets for backplane: the YAML schema, validation that reports every
+//! problem at its file, line and column, a compiler to the kernel's rule-table
+//! entries, and a reference evaluator that decides flows the way the data path does.
+//!
+//! ```text
+//! *.yaml --load_rules--> RuleSet --compile--> CompiledRules (table entries, no slot)
+//!                           \------evaluate--> Decision (verdict, reason, policy, zones)
+//! ```
+//!
+//! See `rules/README.md` for the schema and its semantics.
+
+mod compile;
+mod error;
+mod evaluate;
+mod load;
+mod ruleset;
+mod yaml;
+
+pub use compile::{
+    CidrEntry, CompiledRules, EndpointEntry, InterfaceEntry, PAIR_MARKER_PROTO, PolicyEntry, ZoneEntry, ZoneIds, compile, port_prefixes,
+};
+pub use error::RuleError;
+pub use evaluate::{DecidedBy, Decision, EndMatch, Explanation, PacketView, ZoneMatch, evaluate, explain, zone_of};
+pub use load::{MAX_ZONES, load_rules, parse_rules};
+pub use ruleset::{
+    Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto, RuleSet, WORLD, Zone,
+};

@@ -1,0 +1,501 @@
+//! Reading rule files: YAML to a validated [`RuleSet`], with every problem of every
+//! file reported at its line and column.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use crate::{
+    RuleError,
+    ruleset::{
+        Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto, RuleSet, WORLD,
+        Zone,
+    },
+    yaml::{self, Node, Pos, Value},
+};
+
+/// Most zones a rule set may define besides `world` (zone ids are 16 bits, 0 is `world`).
+pub const MAX_ZONES: usize = u16::MAX as usize;
+
+/// Loads a rule set from a directory (all its `*.yaml` files, in name order) or from
+/// one file. On failure, returns every problem found in every file, in file, line and
+/// column order.
+pub fn load_rules(path: &Path) -> Result<RuleSet, Vec<RuleError>> {
+    let files = if path.is_dir() { rule_files(path)? } else { vec![path.to_path_buf()] };
+    let mut texts = Vec::with_capacity(files.len());
+    let mut errors = Vec::new();
+    for file in files {
+        match fs::read_to_string(&file) {
+            Ok(text) => texts.push((file, text)),
+            Err(e) => errors.push(RuleError::whole_file(file, format!("cannot read rule file: {e}"))),
+        }
+    }
+    let parsed = parse_rules(texts.iter().map(|(p, t)| (p.as_path(), t.as_str())));
+    match parsed {
+        Ok(rules) if errors.is_empty() => Ok(rules),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            sort(&mut errors);
+            Err(errors)
+        }
+    }
+}
+
+/// The `*.yaml` files of a directory, in byte order of their names.
+fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, Vec<RuleError>> {
+    let entries = fs::read_dir(dir).map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "yaml") && path.is_file() {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(vec![RuleError::whole_file(dir, "no *.yaml rule files in this directory")]);
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses and validates rule files given as (path, text), in this order: the path is
+/// only used in errors and locations. Together they form one rule set.
+pub fn parse_rules<'a>(files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<RuleSet, Vec<RuleError>> {
+    let mut loader = Loader::default();
+    for (path, text) in files {
+        loader.file(path, text);
+    }
+    loader.finish()
+}
+
+fn sort(errors: &mut [RuleError]) {
+    errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+}
+
+/// A policy whose `from` and `to` are checked once every file is read.
+struct PendingPolicy {
+    policy: Policy,
+    from_at: Location,
+    to_at: Location,
+}
+
+#[derive(Default)]
+struct Loader {
+    errors: Vec<RuleError>,
+    file: Option<Arc<Path>>,
+    zones: Vec<Zone>,
+    policies: Vec<PendingPolicy>,
+    default_inter_zone: Option<(Access, Location)>,
+}
+
+/// The fields of a mapping, checked against the allowed names.
+struct Fields<'n> {
+    pos: Pos,
+    found: Vec<(&'n str, &'n Node, Pos)>,
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, name: &str) -> Option<&'n Node> {
+        self.found.iter().find(|(k, _, _)| *k == name).map(|(_, v, _)| *v)
+    }
+
+    fn key_pos(&self, name: &str) -> Option<Pos> {
+        self.found.iter().find(|(k, _, _)| *k == name).map(|(_, _, p)| *p)
+    }
+}
+
+impl Loader {
+    fn loc(&self, pos: Pos) -> Location {
+        Location { file: self.file.clone().expect("a file is being read"), line: pos.line, column: pos.column }
+    }
+
+    fn error(&mut self, pos: Pos, message: impl Into<String>) {
+        let e = self.loc(pos).error(message);
+        self.errors.push(e);
+    }
+
+    fn file(&mut self, path: &Path, text: &str) {
+        self.file = Some(Arc::from(path));
+        let root = match yaml::parse(text) {
+            Ok(Some(root)) => root,
+            Ok(None) => return,
+            Err(e) => return self.error(e.pos, e.message),
+        };
+        if root.is_null() {
+            return;
+        }
+        let Some(top) = self.fields(&root, "a rule file", &["zones", "policies", "default_inter_zone"]) else { return };
+        if let Some(zones) = top.get("zones") {
+            self.zones(zones);
+        }
+        if let Some(policies) = top.get("policies") {
+            self.policies(policies);
+        }
+        if let Some(node) = top.get("default_inter_zone") {
+            self.default_inter_zone(node);
+        }
+    }
+
+    /// Checks that `node` is a mapping of known, unique scalar keys.
+    fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Option<Fields<'n>> {
+        let Value::Map(entries) = &node.value else {
+            self.error(node.pos, format!("expected {what} (a mapping with {}), found {}", allowed.join(", "), node.kind()));
+            return None;
+        };
+        let mut fields = Fields { pos: node.pos, found: Vec::new() };
+        for (key, value) in entries {
+            let Some(name) = key.as_str() else {
+                self.error(key.pos, format!("expected a field name in {what}, found {}", key.kind()));
+                continue;
+            };
+            if !allowed.contains(&name) {
+                self.error(key.pos, format!("unknown field \"{name}\" in {what}; expected one of: {}", allowed.join(", ")));
+            } else if let Some(first) = fields.key_pos(name) {
+                self.error(key.pos, format!("field \"{name}\" is given twice (first at line {})", first.line));
+            } else {
+                fields.found.push((name, value, key.pos));
+            }
+        }
+        Some(fields)
+    }
+
+    /// Requires a field, reporting its absence at the mapping.
+    fn required<'n>(&mut self, fields: &Fields<'n>, name: &str, what: &str, hint: &str) -> Option<&'n Node> {
+        let node = fields.get(name);
+        if node.is_none() {
+            self.error(fields.pos, format!("missing field \"{name}\" in {what}{hint}"));
+        }
+        node
+    }
+
+    /// A non-null scalar.
+    fn scalar<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n str> {
+        let s = node.as_str();
+        if s.is_none() {
+            self.error(node.pos, format!("expected {what}, found {}", node.kind()));
+        }
+        s
+    }
+
+    /// A list; null counts as an empty list.
+    fn list<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [Node]> {
+        match &node.value {
+            Value::Seq(items) => Some(items),
+            _ if node.is_null() => Some(&[]),
+            _ => {
+                self.error(node.pos, format!("expected {what} (a list), found {}", node.kind()));
+                None
+            }
+        }
+    }
+
+    fn access(&mut self, node: &Node, what: &str) -> Option<Access> {
+        match self.scalar(node, &format!("{what}: allow or deny"))? {
+            "allow" => Some(Access::Allow),
+            "deny" => Some(Access::Deny),
+            other => {
+                self.error(node.pos, format!("expected allow or deny for {what}, found \"{other}\""));
+                None
+            }
+        }
+    }
+
+    fn zones(&mut self, node: &Node) {
+        if node.is_null() {
+            return;
+        }
+        let Value::Map(entries) = &node.value else {
+            return self.error(node.pos, format!("expected zones (a mapping of zone names to zones), found {}", node.kind()));
+        };
+        for (key, value) in entries {
+            let Some(name) = self.scalar(key, "a zone name") else { continue };
+            if let Err(e) = check_zone_name(name) {
+                self.error(key.pos, e);
+                continue;
+            }
+            if let Some(first) = self.zones.iter().find(|z| z.name == name) {
+                let msg = format!("zone \"{name}\" is defined twice (first at {})", first.location);
+                self.error(key.pos, msg);
+                continue;
+            }
+            let mut zone = Zone { name: name.to_owned(), members: Vec::new(), intra_zone: Access::Allow, location: self.loc(key.pos) };
+            self.zone_body(&mut zone, value);
+            self.zones.push(zone);
+        }
+    }
+
+    fn zone_body(&mut self, zone: &mut Zone, node: &Node) {
+        if node.is_null() {
+            return;
+        }
+        let what = format!("zone \"{}\"", zone.name);
+        let Some(fields) = self.fields(node, &what, &["members", "intra_zone"]) else { return };
+        if let Some(v) = fields.get("intra_zone") {
+            zone.intra_zone = self.access(v, "intra_zone").unwrap_or_default();
+        }
+        let Some(members) = fields.get("members") else { return };
+        let Some(items) = self.list(members, "members") else { return };
+        if zone.name == WORLD && !items.is_empty() {
+            let pos = fields.key_pos("members").unwrap_or(members.pos);
+            return self.error(pos, "the built-in zone world has no members: it holds every address outside the other zones");
+        }
+        for item in items {
+            if let Some(member) = self.member(item) {
+                zone.members.push(member);
+            }
+        }
+    }
+
+    fn member(&mut self, node: &Node) -> Option<Member> {
+        let fields = self.fields(node, "a zone member", &["mac", "cidr", "interface"])?;
+        if fields.found.len() != 1 {
+            self.error(node.pos, "a zone member has exactly one of mac, cidr or interface");
+            return None;
+        }
+        let (kind, value, _) = fields.found[0];
+        let text = self.scalar(value, &format!("a {kind} string"))?;
+        let parsed = match kind {
+            "mac" => text.parse::<MacAddr>().map(MemberMatch::Mac),
+            "cidr" => text.parse::<Cidr>().map(MemberMatch::Cidr),
+            _ if text.is_empty() => Err("an interface glob cannot be empty".to_owned()),
+            _ => InterfaceGlob::new(text).map(MemberMatch::Interface).map_err(|e| format!("bad interface glob \"{text}\": {e}")),
+        };
+        match parsed {
+            Ok(matcher) => Some(Member { matcher, location: self.loc(value.pos) }),
+            Err(e) => {
+                self.error(value.pos, e);
+                None
+            }
+        }
+    }
+
+    fn policies(&mut self, node: &Node) {
+        let Some(items) = self.list(node, "policies") else { return };
+        for item in items {
+            if let Some(p) = self.policy(item) {
+                self.policies.push(p);
+            }
+        }
+    }
+
+    fn policy(&mut self, node: &Node) -> Option<PendingPolicy> {
+        let fields = self.fields(node, "a policy", &["name", "from", "to", "allow", "mode"])?;
+        let name = self.required(&fields, "name", "a policy", "");
+        let from = self.required(&fields, "from", "a policy", "");
+        let to = self.required(&fields, "to", "a policy", "");
+        let allow = self.required(&fields, "allow", "a policy", " (write `allow: []` to cover the zone pair and allow nothing)");
+        let mode = match fields.get("mode") {
+            None => Mode::Enforce,
+            Some(m) => match self.scalar(m, "a mode: enforce or audit") {
+                Some("audit") => Mode::Audit,
+                Some("enforce") | None => Mode::Enforce,
+                Some(other) => {
+                    self.error(m.pos, format!("expected enforce or audit for mode, found \"{other}\""));
+                    Mode::Enforce
+                }
+            },
+        };
+        let name_str = name.and_then(|n| self.scalar(n, "a policy name"));
+        if let (Some(n), Some(s)) = (name, name_str) {
+            if s.trim().is_empty() || s.chars().any(char::is_control) {
+                self.error(n.pos, "a policy name must be non-empty and have no control characters");
+            } else if let Some(first) = self.policies.iter().find(|p| p.policy.name == s) {
+                let msg = format!("policy \"{s}\" is defined twice (first at {})", first.policy.location);
+                self.error(n.pos, msg);
+            }
+        }
+        let from_str = from.and_then(|n| self.scalar(n, "a zone name"));
+        let to_str = to.and_then(|n| self.scalar(n, "a zone name"));
+        let entries = allow.and_then(|a| self.allow_list(a));
+        Some(PendingPolicy {
+            policy: Policy {
+                name: name_str?.to_owned(),
+                from: from_str?.to_owned(),
+                to: to_str?.to_owned(),
+                allow: entries.unwrap_or_default(),
+                mode,
+                location: self.loc(name?.pos),
+            },
+            from_at: self.loc(from?.pos),
+            to_at: self.loc(to?.pos),
+        })
+    }
+
+    /// The valid entries of an allow list (the others are reported).
+    fn allow_list(&mut self, node: &Node) -> Option<Vec<AllowEntry>> {
+        let items = self.list(node, "allow")?;
+        Some(items.iter().filter_map(|item| self.allow_entry(item)).collect())
+    }
+
+    fn allow_entry(&mut self, node: &Node) -> Option<AllowEntry> {
+        let fields = self.fields(node, "an allow entry", &["proto", "ports"])?;
+        let proto_node = self.required(&fields, "proto", "an allow entry", "")?;
+        let text = self.scalar(proto_node, "a protocol: tcp, udp, icmp, icmpv6, sctp or a number 0-254")?;
+        let proto = match text.parse::<Proto>() {
+            Ok(p) => p,
+            Err(e) => {
+                self.error(proto_node.pos, e);
+                return None;
+            }
+        };
+        let mut ports = Vec::new();
+        if let Some(ports_node) = fields.get("ports") {
+            if !proto.has_ports() {
+                let pos = fields.key_pos("ports").unwrap_or(ports_node.pos);
+                self.error(pos, format!("{proto} has no ports; remove ports (an entry without ports allows all {proto})"));
+                return None;
+            }
+            let items = self.list(ports_node, "ports")?;
+            if items.is_empty() {
+                self.error(ports_node.pos, "an empty ports list; leave ports out to allow every port");
+                return None;
+            }
+            let mut ok = true;
+            for item in items {
+                let Some(text) = self.scalar(item, "a port number or a range \"a-b\"") else {
+                    ok = false;
+                    continue;
+                };
+                match text.parse::<PortRange>() {
+                    Ok(r) => ports.push(r),
+                    Err(e) => {
+                        self.error(item.pos, e);
+                        ok = false;
+                    }
+                }
+            }
+            if !ok {
+                return None;
+            }
+        }
+        Some(AllowEntry { proto, ports, location: self.loc(node.pos) })
+    }
+
+    fn default_inter_zone(&mut self, node: &Node) {
+        let Some(access) = self.access(node, "default_inter_zone") else { return };
+        if let Some((_, first)) = &self.default_inter_zone {
+            let msg = format!("default_inter_zone is set twice (first at {first})");
+            return self.error(node.pos, msg);
+        }
+        self.default_inter_zone = Some((access, self.loc(node.pos)));
+    }
+
+    /// The checks that need every file: zone references and overlapping members.
+    fn finish(mut self) -> Result<RuleSet, Vec<RuleError>> {
+        let user_zones = self.zones.iter().filter(|z| z.name != WORLD).count();
+        if user_zones > MAX_ZONES {
+            let at = self.zones[MAX_ZONES].location.clone();
+            self.errors.push(at.error(format!("too many zones ({user_zones}); a rule set has at most {MAX_ZONES}")));
+        }
+        let known = |name: &str, zones: &[Zone]| name == WORLD || zones.iter().any(|z| z.name == name);
+        let mut policies = Vec::with_capacity(self.policies.len());
+        for p in self.policies {
+            for (name, at, field) in [(&p.policy.from, &p.from_at, "from"), (&p.policy.to, &p.to_at, "to")] {
+                if !known(name, &self.zones) {
+                    let names: Vec<&str> =
+                        std::iter::once(WORLD).chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD)).collect();
+                    self.errors.push(at.error(format!("unknown zone \"{name}\" in {field}; known zones: {}", names.join(", "))));
+                }
+            }
+            if p.policy.from == p.policy.to {
+                self.errors.push(p.to_at.error(format!(
+                    "policy from zone \"{0}\" to itself is never consulted: traffic within a zone is decided by its intra_zone setting",
+                    p.policy.from
+                )));
+            }
+            policies.push(p.policy);
+        }
+        check_overlaps(&self.zones, &mut self.errors);
+        if !self.errors.is_empty() {
+            sort(&mut self.errors);
+            return Err(self.errors);
+        }
+        let (default_inter_zone, default_inter_zone_at) = match self.default_inter_zone {
+            Some((a, at)) => (a, Some(at)),
+            None => (Access::Deny, None),
+        };
+        Ok(RuleSet { zones: self.zones, policies, default_inter_zone, default_inter_zone_at })
+    }
+}
+
+/// Zone names appear in metric labels, flow records and command lines.
+fn check_zone_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("\"{name}\" is not a valid zone name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"))
+    }
+}
+
+/// One address in two zones is an error: the same MAC, the same interface glob, or
+/// two CIDRs of which one holds the other. Reported at the member read last.
+fn check_overlaps(zones: &[Zone], errors: &mut Vec<RuleError>) {
+    // (reading order, zone, member)
+    let members: Vec<(usize, &Zone, &Member)> =
+        zones.iter().flat_map(|z| z.members.iter().map(move |m| (z, m))).enumerate().map(|(i, (z, m))| (i, z, m)).collect();
+    let conflict = |errors: &mut Vec<RuleError>, a: &(usize, &Zone, &Member), b: &(usize, &Zone, &Member), what: &str| {
+        let (first, later) = if a.0 < b.0 { (a, b) } else { (b, a) };
+        errors.push(later.2.location.error(format!(
+            "{} in zone \"{}\" {what} {} of zone \"{}\" ({}); an address can be in one zone only",
+            later.2.matcher, later.1.name, first.2.matcher, first.1.name, first.2.location
+        )));
+    };
+
+    let mut macs: HashMap<MacAddr, &(usize, &Zone, &Member)> = HashMap::new();
+    let mut globs: HashMap<&str, &(usize, &Zone, &Member)> = HashMap::new();
+    let mut cidrs = Vec::new();
+    for m in &members {
+        match &m.2.matcher {
+            MemberMatch::Mac(mac) => match macs.get(mac) {
+                Some(first) if first.1.name != m.1.name => conflict(errors, first, m, "is already"),
+                Some(_) => {}
+                None => {
+                    macs.insert(*mac, m);
+                }
+            },
+            MemberMatch::Interface(g) => match globs.get(g.pattern()) {
+                Some(first) if first.1.name != m.1.name => conflict(errors, first, m, "is already"),
+                Some(_) => {}
+                None => {
+                    globs.insert(g.pattern(), m);
+                }
+            },
+            MemberMatch::Cidr(c) => cidrs.push((*c, m)),
+        }
+    }
+
+    // Two networks overlap only when one holds the other. Sorted by family, start
+    // address, then shorter prefix first, every network comes after those holding
+    // it; a stack keeps the chain of networks holding the current one.
+    cidrs.sort_by_key(|(c, m)| (c.addr().is_ipv6(), addr_bits(c.addr()), c.prefix_len(), m.0));
+    let mut stack: Vec<(Cidr, &(usize, &Zone, &Member))> = Vec::new();
+    for (c, m) in cidrs {
+        while stack.last().is_some_and(|(outer, _)| !outer.overlaps(c)) {
+            stack.pop();
+        }
+        for (outer, om) in &stack {
+            if om.1.name != m.1.name {
+                let verb = if *outer == c { "is already" } else { "overlaps" };
+                conflict(errors, om, m, verb);
+            }
+        }
+        stack.push((c, m));
+    }
+}
+
+fn addr_bits(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
