@@ -348,7 +348,8 @@ impl Loader {
         if let Some(ports_node) = fields.get("ports") {
             if !proto.has_ports() {
                 let pos = fields.key_pos("ports").unwrap_or(ports_node.pos);
-                self.error(pos, format!("{proto} has no ports; remove ports (an entry without ports allows all {proto})"));
+                let what = proto.name().map_or_else(|| format!("protocol {}", proto.number()), str::to_owned);
+                self.error(pos, format!("{what} has no ports; remove ports (an entry without ports allows all {what})"));
                 return None;
             }
             let items = self.list(ports_node, "ports")?;
