@@ -25,6 +25,19 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a CLI query may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long the agent may take to detach and exit after SIGINT.
+const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The agent process: on every way out (error, Ctrl-C) it is asked to stop with SIGINT,
+/// so that it detaches its programs, before its guard kills whatever remains.
+struct Agent(ChildGuard);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.0.stop_with(libc::SIGINT, AGENT_STOP_GRACE);
+    }
+}
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_signal: libc::c_int) {
@@ -105,8 +118,8 @@ fn run_lab(agent_bin: &Path) -> Result<()> {
         );
     say(&format!("starting `{}`", util::describe(&agent_cmd)));
     // Declared after the VMs, so it is stopped before they go.
-    let mut agent = ChildGuard::spawn(&mut agent_cmd);
-    wait_for_socket(&mut agent, &socket)?;
+    let mut agent = Agent(ChildGuard::spawn(&mut agent_cmd));
+    wait_for_socket(&mut agent.0, &socket)?;
     say("agent ready");
 
     let failures = make_traffic(&a, &b, &c)?;
@@ -121,9 +134,9 @@ fn run_lab(agent_bin: &Path) -> Result<()> {
     print!("{}", cli(agent_bin, &["status", "--socket"], &socket)?);
 
     say("stopping the agent (SIGINT; it detaches its programs)");
-    let status = agent.stop_with(libc::SIGINT, Duration::from_secs(10));
+    let status = agent.0.stop_with(libc::SIGINT, AGENT_STOP_GRACE);
     if !status.success() {
-        println!("{}", agent.output().trim_end());
+        println!("{}", agent.0.output().trim_end());
         bail!("the agent exited with {status}");
     }
     if !failures.is_empty() {
@@ -187,29 +200,32 @@ fn make_traffic(a: &Vm, b: &Vm, c: &Vm) -> Result<Vec<String>> {
     check_interrupted()?;
     check(
         format!("c -> b  TCP, 1 MiB (iperf3) to {}", b.ip()),
-        iperf3(c, b, false)?,
+        iperf3(c, b, false),
     );
     check_interrupted()?;
     check(
         format!("b -> a  UDP, 256 KiB (iperf3) to {}", a.ip()),
-        iperf3(b, a, true)?,
+        iperf3(b, a, true),
     );
     check_interrupted()?;
     Ok(failures)
 }
 
 /// One iperf3 transfer from `client` to `server` (TCP 1 MiB, or UDP 256 KiB at 10 Mbit/s).
-fn iperf3(client: &Vm, server: &Vm, udp: bool) -> Result<bool> {
+fn iperf3(client: &Vm, server: &Vm, udp: bool) -> bool {
     let server_ip = server.ip().to_string();
-    let mut listener = server.spawn(&["iperf3", "--server", "--one-off", "--bind", &server_ip]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !listener.output().contains("Server listening") {
-        check_interrupted()?;
-        if listener.try_wait().is_some() || Instant::now() >= deadline {
-            println!("{}", listener.output().trim_end());
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut listener = server.spawn(&[
+        "iperf3",
+        "--server",
+        "--one-off",
+        "--bind",
+        &server_ip,
+        "--forceflush",
+    ]);
+    // Its output goes to a file: without --forceflush, "Server listening" would sit in a buffer.
+    if !listener.wait_for_output("Server listening", Duration::from_secs(5)) {
+        println!("{}", listener.output().trim_end());
+        return false;
     }
     let mut args = vec![
         "iperf3",
@@ -231,7 +247,7 @@ fn iperf3(client: &Vm, server: &Vm, udp: bool) -> Result<bool> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    Ok(output.status.success())
+    output.status.success()
 }
 
 /// Runs `backplane <args> <socket>` and returns its stdout.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::ChildGuard;
 
@@ -61,20 +61,12 @@ impl Capture {
             args.remove(0)
         };
         let mut tcpdump = ChildGuard::spawn(Command::new(program).args(&args));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !tcpdump.output().contains("listening on") {
-            if let Some(status) = tcpdump.try_wait() {
-                panic!(
-                    "tcpdump on {iface} exited ({status}): {}",
-                    tcpdump.output().trim_end()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tcpdump on {iface} did not start listening within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(
+            tcpdump.wait_for_output("listening on", Duration::from_secs(10)),
+            "tcpdump on {iface} did not start listening within 10 s ({:?}): {}",
+            tcpdump.try_wait(),
+            tcpdump.output().trim_end()
+        );
         Capture {
             tcpdump,
             file,

@@ -163,6 +163,22 @@ impl ChildGuard {
         }
     }
 
+    /// Waits up to `timeout` until the child's output contains `needle` (e.g. a
+    /// "listening" line). False if it exits or the time runs out first. A program whose
+    /// stdout is a file may buffer it: ask it to flush (`iperf3 --forceflush`).
+    pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.output().contains(needle) {
+                return true;
+            }
+            if self.try_wait().is_some() || Instant::now() >= deadline {
+                return self.output().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the child to exit, however long it takes.
     pub fn wait(&mut self) -> ExitStatus {
         if let Some(status) = self.status {

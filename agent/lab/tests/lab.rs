@@ -86,8 +86,19 @@ fn tap_vm_pings_a_veth_vm_through_a_real_tap() {
     assert_eq!(echo_count(capture), 12);
 
     // A TCP transfer through the tap, with frames bigger than a ping.
-    let server = c.spawn(&["iperf3", "-s", "-1", "-B", &c.ip().to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut server = c.spawn(&[
+        "iperf3",
+        "-s",
+        "-1",
+        "-B",
+        &c.ip().to_string(),
+        "--forceflush",
+    ]);
+    assert!(
+        server.wait_for_output("Server listening", Duration::from_secs(5)),
+        "{}",
+        server.output()
+    );
     let client = a.exec(&[
         "iperf3",
         "-c",
