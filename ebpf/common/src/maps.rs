@@ -26,6 +26,9 @@ pub const PROG_FROM_PORT: &str = "from_port";
 /// TC egress program on a port: what the switch delivers to the VM (or the uplink).
 pub const PROG_TO_PORT: &str = "to_port";
 
+/// XDP program that only passes: the benchmarks' baseline, never attached.
+pub const PROG_BASELINE_PASS: &str = "baseline_pass";
+
 /// All maps that are pinned under the agent's pin directory, so that they survive
 /// a restart of the agent.
 pub const PINNED_MAPS: &[&str] = &[

@@ -5,7 +5,7 @@
 //! when no ingress program has seen that direction of the flow (`ifindex[dir] == 0`),
 //! e.g. traffic the host itself sends to a VM.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use backplane_common::{
     DatapathConfig, FlowEventKind, FlowKey, FlowValue, Verdict,
     flow::STATE_ENDED,
@@ -14,7 +14,7 @@ use backplane_common::{
 
 use crate::{
     counters, events,
-    maps::FLOWS,
+    maps::{FLOWS, PORTS},
     parse::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
     policy::{self, End},
 };
@@ -64,7 +64,7 @@ fn idx(dir: u8) -> usize {
 
 /// Tracks one packet of a flow and returns whether it passes.
 #[inline(always)]
-pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, port_zone: u16, hook: Hook) -> Action {
+pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook: Hook) -> Action {
     let (key, dir) = FlowKey::canonical(
         &packet.src,
         packet.sport,
@@ -75,10 +75,10 @@ pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, port
         packet.family,
     );
     // SAFETY: reading the kernel's monotonic clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(flow) => flow,
-        None => return create(cfg, &key, dir, packet, len, ifindex, port_zone, hook, now),
+        None => return create(cfg, &key, dir, packet, len, ifindex, hook, now),
     };
     // SAFETY: pointer from a map lookup, valid for this program run; concurrent
     // updates of counters go through atomics, the rest are single-word stores.
@@ -115,7 +115,7 @@ pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, port
         }
     }
     if flow.generation != cfg.generation {
-        rejudge(cfg, &key, flow, dir, packet, port_zone, hook);
+        rejudge(cfg, &key, flow, dir, packet, ifindex, hook);
     }
     action(flow.verdict)
 }
@@ -123,6 +123,17 @@ pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, port
 #[inline(always)]
 fn action(verdict: u8) -> Action {
     if verdict == Verdict::Denied as u8 { Action::Drop } else { Action::Pass }
+}
+
+/// Zone the rule set in force gives to the port (by its name), 0 if none. Looked up
+/// only when a flow is judged, never on the fast path.
+#[inline(always)]
+fn port_zone(cfg: &DatapathConfig, ifindex: u32) -> u16 {
+    match PORTS.get_ptr(ifindex) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(port) => unsafe { (*port).zone[(cfg.active_slot & 1) as usize] },
+        None => 0,
+    }
 }
 
 /// The two ends of a packet as the judge sees them: the port's zone belongs to the
@@ -148,11 +159,10 @@ fn create(
     packet: &Packet,
     len: u32,
     ifindex: u32,
-    port_zone: u16,
     hook: Hook,
     now: u64,
 ) -> Action {
-    let (src, dst) = ends(packet, port_zone, hook);
+    let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);
     let j = policy::judge(cfg, packet.family, packet.proto, packet.dport, &src, &dst);
     let d = idx(dir);
     let mut value = FlowValue {
@@ -204,8 +214,8 @@ fn create(
 /// Judges an existing flow again under the rule generation now in force, from the
 /// point of view of the side that started it.
 #[inline(always)]
-fn rejudge(cfg: &DatapathConfig, key: &FlowKey, flow: &mut FlowValue, dir: u8, packet: &Packet, port_zone: u16, hook: Hook) {
-    let (src, dst) = ends(packet, port_zone, hook);
+fn rejudge(cfg: &DatapathConfig, key: &FlowKey, flow: &mut FlowValue, dir: u8, packet: &Packet, ifindex: u32, hook: Hook) {
+    let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);
     let (initiator, responder) = if dir == flow.initiator { (src, dst) } else { (dst, src) };
     let (_, dport) = key.receiver(flow.initiator);
     let j = policy::judge(cfg, key.family, key.proto, dport, &initiator, &responder);

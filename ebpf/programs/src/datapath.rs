@@ -6,7 +6,7 @@ use crate::{
     conntrack::{self, Action, Hook},
     counters,
     frame::Frame,
-    maps::{CONFIG, PORTS},
+    maps::CONFIG,
     parse::{self, Packet, Parsed},
 };
 
@@ -24,12 +24,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
                 Some(cfg) => *cfg,
                 None => DatapathConfig::default(),
             };
-            let port_zone = match PORTS.get_ptr(ifindex) {
-                // SAFETY: a pointer returned by a map lookup is valid for this program run.
-                Some(port) => unsafe { (*port).zone[(cfg.active_slot & 1) as usize] },
-                None => 0,
-            };
-            let action = conntrack::track(&cfg, &packet, len, ifindex, port_zone, hook);
+            let action = conntrack::track(&cfg, &packet, len, ifindex, hook);
             if action == Action::Drop {
                 counters::inc(Counter::Dropped);
             }

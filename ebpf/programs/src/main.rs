@@ -44,6 +44,13 @@ pub fn to_port(ctx: TcContext) -> i32 {
     }
 }
 
+/// An XDP program that does nothing but pass: never attached by the agent; the
+/// benchmarks time it beside `from_port` as the cost floor of running any program.
+#[xdp]
+pub fn baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

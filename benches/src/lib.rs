@@ -1,0 +1,3 @@
+//! Shared pieces of backplane's benchmarks.
+
+pub mod report;
