@@ -114,7 +114,8 @@ fn cmp_addr(a: &[u8; 16], b: &[u8; 16]) -> core::cmp::Ordering {
 pub struct FlowValue {
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and last packet.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE, tick resolution) of the
+    /// first and last packet.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// Port (ifindex) where frames of each direction entered the switch; 0 if unseen.
