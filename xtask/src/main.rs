@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "backplane's developer tasks (run as root)"
 )]
 struct Cli {
@@ -37,8 +38,6 @@ enum Task {
     },
     /// Setup, then build and run every test of the workspace (privileged ones too), one
     /// test at a time, and fail if anything is left behind.
-    ///
-    /// `cargo xtask test [CARGO_TEST_ARGS]... [-- TEST_BINARY_ARGS...]`.
     Test {
         /// Arguments for `cargo test` (e.g. `-p backplane-lab`).
         #[arg(allow_hyphen_values = true, value_name = "CARGO_TEST_ARGS")]

@@ -197,8 +197,10 @@ fn bpf_linker() -> Result<()> {
     );
     util::run(
         Command::new("cargo")
+            // --force: to cargo, a bpf-linker that no longer runs is still installed.
             .args([
                 "install",
+                "--force",
                 "bpf-linker",
                 "--no-default-features",
                 "--features",
