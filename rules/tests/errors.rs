@@ -220,7 +220,11 @@ zones:
   db:
     members: [ { mac: \"52-54-00-10-00-01\" } ]
 ";
-    assert_error(&one_error(text), "5:23", "mac 52:54:00:10:00:01 in zone \"db\" is already mac 52:54:00:10:00:01 of zone \"web\" (r.yaml:3:23)");
+    assert_error(
+        &one_error(text),
+        "5:23",
+        "mac 52:54:00:10:00:01 in zone \"db\" is already mac 52:54:00:10:00:01 of zone \"web\" (r.yaml:3:23)",
+    );
 }
 
 #[test]
@@ -235,9 +239,12 @@ fn overlap_across_files_is_reported_in_the_later_file() {
         ("a.yaml", "zones:\n  web:\n    members: [ { cidr: 10.30.0.0/24 } ]\n"),
         ("b.yaml", "zones:\n  db:\n    members:\n      - cidr: 10.30.0.128/25\n"),
     ]);
-    assert_eq!(e, vec![
-        "b.yaml:4:15: cidr 10.30.0.128/25 in zone \"db\" overlaps cidr 10.30.0.0/24 of zone \"web\" (a.yaml:3:24); an address can be in one zone only"
-    ]);
+    assert_eq!(
+        e,
+        vec![
+            "b.yaml:4:15: cidr 10.30.0.128/25 in zone \"db\" overlaps cidr 10.30.0.0/24 of zone \"web\" (a.yaml:3:24); an address can be in one zone only"
+        ]
+    );
 }
 
 fn policy_with(entry: &str) -> String {
@@ -332,7 +339,10 @@ fn default_inter_zone_at_most_once() {
 fn all_errors_of_all_files_are_collected_in_order() {
     let e = errors(&[
         ("a.yaml", "zones:\n  web:\n    members: [ { mac: nope }, { cidr: 10.0.0.1/8 } ]\n"),
-        ("b.yaml", "zones: { db: { members: [ { cidr: 10.0.0.0/8 } ] } }\npolicies:\n  - { name: p, from: web, to: nowhere, allow: [ { proto: icmp, ports: [1] } ] }\n"),
+        (
+            "b.yaml",
+            "zones: { db: { members: [ { cidr: 10.0.0.0/8 } ] } }\npolicies:\n  - { name: p, from: web, to: nowhere, allow: [ { proto: icmp, ports: [1] } ] }\n",
+        ),
         ("c.yaml", "zones: [\n"),
     ]);
     let places: Vec<&str> = e.iter().map(|e| e.split(": ").next().unwrap()).collect();
@@ -343,7 +353,10 @@ fn all_errors_of_all_files_are_collected_in_order() {
 fn zones_and_policies_in_separate_files() {
     let rules = valid(&[
         ("10-zones.yaml", ZONES),
-        ("20-policies.yaml", "policies:\n  - { name: p, from: web, to: db, allow: [ { proto: tcp, ports: [5432] } ] }\ndefault_inter_zone: allow\n"),
+        (
+            "20-policies.yaml",
+            "policies:\n  - { name: p, from: web, to: db, allow: [ { proto: tcp, ports: [5432] } ] }\ndefault_inter_zone: allow\n",
+        ),
     ]);
     assert_eq!(rules.policies[0].location.to_string(), "20-policies.yaml:2:13");
     assert_eq!(rules.default_inter_zone, backplane_rules::Access::Allow);

@@ -213,7 +213,9 @@ fn several_policies_for_one_pair() {
 
 #[test]
 fn unknown_protocols_and_reserved_255_are_never_allowed() {
-    let r = inline("zones:\n  a:\n    members: [ { cidr: 10.1.0.0/24 } ]\npolicies:\n  - { name: p, from: a, to: world, allow: [ { proto: 47 } ] }\n");
+    let r = inline(
+        "zones:\n  a:\n    members: [ { cidr: 10.1.0.0/24 } ]\npolicies:\n  - { name: p, from: a, to: world, allow: [ { proto: 47 } ] }\n",
+    );
     let d = evaluate(&r, &packet("10.1.0.1", "10.2.0.1", 47, 0));
     check(&d, Verdict::Allowed, Reason::PolicyAllow, Some((0, "p")), ("a", "world"));
     for proto in [50, 255] {
