@@ -1,5 +1,6 @@
 //! Shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod agent;
 pub mod datapath;
 pub mod frames;

@@ -1,0 +1,119 @@
+//! Runs the real `backplane` binary against a lab and asks it questions over its
+//! control socket, as an operator would.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use backplane_lab::{ChildGuard, Lab};
+use serde_json::Value;
+
+/// Path of the `backplane` binary built for these tests.
+pub const BACKPLANE: &str = env!("CARGO_BIN_EXE_backplane");
+
+/// A running agent; stopped (and its pins removed: it runs with `--detach-on-exit`)
+/// when dropped. Declare it after the [`Lab`] so that it drops first.
+pub struct Agent {
+    pub child: ChildGuard,
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    /// Starts `backplane run` on the lab's ports with `extra` arguments and waits until
+    /// its control socket answers.
+    pub fn start(lab: &Lab, extra: &[&str]) -> Agent {
+        let mut cmd = Command::new(BACKPLANE);
+        cmd.arg("run").args(lab.agent_args()).arg("--detach-on-exit").args(extra);
+        cmd.env("RUST_LOG", "info");
+        let child = ChildGuard::spawn(&mut cmd);
+        let mut agent = Agent { child, socket: lab.socket_path() };
+        agent.wait_ready(Duration::from_secs(30));
+        agent
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait() {
+                panic!("backplane run exited with {status} before it was ready:\n{}", self.child.output());
+            }
+            if self.socket.exists() && self.cli(&["status", "--json"]).status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "backplane run not ready after {timeout:?}:\n{}", self.child.output());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs a `backplane` client command against this agent's socket.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BACKPLANE)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run backplane client")
+    }
+
+    /// Runs a client command that must succeed and returns its stdout parsed as JSON.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "backplane {} failed: {}\nagent log:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.child.output()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("backplane {} printed no JSON ({e}): {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// `backplane flows --json`.
+    pub fn flows(&self) -> Vec<Value> {
+        match self.cli_json(&["flows", "--json"]) {
+            Value::Array(flows) => flows,
+            other => panic!("flows --json is not an array: {other}"),
+        }
+    }
+
+    /// `backplane status --json`.
+    pub fn status(&self) -> Value {
+        self.cli_json(&["status", "--json"])
+    }
+
+    /// The one flow matching `proto`, `src` and `dst` (as strings), if any.
+    pub fn find_flow(&self, proto: &str, src: &str, dst: &str) -> Option<Value> {
+        let matching: Vec<Value> = self
+            .flows()
+            .into_iter()
+            .filter(|f| f["proto"] == proto && f["src_ip"] == src && f["dst_ip"] == dst)
+            .collect();
+        assert!(matching.len() <= 1, "more than one {proto} flow {src} -> {dst}: {matching:#?}");
+        matching.into_iter().next()
+    }
+
+    /// Polls until `f` returns `Some`, or panics after `timeout` with `what`.
+    pub fn wait_for<T>(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Agent) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}\nagent log:\n{}", self.child.output());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the agent with SIGTERM and asserts it exits cleanly.
+    pub fn stop(mut self) {
+        let status = self.child.stop();
+        assert!(status.success(), "backplane run exited with {status}:\n{}", self.child.output());
+    }
+}
+
+/// Asserts a flow record's numeric field.
+pub fn field(flow: &Value, name: &str) -> u64 {
+    flow[name].as_u64().unwrap_or_else(|| panic!("flow has no numeric {name}: {flow:#}"))
+}
