@@ -368,3 +368,36 @@ fn empty_files_are_an_empty_rule_set() {
     assert!(rules.zones.is_empty() && rules.policies.is_empty());
     assert_eq!(rules.default_inter_zone, backplane_rules::Access::Deny);
 }
+
+#[test]
+fn loading_a_directory_or_a_file() {
+    use backplane_rules::load_rules;
+    let dir = std::env::temp_dir().join(format!("backplane-rules-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = load_rules(&dir).unwrap_err();
+    assert_eq!(empty.len(), 1);
+    assert_eq!(empty[0].to_string(), format!("{}: no *.yaml rule files in this directory", dir.display()));
+
+    std::fs::write(dir.join("b-policies.yaml"), "policies:\n  - { name: p, from: web, to: db, allow: [] }\n").unwrap();
+    std::fs::write(dir.join("a-zones.yaml"), ZONES).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not: [yaml").unwrap();
+    std::fs::write(dir.join("old.yaml.bak"), "not: [yaml").unwrap();
+    let rules = load_rules(&dir).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(rules.zones.len(), 2);
+    assert_eq!(rules.policies[0].location.file.as_ref(), dir.join("b-policies.yaml").as_path());
+
+    // A single file is a rule set too (here one whose policy names unknown zones).
+    let e = load_rules(&dir.join("b-policies.yaml")).unwrap_err();
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(e[0].to_string().ends_with("b-policies.yaml:2:22: unknown zone \"web\" in from; known zones: world"), "{}", e[0]);
+
+    std::fs::write(dir.join("c.yaml"), "zones: {web2: {members: [{mac: x}]}}\n").unwrap();
+    let e = load_rules(&dir).unwrap_err();
+    assert_eq!(e.len(), 1);
+    assert_eq!((e[0].file.as_path(), e[0].line, e[0].column), (dir.join("c.yaml").as_path(), 1, 32));
+
+    let missing = load_rules(&dir.join("missing.yaml")).unwrap_err();
+    assert!(missing[0].to_string().contains("missing.yaml: cannot read rule file"), "{}", missing[0]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
