@@ -5,7 +5,7 @@
 //! `key(slot)` helper that builds the kernel key.
 
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, HashSet, btree_map::Entry},
     net::IpAddr,
 };
 
@@ -94,8 +94,9 @@ impl ZoneIds {
         let names: Vec<&str> = rules.zone_names().collect();
         let missing = names.iter().filter(|n| ids.id(n).is_none()).count();
         if ids.len() + missing > usize::from(u16::MAX) + 1 {
-            ids.by_name.retain(|n, _| n == WORLD || names.contains(&n.as_str()));
-            ids.by_id.retain(|_, n| n == WORLD || names.contains(&n.as_str()));
+            let used: HashSet<&str> = names.iter().copied().collect();
+            ids.by_name.retain(|n, _| used.contains(n.as_str()));
+            ids.by_id.retain(|_, n| used.contains(n.as_str()));
         }
         let mut next = 1u16;
         for name in names {
@@ -288,7 +289,9 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
     let id = |name: &str| zone_ids.id(name).expect("every zone of the rule set has an id");
 
     let mut endpoints: Vec<EndpointEntry> = Vec::new();
+    let mut macs = HashSet::new();
     let mut cidrs: Vec<CidrEntry> = Vec::new();
+    let mut networks = HashSet::new();
     let mut interfaces = Vec::new();
     let mut globs = GlobSetBuilder::new();
     let mut zones = Vec::new();
@@ -302,7 +305,7 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         for member in &zone.members {
             match &member.matcher {
                 MemberMatch::Mac(mac) => {
-                    if endpoints.iter().all(|e| e.mac != *mac) {
+                    if macs.insert(*mac) {
                         let endpoint_id = u32::try_from(endpoints.len() + 1).expect("fewer than 2^32 endpoints");
                         endpoints.push(EndpointEntry { mac: *mac, value: EndpointValue { zone: zid, flags: 0, endpoint_id } });
                     }
@@ -316,9 +319,8 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
                         }
                         IpAddr::V6(a) => (FAMILY_IPV6, a.octets()),
                     };
-                    let entry = CidrEntry { family, addr, prefix_len: c.prefix_len(), zone: u32::from(zid) };
-                    if !cidrs.contains(&entry) {
-                        cidrs.push(entry);
+                    if networks.insert(*c) {
+                        cidrs.push(CidrEntry { family, addr, prefix_len: c.prefix_len(), zone: u32::from(zid) });
                     }
                 }
                 MemberMatch::Interface(g) => {

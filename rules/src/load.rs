@@ -92,6 +92,10 @@ struct Loader {
     zones: Vec<Zone>,
     policies: Vec<PendingPolicy>,
     default_inter_zone: Option<(Access, Location)>,
+    /// Index in `zones` by name.
+    zone_index: HashMap<String, usize>,
+    /// Index in `policies` by name.
+    policy_index: HashMap<String, usize>,
 }
 
 /// The fields of a mapping, checked against the allowed names.
@@ -219,13 +223,14 @@ impl Loader {
                 self.error(key.pos, e);
                 continue;
             }
-            if let Some(first) = self.zones.iter().find(|z| z.name == name) {
-                let msg = format!("zone \"{name}\" is defined twice (first at {})", first.location);
+            if let Some(&first) = self.zone_index.get(name) {
+                let msg = format!("zone \"{name}\" is defined twice (first at {})", self.zones[first].location);
                 self.error(key.pos, msg);
                 continue;
             }
             let mut zone = Zone { name: name.to_owned(), members: Vec::new(), intra_zone: Access::Allow, location: self.loc(key.pos) };
             self.zone_body(&mut zone, value);
+            self.zone_index.insert(zone.name.clone(), self.zones.len());
             self.zones.push(zone);
         }
     }
@@ -279,6 +284,7 @@ impl Loader {
         let Some(items) = self.list(node, "policies") else { return };
         for item in items {
             if let Some(p) = self.policy(item) {
+                self.policy_index.entry(p.policy.name.clone()).or_insert(self.policies.len());
                 self.policies.push(p);
             }
         }
@@ -305,8 +311,8 @@ impl Loader {
         if let (Some(n), Some(s)) = (name, name_str) {
             if s.trim().is_empty() || s.chars().any(char::is_control) {
                 self.error(n.pos, "a policy name must be non-empty and have no control characters");
-            } else if let Some(first) = self.policies.iter().find(|p| p.policy.name == s) {
-                let msg = format!("policy \"{s}\" is defined twice (first at {})", first.policy.location);
+            } else if let Some(&first) = self.policy_index.get(s) {
+                let msg = format!("policy \"{s}\" is defined twice (first at {})", self.policies[first].policy.location);
                 self.error(n.pos, msg);
             }
         }
@@ -394,11 +400,10 @@ impl Loader {
             let at = self.zones[MAX_ZONES].location.clone();
             self.errors.push(at.error(format!("too many zones ({user_zones}); a rule set has at most {MAX_ZONES}")));
         }
-        let known = |name: &str, zones: &[Zone]| name == WORLD || zones.iter().any(|z| z.name == name);
         let mut policies = Vec::with_capacity(self.policies.len());
         for p in self.policies {
             for (name, at, field) in [(&p.policy.from, &p.from_at, "from"), (&p.policy.to, &p.to_at, "to")] {
-                if !known(name, &self.zones) {
+                if name != WORLD && !self.zone_index.contains_key(name.as_str()) {
                     let names: Vec<&str> =
                         std::iter::once(WORLD).chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD)).collect();
                     self.errors.push(at.error(format!("unknown zone \"{name}\" in {field}; known zones: {}", names.join(", "))));

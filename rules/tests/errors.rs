@@ -401,3 +401,38 @@ fn loading_a_directory_or_a_file() {
     assert!(missing[0].to_string().contains("missing.yaml: cannot read rule file"), "{}", missing[0]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn unquoted_values_are_read_as_written() {
+    // YAML 1.1 would read 52:54:00:10:00:01 as a base-60 number and 6000-6010 as a
+    // string; both are taken as the text written.
+    let rules = valid(&[(
+        "r.yaml",
+        "zones:\n  web:\n    members:\n      - mac: 52:54:00:10:00:01\n      - cidr: fd00:30::/64\npolicies:\n  - name: p\n    from: web\n    to: world\n    allow: [ { proto: 6, ports: [6000-6010, '22'] } ]\n",
+    )]);
+    let members: Vec<String> = rules.zones[0].members.iter().map(|m| m.matcher.to_string()).collect();
+    assert_eq!(members, vec!["mac 52:54:00:10:00:01", "cidr fd00:30::/64"]);
+    let ports: Vec<String> = rules.policies[0].allow[0].ports.iter().map(ToString::to_string).collect();
+    assert_eq!(ports, vec!["6000-6010", "22"]);
+}
+
+#[test]
+fn large_rule_sets_load_quickly() {
+    use std::fmt::Write as _;
+    let mut text = String::from("zones:\n");
+    for z in 0..5000u32 {
+        let (hi, lo) = (z / 256, z % 256);
+        writeln!(text, "  z{z}:\n    members:\n      - cidr: 10.{hi}.{lo}.0/24\n      - mac: \"52:54:00:00:{hi:02x}:{lo:02x}\"").unwrap();
+    }
+    text.push_str("policies:\n");
+    for p in 0..5000u32 {
+        writeln!(text, "  - {{ name: p{p}, from: z{p}, to: z{}, allow: [ {{ proto: tcp, ports: [\"1000-2000\"] }} ] }}", (p + 1) % 5000)
+            .unwrap();
+    }
+    let start = std::time::Instant::now();
+    let rules = valid(&[("big.yaml", &text)]);
+    let compiled = backplane_rules::compile(&rules, &backplane_rules::ZoneIds::new());
+    assert_eq!(compiled.endpoints.len(), 5000);
+    assert_eq!(compiled.pair_markers.len(), 5000);
+    assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
+}
