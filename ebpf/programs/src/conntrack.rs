@@ -9,12 +9,13 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use backplane_common::{
     DatapathConfig, FlowEventKind, FlowKey, FlowValue, Verdict,
     flow::STATE_ENDED,
+    policy::{ZonePairKey, ZonePairStats},
     reason::Counter,
 };
 
 use crate::{
     counters, events,
-    maps::{FLOWS, PORTS},
+    maps::{FLOWS, PORTS, ZONE_PAIR_STATS},
     parse::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
     policy::{self, End},
 };
@@ -117,12 +118,36 @@ pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook
     if flow.generation != cfg.generation {
         rejudge(cfg, &key, flow, dir, packet, ifindex, hook);
     }
+    if flow.verdict >= Verdict::Denied as u8 && counted {
+        count_by_zone_pair(flow, len);
+    }
     action(flow.verdict)
 }
 
 #[inline(always)]
 fn action(verdict: u8) -> Action {
     if verdict == Verdict::Denied as u8 { Action::Drop } else { Action::Pass }
+}
+
+/// Counts a packet that was denied, or passed only because its policy audits, under
+/// its zone pair (from the flow's initiator to its responder), verdict and reason.
+#[inline(always)]
+fn count_by_zone_pair(flow: &FlowValue, len: u32) {
+    if flow.verdict != Verdict::Denied as u8 && flow.verdict != Verdict::Audit as u8 {
+        return;
+    }
+    let zones = by_dir(flow.initiator, flow.zone[0], flow.zone[1]);
+    let key = ZonePairKey { src_zone: zones[0], dst_zone: zones[1], verdict: flow.verdict, reason: flow.reason, _pad: [0; 2] };
+    match ZONE_PAIR_STATS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot of a per-CPU map value, valid for this program run.
+        Some(stats) => unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(len);
+        },
+        None => {
+            let _ = ZONE_PAIR_STATS.insert(&key, &ZonePairStats { packets: 1, bytes: u64::from(len) }, 0);
+        }
+    }
 }
 
 /// Zone the rule set in force gives to the port (by its name), 0 if none. Looked up
@@ -197,13 +222,16 @@ fn create(
                 atomic_add(&raw mut flow.bytes[d], u64::from(len));
             }
             counters::inc(Counter::FlowPackets);
+            count_by_zone_pair(flow, len);
             return action(flow.verdict);
         }
         counters::inc(Counter::FlowInsertFailed);
+        count_by_zone_pair(&value, len);
         return action(value.verdict);
     }
     counters::inc(Counter::FlowsCreated);
     counters::inc(Counter::FlowPackets);
+    count_by_zone_pair(&value, len);
     events::emit(FlowEventKind::Start, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
     if value.state & STATE_ENDED != 0 {
         events::emit(FlowEventKind::End, key, now, ifindex, dir, value.verdict, packet.tcp_flags);

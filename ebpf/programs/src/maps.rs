@@ -31,17 +31,21 @@ pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 #[map(name = "PORTS")]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(4096, 0);
 
+/// `BPF_F_NO_PREALLOC`: for tables read only when a flow is judged (or written only
+/// on the drop path), memory follows what is in them instead of their capacity.
+const NO_PREALLOC: u32 = 1;
+
 #[map(name = "ENDPOINTS")]
-pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(262_144, 0);
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(262_144, NO_PREALLOC);
 
 #[map(name = "ZONE_CIDRS")]
 pub static ZONE_CIDRS: LpmTrie<AddrKey, u32> = LpmTrie::pinned(262_144, 0);
 
 #[map(name = "ZONES")]
-pub static ZONES: HashMap<ZoneKey, ZoneValue> = HashMap::pinned(8192, 0);
+pub static ZONES: HashMap<ZoneKey, ZoneValue> = HashMap::pinned(8192, NO_PREALLOC);
 
 #[map(name = "POLICIES")]
 pub static POLICIES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576, 0);
 
 #[map(name = "ZONE_PAIR_STATS")]
-pub static ZONE_PAIR_STATS: PerCpuHashMap<ZonePairKey, ZonePairStats> = PerCpuHashMap::pinned(65_536, 0);
+pub static ZONE_PAIR_STATS: PerCpuHashMap<ZonePairKey, ZonePairStats> = PerCpuHashMap::pinned(65_536, NO_PREALLOC);
