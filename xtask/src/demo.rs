@@ -5,7 +5,6 @@
 //! prints `backplane flows` and `backplane status`. Everything (agent, VMs, bridge, pins)
 //! is removed at the end, on error and on Ctrl-C.
 
-use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +19,7 @@ use crate::util::{self, target_dir};
 const PIN_DIR: &str = "/sys/fs/bpf/backplane-demo";
 
 /// How long the agent may take to create its control socket.
-const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+const AGENT_READY_TIMEOUT: Duration = backplane_lab::AGENT_READY_TIMEOUT;
 
 /// How long a CLI query may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
@@ -148,15 +147,12 @@ fn run_lab(agent_bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the agent's control socket exists; fails early (with the agent's output)
-/// if the agent exits first.
+/// Waits until the agent's control socket exists; fails (with the agent's output) if the
+/// agent exits first or takes too long.
 fn wait_for_socket(agent: &mut ChildGuard, socket: &Path) -> Result<()> {
     let deadline = Instant::now() + AGENT_READY_TIMEOUT;
-    loop {
+    while !backplane_lab::wait_for_socket(agent, socket, Duration::from_millis(200)) {
         check_interrupted()?;
-        if std::fs::metadata(socket).is_ok_and(|meta| meta.file_type().is_socket()) {
-            return Ok(());
-        }
         if let Some(status) = agent.try_wait() {
             println!("{}", agent.output().trim_end());
             bail!(
@@ -171,8 +167,8 @@ fn wait_for_socket(agent: &mut ChildGuard, socket: &Path) -> Result<()> {
                 socket.display()
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
 }
 
 /// Pings, TCP, UDP and IPv6 between the VMs. Returns what failed (the demo goes on to

@@ -1,15 +1,21 @@
 //! The lab: a Linux bridge standing in for a hypervisor's virtual switch, and the names
 //! of everything made around it.
 
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::names::{self, LinkRole};
-use crate::process::{host_run, run_quietly};
+use crate::process::{ChildGuard, host_run, run_quietly};
 use crate::vm::{PortKind, Vm, VmSpec};
 
 /// Where lab pin directories go: `<PIN_DIR_BASE>-<suffix>` under bpffs.
 pub const PIN_DIR_BASE: &str = "/sys/fs/bpf/backplane-test";
+
+/// How long [`Lab::start_agent`] waits for the agent's control socket.
+pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where lab work directories go: `<WORK_DIR_BASE>-<suffix>`.
 pub const WORK_DIR_BASE: &str = "/tmp/backplane-lab";
@@ -126,6 +132,42 @@ impl Lab {
         ]
     }
 
+    /// Starts the agent on this lab: `<binary> run` with [`Lab::agent_args`] and then
+    /// `extra_args` (`--uplink`, `--rules`, `--detach-on-exit`...; not the ones
+    /// `agent_args` gives), with `RUST_LOG=info` unless the caller's environment sets it,
+    /// and waits up to [`AGENT_READY_TIMEOUT`] for its control socket. Panics with the
+    /// agent's output if it exits first or the socket does not appear.
+    ///
+    /// The guard stops it with SIGTERM (then SIGKILL) when dropped; call
+    /// [`ChildGuard::stop_with`] to check how it exits.
+    ///
+    /// ```no_run
+    /// let lab = backplane_lab::Lab::new("bp");
+    /// let a = lab.add_veth_vm("a", "10.77.0.1/24", None, None);
+    /// // In the agent's integration tests: env!("CARGO_BIN_EXE_backplane").
+    /// let agent = lab.start_agent("target/debug/backplane", &["--detach-on-exit"]);
+    /// ```
+    pub fn start_agent(&self, binary: impl AsRef<Path>, extra_args: &[&str]) -> ChildGuard {
+        let mut command = Command::new(binary.as_ref());
+        command.arg("run").args(self.agent_args()).args(extra_args);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let mut agent = ChildGuard::spawn(&mut command);
+        let socket = self.socket_path();
+        if !wait_for_socket(&mut agent, &socket, AGENT_READY_TIMEOUT) {
+            let exit = agent.try_wait();
+            panic!(
+                "`{}` did not create {} within {AGENT_READY_TIMEOUT:?} (exit: {:?}):\n{}",
+                agent.label(),
+                socket.display(),
+                exit,
+                agent.output().trim_end()
+            );
+        }
+        agent
+    }
+
     /// Adds a VM connected by a veth pair: namespace `<prefix>-<suffix>-<name>` with
     /// `eth0` (addresses `ipv4_cidr` and, if given, `ipv6_cidr` without DAD; MAC `mac` or
     /// a random one), host side `<prefix>v<suffix><n>` plugged into the bridge, all up.
@@ -234,5 +276,20 @@ impl Drop for Lab {
         }
         let _ignored = std::fs::remove_dir_all(self.pin_dir());
         let _ignored = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Waits up to `timeout` until `path` is a Unix socket (an agent's control socket
+/// appears when the agent is ready). False if `process` exits first or time runs out.
+pub fn wait_for_socket(process: &mut ChildGuard, path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
+            return true;
+        }
+        if process.try_wait().is_some() || Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

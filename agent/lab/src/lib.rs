@@ -23,10 +23,8 @@
 //! let lab = Lab::new("bp");
 //! let a = lab.add_veth_vm("a", "10.77.0.1/24", Some("fd00:77::1/64"), None);
 //! let b = lab.add_tap_vm("b", "10.77.0.2/24", Some("fd00:77::2/64"), None);
-//! // Start the agent on this lab's ports (declared after the VMs: it drops first).
-//! let mut agent = ChildGuard::spawn(
-//!     std::process::Command::new("target/debug/backplane").arg("run").args(lab.agent_args()),
-//! );
+//! // The agent on this lab's ports, ready (declared after the VMs: it drops first).
+//! let mut agent: ChildGuard = lab.start_agent("target/debug/backplane", &[]);
 //! let capture = Capture::start_filtered(b.host_port(), "icmp");
 //! assert!(a.ping(b.ip(), 3));
 //! assert_eq!(capture.stop().iter().filter(|p| p.is_icmp_echo()).count(), 6);
@@ -43,7 +41,7 @@ mod tap;
 mod vm;
 
 pub use capture::{Capture, Packet, PcapError, SNAPLEN, read_pcap};
-pub use lab::{Lab, PIN_DIR_BASE, WORK_DIR_BASE};
+pub use lab::{AGENT_READY_TIMEOUT, Lab, PIN_DIR_BASE, WORK_DIR_BASE, wait_for_socket};
 pub use names::MAX_IFNAME_LEN;
 pub use netns::{enter_netns, in_netns};
 pub use process::{ChildGuard, host_exec, host_run};

@@ -56,10 +56,14 @@ pub(crate) fn expect_success(args: &[&str], output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// How long a dropped [`ChildGuard`] waits after SIGTERM before SIGKILL.
+const DROP_GRACE: Duration = Duration::from_secs(2);
+
 /// A child process in its own process group, whose stdout and stderr go to a log file.
 ///
-/// Dropping the guard kills the whole group with SIGKILL (if it still runs), reaps the
-/// child and deletes the log. If the thread is panicking at that moment (a failing test),
+/// Dropping the guard sends SIGTERM to the group if the child still runs, waits up to
+/// 2 s, then kills whatever is left of the group with SIGKILL, reaps the child and
+/// deletes the log. If the thread is panicking at that moment (a failing test),
 /// the end of the log is printed to stderr first, so a test failure shows what the child
 /// said.
 #[derive(Debug)]
@@ -228,6 +232,11 @@ impl Drop for ChildGuard {
             let mut message = format!("--- output of {} ---\n", self.label);
             let _infallible = write!(message, "{tail}");
             eprintln!("{message}\n--- end ---");
+        }
+        // Politely first (an agent detaches its programs on SIGTERM), briefly.
+        if self.try_wait().is_none() {
+            self.signal(libc::SIGTERM);
+            let _exited = self.wait_timeout(DROP_GRACE);
         }
         // Kill the whole group even if its leader has exited: a shell's children may live on.
         // The group id cannot be reused while any member of the group is alive.

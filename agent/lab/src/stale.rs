@@ -120,7 +120,7 @@ pub fn leftovers(prefix: &str) -> Vec<Leftover> {
     let (pin_parent, pin_stem) = split_base(PIN_DIR_BASE);
     for name in dir_names(&pin_parent) {
         if let Some(rest) = name.strip_prefix(&pin_stem) {
-            let owner = rest.strip_prefix('-').and_then(owner_pid);
+            let owner = rest.strip_prefix('-').and_then(pin_dir_owner);
             let path = pin_parent.join(&name).to_string_lossy().into_owned();
             found.push(Leftover {
                 kind: LeftoverKind::PinDir,
@@ -185,6 +185,12 @@ pub fn cleanup_stale(prefix: &str) -> Vec<Leftover> {
     stale
 }
 
+/// The maker of `backplane-test-<rest>`: a lab suffix, or `<decimal pid>[-<anything>]`
+/// as the agent's own tests name theirs.
+fn pin_dir_owner(rest: &str) -> Option<u32> {
+    owner_pid(rest).or_else(|| rest.split('-').next()?.parse().ok())
+}
+
 fn split_base(base: &str) -> (PathBuf, String) {
     let path = Path::new(base);
     let parent = path
@@ -222,6 +228,14 @@ mod tests {
         let pid = child.id();
         child.wait().expect("wait");
         pid
+    }
+
+    #[test]
+    fn pin_dirs_name_their_maker() {
+        assert_eq!(pin_dir_owner("0000a01"), Some(10));
+        assert_eq!(pin_dir_owner("14195-17"), Some(14195));
+        assert_eq!(pin_dir_owner("14195"), Some(14195));
+        assert_eq!(pin_dir_owner("demo"), None);
     }
 
     #[test]

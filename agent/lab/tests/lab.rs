@@ -219,3 +219,10 @@ fn dropping_everything_leaves_nothing() {
         .collect();
     assert!(mine.is_empty(), "left: {mine:?}");
 }
+
+#[test]
+#[should_panic(expected = "did not create")]
+fn an_agent_that_exits_at_once_fails_with_its_output() {
+    let lab = Lab::new(PREFIX);
+    let _agent = lab.start_agent("/bin/false", &[]);
+}
