@@ -23,7 +23,7 @@ use backplane_common::{
     reason::Reason,
 };
 
-use crate::ruleset::{Access, Cidr, Location, MacAddr, MemberMatch, Mode, RuleSet, WORLD};
+use crate::ruleset::{Access, Cidr, Location, MacAddr, Member, MemberMatch, Mode, RuleSet, WORLD, Zone};
 
 /// What the evaluator needs to know of a flow's first packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,39 +130,35 @@ pub fn explain(rules: &RuleSet, packet: &PacketView) -> Explanation {
 /// The zone of one end of a flow.
 #[must_use]
 pub fn zone_of(rules: &RuleSet, mac: MacAddr, ip: IpAddr, interface: Option<&str>) -> EndMatch {
+    // Written without let chains: the workspace's rust-version is 1.87.
     let members = || rules.zones.iter().flat_map(|z| z.members.iter().map(move |m| (z, m)));
-    for (zone, member) in members() {
-        if let MemberMatch::Mac(m) = &member.matcher
-            && *m == mac
-        {
-            return EndMatch { zone: zone.name.clone(), by: ZoneMatch::Mac { mac, at: member.location.clone() } };
-        }
+    let by_mac = members().find(|(_, m)| matches!(&m.matcher, MemberMatch::Mac(x) if *x == mac));
+    if let Some((zone, member)) = by_mac {
+        return EndMatch { zone: zone.name.clone(), by: ZoneMatch::Mac { mac, at: member.location.clone() } };
     }
-    let mut best: Option<EndMatch> = None;
-    for (zone, member) in members() {
-        if let MemberMatch::Cidr(c) = &member.matcher
-            && c.contains(ip)
-            && best.as_ref().is_none_or(|b| matches!(&b.by, ZoneMatch::Cidr { cidr, .. } if cidr.prefix_len() < c.prefix_len()))
-        {
-            best = Some(EndMatch { zone: zone.name.clone(), by: ZoneMatch::Cidr { cidr: *c, at: member.location.clone() } });
-        }
+    // Longest prefix; on a tie (the same network twice in one zone) the first.
+    let by_cidr = members()
+        .filter_map(|(z, m)| match &m.matcher {
+            MemberMatch::Cidr(c) if c.contains(ip) => Some((z, m, *c)),
+            _ => None,
+        })
+        .fold(None, |best: Option<(&Zone, &Member, Cidr)>, cur| match best {
+            Some(b) if b.2.prefix_len() >= cur.2.prefix_len() => Some(b),
+            _ => Some(cur),
+        });
+    if let Some((zone, member, cidr)) = by_cidr {
+        return EndMatch { zone: zone.name.clone(), by: ZoneMatch::Cidr { cidr, at: member.location.clone() } };
     }
-    if let Some(best) = best {
-        return best;
-    }
-    if let Some(ifname) = interface {
-        for (zone, member) in members() {
-            if let MemberMatch::Interface(g) = &member.matcher
-                && g.matches(ifname)
-            {
-                return EndMatch {
-                    zone: zone.name.clone(),
-                    by: ZoneMatch::Interface { ifname: ifname.to_owned(), glob: g.pattern().to_owned(), at: member.location.clone() },
-                };
-            }
-        }
-    }
-    EndMatch { zone: WORLD.to_owned(), by: ZoneMatch::World }
+    let by_port = interface.and_then(|ifname| {
+        members().find_map(|(z, m)| match &m.matcher {
+            MemberMatch::Interface(g) if g.matches(ifname) => Some(EndMatch {
+                zone: z.name.clone(),
+                by: ZoneMatch::Interface { ifname: ifname.to_owned(), glob: g.pattern().to_owned(), at: m.location.clone() },
+            }),
+            _ => None,
+        })
+    });
+    by_port.unwrap_or_else(|| EndMatch { zone: WORLD.to_owned(), by: ZoneMatch::World })
 }
 
 fn decide(rules: &RuleSet, src: &str, dst: &str, proto: u8, dport: u16) -> (Verdict, Reason, u32, DecidedBy) {
