@@ -23,9 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ruleset::{Access, MacAddr, MemberMatch, Mode, RuleSet, WORLD};
 
-/// Protocol number of the `POLICIES` entry that marks a zone pair as covered by a
-/// policy (IANA reserves 255). Must equal the data path's `PAIR_MARKER_PROTO`.
-pub const PAIR_MARKER_PROTO: u8 = 255;
+pub use backplane_common::policy::PAIR_MARKER_PROTO;
 
 /// Zone names to the 16-bit ids the kernel tables use, `world` = 0.
 ///

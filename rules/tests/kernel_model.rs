@@ -81,7 +81,9 @@ fn judge(c: &CompiledRules, p: &PacketView) -> Judgement {
         })
     };
     let key = |proto: u8, port: u16| [&[0, proto][..], &src_zone.to_be_bytes(), &dst_zone.to_be_bytes(), &port.to_be_bytes()].concat();
-    if let Some(v) = lpm(trie(), &key(p.proto, p.dport), POLICY_KEY_BITS) {
+    if p.proto == PAIR_MARKER_PROTO {
+        // The kernel skips the allow lookup for the marker's reserved protocol.
+    } else if let Some(v) = lpm(trie(), &key(p.proto, p.dport), POLICY_KEY_BITS) {
         j.verdict = Verdict::Allowed;
         j.reason = Reason::PolicyAllow;
         j.policy_id = v.policy_id;
@@ -224,7 +226,6 @@ fn compiled_tables_decide_as_the_evaluator() {
             };
             let (src_interface, dst_interface) =
                 if rng.chance(50) { (rng.pick(&g.ifnames).clone(), None) } else { (None, rng.pick(&g.ifnames).clone()) };
-            // Protocol 255 is left out: see `reserved_protocol_255` below.
             let p = PacketView {
                 src_mac: *rng.pick(&g.macs),
                 dst_mac: *rng.pick(&g.macs),
@@ -284,5 +285,5 @@ fn reserved_protocol_255() {
         dst_interface: None,
     };
     assert_eq!(evaluate(&rules, &p).verdict, Verdict::Denied);
-    assert_eq!(judge(&c, &p).verdict, Verdict::Allowed, "the kernel model no longer allows protocol 255: update this test");
+    assert_eq!(judge(&c, &p).verdict, Verdict::Denied, "the marker's reserved protocol must not be allowed");
 }

@@ -85,6 +85,11 @@ pub struct PolicyKey {
     pub port: [u8; 2],
 }
 
+/// Protocol number of the `POLICIES` entry that marks a zone pair as covered by a policy
+/// (IANA reserves 255, so no real allow entry uses it); its value holds the id and mode
+/// of the pair's policy. Packets of protocol 255 never match an allow entry.
+pub const PAIR_MARKER_PROTO: u8 = 255;
+
 /// Bits of a [`PolicyKey`] before its port.
 pub const POLICY_KEY_PROTO_BITS: u32 = 48;
 /// Bits of a whole [`PolicyKey`].

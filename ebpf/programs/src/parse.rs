@@ -22,6 +22,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// IPv6 extension headers walked before giving up.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
@@ -226,10 +227,11 @@ fn parse_l4<F: Frame>(frame: &F, l4: usize, packet: &mut Packet) -> Result<Parse
             packet.tcp_flags = flags;
             packet.payload_offset = (l4 + ((doff >> 4) as usize) * 4) as u16;
         }
-        IPPROTO_UDP => {
+        // UDP and SCTP both start with source and destination ports.
+        IPPROTO_UDP | IPPROTO_SCTP => {
             packet.sport = load_be16(frame, l4).ok_or(Counter::ParseTruncatedL4)?;
             packet.dport = load_be16(frame, l4 + 2).ok_or(Counter::ParseTruncatedL4)?;
-            packet.payload_offset = (l4 + 8) as u16;
+            packet.payload_offset = (l4 + if packet.proto == IPPROTO_UDP { 8 } else { 12 }) as u16;
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let [icmp_type, _code] = load_pair(frame, l4).ok_or(Counter::ParseTruncatedL4)?;

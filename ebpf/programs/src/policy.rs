@@ -8,16 +8,12 @@ use backplane_common::{
     config::CONFIG_ENFORCE,
     policy::{
         ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT, POLICY_ID_DEFAULT_INTER_ZONE,
-        POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, ZONE_WORLD, ZoneKey,
+        POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, PAIR_MARKER_PROTO, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, ZONE_WORLD, ZoneKey,
     },
     reason::Reason,
 };
 
 use crate::maps::{ENDPOINTS, POLICIES, ZONE_CIDRS, ZONES};
-
-/// Protocol number used in `POLICIES` for the entry that marks a zone pair as covered
-/// by a policy (IANA reserves 255). Its value holds the policy's id and mode.
-pub const PAIR_MARKER_PROTO: u8 = 255;
 
 /// One end of a flow, as the judge sees it.
 pub struct End<'a> {
@@ -73,11 +69,15 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
         dst_zone: dst_zone.to_be_bytes(),
         port: dport.to_be_bytes(),
     };
-    if let Some(allow) = POLICIES.get(Key::new(POLICY_KEY_BITS, key)) {
-        j.verdict = Verdict::Allowed;
-        j.reason = Reason::PolicyAllow;
-        j.policy_id = allow.policy_id;
-        return j;
+    // The pair marker lives in the same trie: a packet of its (reserved) protocol must
+    // not find it as an allow entry.
+    if proto != PAIR_MARKER_PROTO {
+        if let Some(allow) = POLICIES.get(Key::new(POLICY_KEY_BITS, key)) {
+            j.verdict = Verdict::Allowed;
+            j.reason = Reason::PolicyAllow;
+            j.policy_id = allow.policy_id;
+            return j;
+        }
     }
     key.proto = PAIR_MARKER_PROTO;
     key.port = [0; 2];
