@@ -1,0 +1,204 @@
+//! The kernel's rule tables: writing a compiled rule set into the half (slot) of the
+//! double-buffered tables that is not in force, then switching the data path to it
+//! with one write of `CONFIG`. A packet reads `CONFIG` once, so it is judged wholly by
+//! the old rule set or wholly by the new one.
+//!
+//! The half that was in force stays as it is until the next switch, when it is
+//! cleared and rewritten: a packet that read the old `CONFIG` just before the switch
+//! still finds every entry of the old rule set.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+use backplane_common::{
+    DatapathConfig, PortInfo,
+    config::{CONFIG_ENFORCE, CONFIG_INDEX},
+    maps::{CONFIG, ENDPOINTS, POLICIES, PORTS, ZONE_CIDRS, ZONES},
+    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, ZoneKey, ZoneValue},
+};
+use backplane_rules::CompiledRules;
+
+/// A rule table operation that failed, naming the map.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("map {map} is missing from the data path object")]
+    MissingMap { map: &'static str },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> TableError {
+    move |source| TableError::Map { map, source }
+}
+
+/// The keys one slot holds, so that it can be cleared exactly.
+#[derive(Default)]
+struct SlotKeys {
+    endpoints: Vec<EndpointKey>,
+    cidrs: Vec<(u32, AddrKey)>,
+    zones: Vec<ZoneKey>,
+    policies: Vec<(u32, PolicyKey)>,
+}
+
+impl SlotKeys {
+    fn len(&self) -> usize {
+        self.endpoints.len() + self.cidrs.len() + self.zones.len() + self.policies.len()
+    }
+}
+
+/// The four rule maps (`ENDPOINTS`, `ZONE_CIDRS`, `ZONES`, `POLICIES`) and what each
+/// slot of them holds.
+pub struct RuleTables {
+    endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    cidrs: LpmTrie<MapData, AddrKey, u32>,
+    zones: HashMap<MapData, ZoneKey, ZoneValue>,
+    policies: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    slots: [SlotKeys; 2],
+}
+
+fn take(ebpf: &mut Ebpf, map: &'static str) -> Result<aya::maps::Map, TableError> {
+    ebpf.take_map(map).ok_or(TableError::MissingMap { map })
+}
+
+impl RuleTables {
+    /// Takes the rule maps out of the loaded object and learns what each slot holds
+    /// already (maps adopted from pins after a restart keep their entries).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, TableError> {
+        let mut tables = Self {
+            endpoints: HashMap::try_from(take(ebpf, ENDPOINTS)?).map_err(map_err(ENDPOINTS))?,
+            cidrs: LpmTrie::try_from(take(ebpf, ZONE_CIDRS)?).map_err(map_err(ZONE_CIDRS))?,
+            zones: HashMap::try_from(take(ebpf, ZONES)?).map_err(map_err(ZONES))?,
+            policies: LpmTrie::try_from(take(ebpf, POLICIES)?).map_err(map_err(POLICIES))?,
+            slots: [SlotKeys::default(), SlotKeys::default()],
+        };
+        tables.scan()?;
+        Ok(tables)
+    }
+
+    fn scan(&mut self) -> Result<(), TableError> {
+        for key in self.endpoints.keys() {
+            let key = key.map_err(map_err(ENDPOINTS))?;
+            self.slots[usize::from(key.slot & 1)].endpoints.push(key);
+        }
+        for key in self.cidrs.keys() {
+            let key = key.map_err(map_err(ZONE_CIDRS))?;
+            let data = key.data();
+            self.slots[usize::from(data.slot & 1)].cidrs.push((key.prefix_len(), data));
+        }
+        for key in self.zones.keys() {
+            let key = key.map_err(map_err(ZONES))?;
+            self.slots[usize::from(key.slot & 1)].zones.push(key);
+        }
+        for key in self.policies.keys() {
+            let key = key.map_err(map_err(POLICIES))?;
+            let data = key.data();
+            self.slots[usize::from(data.slot & 1)].policies.push((key.prefix_len(), data));
+        }
+        Ok(())
+    }
+
+    /// Entries held by a slot.
+    #[must_use]
+    pub fn slot_len(&self, slot: u8) -> usize {
+        self.slots[usize::from(slot & 1)].len()
+    }
+
+    /// Removes every entry of `slot`.
+    pub fn clear_slot(&mut self, slot: u8) -> Result<(), TableError> {
+        let keys = std::mem::take(&mut self.slots[usize::from(slot & 1)]);
+        let gone = |e: &MapError| matches!(e, MapError::KeyNotFound);
+        for k in &keys.endpoints {
+            self.endpoints.remove(k).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(ENDPOINTS))?;
+        }
+        for (len, k) in &keys.cidrs {
+            self.cidrs.remove(&Key::new(*len, *k)).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(ZONE_CIDRS))?;
+        }
+        for k in &keys.zones {
+            self.zones.remove(k).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(ZONES))?;
+        }
+        for (len, k) in &keys.policies {
+            self.policies.remove(&Key::new(*len, *k)).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(POLICIES))?;
+        }
+        Ok(())
+    }
+
+    /// Clears `slot`, then writes `rules` into it. On failure the slot is cleared again
+    /// and the error returned; the slot in force is never touched.
+    pub fn write_slot(&mut self, slot: u8, rules: &CompiledRules) -> Result<(), TableError> {
+        self.clear_slot(slot)?;
+        let result = self.write_entries(slot, rules);
+        if result.is_err() {
+            let _ = self.clear_slot(slot);
+        }
+        result
+    }
+
+    fn write_entries(&mut self, slot: u8, rules: &CompiledRules) -> Result<(), TableError> {
+        let keys = &mut self.slots[usize::from(slot & 1)];
+        for e in &rules.endpoints {
+            let k = e.key(slot);
+            self.endpoints.insert(k, e.value, 0).map_err(map_err(ENDPOINTS))?;
+            keys.endpoints.push(k);
+        }
+        for e in &rules.cidrs {
+            let (len, k) = e.key(slot);
+            self.cidrs.insert(&Key::new(len, k), e.zone, 0).map_err(map_err(ZONE_CIDRS))?;
+            keys.cidrs.push((len, k));
+        }
+        for e in &rules.zones {
+            let k = e.key(slot);
+            self.zones.insert(k, e.value, 0).map_err(map_err(ZONES))?;
+            keys.zones.push(k);
+        }
+        for e in rules.policies.iter().chain(&rules.pair_markers) {
+            let (len, k) = e.key(slot);
+            self.policies.insert(&Key::new(len, k), e.value, 0).map_err(map_err(POLICIES))?;
+            keys.policies.push((len, k));
+        }
+        Ok(())
+    }
+}
+
+/// Sets each attached port's zone for `slot` from the rule set's interface members.
+/// `ports` yields (ifindex, name).
+pub fn write_port_zones<'a>(
+    ports_map: &mut HashMap<MapData, u32, PortInfo>,
+    slot: u8,
+    rules: &CompiledRules,
+    ports: impl IntoIterator<Item = (u32, &'a str)>,
+) -> Result<(), TableError> {
+    for (ifindex, name) in ports {
+        let Ok(mut info) = ports_map.get(&ifindex, 0) else { continue };
+        info.zone[usize::from(slot & 1)] = rules.zone_for_interface(name).unwrap_or(0);
+        ports_map.insert(ifindex, info, 0).map_err(map_err(PORTS))?;
+    }
+    Ok(())
+}
+
+/// Puts `slot` in force: one write of `CONFIG` with the next generation, the slot, the
+/// enforcing flag and the rule set's default. Returns the new generation.
+pub fn activate(config: &mut Array<MapData, DatapathConfig>, slot: u8, rules: &CompiledRules) -> Result<u32, TableError> {
+    let old = config.get(&CONFIG_INDEX, 0).map_err(map_err(CONFIG))?;
+    let generation = old.generation.wrapping_add(1).max(1);
+    let new = DatapathConfig {
+        generation,
+        active_slot: slot & 1,
+        flags: old.flags | CONFIG_ENFORCE,
+        default_inter_zone: rules.default_inter_zone,
+        ..DatapathConfig::default()
+    };
+    config.set(CONFIG_INDEX, new, 0).map_err(map_err(CONFIG))?;
+    Ok(generation)
+}
+
+/// The slot a new rule set goes into: the one not in force (slot 0 when no rule set
+/// has been in force yet).
+#[must_use]
+pub fn next_slot(config: &DatapathConfig) -> u8 {
+    if config.flags & CONFIG_ENFORCE == 0 { 0 } else { (config.active_slot & 1) ^ 1 }
+}
