@@ -267,16 +267,18 @@ pub fn render_follow(msg: &FollowMessage) -> Option<String> {
         FollowEvent::Start => r.first_seen_unix_ms,
         _ => r.last_seen_unix_ms,
     };
+    // A start is announced before the kernel table is read: its counters mean nothing yet.
+    let counts = if msg.event == FollowEvent::Start {
+        String::new()
+    } else {
+        format!("  fwd {}/{} rev {}/{}", r.fwd_packets, r.fwd_bytes, r.rev_packets, r.rev_bytes)
+    };
     Some(format!(
-        "{}  {what:<7} {:<6} {} -> {}  fwd {}/{} rev {}/{}  {}  [{}]{}",
+        "{}  {what:<7} {:<6} {} -> {}{counts}  {}  [{}]{}",
         rfc3339_ms(when),
         r.proto,
         endpoint(&r.src_ip, r.src_port),
         endpoint(&r.dst_ip, r.dst_port),
-        r.fwd_packets,
-        r.fwd_bytes,
-        r.rev_packets,
-        r.rev_bytes,
         r.verdict,
         r.interfaces.join(","),
         if r.tcp_flags.is_empty() { String::new() } else { format!("  {}", r.tcp_flags) },

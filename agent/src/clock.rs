@@ -1,7 +1,7 @@
 //! Kernel timestamps to wall-clock time.
 //!
-//! The data path stamps flows with `bpf_ktime_get_ns()`, which reads `CLOCK_MONOTONIC`.
-//! The agent measures `CLOCK_REALTIME - CLOCK_MONOTONIC` once at start and adds it to
+//! The data path stamps flows with `bpf_ktime_get_coarse_ns()` (`CLOCK_MONOTONIC_COARSE`:
+//! the monotonic clock at tick resolution, a few ms behind at most). The agent measures `CLOCK_REALTIME - CLOCK_MONOTONIC` once at start and adds it to
 //! every kernel stamp; a later step of the wall clock (NTP) does not move recorded flows.
 
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
@@ -18,7 +18,7 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
-/// `CLOCK_MONOTONIC` now, in the kernel's `bpf_ktime_get_ns()` scale.
+/// `CLOCK_MONOTONIC` now, in the scale of the kernel's flow stamps.
 #[must_use]
 pub fn monotonic_now_ns() -> u64 {
     u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)

@@ -11,12 +11,16 @@
 //! have counters.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     net::{Ipv4Addr, Ipv6Addr},
-    sync::{Arc, Mutex},
+    os::fd::AsFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData, MapError};
 use backplane_common::{
     FlowEvent, FlowEventKind, FlowKey, FlowValue, Verdict,
     flow::{DIR_HI_TO_LO, DIR_LO_TO_HI, FAMILY_IPV4, STATE_ENDED},
@@ -29,6 +33,7 @@ use crate::{
     clock::{Clock, monotonic_now_ns, rfc3339_ms},
     error::DecodeError,
     ifnames::IfNames,
+    map_batch::{self, BatchError},
 };
 
 /// Idle time after which a flow that saw FIN/RST (`STATE_ENDED`) is expired.
@@ -269,6 +274,8 @@ struct FlowRecordState {
     start_event_seen: bool,
     /// Consecutive map reads that did not find the entry.
     misses: u8,
+    /// The last map read (`FlowStats::refreshes`) that found the entry.
+    seen_in: u64,
 }
 
 /// Result of merging a map read into the table.
@@ -355,6 +362,7 @@ impl FlowTable {
                 value: value_from_event(&event),
                 start_event_seen: false,
                 misses: 0,
+                seen_in: 0,
             });
             rec.value.tcp_flags[dir] |= event.tcp_flags;
             if rec.value.ifindex[dir] == 0 {
@@ -393,18 +401,19 @@ impl FlowTable {
     ) -> Merge {
         let mut merge = Merge::default();
         self.stats.refreshes += 1;
-        self.stats.kernel_entries = entries.len() as u64;
-        let mut seen = HashSet::with_capacity(entries.len());
+        let read_entries = entries.len() as u64;
+        let read = self.stats.refreshes;
         for (key, value) in entries {
-            seen.insert(key);
             let rec = self.records.entry(key).or_insert_with(|| FlowRecordState {
                 value: FlowValue::default(),
                 start_event_seen: false,
                 misses: 0,
+                seen_in: 0,
             });
             let changed = rec.value.packets != value.packets || rec.value.state != value.state;
             rec.value = value;
             rec.misses = 0;
+            rec.seen_in = read;
             let timeout = if value.state & STATE_ENDED != 0 { ENDED_IDLE_NS } else { self.idle_timeout_ns };
             if now_ns.saturating_sub(value.last_seen_ns) > timeout {
                 merge.expired.push(key);
@@ -418,7 +427,7 @@ impl FlowTable {
         let missing: Vec<FlowKey> = self
             .records
             .iter_mut()
-            .filter(|(key, rec)| !seen.contains(*key) && rec.value.last_seen_ns < read_started_ns)
+            .filter(|(_, rec)| rec.seen_in != read && rec.value.last_seen_ns < read_started_ns)
             .filter_map(|(key, rec)| {
                 rec.misses = rec.misses.saturating_add(1);
                 (rec.misses >= MISSES_BEFORE_EVICTION).then_some(*key)
@@ -429,6 +438,8 @@ impl FlowTable {
                 merge.messages.push(FollowMessage::flow(FollowEvent::Evicted, record));
             }
         }
+        // What stays in the kernel map once the idle entries are deleted.
+        self.stats.kernel_entries = read_entries - merge.expired.len() as u64;
         self.update_sizes();
         merge
     }
@@ -467,13 +478,44 @@ pub struct SharedFlows {
     /// The `FLOWS` map; `None` when running without a kernel (tests).
     kernel: Mutex<Option<BpfHashMap<MapData, FlowKey, FlowValue>>>,
     follow: broadcast::Sender<FollowMessage>,
+    /// Whether `BPF_MAP_LOOKUP_BATCH` works on the map (cleared at its first refusal).
+    batch: AtomicBool,
+}
+
+/// Reads every entry of the kernel flow table; returns them and the count of entries
+/// that could not be read.
+fn read_kernel_flows(map: &BpfHashMap<MapData, FlowKey, FlowValue>, batch: &AtomicBool) -> (Vec<(FlowKey, FlowValue)>, u64) {
+    if batch.load(Ordering::Relaxed) {
+        match map_batch::lookup_all::<FlowKey, FlowValue>(map.map().fd().as_fd()) {
+            Ok(entries) => return (entries, 0),
+            Err(BatchError::Unsupported(e)) => {
+                log::info!("batch lookup unavailable ({e}); reading FLOWS entry by entry");
+                batch.store(false, Ordering::Relaxed);
+            }
+            Err(BatchError::Failed(e)) => log::warn!("batch lookup of FLOWS failed ({e}); reading entry by entry"),
+        }
+    }
+    let mut entries = Vec::new();
+    let mut errors = 0u64;
+    for item in map {
+        match item {
+            Ok(kv) => entries.push(kv),
+            // An entry deleted by the kernel (LRU) between two steps of the walk.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => {
+                errors += 1;
+                log::debug!("reading FLOWS: {e}");
+            }
+        }
+    }
+    (entries, errors)
 }
 
 impl SharedFlows {
     #[must_use]
     pub fn new(table: FlowTable, kernel: Option<BpfHashMap<MapData, FlowKey, FlowValue>>) -> Self {
         let (follow, _) = broadcast::channel(FOLLOW_CHANNEL);
-        Self { table: Mutex::new(table), kernel: Mutex::new(kernel), follow }
+        Self { table: Mutex::new(table), kernel: Mutex::new(kernel), follow, batch: AtomicBool::new(true) }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, FlowTable> {
@@ -502,19 +544,7 @@ impl SharedFlows {
         let mut kernel = self.kernel.lock().expect("kernel flows lock");
         let Some(map) = kernel.as_mut() else { return };
         let started = monotonic_now_ns();
-        let mut entries = Vec::new();
-        let mut errors = 0u64;
-        for item in map.iter() {
-            match item {
-                Ok(kv) => entries.push(kv),
-                // An entry deleted by the kernel (LRU) between two steps of the walk.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => {
-                    errors += 1;
-                    log::debug!("reading FLOWS: {e}");
-                }
-            }
-        }
+        let (entries, errors) = read_kernel_flows(map, &self.batch);
         let want_updates = self.follow.receiver_count() > 0;
         let merge = {
             let mut table = self.table();

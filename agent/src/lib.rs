@@ -7,7 +7,7 @@
 //! - [`control`]: the control socket's protocol, server and client
 //! - [`agent`]: `backplane run` from start to orderly exit
 //! - [`cli`]: the command line
-//! - [`clock`], [`ifnames`], [`paths`], [`error`]: support
+//! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
 pub mod agent;
 pub mod cli;
@@ -18,8 +18,10 @@ pub mod error;
 pub mod events;
 pub mod flows;
 pub mod ifnames;
+pub mod map_batch;
 pub mod paths;
 pub mod ports;
+pub mod rule_tables;
 
 /// The compiled data path (eBPF object), embedded at build time.
 pub static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backplane-datapath"));
