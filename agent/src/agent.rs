@@ -182,7 +182,7 @@ fn start_ebpf_logger(datapath: &mut Datapath) -> Option<JoinHandle<()>> {
             None
         }
         Err(e) => {
-            log::warn!("cannot read the data path's log lines: {e}");
+            log::warn!("cannot read the data path's log lines: {}", crate::error::report(&e));
             None
         }
     }

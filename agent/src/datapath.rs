@@ -29,9 +29,9 @@ use backplane_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    error::{DatapathError, PortError},
+    error::{DatapathError, PortError, report},
     ifnames::name_to_index,
-    paths::{BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path, links_dir},
+    paths::{BPF_PIN_ROOT, BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path, links_dir},
 };
 
 /// `statfs(2)` magic number of bpffs.
@@ -456,7 +456,7 @@ impl Datapath {
         match FdLink::try_from(link) {
             Ok(fd) => match fd.pin(&path) {
                 Ok(pinned) => return Ok(Attachment::Pinned { link: pinned.into(), path }),
-                Err(e) => log::warn!("{name}: cannot pin XDP link at {}: {e}", path.display()),
+                Err(e) => log::warn!("{name}: cannot pin XDP link at {}: {}", path.display(), report(&e)),
             },
             Err(e) => log::warn!("{name}: XDP attached through netlink, not a pinnable link: {e}"),
         }
@@ -478,7 +478,7 @@ impl Datapath {
         match FdLink::try_from(link) {
             Ok(fd) => match fd.pin(&path) {
                 Ok(pinned) => return Ok(Attachment::Pinned { link: pinned.into(), path }),
-                Err(e) => log::warn!("{name}: cannot pin TC link at {}: {e}", path.display()),
+                Err(e) => log::warn!("{name}: cannot pin TC link at {}: {}", path.display(), report(&e)),
             },
             Err(e) => log::warn!("{name}: TC attached through netlink, not a pinnable link: {e}"),
         }
@@ -492,7 +492,7 @@ impl Datapath {
         let Some(port) = self.ports.remove(&ifindex) else { return false };
         match self.ports_map.remove(&ifindex) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => log::warn!("{}: cannot remove PORTS entry: {e}", port.name),
+            Err(e) => log::warn!("{}: cannot remove PORTS entry: {}", port.name, report(&e)),
         }
         port.xdp.detach();
         port.tc.detach();
@@ -557,12 +557,16 @@ impl Datapath {
                 log::warn!("cannot remove map pin {}: {e}", path.display());
             }
         }
-        for dir in [links_dir(&pin_dir), pin_dir] {
+        for dir in [links_dir(&pin_dir), pin_dir.clone()] {
             if let Err(e) = fs::remove_dir(&dir)
                 && e.kind() != io::ErrorKind::NotFound
             {
                 log::warn!("cannot remove {}: {e}", dir.display());
             }
+        }
+        // The shared parent of the default pin directories goes when the last node leaves.
+        if pin_dir.parent() == Some(Path::new(BPF_PIN_ROOT)) {
+            let _ = fs::remove_dir(BPF_PIN_ROOT);
         }
     }
 

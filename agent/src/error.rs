@@ -11,6 +11,22 @@ use aya::{
 };
 use thiserror::Error;
 
+/// An error with the causes its own message does not already state, joined by `: `.
+#[must_use]
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
 /// Loading the data path and driving its maps.
 #[derive(Debug, Error)]
 pub enum DatapathError {
@@ -213,4 +229,29 @@ pub enum ControlError {
 
     #[error("the agent answered: {0}")]
     Agent(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_adds_only_unstated_causes() {
+        let e = PortError::Attach {
+            ifname: "tap0".into(),
+            ifindex: 3,
+            program: "from_port",
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(libc::EBUSY),
+            }),
+        };
+        assert_eq!(
+            report(&e),
+            "interface tap0 (ifindex 3): cannot attach from_port: `bpf_link_create` failed: \
+             Device or resource busy (os error 16)"
+        );
+        let e = ControlError::Connect { path: "/x".into(), source: io::Error::from_raw_os_error(libc::ENOENT) };
+        assert_eq!(report(&e), e.to_string());
+    }
 }

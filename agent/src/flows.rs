@@ -557,7 +557,7 @@ impl SharedFlows {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => {
                     delete_errors += 1;
-                    log::warn!("cannot delete an idle flow from FLOWS: {e}");
+                    log::warn!("cannot delete an idle flow from FLOWS: {}", crate::error::report(&e));
                 }
             }
         }

@@ -22,15 +22,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Error messages here already name their cause; add only causes they omit.
-            let mut message = e.to_string();
-            for cause in e.chain().skip(1) {
-                let cause = cause.to_string();
-                if !message.contains(&cause) {
-                    message.push_str(": ");
-                    message.push_str(&cause);
-                }
-            }
-            eprintln!("backplane: {message}");
+            eprintln!("backplane: {}", backplane::error::report(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -23,7 +23,7 @@ use rtnetlink::{Handle, MulticastGroup};
 
 use crate::{
     datapath::{Datapath, role_name},
-    error::{PortError, WatchError},
+    error::{PortError, WatchError, report},
     ifnames::IfNames,
 };
 
@@ -211,6 +211,7 @@ impl PortWatcher {
                         }
                         Err(e) => {
                             let again = self.failed.insert(ifindex, (name.clone(), Instant::now())).is_some();
+                            let e = report(&e);
                             if again {
                                 log::debug!("still cannot attach: {e}");
                             } else {
@@ -265,7 +266,7 @@ impl PortWatcher {
                 _ = resync.tick() => {}
             }
             if let Err(e) = self.reconcile(&deleted).await {
-                log::warn!("{e}");
+                log::warn!("{}", report(&e));
             }
         }
     }
