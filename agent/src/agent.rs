@@ -66,6 +66,8 @@ pub enum AgentError {
     Signals(#[source] io::Error),
     #[error("invalid node name {0:?}: it names a directory under the pin root")]
     BadNode(String),
+    #[error("--idle-timeout must be at least 1 second")]
+    BadIdleTimeout,
 }
 
 /// The flow table's place in `status`.
@@ -202,6 +204,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
     validate_node(&opts.node)?;
+    if opts.idle_timeout < Duration::from_secs(1) {
+        return Err(AgentError::BadIdleTimeout);
+    }
     control::ensure_not_in_use(&opts.socket)?;
     let selector = PortSelector::new(&opts.interfaces, &opts.uplinks)?;
     let dp_opts = DatapathOptions {

@@ -341,8 +341,9 @@ impl FlowTable {
         Some(record)
     }
 
-    /// Applies decoded ring buffer records; returns what followers should see.
-    pub fn apply_events(&mut self, events: Vec<Result<FlowEvent, DecodeError>>) -> Vec<FollowMessage> {
+    /// Applies decoded ring buffer records; returns what followers should see (nothing
+    /// unless `want_messages`: rendering records costs time nobody needs).
+    pub fn apply_events(&mut self, events: Vec<Result<FlowEvent, DecodeError>>, want_messages: bool) -> Vec<FollowMessage> {
         let mut out = Vec::with_capacity(events.len());
         for event in events {
             let event = match event {
@@ -383,8 +384,10 @@ impl FlowTable {
                 // The decoder rejects unknown kinds.
                 None => continue,
             };
-            let value = rec.value;
-            out.push(FollowMessage::flow(follow, self.render(&event.key, &value, RecordState::Active)));
+            if want_messages {
+                let value = rec.value;
+                out.push(FollowMessage::flow(follow, self.render(&event.key, &value, RecordState::Active)));
+            }
         }
         self.update_sizes();
         out
@@ -534,7 +537,8 @@ impl SharedFlows {
 
     /// Applies decoded ring buffer records.
     pub fn apply_events(&self, events: Vec<Result<FlowEvent, DecodeError>>) {
-        let messages = self.table().apply_events(events);
+        let want_messages = self.follow.receiver_count() > 0;
+        let messages = self.table().apply_events(events, want_messages);
         self.publish(messages);
     }
 
@@ -731,7 +735,7 @@ mod tests {
             verdict: 0,
             tcp_flags: 0,
         };
-        let msgs = t.apply_events(vec![Ok(start), Err(DecodeError::UnknownKind(9))]);
+        let msgs = t.apply_events(vec![Ok(start), Err(DecodeError::UnknownKind(9))], true);
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].event, FollowEvent::Start);
         assert_eq!(t.stats().decode_errors, 1);
@@ -783,7 +787,7 @@ mod tests {
         let mut t = table(60);
         let (key, dir) = flow(5);
         let start = FlowEvent { key, ts_ns: 10 * S, ifindex: 1, kind: 1, direction: dir, verdict: 0, tcp_flags: 0 };
-        t.apply_events(vec![Ok(start)]);
+        t.apply_events(vec![Ok(start)], true);
         for _ in 0..3 {
             t.merge(vec![], 9 * S, 10 * S, false);
         }
@@ -808,7 +812,7 @@ mod tests {
         let mut t = table(60);
         let (key, dir) = flow(6);
         let end = FlowEvent { key, ts_ns: S, ifindex: 3, kind: 2, direction: dir, verdict: 0, tcp_flags: 0x11 };
-        let msgs = t.apply_events(vec![Ok(end)]);
+        let msgs = t.apply_events(vec![Ok(end)], true);
         assert_eq!(msgs[0].event, FollowEvent::End);
         let flow = msgs[0].flow.as_ref().unwrap();
         assert_eq!(flow.state, "ended");
