@@ -209,7 +209,8 @@ fn endpoint(ip: &str, port: u16) -> String {
 /// The human table of `backplane flows`.
 #[must_use]
 pub fn render_flows(records: &[FlowRecord]) -> String {
-    let header = ["PROTO", "SOURCE", "", "DESTINATION", "FWD PKTS/BYTES", "REV PKTS/BYTES", "VERDICT", "INTERFACES", "STATE"];
+    let header =
+        ["PROTO", "SOURCE", "", "DESTINATION", "FWD PKTS/BYTES", "REV PKTS/BYTES", "VERDICT", "INTERFACES", "STATE"];
     let mut rows: Vec<[String; 9]> = vec![header.map(String::from)];
     for r in records {
         rows.push([
@@ -299,7 +300,8 @@ pub fn render_status(s: &Status) -> String {
     );
     let mode = if s.config_flags & backplane_common::config::CONFIG_ENFORCE != 0 { "enforce" } else { "observe" };
     let _ = writeln!(o, "config:        generation {}, {mode}", s.config_generation);
-    let _ = writeln!(o, "on exit:       {}", if s.detach_on_exit { "detach and unpin" } else { "stay attached (pinned)" });
+    let _ =
+        writeln!(o, "on exit:       {}", if s.detach_on_exit { "detach and unpin" } else { "stay attached (pinned)" });
     let _ = writeln!(o, "ports ({}):", s.ports.len());
     if s.ports.is_empty() {
         let _ = writeln!(o, "  (none)");
@@ -377,8 +379,19 @@ mod tests {
     #[test]
     fn run_options() {
         let cli = Cli::parse_from([
-            "backplane", "run", "--interfaces", "bpvx*,veth*", "--uplink", "eth0,eth1", "--ring-size", "1M",
-            "--xdp-mode", "native", "--detach-on-exit", "--pin-dir", "/sys/fs/bpf/x",
+            "backplane",
+            "run",
+            "--interfaces",
+            "bpvx*,veth*",
+            "--uplink",
+            "eth0,eth1",
+            "--ring-size",
+            "1M",
+            "--xdp-mode",
+            "native",
+            "--detach-on-exit",
+            "--pin-dir",
+            "/sys/fs/bpf/x",
         ]);
         let Command::Run(args) = cli.command else { panic!() };
         let o = args.into_options();

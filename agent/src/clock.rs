@@ -88,10 +88,9 @@ mod tests {
     #[test]
     fn measured_clock_is_close_to_now() {
         let clock = Clock::measure();
-        let now_ms = i64::try_from(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
-        )
-        .unwrap();
+        let now_ms =
+            i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis())
+                .unwrap();
         let from_kernel = clock.unix_ms(monotonic_now_ns());
         assert!((from_kernel - now_ms).abs() < 1000, "{from_kernel} vs {now_ms}");
     }

@@ -142,8 +142,11 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
     let request: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => {
-            return write_error(&mut write, format!(r#"bad request: {e} (expected {{"cmd":"flows"|"status"|"follow"}})"#))
-                .await;
+            return write_error(
+                &mut write,
+                format!(r#"bad request: {e} (expected {{"cmd":"flows"|"status"|"follow"}})"#),
+            )
+            .await;
         }
     };
     match request {
@@ -157,7 +160,11 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
 }
 
 /// Streams flow messages until the client closes its end or goes away.
-async fn follow<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut reader: R, mut write: W, agent: &Agent) -> io::Result<()> {
+async fn follow<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut reader: R,
+    mut write: W,
+    agent: &Agent,
+) -> io::Result<()> {
     let mut rx = agent.subscribe();
     let mut sink = [0u8; 256];
     loop {
@@ -237,7 +244,9 @@ impl Client {
 /// Parses a reply line: an `{"error":...}` object becomes [`ControlError::Agent`].
 pub fn parse_reply<T: DeserializeOwned>(line: &str) -> Result<T, ControlError> {
     let value: serde_json::Value = serde_json::from_str(line.trim()).map_err(ControlError::BadReply)?;
-    if let Some(error) = value.as_object().filter(|o| o.len() == 1).and_then(|o| o.get("error")).and_then(|e| e.as_str()) {
+    if let Some(error) =
+        value.as_object().filter(|o| o.len() == 1).and_then(|o| o.get("error")).and_then(|e| e.as_str())
+    {
         return Err(ControlError::Agent(error.to_owned()));
     }
     serde_json::from_value(value).map_err(ControlError::BadReply)

@@ -24,7 +24,7 @@ use aya::{
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
     config::CONFIG_INDEX,
-    maps::{COUNTERS, CONFIG, FLOW_EVENTS, FLOWS, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT},
+    maps::{CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT},
 };
 use serde::{Deserialize, Serialize};
 
@@ -213,9 +213,7 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
     let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
     let (src, target, fstype) = (c("bpf"), c(BPFFS_ROOT), c("bpf"));
     // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(DatapathError::MountBpffs { path, source: io::Error::last_os_error() });
     }
@@ -391,12 +389,17 @@ impl Datapath {
             return Err(PortError::Vanished { ifname: name.into(), ifindex });
         }
         let links = links_dir(&self.pin_dir);
-        fs::create_dir_all(&links)
-            .map_err(|source| PortError::LinksDir { ifname: name.into(), path: links, source })?;
+        fs::create_dir_all(&links).map_err(|source| PortError::LinksDir {
+            ifname: name.into(),
+            path: links,
+            source,
+        })?;
         let info = PortInfo { role: role as u8, ..PortInfo::default() };
-        self.ports_map
-            .insert(ifindex, info, 0)
-            .map_err(|source| PortError::PortsMap { ifname: name.into(), ifindex, source })?;
+        self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
+            ifname: name.into(),
+            ifindex,
+            source,
+        })?;
         let xdp = match self.attach_xdp(ifindex, name) {
             Ok(a) => a,
             Err(e) => {
@@ -574,10 +577,7 @@ impl Datapath {
     /// that could not be pinned are detached as the agent goes.
     pub fn leave_attached(&self) {
         let pinned = self.ports.values().filter(|p| p.xdp.pinned() && p.tc.pinned()).count();
-        log::info!(
-            "leaving the data path attached to {pinned} port(s) through pins in {}",
-            self.pin_dir.display()
-        );
+        log::info!("leaving the data path attached to {pinned} port(s) through pins in {}", self.pin_dir.display());
     }
 }
 

@@ -51,9 +51,7 @@ impl FlowEventDecode for FlowEvent {
 pub fn to_bytes(event: &FlowEvent) -> Vec<u8> {
     // SAFETY: FlowEvent is repr(C) without implicit padding (asserted in
     // backplane-common), so all of its bytes are initialised.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(std::ptr::from_ref(event).cast::<u8>(), FLOW_EVENT_SIZE)
-    };
+    let bytes = unsafe { std::slice::from_raw_parts(std::ptr::from_ref(event).cast::<u8>(), FLOW_EVENT_SIZE) };
     bytes.to_vec()
 }
 
@@ -123,10 +121,7 @@ mod tests {
         for len in [0, 1, 55, 57, 64] {
             let mut b = bytes.clone();
             b.resize(len, 0);
-            assert_eq!(
-                FlowEvent::from_bytes(&b),
-                Err(DecodeError::WrongLength { expected: 56, got: len })
-            );
+            assert_eq!(FlowEvent::from_bytes(&b), Err(DecodeError::WrongLength { expected: 56, got: len }));
         }
     }
 

@@ -184,8 +184,10 @@ pub fn record_from_kernel(
         vlan: key.vlan,
         tcp_flags: tcp_flags_text(value.tcp_flags[0] | value.tcp_flags[1]),
         state: state.as_str().into(),
-        verdict: Verdict::from_u8(value.verdict).map_or_else(|| format!("unknown({})", value.verdict), |v| v.as_str().into()),
-        reason: Reason::from_u8(value.reason).map_or_else(|| format!("unknown({})", value.reason), |r| r.as_str().into()),
+        verdict: Verdict::from_u8(value.verdict)
+            .map_or_else(|| format!("unknown({})", value.verdict), |v| v.as_str().into()),
+        reason: Reason::from_u8(value.reason)
+            .map_or_else(|| format!("unknown({})", value.reason), |r| r.as_str().into()),
         policy: None,
         src_zone: None,
         dst_zone: None,
@@ -343,7 +345,11 @@ impl FlowTable {
 
     /// Applies decoded ring buffer records; returns what followers should see (nothing
     /// unless `want_messages`: rendering records costs time nobody needs).
-    pub fn apply_events(&mut self, events: Vec<Result<FlowEvent, DecodeError>>, want_messages: bool) -> Vec<FollowMessage> {
+    pub fn apply_events(
+        &mut self,
+        events: Vec<Result<FlowEvent, DecodeError>>,
+        want_messages: bool,
+    ) -> Vec<FollowMessage> {
         let mut out = Vec::with_capacity(events.len());
         for event in events {
             let event = match event {
@@ -424,7 +430,9 @@ impl FlowTable {
                     merge.messages.push(FollowMessage::flow(FollowEvent::Expired, record));
                 }
             } else if changed && want_updates {
-                merge.messages.push(FollowMessage::flow(FollowEvent::Update, self.render(&key, &value, RecordState::Active)));
+                merge
+                    .messages
+                    .push(FollowMessage::flow(FollowEvent::Update, self.render(&key, &value, RecordState::Active)));
             }
         }
         let missing: Vec<FlowKey> = self
@@ -487,7 +495,10 @@ pub struct SharedFlows {
 
 /// Reads every entry of the kernel flow table; returns them and the count of entries
 /// that could not be read.
-fn read_kernel_flows(map: &BpfHashMap<MapData, FlowKey, FlowValue>, batch: &AtomicBool) -> (Vec<(FlowKey, FlowValue)>, u64) {
+fn read_kernel_flows(
+    map: &BpfHashMap<MapData, FlowKey, FlowValue>,
+    batch: &AtomicBool,
+) -> (Vec<(FlowKey, FlowValue)>, u64) {
     if batch.load(Ordering::Relaxed) {
         match map_batch::lookup_all::<FlowKey, FlowValue>(map.map().fd().as_fd()) {
             Ok(entries) => return (entries, 0),
@@ -665,9 +676,28 @@ mod tests {
         let r = record_from_kernel(&key, &value, RecordState::Active, &Clock::with_offset_ns(0), &names);
         let json = serde_json::to_value(&r).unwrap();
         for field in [
-            "src_ip", "dst_ip", "proto", "src_port", "dst_port", "fwd_packets", "fwd_bytes", "rev_packets",
-            "rev_bytes", "first_seen", "last_seen", "first_seen_unix_ms", "last_seen_unix_ms", "interfaces", "vlan",
-            "tcp_flags", "state", "verdict", "reason", "policy", "src_zone", "dst_zone",
+            "src_ip",
+            "dst_ip",
+            "proto",
+            "src_port",
+            "dst_port",
+            "fwd_packets",
+            "fwd_bytes",
+            "rev_packets",
+            "rev_bytes",
+            "first_seen",
+            "last_seen",
+            "first_seen_unix_ms",
+            "last_seen_unix_ms",
+            "interfaces",
+            "vlan",
+            "tcp_flags",
+            "state",
+            "verdict",
+            "reason",
+            "policy",
+            "src_zone",
+            "dst_zone",
         ] {
             assert!(json.get(field).is_some(), "missing {field} in {json}");
         }
@@ -760,8 +790,13 @@ mod tests {
     fn ended_flows_expire_after_five_seconds() {
         let mut t = table(60);
         let (key, dir) = flow(3);
-        let value =
-            FlowValue { packets: [1, 1], last_seen_ns: 10 * S, initiator: dir, state: STATE_ENDED, ..FlowValue::default() };
+        let value = FlowValue {
+            packets: [1, 1],
+            last_seen_ns: 10 * S,
+            initiator: dir,
+            state: STATE_ENDED,
+            ..FlowValue::default()
+        };
         assert!(t.merge(vec![(key, value)], 14 * S, 14 * S, false).expired.is_empty());
         assert_eq!(t.merge(vec![(key, value)], 15 * S + 1, 15 * S + 1, false).expired, vec![key]);
         assert_eq!(t.stats().without_start_event, 1);

@@ -7,6 +7,7 @@
 //! - [`control`]: the control socket's protocol, server and client
 //! - [`agent`]: `backplane run` from start to orderly exit
 //! - [`cli`]: the command line
+//! - [`rule_tables`]: writing compiled rule sets into the kernel's tables
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
 pub mod agent;

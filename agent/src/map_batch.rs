@@ -75,9 +75,7 @@ pub fn lookup_all<K: Pod + Default, V: Pod + Default>(fd: BorrowedFd<'_>) -> Res
         // SAFETY: `attr` is a valid BPF_MAP_LOOKUP_BATCH request: the key and value
         // buffers hold CHUNK elements of the map's key and value sizes, the tokens are
         // 8 bytes, and the attribute size passed is that of the struct.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &raw mut attr, size_u32::<BatchAttr>())
-        };
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &raw mut attr, size_u32::<BatchAttr>()) };
         let err = (rc < 0).then(io::Error::last_os_error);
         let n = (attr.count as usize).min(CHUNK);
         out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));

@@ -95,7 +95,11 @@ pub enum PortAction {
 /// Compares the host's links with the attached ports. Detaches come first so that a
 /// port whose role changed with its name is attached afresh.
 #[must_use]
-pub fn plan(links: &[HostLink], attached: &BTreeMap<u32, (String, PortRole)>, selector: &PortSelector) -> Vec<PortAction> {
+pub fn plan(
+    links: &[HostLink],
+    attached: &BTreeMap<u32, (String, PortRole)>,
+    selector: &PortSelector,
+) -> Vec<PortAction> {
     let by_index: HashMap<u32, &str> = links.iter().map(|l| (l.ifindex, l.name.as_str())).collect();
     let mut detach = Vec::new();
     let mut other = Vec::new();
@@ -161,7 +165,11 @@ pub struct PortWatcher {
 
 impl PortWatcher {
     /// Subscribes to link events (before the first listing, so nothing falls between).
-    pub fn subscribe(selector: PortSelector, datapath: Arc<Mutex<Datapath>>, ifnames: Arc<IfNames>) -> Result<Self, WatchError> {
+    pub fn subscribe(
+        selector: PortSelector,
+        datapath: Arc<Mutex<Datapath>>,
+        ifnames: Arc<IfNames>,
+    ) -> Result<Self, WatchError> {
         let (connection, handle, messages) =
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(WatchError::Socket)?;
         tokio::spawn(connection);
@@ -325,11 +333,11 @@ mod tests {
         attached.insert(5, ("tap3".to_string(), PortRole::Vm));
         let links = vec![
             link(1, "lo"),
-            link(2, "tap0"),     // unchanged
-            link(4, "tap9"),     // renamed, still a port
-            link(5, "eth5"),     // renamed away
-            link(6, "tap4"),     // new
-            link(7, "up0"),      // new uplink
+            link(2, "tap0"), // unchanged
+            link(4, "tap9"), // renamed, still a port
+            link(5, "eth5"), // renamed away
+            link(6, "tap4"), // new
+            link(7, "up0"),  // new uplink
         ];
         let actions = plan(&links, &attached, &s);
         assert_eq!(
