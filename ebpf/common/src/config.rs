@@ -36,6 +36,11 @@ pub enum PortRole {
     Uplink = 2,
 }
 
+/// `PortInfo::flags` bit: the port may send VLAN-tagged frames (a trunk to a VM that
+/// tags its own traffic). Without it, tagged frames from a VM port are dropped while a
+/// rule set is in force.
+pub const PORT_ALLOW_TAGGED: u8 = 1 << 0;
+
 /// `PORTS` map value, keyed by ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -140,6 +140,30 @@ pub struct FlowValue {
     pub _pad: [u8; 6],
 }
 
+/// `FRAGMENTS` key: one fragmented datagram (IPv4 identification, or the IPv6
+/// fragment header's identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `FRAGMENTS` value: the ports read from the datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: [u8; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragmentPorts>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::align_of::<FlowKey>() == 2);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 80);

@@ -34,6 +34,8 @@ user_pod!(
     FlowKey,
     FlowValue,
     FlowEvent,
+    flow::FragmentKey,
+    flow::FragmentPorts,
     DatapathConfig,
     PortInfo,
     policy::PolicyKey,

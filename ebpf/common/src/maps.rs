@@ -21,6 +21,10 @@ pub const POLICIES: &str = "POLICIES";
 /// Per-CPU packet/byte/drop counters by zone pair and verdict: `PERCPU_HASH<ZonePairKey, ZonePairStats>`.
 pub const ZONE_PAIR_STATS: &str = "ZONE_PAIR_STATS";
 
+/// Ports of fragmented datagrams, from their first fragment:
+/// `LRU_HASH<FragmentKey, FragmentPorts>`.
+pub const FRAGMENTS: &str = "FRAGMENTS";
+
 /// XDP program on a port: what the VM (or the uplink's peer) sends into the switch.
 pub const PROG_FROM_PORT: &str = "from_port";
 /// TC egress program on a port: what the switch delivers to the VM (or the uplink).
@@ -42,4 +46,5 @@ pub const PINNED_MAPS: &[&str] = &[
     ZONES,
     POLICIES,
     ZONE_PAIR_STATS,
+    FRAGMENTS,
 ];

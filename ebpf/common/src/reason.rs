@@ -161,6 +161,17 @@ pub enum Counter {
     ParseTruncatedL4,
     /// Frames the TC egress program counted because no ingress program saw them.
     EgressOnly,
+    /// First fragments whose ports were remembered for the later fragments.
+    FragmentsTracked,
+    /// Later fragments whose first fragment was not seen (their ports are unknown);
+    /// dropped while a rule set is in force.
+    FragmentWithoutFirst,
+    /// VLAN-tagged frames sent by a VM port (not an uplink); dropped while a rule set
+    /// is in force.
+    TaggedFromVmPort,
+    /// Frames from a VM port that could not be judged (not IP, ARP or RARP, or
+    /// malformed), dropped while a rule set is in force.
+    UnjudgedDropped,
     /// Number of counters; not a counter.
     Count,
 }
@@ -190,6 +201,10 @@ impl Counter {
         Self::ParseBadIpv6Ext,
         Self::ParseTruncatedL4,
         Self::EgressOnly,
+        Self::FragmentsTracked,
+        Self::FragmentWithoutFirst,
+        Self::TaggedFromVmPort,
+        Self::UnjudgedDropped,
     ];
 
     /// Snake-case name for status output and metric labels.
@@ -219,6 +234,10 @@ impl Counter {
             Self::ParseBadIpv6Ext => "bad_ipv6_ext",
             Self::ParseTruncatedL4 => "truncated_l4",
             Self::EgressOnly => "egress_only",
+            Self::FragmentsTracked => "fragments_tracked",
+            Self::FragmentWithoutFirst => "fragment_without_first",
+            Self::TaggedFromVmPort => "tagged_from_vm_port",
+            Self::UnjudgedDropped => "unjudged_dropped",
             Self::Count => "count",
         }
     }

@@ -1,13 +1,24 @@
 //! What both programs do with a frame: parse, count, track, judge.
+//!
+//! While a rule set is in force, a frame that enters the switch from a VM port is
+//! judged or dropped, never waved through: a frame that cannot be parsed down to a
+//! flow (other than ARP/RARP), a VLAN-tagged frame from a port that may not send
+//! tagged frames, and a later fragment whose first fragment was not seen are dropped
+//! and counted. Without a rule set everything is observed and passed.
 
-use backplane_common::{DatapathConfig, config::CONFIG_INDEX, reason::Counter};
+use backplane_common::{
+    DatapathConfig, PortRole,
+    config::{CONFIG_ENFORCE, CONFIG_INDEX, PORT_ALLOW_TAGGED},
+    flow::{FAMILY_IPV4, FragmentKey, FragmentPorts},
+    reason::Counter,
+};
 
 use crate::{
     conntrack::{self, Action, Hook},
     counters,
     frame::Frame,
-    maps::CONFIG,
-    parse::{self, Packet, Parsed},
+    maps::{CONFIG, FRAGMENTS, PORTS},
+    parse::{self, FRAG_FIRST, Packet, Parsed},
 };
 
 #[inline(always)]
@@ -17,18 +28,39 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
         counters::inc(Counter::Packets);
         counters::add(Counter::Bytes, u64::from(len));
     }
+    let cfg = match CONFIG.get(CONFIG_INDEX) {
+        Some(cfg) => *cfg,
+        None => DatapathConfig::default(),
+    };
+    // Only frames entering the switch from a port are held to the rules here; what the
+    // switch delivers was judged where it entered (or comes from the host itself).
+    let enforcing = cfg.flags & CONFIG_ENFORCE != 0 && hook == Hook::FromPort;
     let mut packet = Packet::new();
-    match parse::parse(frame, &mut packet) {
+    let action = match parse::parse(frame, &mut packet) {
         Parsed::Flow => {
-            let cfg = match CONFIG.get(CONFIG_INDEX) {
-                Some(cfg) => *cfg,
-                None => DatapathConfig::default(),
-            };
-            let action = conntrack::track(&cfg, &packet, len, ifindex, hook);
-            if action == Action::Drop {
-                counters::inc(Counter::Dropped);
+            if enforcing && packet.vlan_tags != 0 && !port_may_send_tagged(ifindex) {
+                counters::inc(Counter::TaggedFromVmPort);
+                Action::Drop
+            } else {
+                if packet.frag == FRAG_FIRST {
+                    remember_fragment_ports(&packet);
+                }
+                conntrack::track(&cfg, &packet, len, ifindex, hook)
             }
-            action
+        }
+        Parsed::Fragment => {
+            if hook == Hook::FromPort {
+                counters::inc(if packet.family == FAMILY_IPV4 { Counter::ParseIpv4Fragment } else { Counter::ParseBadIpv6Ext });
+            }
+            if enforcing && packet.vlan_tags != 0 && !port_may_send_tagged(ifindex) {
+                counters::inc(Counter::TaggedFromVmPort);
+                Action::Drop
+            } else if fill_fragment_ports(&mut packet) {
+                conntrack::track(&cfg, &packet, len, ifindex, hook)
+            } else {
+                counters::inc(Counter::FragmentWithoutFirst);
+                if enforcing && is_vm_port(ifindex) { Action::Drop } else { Action::Pass }
+            }
         }
         Parsed::Announce(announce) => {
             if hook == Hook::FromPort {
@@ -40,7 +72,66 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             if hook == Hook::FromPort {
                 counters::inc(reason);
             }
-            Action::Pass
+            if enforcing && is_vm_port(ifindex) {
+                counters::inc(Counter::UnjudgedDropped);
+                Action::Drop
+            } else {
+                Action::Pass
+            }
         }
+    };
+    if action == Action::Drop {
+        counters::inc(Counter::Dropped);
+    }
+    action
+}
+
+/// Whether `ifindex` is an attached VM port (not an uplink, not unknown).
+#[inline(always)]
+fn is_vm_port(ifindex: u32) -> bool {
+    match PORTS.get_ptr(ifindex) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(port) => unsafe { (*port).role == PortRole::Vm as u8 },
+        None => false,
+    }
+}
+
+/// Uplinks carry tagged traffic; a VM port only when the operator allowed it.
+#[inline(always)]
+fn port_may_send_tagged(ifindex: u32) -> bool {
+    match PORTS.get_ptr(ifindex) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(port) => unsafe { (*port).role != PortRole::Vm as u8 || (*port).flags & PORT_ALLOW_TAGGED != 0 },
+        None => true,
+    }
+}
+
+#[inline(always)]
+fn fragment_key(packet: &Packet) -> FragmentKey {
+    FragmentKey { src: packet.src, dst: packet.dst, id: packet.frag_id, proto: packet.proto, family: packet.family, _pad: [0; 2] }
+}
+
+/// Remembers the ports of a fragmented datagram from its first fragment, so that its
+/// later fragments belong to the same flow and are judged with it.
+#[inline(always)]
+fn remember_fragment_ports(packet: &Packet) {
+    let ports = FragmentPorts { sport: packet.sport, dport: packet.dport, _pad: [0; 4] };
+    if FRAGMENTS.insert(&fragment_key(packet), &ports, 0).is_ok() {
+        counters::inc(Counter::FragmentsTracked);
+    }
+}
+
+/// Gives a later fragment the ports of its datagram's first fragment, if it was seen.
+#[inline(always)]
+fn fill_fragment_ports(packet: &mut Packet) -> bool {
+    match FRAGMENTS.get_ptr(&fragment_key(packet)) {
+        Some(ports) => {
+            // SAFETY: a pointer returned by a map lookup is valid for this program run.
+            let ports = unsafe { *ports };
+            packet.sport = ports.sport;
+            packet.dport = ports.dport;
+            true
+        }
+        None => false,
     }
 }

@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
+    flow::{FragmentKey, FragmentPorts},
     policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
     reason::Counter,
 };
@@ -49,3 +50,6 @@ pub static POLICIES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1_048_576
 
 #[map(name = "ZONE_PAIR_STATS")]
 pub static ZONE_PAIR_STATS: PerCpuHashMap<ZonePairKey, ZonePairStats> = PerCpuHashMap::pinned(65_536, NO_PREALLOC);
+
+#[map(name = "FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> = LruHashMap::pinned(16_384, 0);

@@ -51,7 +51,14 @@ pub struct Packet {
     pub dport: u16,
     /// Offset of the transport payload (first byte after the L4 header).
     pub payload_offset: u16,
+    /// `FRAG_FIRST` for the first fragment of a fragmented datagram.
+    pub frag: u8,
+    /// Identification of a fragmented datagram (IPv4 16 bits, IPv6 32 bits).
+    pub frag_id: u32,
 }
+
+/// `Packet::frag`: the first fragment of a fragmented datagram (it has the ports).
+pub const FRAG_FIRST: u8 = 1;
 
 /// An ARP or RARP frame: who announces which MAC (and, for ARP, which IPv4 address).
 pub struct Announce {
@@ -64,6 +71,8 @@ pub struct Announce {
 pub enum Parsed {
     /// `packet` holds a flow's packet.
     Flow,
+    /// A later fragment: `packet` has addresses, protocol and `frag_id`, not the ports.
+    Fragment,
     Announce(Announce),
     /// Not a flow: the counter says why (not IP, truncated, ...).
     Skip(Counter),
@@ -85,6 +94,8 @@ impl Packet {
             sport: 0,
             dport: 0,
             payload_offset: 0,
+            frag: 0,
+            frag_id: 0,
         }
     }
 }
@@ -142,6 +153,7 @@ fn parse_arp<F: Frame>(frame: &F, offset: usize, rarp: bool, vlan: u16) -> Resul
 fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Result<Parsed, Counter> {
     // version/IHL(1) tos(1) total_len(2) id(2) flags/frag(2) ttl(1) proto(1) csum(2) src(4) dst(4)
     let [vihl, _tos] = load_pair(frame, offset).ok_or(Counter::ParseTruncatedIpv4)?;
+    let id = load_be16(frame, offset + 4).ok_or(Counter::ParseTruncatedIpv4)?;
     let frag = load_be16(frame, offset + 6).ok_or(Counter::ParseTruncatedIpv4)?;
     let [_ttl, proto] = load_pair(frame, offset + 8).ok_or(Counter::ParseTruncatedIpv4)?;
     let src = frame.load::<u32>(offset + 12).ok_or(Counter::ParseTruncatedIpv4)?.to_ne_bytes();
@@ -161,9 +173,13 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Result
     packet.proto = proto;
     packet.src = [src[0], src[1], src[2], src[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     packet.dst = [dst[0], dst[1], dst[2], dst[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    packet.frag_id = u32::from(id);
     if frag & 0x1fff != 0 {
-        // A non-first fragment carries no transport header.
-        return Err(Counter::ParseIpv4Fragment);
+        // A later fragment carries no transport header.
+        return Ok(Parsed::Fragment);
+    }
+    if frag & 0x2000 != 0 {
+        packet.frag = FRAG_FIRST;
     }
     parse_l4(frame, l4, packet)
 }
@@ -192,8 +208,14 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Result
             44 => {
                 let [n, _] = load_pair(frame, off).ok_or(Counter::ParseBadIpv6Ext)?;
                 let frag = load_be16(frame, off + 2).ok_or(Counter::ParseBadIpv6Ext)?;
+                let id = frame.load::<[u8; 4]>(off + 4).ok_or(Counter::ParseBadIpv6Ext)?;
+                packet.frag_id = u32::from_be_bytes(id);
                 if frag & 0xfff8 != 0 {
-                    return Err(Counter::ParseBadIpv6Ext);
+                    packet.proto = n;
+                    return Ok(Parsed::Fragment);
+                }
+                if frag & 1 != 0 {
+                    packet.frag = FRAG_FIRST;
                 }
                 next = n;
                 off += 8;
