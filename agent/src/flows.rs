@@ -363,8 +363,13 @@ impl FlowTable {
                     continue;
                 }
             };
-            let dir = usize::from(event.direction == DIR_HI_TO_LO);
             let kind = FlowEventKind::from_u8(event.kind);
+            if kind == Some(FlowEventKind::Announce) {
+                // An endpoint announcing itself (RARP, gratuitous ARP, unsolicited NA)
+                // is not a flow; endpoints and migrations consume these.
+                continue;
+            }
+            let dir = usize::from(event.direction == DIR_HI_TO_LO);
             let rec = self.records.entry(event.key).or_insert_with(|| FlowRecordState {
                 value: value_from_event(&event),
                 start_event_seen: false,
@@ -387,8 +392,8 @@ impl FlowTable {
                     self.stats.end_events += 1;
                     FollowEvent::End
                 }
-                // The decoder rejects unknown kinds.
-                None => continue,
+                // The decoder rejects unknown kinds; announcements were taken out above.
+                None | Some(FlowEventKind::Announce) => continue,
             };
             if want_messages {
                 let value = rec.value;

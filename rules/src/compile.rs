@@ -305,7 +305,7 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
                 MemberMatch::Mac(mac) => {
                     if macs.insert(*mac) {
                         let endpoint_id = u32::try_from(endpoints.len() + 1).expect("fewer than 2^32 endpoints");
-                        endpoints.push(EndpointEntry { mac: *mac, value: EndpointValue { zone: zid, flags: 0, endpoint_id } });
+                        endpoints.push(EndpointEntry { mac: *mac, value: EndpointValue { zone: zid, endpoint_id, ..EndpointValue::default() } });
                     }
                 }
                 MemberMatch::Cidr(c) => {

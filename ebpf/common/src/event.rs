@@ -11,7 +11,32 @@ pub enum FlowEventKind {
     Start = 1,
     /// A TCP FIN or RST was seen (the first of them).
     End = 2,
+    /// An endpoint announced itself on a port: a RARP frame (QEMU after a live
+    /// migration), a gratuitous ARP, or an unsolicited IPv6 neighbour advertisement.
+    /// The key carries the MAC in `addr_lo[..6]`, the announced address (if any) in
+    /// `addr_hi`, the [`Announcement`] kind in `proto`, and the VLAN.
+    Announce = 3,
 }
+
+/// What kind of frame an [`FlowEventKind::Announce`] event comes from (its key's `proto`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announcement {
+    Rarp = 1,
+    GratuitousArp = 2,
+    NeighborAdvert = 3,
+}
+
+/// `ANNOUNCES` key: a MAC on a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AnnounceKey {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub ifindex: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<AnnounceKey>() == 12);
 
 impl FlowEventKind {
     #[must_use]
@@ -19,6 +44,7 @@ impl FlowEventKind {
         match v {
             1 => Some(Self::Start),
             2 => Some(Self::End),
+            3 => Some(Self::Announce),
             _ => None,
         }
     }

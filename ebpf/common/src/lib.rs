@@ -47,4 +47,7 @@ user_pod!(
     policy::AddrKey,
     policy::ZonePairKey,
     policy::ZonePairStats,
+    policy::VpatchKey,
+    policy::VpatchValue,
+    event::AnnounceKey,
 );

@@ -25,6 +25,12 @@ pub const ZONE_PAIR_STATS: &str = "ZONE_PAIR_STATS";
 /// `LRU_HASH<FragmentKey, FragmentPorts>`.
 pub const FRAGMENTS: &str = "FRAGMENTS";
 
+/// Virtual patches: `LPM_TRIE<VpatchKey, VpatchValue>`.
+pub const VPATCHES: &str = "VPATCHES";
+/// When each (MAC, port) last announced itself, to send one event per announcement
+/// burst: `LRU_HASH<AnnounceKey, u64>`.
+pub const ANNOUNCES: &str = "ANNOUNCES";
+
 /// XDP program on a port: what the VM (or the uplink's peer) sends into the switch.
 pub const PROG_FROM_PORT: &str = "from_port";
 /// TC egress program on a port: what the switch delivers to the VM (or the uplink).
@@ -47,4 +53,6 @@ pub const PINNED_MAPS: &[&str] = &[
     POLICIES,
     ZONE_PAIR_STATS,
     FRAGMENTS,
+    VPATCHES,
+    ANNOUNCES,
 ];

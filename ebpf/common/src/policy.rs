@@ -27,16 +27,50 @@ pub struct EndpointKey {
     pub mac: [u8; 6],
 }
 
-/// `ENDPOINT_FLAG_*` bits of [`EndpointValue::flags`].
+/// [`EndpointValue::flags`]: the endpoint may reach only remediation zones.
 pub const ENDPOINT_QUARANTINED: u16 = 1 << 0;
+/// [`EndpointValue::flags`]: all traffic to and from the endpoint is denied.
 pub const ENDPOINT_ISOLATED: u16 = 1 << 1;
+/// [`EndpointValue::flags`]: virtual patches apply to the endpoint (look it up in
+/// `VPATCHES`).
+pub const ENDPOINT_PATCHED: u16 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointValue {
     pub zone: u16,
     pub flags: u16,
+    /// Identity used by `VPATCHES` keys; 0 = none.
     pub endpoint_id: u32,
+    /// The port the endpoint's MAC lives behind; frames with this source MAC from any
+    /// other VM port are spoofed. 0 = not bound to a port yet.
+    pub ifindex: u32,
+    pub _pad: [u8; 4],
+}
+
+/// `VPATCHES` LPM key data: `slot, proto, endpoint_id (big-endian), port (big-endian)`.
+/// A patch on a whole protocol has prefix length [`VPATCH_KEY_PROTO_BITS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VpatchKey {
+    pub slot: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    pub endpoint_id: [u8; 4],
+    pub port: [u8; 2],
+}
+
+/// Bits of a [`VpatchKey`] before its port.
+pub const VPATCH_KEY_PROTO_BITS: u32 = 64;
+/// Bits of a whole [`VpatchKey`].
+pub const VPATCH_KEY_BITS: u32 = 80;
+
+/// `VPATCHES` value: which virtual patch denies the traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VpatchValue {
+    pub patch_id: u32,
+    pub _pad: [u8; 4],
 }
 
 /// `ZONE_CIDRS` LPM key data. The prefix length counts the 32 bits of
@@ -61,6 +95,10 @@ pub struct ZoneKey {
     pub _pad: u8,
     pub zone: u16,
 }
+
+/// [`ZoneValue::flags`]: quarantined endpoints may reach (and be reached from) this
+/// zone.
+pub const ZONE_REMEDIATION: u8 = 1 << 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -123,7 +161,9 @@ pub struct ZonePairStats {
 }
 
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
-const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 16);
+const _: () = assert!(core::mem::size_of::<VpatchKey>() == 10);
+const _: () = assert!(core::mem::size_of::<VpatchValue>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ZoneKey>() == 4);
 const _: () = assert!(core::mem::size_of::<ZoneValue>() == 4);

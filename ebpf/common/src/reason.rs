@@ -66,10 +66,12 @@ pub enum Reason {
     EstablishedReply = 10,
     /// The flow was handed over from another node.
     Migrated = 11,
+    /// A quarantined endpoint talking to a remediation zone.
+    Remediation = 12,
 }
 
 impl Reason {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::NoRules,
         Self::PolicyAllow,
         Self::PolicyNoMatch,
@@ -82,6 +84,7 @@ impl Reason {
         Self::Spoofed,
         Self::EstablishedReply,
         Self::Migrated,
+        Self::Remediation,
     ];
 
     #[must_use]
@@ -104,6 +107,7 @@ impl Reason {
             Self::Spoofed => "spoofed",
             Self::EstablishedReply => "established_reply",
             Self::Migrated => "migrated",
+            Self::Remediation => "remediation",
         }
     }
 }
@@ -172,6 +176,14 @@ pub enum Counter {
     /// Frames from a VM port that could not be judged (not IP, ARP or RARP, or
     /// malformed), dropped while a rule set is in force.
     UnjudgedDropped,
+    /// Frames whose source MAC belongs to an endpoint bound to another port.
+    Spoofed,
+    /// IPv6 router advertisements and redirects from VM ports, dropped while a rule set
+    /// is in force (a VM is not the segment's router).
+    RouterAdvertFromVm,
+    /// Announcement events sent (RARP, gratuitous ARP, unsolicited neighbour
+    /// advertisement; at most one per MAC and port per second).
+    Announcements,
     /// Number of counters; not a counter.
     Count,
 }
@@ -205,6 +217,9 @@ impl Counter {
         Self::FragmentWithoutFirst,
         Self::TaggedFromVmPort,
         Self::UnjudgedDropped,
+        Self::Spoofed,
+        Self::RouterAdvertFromVm,
+        Self::Announcements,
     ];
 
     /// Snake-case name for status output and metric labels.
@@ -238,6 +253,9 @@ impl Counter {
             Self::FragmentWithoutFirst => "fragment_without_first",
             Self::TaggedFromVmPort => "tagged_from_vm_port",
             Self::UnjudgedDropped => "unjudged_dropped",
+            Self::Spoofed => "spoofed",
+            Self::RouterAdvertFromVm => "router_advert_from_vm",
+            Self::Announcements => "announcements",
             Self::Count => "count",
         }
     }

@@ -87,7 +87,13 @@ pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook
     let d = idx(dir);
     let counted = match hook {
         Hook::FromPort => {
-            if flow.ifindex[d] == 0 {
+            if flow.ifindex[d] != ifindex {
+                // First frame of this direction, or its sender now sends from another
+                // port: a VM that moved, or one that spoofs another's MAC.
+                if policy::is_spoofed(cfg, &packet.src_mac, ifindex) {
+                    counters::inc(Counter::Spoofed);
+                    return Action::Drop;
+                }
                 flow.ifindex[d] = ifindex;
             }
             true
@@ -187,6 +193,12 @@ fn create(
     hook: Hook,
     now: u64,
 ) -> Action {
+    if hook == Hook::FromPort && policy::is_spoofed(cfg, &packet.src_mac, ifindex) {
+        // No entry for a spoofed frame: it must not decide the fate of the real
+        // endpoint's flow.
+        counters::inc(Counter::Spoofed);
+        return Action::Drop;
+    }
     let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);
     let j = policy::judge(cfg, packet.family, packet.proto, packet.dport, &src, &dst);
     let d = idx(dir);

@@ -6,20 +6,29 @@
 //! tagged frames, and a later fragment whose first fragment was not seen are dropped
 //! and counted. Without a rule set everything is observed and passed.
 
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use backplane_common::{
     DatapathConfig, PortRole,
     config::{CONFIG_ENFORCE, CONFIG_INDEX, PORT_ALLOW_TAGGED},
-    flow::{FAMILY_IPV4, FragmentKey, FragmentPorts},
+    event::Announcement,
+    flow::{FAMILY_IPV4, FAMILY_IPV6, FragmentKey, FragmentPorts},
     reason::Counter,
 };
 
 use crate::{
     conntrack::{self, Action, Hook},
-    counters,
+    counters, events,
     frame::Frame,
     maps::{CONFIG, FRAGMENTS, PORTS},
-    parse::{self, FRAG_FIRST, Packet, Parsed},
+    parse::{self, FRAG_FIRST, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, Packet, Parsed},
+    policy,
 };
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: reading the kernel's coarse monotonic clock has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
 
 #[inline(always)]
 pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
@@ -66,7 +75,32 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             if hook == Hook::FromPort {
                 counters::inc(if announce.rarp { Counter::Rarp } else { Counter::Arp });
             }
-            Action::Pass
+            if enforcing && (policy::is_spoofed(&cfg, &packet.src_mac, ifindex) || policy::is_spoofed(&cfg, &announce.sender_mac, ifindex)) {
+                counters::inc(Counter::Spoofed);
+                Action::Drop
+            } else {
+                if hook == Hook::FromPort && (announce.rarp || announce.gratuitous) {
+                    let kind = if announce.rarp { Announcement::Rarp } else { Announcement::GratuitousArp };
+                    let ip = announce.sender_ip;
+                    let addr = [ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                    events::announce(kind, &announce.sender_mac, &addr, FAMILY_IPV4, announce.vlan, ifindex, now());
+                }
+                Action::Pass
+            }
+        }
+        Parsed::Neighbor { icmp_type, announce } => {
+            if enforcing && matches!(icmp_type, ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT) && is_vm_port(ifindex) {
+                counters::inc(Counter::RouterAdvertFromVm);
+                Action::Drop
+            } else if enforcing && policy::is_spoofed(&cfg, &packet.src_mac, ifindex) {
+                counters::inc(Counter::Spoofed);
+                Action::Drop
+            } else {
+                if hook == Hook::FromPort && announce {
+                    events::announce(Announcement::NeighborAdvert, &packet.src_mac, &packet.src, FAMILY_IPV6, packet.vlan, ifindex, now());
+                }
+                Action::Pass
+            }
         }
         Parsed::Skip(reason) => {
             if hook == Hook::FromPort {

@@ -8,7 +8,8 @@ use aya_ebpf::{
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
     flow::{FragmentKey, FragmentPorts},
-    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
+    event::AnnounceKey,
+    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
     reason::Counter,
 };
 
@@ -53,3 +54,9 @@ pub static ZONE_PAIR_STATS: PerCpuHashMap<ZonePairKey, ZonePairStats> = PerCpuHa
 
 #[map(name = "FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> = LruHashMap::pinned(16_384, 0);
+
+#[map(name = "VPATCHES")]
+pub static VPATCHES: LpmTrie<VpatchKey, VpatchValue> = LpmTrie::pinned(262_144, 0);
+
+#[map(name = "ANNOUNCES")]
+pub static ANNOUNCES: LruHashMap<AnnounceKey, u64> = LruHashMap::pinned(16_384, 0);

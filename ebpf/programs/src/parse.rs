@@ -24,6 +24,10 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
 
+pub const ICMPV6_ROUTER_ADVERT: u8 = 134;
+pub const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
+pub const ICMPV6_REDIRECT: u8 = 137;
+
 /// IPv6 extension headers walked before giving up.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// VLAN tags walked (an 802.1ad outer tag and an 802.1Q inner tag).
@@ -63,6 +67,9 @@ pub const FRAG_FIRST: u8 = 1;
 /// An ARP or RARP frame: who announces which MAC (and, for ARP, which IPv4 address).
 pub struct Announce {
     pub rarp: bool,
+    /// An ARP whose sender and target addresses are equal: the sender announces its own
+    /// address (a gratuitous ARP, as a guest sends after it moved or booted).
+    pub gratuitous: bool,
     pub sender_mac: [u8; 6],
     pub sender_ip: [u8; 4],
     pub vlan: u16,
@@ -73,6 +80,11 @@ pub enum Parsed {
     Flow,
     /// A later fragment: `packet` has addresses, protocol and `frag_id`, not the ports.
     Fragment,
+    /// IPv6 neighbour discovery or multicast listener control (ICMPv6 130-137, 143):
+    /// link-local plumbing like ARP, not a flow. For an unsolicited neighbour
+    /// advertisement (to ff02::1) `announce` is set and `packet.src` holds its target
+    /// address, the address the sender announces.
+    Neighbor { icmp_type: u8, announce: bool },
     Announce(Announce),
     /// Not a flow: the counter says why (not IP, truncated, ...).
     Skip(Counter),
@@ -146,7 +158,9 @@ fn parse_frame<F: Frame>(frame: &F, packet: &mut Packet) -> Result<Parsed, Count
 fn parse_arp<F: Frame>(frame: &F, offset: usize, rarp: bool, vlan: u16) -> Result<Parsed, Counter> {
     let sender_mac = frame.load::<[u8; 6]>(offset + 8).ok_or(Counter::ParseTruncatedArp)?;
     let sender_ip = frame.load::<u32>(offset + 14).ok_or(Counter::ParseTruncatedArp)?.to_ne_bytes();
-    Ok(Parsed::Announce(Announce { rarp, sender_mac, sender_ip, vlan }))
+    let target_ip = frame.load::<u32>(offset + 24).ok_or(Counter::ParseTruncatedArp)?.to_ne_bytes();
+    let gratuitous = !rarp && sender_ip == target_ip && sender_ip != [0; 4];
+    Ok(Parsed::Announce(Announce { rarp, gratuitous, sender_mac, sender_ip, vlan }))
 }
 
 #[inline(always)]
@@ -257,6 +271,14 @@ fn parse_l4<F: Frame>(frame: &F, l4: usize, packet: &mut Packet) -> Result<Parse
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let [icmp_type, _code] = load_pair(frame, l4).ok_or(Counter::ParseTruncatedL4)?;
+            if packet.proto == IPPROTO_ICMPV6 && matches!(icmp_type, 130..=137 | 143) {
+                let all_nodes = packet.dst[0] == 0xff && packet.dst[1] == 0x02 && packet.dst[15] == 1 && packet.dst[2..15] == [0; 13];
+                let announce = icmp_type == ICMPV6_NEIGHBOR_ADVERT && all_nodes;
+                if announce {
+                    packet.src = frame.load::<[u8; 16]>(l4 + 8).ok_or(Counter::ParseTruncatedL4)?;
+                }
+                return Ok(Parsed::Neighbor { icmp_type, announce });
+            }
             // Echo request/reply (ICMP 8/0, ICMPv6 128/129): the identifier names the flow.
             if matches!((packet.proto, icmp_type), (IPPROTO_ICMP, 0 | 8) | (IPPROTO_ICMPV6, 128 | 129)) {
                 let id = load_be16(frame, l4 + 4).ok_or(Counter::ParseTruncatedL4)?;

@@ -7,13 +7,14 @@ use backplane_common::{
     DatapathConfig, Verdict,
     config::CONFIG_ENFORCE,
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT, POLICY_ID_DEFAULT_INTER_ZONE,
-        POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, PAIR_MARKER_PROTO, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, ZONE_WORLD, ZoneKey,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT,
+        PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS,
+        PolicyKey, VPATCH_KEY_BITS, VpatchKey, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
     },
     reason::Reason,
 };
 
-use crate::maps::{ENDPOINTS, POLICIES, ZONE_CIDRS, ZONES};
+use crate::maps::{ENDPOINTS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
 
 /// One end of a flow, as the judge sees it.
 pub struct End<'a> {
@@ -45,13 +46,36 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
         };
     }
     let slot = cfg.active_slot & 1;
-    let (src_zone, src_flags) = resolve_zone(slot, family, src);
-    let (dst_zone, dst_flags) = resolve_zone(slot, family, dst);
+    let src = resolve(slot, family, src);
+    let dst = resolve(slot, family, dst);
+    let (src_zone, dst_zone) = (src.zone, dst.zone);
     let mut j = Judgement { verdict: Verdict::Denied, reason: Reason::Isolated, policy_id: POLICY_ID_NONE, src_zone, dst_zone };
-    if (src_flags | dst_flags) & ENDPOINT_ISOLATED != 0 {
+    if (src.flags | dst.flags) & ENDPOINT_ISOLATED != 0 {
         return j;
     }
-    let _ = ENDPOINT_QUARANTINED;
+    if (src.flags | dst.flags) & ENDPOINT_QUARANTINED != 0 {
+        // A quarantined endpoint reaches only remediation zones, and only they reach it.
+        let src_ok = src.flags & ENDPOINT_QUARANTINED == 0 || zone_flags(slot, dst_zone) & ZONE_REMEDIATION != 0;
+        let dst_ok = dst.flags & ENDPOINT_QUARANTINED == 0 || zone_flags(slot, src_zone) & ZONE_REMEDIATION != 0;
+        if src_ok && dst_ok {
+            j.verdict = Verdict::Allowed;
+            j.reason = Reason::Remediation;
+        } else {
+            j.reason = Reason::Quarantined;
+        }
+        return j;
+    }
+    for (end, patched) in [(&src, src.flags & ENDPOINT_PATCHED != 0), (&dst, dst.flags & ENDPOINT_PATCHED != 0)] {
+        if !patched {
+            continue;
+        }
+        let key = VpatchKey { slot, proto, _pad: [0; 2], endpoint_id: end.endpoint_id.to_be_bytes(), port: dport.to_be_bytes() };
+        if let Some(patch) = VPATCHES.get(Key::new(VPATCH_KEY_BITS, key)) {
+            j.reason = Reason::VirtualPatch;
+            j.policy_id = patch.patch_id;
+            return j;
+        }
+    }
     if src_zone == dst_zone {
         let intra = ZONES
             .get_ptr(ZoneKey { slot, _pad: 0, zone: src_zone })
@@ -93,23 +117,49 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
     j
 }
 
+/// An end once resolved: its zone, and the endpoint's flags and id when its MAC is a
+/// known endpoint.
+struct Resolved {
+    zone: u16,
+    flags: u16,
+    endpoint_id: u32,
+}
+
 /// Zone of one end: its MAC's endpoint entry, else the longest CIDR prefix holding its
-/// address, else the zone of the port it is behind, else `world`. Also returns the
-/// endpoint's flags (quarantined, isolated) when found by MAC.
+/// address, else the zone of the port it is behind, else `world`.
 #[inline(always)]
-fn resolve_zone(slot: u8, family: u8, end: &End) -> (u16, u16) {
+fn resolve(slot: u8, family: u8, end: &End) -> Resolved {
     if let Some(ep) = ENDPOINTS.get_ptr(EndpointKey { slot, _pad: 0, mac: *end.mac }) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         let ep = unsafe { *ep };
-        return (ep.zone, ep.flags);
+        return Resolved { zone: ep.zone, flags: ep.flags, endpoint_id: ep.endpoint_id };
     }
     let bits = if family == backplane_common::flow::FAMILY_IPV4 { 32 } else { 128 };
     let key = AddrKey { slot, family, _pad: [0; 2], addr: *end.addr };
-    if let Some(zone) = ZONE_CIDRS.get(Key::new(ADDR_KEY_HEADER_BITS + bits, key)) {
-        return (*zone as u16, 0);
+    let zone = match ZONE_CIDRS.get(Key::new(ADDR_KEY_HEADER_BITS + bits, key)) {
+        Some(zone) => *zone as u16,
+        None if end.port_zone != 0 => end.port_zone,
+        None => ZONE_WORLD,
+    };
+    Resolved { zone, flags: 0, endpoint_id: 0 }
+}
+
+#[inline(always)]
+fn zone_flags(slot: u8, zone: u16) -> u8 {
+    match ZONES.get_ptr(ZoneKey { slot, _pad: 0, zone }) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(z) => unsafe { (*z).flags },
+        None => 0,
     }
-    if end.port_zone != 0 {
-        return (end.port_zone, 0);
+}
+
+/// Whether a frame with source MAC `mac` entering through VM port `ifindex` is spoofed:
+/// the MAC is a known endpoint bound to another port.
+#[inline(always)]
+pub fn is_spoofed(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> bool {
+    match ENDPOINTS.get_ptr(EndpointKey { slot: cfg.active_slot & 1, _pad: 0, mac: *mac }) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(ep) => unsafe { (*ep).ifindex != 0 && (*ep).ifindex != ifindex },
+        None => false,
     }
-    (ZONE_WORLD, 0)
 }
