@@ -1,8 +1,10 @@
 //! `backplane run`: the agent's life from start to orderly exit.
 //!
-//! Start: mount bpffs if needed, prepare the pin directory, load the data path, attach
-//! the ports that exist, start the event reader, the flow refresh and the interface
-//! watch, and only then create the control socket: the socket appearing means ready.
+//! Start: read the rules (`--rules`; errors end the start before anything is touched),
+//! mount bpffs if needed, prepare the pin directory, load the data path, put the rules
+//! in force, attach the ports that exist, start the event reader, the flow refresh, the
+//! interface watch and the rules watch, and only then create the control socket: the
+//! socket appearing means ready.
 //! Exit (SIGINT/SIGTERM): stop serving, remove the socket, and either leave the data
 //! path attached through its pins or, with `--detach-on-exit`, detach and unpin it all.
 
@@ -14,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use backplane_common::Counter;
+use backplane_common::{Counter, Verdict, reason::Reason};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{
@@ -28,11 +30,14 @@ use crate::{
     clock::Clock,
     control,
     datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, XdpAttachMode},
-    error::{ControlError, DatapathError, WatchError},
+    error::{ControlError, DatapathError, ExplainError, RulesError, WatchError},
     events,
+    explain::{ExplainQuery, ExplainReply},
     flows::{FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows},
     ifnames::IfNames,
     ports::{PortSelector, PortWatcher},
+    rule_names::RuleNames,
+    rule_sync::{LoadedRules, RuleSync, RulesStatus},
 };
 
 /// How often the kernel flow table is read.
@@ -51,6 +56,9 @@ pub struct RunOptions {
     pub idle_timeout: Duration,
     pub xdp_mode: XdpAttachMode,
     pub detach_on_exit: bool,
+    /// The rule set (a directory of `*.yaml` files, or one file), followed for changes;
+    /// `None`: observe only.
+    pub rules: Option<PathBuf>,
 }
 
 /// Why the agent could not start.
@@ -62,6 +70,10 @@ pub enum AgentError {
     Watch(#[from] WatchError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error("cannot start: {0}")]
+    BadRules(#[source] RulesError),
+    #[error(transparent)]
+    Rules(RulesError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] io::Error),
     #[error("invalid node name {0:?}: it names a directory under the pin root")]
@@ -102,6 +114,24 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// The parse-failure counters (a subset of `counters`): why frames were not parsed.
     pub parse_failures: BTreeMap<String, u64>,
+    /// The rule set in force and its reloads.
+    #[serde(default)]
+    pub rules: RulesStatus,
+    /// Packets denied or passed in audit mode, by zone pair, verdict and reason.
+    #[serde(default)]
+    pub zone_pairs: Vec<ZonePairStatus>,
+}
+
+/// Denied or audited packets of one (source zone, destination zone, verdict, reason),
+/// summed over CPUs. The source is the zone of the end that started the flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZonePairStatus {
+    pub src_zone: String,
+    pub dst_zone: String,
+    pub verdict: String,
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// The running agent, as the control socket sees it.
@@ -109,6 +139,9 @@ pub struct Agent {
     opts: RunOptions,
     datapath: Arc<Mutex<Datapath>>,
     flows: Arc<SharedFlows>,
+    rule_names: Arc<RuleNames>,
+    /// `None` without `--rules`.
+    rules: Option<Arc<RuleSync>>,
 }
 
 impl Agent {
@@ -131,12 +164,39 @@ impl Agent {
         self.flows.subscribe()
     }
 
+    /// Explains a flow under the rules in force.
+    pub fn explain(&self, query: &ExplainQuery) -> Result<ExplainReply, ExplainError> {
+        self.rules.as_ref().ok_or(ExplainError::NoRules)?.explain(query)
+    }
+
     #[must_use]
     pub fn status(&self) -> Status {
+        // Lock order: data path, then rule names, then rule state (as a reload takes them).
         let datapath = self.datapath.lock().expect("datapath lock");
         let counters = datapath.counters();
         let config = datapath.config().unwrap_or_default();
         let stats = self.flows.stats();
+        let zone_pairs = {
+            let names = self.rule_names.read();
+            datapath
+                .zone_pair_stats()
+                .into_iter()
+                .map(|(k, v)| ZonePairStatus {
+                    src_zone: names.zone(k.src_zone),
+                    dst_zone: names.zone(k.dst_zone),
+                    verdict: Verdict::from_u8(k.verdict)
+                        .map_or_else(|| format!("unknown({})", k.verdict), |v| v.as_str().into()),
+                    reason: Reason::from_u8(k.reason)
+                        .map_or_else(|| format!("unknown({})", k.reason), |r| r.as_str().into()),
+                    packets: v.packets,
+                    bytes: v.bytes,
+                })
+                .collect()
+        };
+        let rules = match &self.rules {
+            Some(sync) => sync.status(config.generation),
+            None => RulesStatus { generation: config.generation, ..RulesStatus::default() },
+        };
         Status {
             node: self.opts.node.clone(),
             pin_dir: datapath.pin_dir().display().to_string(),
@@ -156,6 +216,8 @@ impl Agent {
                 .filter(|(c, _)| c.is_parse_failure())
                 .map(|(c, v)| (c.as_str().to_owned(), *v))
                 .collect(),
+            rules,
+            zone_pairs,
         }
     }
 }
@@ -197,6 +259,22 @@ fn validate_node(node: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Puts the rules read at start in force, if there are any.
+fn start_rules(
+    path: Option<&std::path::Path>,
+    loaded: Option<LoadedRules>,
+    datapath: &Arc<Mutex<Datapath>>,
+    rule_names: &Arc<RuleNames>,
+) -> Result<Option<Arc<RuleSync>>, AgentError> {
+    if let (Some(path), Some(loaded)) = (path, loaded) {
+        let sync =
+            RuleSync::start(path, loaded, Arc::clone(datapath), Arc::clone(rule_names)).map_err(AgentError::Rules)?;
+        return Ok(Some(sync));
+    }
+    log::info!("no --rules: observing only (every flow passes with the verdict `observed`)");
+    Ok(None)
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     // Signals first: a SIGTERM during start-up must still lead to an orderly exit.
@@ -216,6 +294,12 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         xdp_mode: opts.xdp_mode,
     };
     dp_opts.validate()?;
+    // The rules are read before anything is loaded or attached: a rule set with errors
+    // ends the start here.
+    let loaded_rules = match &opts.rules {
+        Some(path) => Some(LoadedRules::load(path).map_err(AgentError::BadRules)?),
+        None => None,
+    };
     let clock = Clock::measure();
 
     datapath::ensure_bpffs()?;
@@ -235,9 +319,16 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let datapath = Arc::new(Mutex::new(dp));
     let ifnames = Arc::new(IfNames::new());
     let idle_ns = u64::try_from(opts.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
-    let flows = Arc::new(SharedFlows::new(FlowTable::new(clock, idle_ns, Arc::clone(&ifnames)), Some(maps.flows)));
+    let rule_names = Arc::new(RuleNames::new());
+    let flows = Arc::new(SharedFlows::new(
+        FlowTable::new(clock, idle_ns, Arc::clone(&ifnames), Arc::clone(&rule_names)),
+        Some(maps.flows),
+    ));
 
     let result = async {
+        // The rules go in force before any port is attached: no packet passes unjudged.
+        let rules = start_rules(opts.rules.as_deref(), loaded_rules, &datapath, &rule_names)?;
+        tasks.extend(rules.as_ref().map(|sync| tokio::spawn(Arc::clone(sync).watch())));
         log::info!("watching interfaces: {}", selector.describe());
         let mut watcher = PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames))?;
         watcher.reconcile(&HashSet::new()).await?;
@@ -264,7 +355,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             }
         }));
 
-        let agent = Arc::new(Agent { opts: opts.clone(), datapath: Arc::clone(&datapath), flows: Arc::clone(&flows) });
+        let agent = Arc::new(Agent {
+            opts: opts.clone(),
+            datapath: Arc::clone(&datapath),
+            flows: Arc::clone(&flows),
+            rule_names: Arc::clone(&rule_names),
+            rules,
+        });
         let listener = control::bind(&opts.socket)?;
         tasks.push(tokio::spawn(control::serve(listener, agent)));
         log::info!("ready: control socket {}", opts.socket.display());
@@ -279,13 +376,21 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         }
     }
 
+    shut_down(&opts, tasks, &datapath, result.is_ok()).await;
+    result
+}
+
+/// Stops the tasks, removes the control socket (if the start got that far) and either
+/// leaves the data path attached or detaches it (on `--detach-on-exit`, or after a
+/// failed start).
+async fn shut_down(opts: &RunOptions, tasks: Vec<JoinHandle<()>>, datapath: &Mutex<Datapath>, started: bool) {
     for task in &tasks {
         task.abort();
     }
     for task in tasks {
         let _ = task.await;
     }
-    if result.is_ok()
+    if started
         && let Err(e) = std::fs::remove_file(&opts.socket)
         && e.kind() != io::ErrorKind::NotFound
     {
@@ -293,17 +398,14 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     }
     // Clients still connected may hold the agent; the data path is shut down through
     // the lock either way.
-    {
-        let mut dp = datapath.lock().expect("datapath lock");
-        if opts.detach_on_exit || result.is_err() {
-            let ports = dp.attached().len();
-            dp.detach_all_and_unpin();
-            log::info!("detached from {ports} port(s) and removed the pins in {}", opts.pin_dir.display());
-        } else {
-            dp.leave_attached();
-        }
+    let mut dp = datapath.lock().expect("datapath lock");
+    if opts.detach_on_exit || !started {
+        let ports = dp.attached().len();
+        dp.detach_all_and_unpin();
+        log::info!("detached from {ports} port(s) and removed the pins in {}", opts.pin_dir.display());
+    } else {
+        dp.leave_attached();
     }
-    result
 }
 
 #[cfg(test)]

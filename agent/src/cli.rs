@@ -1,9 +1,9 @@
-//! The `backplane` command line: `run` (the agent), `flows` and `status` (clients of
-//! its control socket).
+//! The `backplane` command line: `run` (the agent), `flows`, `status` and `explain`
+//! (clients of its control socket), and `check` (a rule set, offline).
 
-use std::{fmt::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
 use crate::{
     agent::{self, RunOptions, Status},
@@ -11,10 +11,15 @@ use crate::{
     control::{Client, Request},
     datapath::XdpAttachMode,
     error::ControlError,
+    explain::{ExplainQuery, ExplainReply, explain_packet},
     flows::{FlowRecord, FollowEvent, FollowMessage},
     paths::{DEFAULT_SOCKET, default_pin_dir},
+    rule_sync::LoadedRules,
 };
 use backplane_common::Counter;
+
+/// Exit status of `check` and `explain --rules` when the rule set has errors.
+const EXIT_INVALID_RULES: u8 = 1;
 
 /// backplane: inline traffic inspection for the ports of a hypervisor's virtual switch.
 #[derive(Debug, Parser)]
@@ -30,8 +35,13 @@ pub enum Command {
     Run(RunArgs),
     /// Show the flows the agent knows.
     Flows(FlowsArgs),
-    /// Show the agent's ports, maps and counters.
+    /// Show the agent's ports, maps, counters, rules in force and drops by zone pair.
     Status(StatusArgs),
+    /// Validate a rule set (a directory of *.yaml files, or one file) without an agent.
+    Check(CheckArgs),
+    /// Show the verdict the rules give a flow, and why: the rules in force (asked from
+    /// the agent) or, with --rules, the rule set at a path.
+    Explain(ExplainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +90,12 @@ pub struct RunArgs {
     /// inspection goes on while the agent is away.
     #[arg(long)]
     pub detach_on_exit: bool,
+
+    /// Zone rules to enforce: a directory of *.yaml files, or one file. Checked before
+    /// anything is attached (errors end the start); then watched, and a valid change is
+    /// put in force within a second. Without it the agent observes only.
+    #[arg(long, value_name = "PATH")]
+    pub rules: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +119,65 @@ pub struct StatusArgs {
     /// The agent's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A directory of *.yaml rule files, or one rule file.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Address of the end that starts the flow.
+    #[arg(long, value_name = "ADDR")]
+    pub from: String,
+    /// Address of the other end.
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// IP protocol: tcp, udp, icmp, icmpv6, sctp, or a number 0-254.
+    #[arg(long, value_name = "PROTO")]
+    pub proto: String,
+    /// Destination port (required for tcp, udp and sctp; not allowed for others).
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// MAC address of the source (for `mac` members). Without it the source is placed by
+    /// its address and interface alone.
+    #[arg(long, value_name = "MAC")]
+    pub from_mac: Option<String>,
+    /// MAC address of the destination.
+    #[arg(long, value_name = "MAC")]
+    pub to_mac: Option<String>,
+    /// The switch port the source is behind (for `interface` members).
+    #[arg(long, value_name = "IFNAME")]
+    pub from_interface: Option<String>,
+    /// Print JSON: `verdict`, `reason`, `policy`, `policy_id`, `src_zone`, `dst_zone`,
+    /// `explanation`.
+    #[arg(long)]
+    pub json: bool,
+    /// Explain with the rule set at this path (a directory or one file) instead of the
+    /// agent's rules in force.
+    #[arg(long, value_name = "PATH", conflicts_with = "socket")]
+    pub rules: Option<PathBuf>,
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+}
+
+impl ExplainArgs {
+    #[must_use]
+    pub fn query(&self) -> ExplainQuery {
+        ExplainQuery {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            proto: self.proto.clone(),
+            port: self.port,
+            from_mac: self.from_mac.clone(),
+            to_mac: self.to_mac.clone(),
+            from_interface: self.from_interface.clone(),
+        }
+    }
 }
 
 /// Parses `4194304`, `4096K`, `4M`, `4MiB`, `1G`.
@@ -148,12 +223,14 @@ impl RunArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout),
             xdp_mode: self.xdp_mode,
             detach_on_exit: self.detach_on_exit,
+            rules: self.rules,
         }
     }
 }
 
-/// Runs a parsed command line.
-pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+/// Runs a parsed command line; returns the exit status of a command that printed its
+/// own errors (invalid rules, invalid arguments).
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
             // SAFETY: geteuid has no preconditions.
@@ -171,8 +248,61 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", render_status(&status));
             }
         }
+        Command::Check(args) => return Ok(check(&args)),
+        Command::Explain(args) => return explain(&args).await,
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads a rule set; on errors prints each as `file:line:column: message` on stderr.
+fn load_or_print(path: &std::path::Path) -> Option<LoadedRules> {
+    match LoadedRules::load(path) {
+        Ok(loaded) => Some(loaded),
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            None
+        }
+    }
+}
+
+/// `backplane check PATH`.
+fn check(args: &CheckArgs) -> ExitCode {
+    match load_or_print(&args.path) {
+        Some(loaded) => {
+            println!("{}: valid: {}", args.path.display(), loaded.counts());
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::from(EXIT_INVALID_RULES),
+    }
+}
+
+/// `backplane explain`.
+async fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
+    let query = args.query();
+    // Checked here too, so that a wrong argument is a usage error whichever rules answer.
+    let packet = match query.packet() {
+        Ok(packet) => packet,
+        Err(e) => {
+            let usage = Cli::command().error(ErrorKind::ValueValidation, e);
+            let _ = usage.print();
+            return Ok(ExitCode::from(u8::try_from(usage.exit_code()).unwrap_or(2)));
+        }
+    };
+    let reply: ExplainReply = match &args.rules {
+        Some(path) => {
+            let Some(loaded) = load_or_print(path) else { return Ok(ExitCode::from(EXIT_INVALID_RULES)) };
+            explain_packet(&loaded.rules, &packet)
+        }
+        None => Client::connect(&args.socket).await?.call(Request::Explain(query)).await?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        println!("{}", reply.explanation);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn flows(args: FlowsArgs) -> Result<(), ControlError> {
@@ -206,12 +336,31 @@ fn endpoint(ip: &str, port: u16) -> String {
     if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
 }
 
+/// `web->db`, or `-` for a flow no rule set judged.
+fn zones_text(r: &FlowRecord) -> String {
+    match (&r.src_zone, &r.dst_zone) {
+        (Some(src), Some(dst)) => format!("{src}->{dst}"),
+        _ => "-".into(),
+    }
+}
+
 /// The human table of `backplane flows`.
 #[must_use]
 pub fn render_flows(records: &[FlowRecord]) -> String {
-    let header =
-        ["PROTO", "SOURCE", "", "DESTINATION", "FWD PKTS/BYTES", "REV PKTS/BYTES", "VERDICT", "INTERFACES", "STATE"];
-    let mut rows: Vec<[String; 9]> = vec![header.map(String::from)];
+    let header = [
+        "PROTO",
+        "SOURCE",
+        "",
+        "DESTINATION",
+        "FWD PKTS/BYTES",
+        "REV PKTS/BYTES",
+        "VERDICT",
+        "ZONES",
+        "POLICY",
+        "INTERFACES",
+        "STATE",
+    ];
+    let mut rows: Vec<[String; 11]> = vec![header.map(String::from)];
     for r in records {
         rows.push([
             r.proto.clone(),
@@ -221,11 +370,13 @@ pub fn render_flows(records: &[FlowRecord]) -> String {
             format!("{}/{}", r.fwd_packets, r.fwd_bytes),
             format!("{}/{}", r.rev_packets, r.rev_bytes),
             r.verdict.clone(),
+            zones_text(r),
+            r.policy.clone().unwrap_or_else(|| "-".into()),
             if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") },
             r.state.clone(),
         ]);
     }
-    let mut widths = [0usize; 9];
+    let mut widths = [0usize; 11];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -274,8 +425,12 @@ pub fn render_follow(msg: &FollowMessage) -> Option<String> {
     } else {
         format!("  fwd {}/{} rev {}/{}", r.fwd_packets, r.fwd_bytes, r.rev_packets, r.rev_bytes)
     };
+    let decided = match &r.policy {
+        Some(policy) => format!(" {} by {policy}", zones_text(r)),
+        None => String::new(),
+    };
     Some(format!(
-        "{}  {what:<7} {:<6} {} -> {}{counts}  {}  [{}]{}",
+        "{}  {what:<7} {:<6} {} -> {}{counts}  {}{decided}  [{}]{}",
         rfc3339_ms(when),
         r.proto,
         endpoint(&r.src_ip, r.src_port),
@@ -346,7 +501,49 @@ pub fn render_status(s: &Status) -> String {
     for c in Counter::ALL.iter().filter(|c| c.is_parse_failure()) {
         let _ = writeln!(o, "  {:<22} {}", c.as_str(), s.counters.get(c.as_str()).copied().unwrap_or(0));
     }
+    render_rules(&mut o, s);
     o
+}
+
+/// The `rules` and `zone_pairs` parts of `backplane status`.
+fn render_rules(o: &mut String, s: &Status) {
+    let r = &s.rules;
+    let Some(path) = &r.path else {
+        let _ = writeln!(o, "rules:         none: observing only (start the agent with --rules PATH to enforce)");
+        return;
+    };
+    let _ = writeln!(o, "rules:         {path}");
+    let _ = writeln!(
+        o,
+        "  in force:    generation {}, since {}: {} files, {} zones, {} policies",
+        r.generation,
+        r.loaded_at.as_deref().unwrap_or("-"),
+        r.files,
+        r.zones,
+        r.policies
+    );
+    let _ = writeln!(o, "  reloads:     {} put in force, {} rejected", r.reloads_ok, r.reloads_rejected);
+    if !r.last_error.is_empty() {
+        let _ = writeln!(
+            o,
+            "  last rejection at {} (generation {} stays in force):",
+            r.last_error_at.as_deref().unwrap_or("-"),
+            r.generation
+        );
+        for e in &r.last_error {
+            let _ = writeln!(o, "    {e}");
+        }
+    }
+    let _ = writeln!(o, "drops and audits by zone pair:");
+    if s.zone_pairs.is_empty() {
+        let _ = writeln!(o, "  (none)");
+    }
+    let width = s.zone_pairs.iter().map(|p| p.src_zone.len() + p.dst_zone.len() + 2).max().unwrap_or(0);
+    for p in &s.zone_pairs {
+        let pair = format!("{}->{}", p.src_zone, p.dst_zone);
+        let _ =
+            writeln!(o, "  {pair:<width$}  {:<7} {:<20} {} packets, {} bytes", p.verdict, p.reason, p.packets, p.bytes);
+    }
 }
 
 #[cfg(test)]
@@ -392,15 +589,66 @@ mod tests {
             "--detach-on-exit",
             "--pin-dir",
             "/sys/fs/bpf/x",
+            "--rules",
+            "/etc/backplane/rules",
         ]);
         let Command::Run(args) = cli.command else { panic!() };
         let o = args.into_options();
+        assert_eq!(o.rules, Some(PathBuf::from("/etc/backplane/rules")));
         assert_eq!(o.interfaces, vec!["bpvx*", "veth*"]);
         assert_eq!(o.uplinks, vec!["eth0", "eth1"]);
         assert_eq!(o.ring_size, 1 << 20);
         assert_eq!(o.xdp_mode, XdpAttachMode::Native);
         assert!(o.detach_on_exit);
         assert_eq!(o.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
+    }
+
+    #[test]
+    fn explain_and_check_arguments() {
+        let cli = Cli::parse_from([
+            "backplane",
+            "explain",
+            "--from",
+            "10.30.0.5",
+            "--to",
+            "10.40.0.9",
+            "--proto",
+            "tcp",
+            "--port",
+            "5432",
+            "--from-mac",
+            "52:54:00:00:00:01",
+            "--from-interface",
+            "tap-web-1",
+            "--json",
+            "--rules",
+            "rules/",
+        ]);
+        let Command::Explain(args) = cli.command else { panic!() };
+        assert!(args.json);
+        assert_eq!(args.rules, Some(PathBuf::from("rules/")));
+        let q = args.query();
+        assert_eq!(
+            (q.from.as_str(), q.to.as_str(), q.proto.as_str(), q.port),
+            ("10.30.0.5", "10.40.0.9", "tcp", Some(5432))
+        );
+        assert_eq!((q.from_mac.as_deref(), q.to_mac.as_deref()), (Some("52:54:00:00:00:01"), None));
+        assert_eq!(q.from_interface.as_deref(), Some("tap-web-1"));
+        let p = q.packet().unwrap();
+        assert_eq!((p.proto, p.dport, p.src_interface.as_deref()), (6, 5432, Some("tap-web-1")));
+
+        // --rules (offline) and --socket (the agent) are two ways to ask; one at a time.
+        let both =
+            ["backplane", "explain", "--from", "a", "--to", "b", "--proto", "tcp", "--rules", "r", "--socket", "s"];
+        assert_eq!(Cli::try_parse_from(both).unwrap_err().kind(), ErrorKind::ArgumentConflict);
+        let missing = ["backplane", "explain", "--from", "10.0.0.1", "--to", "10.0.0.2"];
+        assert_eq!(Cli::try_parse_from(missing).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+        let bad_port = ["backplane", "explain", "--from", "a", "--to", "b", "--proto", "tcp", "--port", "70000"];
+        assert_eq!(Cli::try_parse_from(bad_port).unwrap_err().kind(), ErrorKind::ValueValidation);
+
+        let Command::Check(args) = Cli::parse_from(["backplane", "check", "rules/"]).command else { panic!() };
+        assert_eq!(args.path, PathBuf::from("rules/"));
+        assert!(Cli::try_parse_from(["backplane", "check"]).is_err(), "check needs a path");
     }
 
     #[test]
@@ -448,11 +696,59 @@ mod tests {
         assert!(lines[0].starts_with("PROTO"));
         assert!(lines[1].contains("10.0.0.1:7") && lines[1].contains("-> ") && lines[1].contains("3/294"));
         assert!(lines[1].contains("tap0,tap1") && lines[1].ends_with("active"));
+        assert!(lines[0].contains("ZONES") && lines[0].contains("POLICY"));
         assert!(render_flows(&[]).contains("(no flows)"));
+        let judged = FlowRecord {
+            verdict: "denied".into(),
+            reason: "default_inter_zone".into(),
+            policy: Some("default_inter_zone".into()),
+            src_zone: Some("db".into()),
+            dst_zone: Some("web".into()),
+            ..record()
+        };
+        let out = render_flows(&[judged.clone()]);
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.contains("denied") && row.contains("db->web") && row.contains("default_inter_zone"), "{row}");
+        let msg = FollowMessage { event: FollowEvent::Start, flow: Some(judged), missed: None };
+        assert!(render_follow(&msg).unwrap().contains("denied db->web by default_inter_zone"));
         let msg = FollowMessage { event: FollowEvent::Start, flow: Some(record()), missed: None };
         assert!(render_follow(&msg).unwrap().contains("start   icmp   10.0.0.1:7 -> 10.0.0.2:7"));
         let upd = FollowMessage { event: FollowEvent::Update, ..msg };
         assert!(render_follow(&upd).is_none());
         assert_eq!(endpoint("fd00::1", 80), "[fd00::1]:80");
+    }
+
+    #[test]
+    fn status_shows_rules_and_zone_pairs() {
+        let observe = render_status(&Status::default());
+        assert!(observe.contains("rules:         none: observing only"), "{observe}");
+        let status = Status {
+            rules: crate::rule_sync::RulesStatus {
+                path: Some("/etc/backplane/rules".into()),
+                generation: 2,
+                loaded_at: Some(rfc3339_ms(0)),
+                files: 3,
+                zones: 3,
+                policies: 6,
+                reloads_ok: 1,
+                reloads_rejected: 1,
+                last_error: vec!["broken.yaml:4:9: unknown zone \"nowhere\" in to".into()],
+                last_error_at: Some(rfc3339_ms(1000)),
+            },
+            zone_pairs: vec![crate::agent::ZonePairStatus {
+                src_zone: "db".into(),
+                dst_zone: "web".into(),
+                verdict: "denied".into(),
+                reason: "default_inter_zone".into(),
+                packets: 3,
+                bytes: 222,
+            }],
+            ..Status::default()
+        };
+        let out = render_status(&status);
+        assert!(out.contains("generation 2, since 1970-01-01T00:00:00.000Z: 3 files, 3 zones, 6 policies"), "{out}");
+        assert!(out.contains("1 put in force, 1 rejected"), "{out}");
+        assert!(out.contains("    broken.yaml:4:9: unknown zone"), "{out}");
+        assert!(out.contains("db->web  denied  default_inter_zone   3 packets, 222 bytes"), "{out}");
     }
 }

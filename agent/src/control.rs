@@ -1,9 +1,11 @@
 //! The control socket: newline-delimited JSON over a Unix socket.
 //!
-//! A client sends one request line, `{"cmd":"flows"}`, `{"cmd":"status"}` or
-//! `{"cmd":"follow"}`. `flows` and `status` get one reply line (a JSON array of flow
-//! records; a status object); `follow` gets a stream of lines, one per flow event or
-//! record update, until the client goes. Errors are `{"error":"..."}`. Only root
+//! A client sends one request line, `{"cmd":"flows"}`, `{"cmd":"status"}`,
+//! `{"cmd":"follow"}` or `{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9",
+//! "proto":"tcp","port":5432}` (the fields of [`ExplainQuery`]). `flows`, `status` and
+//! `explain` get one reply line (a JSON array of flow records; a status object; an
+//! [`crate::explain::ExplainReply`]); `follow` gets a stream of lines, one per flow event
+//! or record update, until the client goes. Errors are `{"error":"..."}`. Only root
 //! (peer uid 0) is served; the socket itself is mode 0600.
 
 use std::{
@@ -24,6 +26,7 @@ use tokio::{
 use crate::{
     agent::Agent,
     error::ControlError,
+    explain::ExplainQuery,
     flows::{FollowEvent, FollowMessage},
 };
 
@@ -33,12 +36,14 @@ const MAX_REQUEST: u64 = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Flows,
     Status,
     Follow,
+    /// The verdict the rules in force give a flow, and why.
+    Explain(ExplainQuery),
 }
 
 /// An error reply line.
@@ -144,7 +149,7 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
         Err(e) => {
             return write_error(
                 &mut write,
-                format!(r#"bad request: {e} (expected {{"cmd":"flows"|"status"|"follow"}})"#),
+                format!(r#"bad request: {e} (expected {{"cmd":"flows"|"status"|"follow"|"explain",...}})"#),
             )
             .await;
         }
@@ -156,6 +161,10 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
         }
         Request::Status => write_line(&mut write, &agent.status()).await,
         Request::Follow => follow(reader, write, agent).await,
+        Request::Explain(query) => match agent.explain(&query) {
+            Ok(reply) => write_line(&mut write, &reply).await,
+            Err(e) => write_error(&mut write, e.to_string()).await,
+        },
     }
 }
 
@@ -262,6 +271,22 @@ mod tests {
         assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"cmd":"status"}"#);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"follow"}"#).unwrap(), Request::Follow);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        let explain = Request::Explain(ExplainQuery {
+            from: "10.30.0.5".into(),
+            to: "10.40.0.9".into(),
+            proto: "tcp".into(),
+            port: Some(5432),
+            ..ExplainQuery::default()
+        });
+        let line = serde_json::to_string(&explain).unwrap();
+        assert!(
+            line.starts_with(r#"{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9","proto":"tcp","port":5432"#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), explain);
+        // Optional fields may be left out.
+        let short = r#"{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9","proto":"icmp"}"#;
+        assert!(matches!(serde_json::from_str::<Request>(short).unwrap(), Request::Explain(q) if q.port.is_none()));
     }
 
     #[test]

@@ -9,11 +9,12 @@ use std::{
     collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::FdLink,
@@ -24,14 +25,17 @@ use aya::{
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
     config::CONFIG_INDEX,
-    maps::{CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT},
+    maps::{CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT, ZONE_PAIR_STATS},
+    policy::{ZonePairKey, ZonePairStats},
 };
+use backplane_rules::CompiledRules;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{DatapathError, PortError, report},
     ifnames::name_to_index,
     paths::{BPF_PIN_ROOT, BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path, links_dir},
+    rule_tables::{self, RuleTables, TableError},
 };
 
 /// `statfs(2)` magic number of bpffs.
@@ -194,6 +198,19 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     ports: BTreeMap<u32, AttachedPort>,
+    /// The double-buffered rule tables (`ENDPOINTS`, `ZONE_CIDRS`, `ZONES`, `POLICIES`).
+    rule_tables: RuleTables,
+    zone_pair_stats: PerCpuHashMap<MapData, ZonePairKey, ZonePairStats>,
+    /// The compiled rule set in force, which gives ports their zones; `None`: observe only.
+    rules: Option<Arc<CompiledRules>>,
+}
+
+/// A rule set written into the half of the rule tables that is not in force, waiting for
+/// [`Datapath::activate_rules`].
+#[must_use = "a staged rule set is not in force until activated"]
+pub struct StagedRules {
+    slot: u8,
+    compiled: Arc<CompiledRules>,
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless something is mounted there already.
@@ -319,6 +336,9 @@ impl Datapath {
             Array::try_from(take_map(&mut ebpf, CONFIG)?).map_err(DatapathError::map(CONFIG))?;
         // Generation 0, no flags: observe only until rule sets arrive.
         config.set(CONFIG_INDEX, DatapathConfig::default(), 0).map_err(DatapathError::map(CONFIG))?;
+        let rule_tables = RuleTables::from_ebpf(&mut ebpf).map_err(DatapathError::RuleTables)?;
+        let zone_pair_stats = PerCpuHashMap::try_from(take_map(&mut ebpf, ZONE_PAIR_STATS)?)
+            .map_err(DatapathError::map(ZONE_PAIR_STATS))?;
 
         let datapath = Self {
             ebpf,
@@ -330,6 +350,9 @@ impl Datapath {
             counters,
             config,
             ports: BTreeMap::new(),
+            rule_tables,
+            zone_pair_stats,
+            rules: None,
         };
         Ok((datapath, DatapathMaps { flows, events }))
     }
@@ -394,7 +417,10 @@ impl Datapath {
             path: links,
             source,
         })?;
-        let info = PortInfo { role: role as u8, ..PortInfo::default() };
+        // Both halves of the rule tables get the zone of the rules in force: the half not
+        // in force is rewritten for every port before it is next put in force.
+        let zone = self.port_zone(name);
+        let info = PortInfo { role: role as u8, zone: [zone, zone], ..PortInfo::default() };
         self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
             ifname: name.into(),
             ifindex,
@@ -502,14 +528,82 @@ impl Datapath {
         true
     }
 
-    /// Follows a rename of an attached port: moves its link pins.
+    /// Follows a rename of an attached port: moves its link pins, and gives it the zone
+    /// its new name has under the rules in force (interface members match names).
     pub fn rename_port(&mut self, ifindex: u32, new_name: &str) {
         let pin_dir = self.pin_dir.clone();
+        let zone = self.port_zone(new_name);
         if let Some(port) = self.ports.get_mut(&ifindex) {
             port.xdp.rename(link_pin_path(&pin_dir, new_name, XDP_LINK_SUFFIX));
             port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX));
             new_name.clone_into(&mut port.name);
+            match self.ports_map.get(&ifindex, 0) {
+                Ok(info) if info.zone != [zone, zone] => {
+                    if let Err(e) = self.ports_map.insert(ifindex, PortInfo { zone: [zone, zone], ..info }, 0) {
+                        log::warn!("{new_name}: cannot update its zone in PORTS: {}", report(&e));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("{new_name}: cannot read its PORTS entry: {}", report(&e)),
+            }
         }
+    }
+
+    /// The zone a port of this name has under the rules in force (0: none).
+    fn port_zone(&self, name: &str) -> u16 {
+        self.rules.as_ref().and_then(|r| r.zone_for_interface(name)).unwrap_or(0)
+    }
+
+    /// Writes a compiled rule set into the half of the rule tables that is not in force,
+    /// with the zones of the attached ports for that half. The rules in force are not
+    /// touched; on failure the half written is cleared again.
+    pub fn stage_rules(&mut self, compiled: Arc<CompiledRules>) -> Result<StagedRules, TableError> {
+        let config = self.config.get(&CONFIG_INDEX, 0).map_err(|source| TableError::Map { map: CONFIG, source })?;
+        let slot = rule_tables::next_slot(&config);
+        self.rule_tables.write_slot(slot, &compiled)?;
+        let ports: Vec<(u32, &str)> = self.ports.iter().map(|(&i, p)| (i, p.name.as_str())).collect();
+        rule_tables::write_port_zones(&mut self.ports_map, slot, &compiled, ports)?;
+        Ok(StagedRules { slot, compiled })
+    }
+
+    /// Puts a staged rule set in force with one write of `CONFIG`; returns its generation.
+    /// Flows judged under an earlier generation are judged again on their next packet.
+    pub fn activate_rules(&mut self, staged: StagedRules) -> Result<u32, TableError> {
+        let generation = rule_tables::activate(&mut self.config, staged.slot, &staged.compiled)?;
+        self.rules = Some(staged.compiled);
+        Ok(generation)
+    }
+
+    /// The compiled rule set in force, if any.
+    #[must_use]
+    pub fn rules(&self) -> Option<&Arc<CompiledRules>> {
+        self.rules.as_ref()
+    }
+
+    /// Packets and bytes denied or audited, by (source zone, destination zone, verdict,
+    /// reason), summed over CPUs; in key order. Entries that cannot be read are skipped.
+    #[must_use]
+    pub fn zone_pair_stats(&self) -> Vec<(ZonePairKey, ZonePairStats)> {
+        let mut out: Vec<(ZonePairKey, ZonePairStats)> = self
+            .zone_pair_stats
+            .iter()
+            .filter_map(|entry| match entry {
+                Ok((key, per_cpu)) => Some((
+                    key,
+                    per_cpu.iter().fold(ZonePairStats::default(), |sum, s| ZonePairStats {
+                        packets: sum.packets.wrapping_add(s.packets),
+                        bytes: sum.bytes.wrapping_add(s.bytes),
+                    }),
+                )),
+                Err(MapError::KeyNotFound) => None,
+                Err(e) => {
+                    log::debug!("reading {ZONE_PAIR_STATS}: {e}");
+                    None
+                }
+            })
+            .collect();
+        out.sort_by_key(|(k, _)| (k.src_zone, k.dst_zone, k.verdict, k.reason));
+        out
     }
 
     /// Ports as `status` shows them, by ifindex.

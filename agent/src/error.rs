@@ -84,6 +84,9 @@ pub enum DatapathError {
 
     #[error("invalid option: {0}")]
     InvalidOption(String),
+
+    #[error("rule tables: {0}")]
+    RuleTables(#[source] crate::rule_tables::TableError),
 }
 
 impl DatapathError {
@@ -172,6 +175,87 @@ pub enum WatchError {
         #[source]
         source: glob::PatternError,
     },
+}
+
+/// Loading a rule set and putting it in force.
+#[derive(Debug, Error)]
+pub enum RulesError {
+    /// The rule files have errors; each prints as `file:line:column: message`.
+    #[error("{}", invalid_rules(path, errors))]
+    Invalid { path: PathBuf, errors: Vec<backplane_rules::RuleError> },
+
+    #[error("rules {kind} {path} is gone", kind = if *was_dir { "directory" } else { "file" })]
+    Gone { path: PathBuf, was_dir: bool },
+
+    #[error("rules path {path} cannot be read: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+
+    #[error("cannot write the rules of {path} into the data path: {source}")]
+    Tables {
+        path: PathBuf,
+        #[source]
+        source: crate::rule_tables::TableError,
+    },
+}
+
+/// `N error(s) in PATH:` and then each error on its own line.
+fn invalid_rules(path: &std::path::Path, errors: &[backplane_rules::RuleError]) -> String {
+    let mut text = format!(
+        "{} error{} in the rules at {}:",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" },
+        path.display()
+    );
+    for e in errors {
+        text.push('\n');
+        text.push_str(&e.to_string());
+    }
+    text
+}
+
+impl RulesError {
+    /// Each problem as one line: `file:line:column: message` for rule file errors.
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Self::Invalid { errors, .. } => errors.iter().map(ToString::to_string).collect(),
+            other => vec![report(other)],
+        }
+    }
+}
+
+/// Explaining a flow: arguments that do not describe one.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ExplainError {
+    #[error("{arg}: {value:?} is not an IPv4 or IPv6 address")]
+    BadAddress { arg: &'static str, value: String },
+
+    #[error("--from {from} and --to {to} are of different address families; give two IPv4 or two IPv6 addresses")]
+    MixedFamilies { from: String, to: String },
+
+    #[error("--proto: {0}")]
+    BadProto(String),
+
+    #[error("--proto {proto} is {family} but the addresses are {other}; use --proto {instead}")]
+    WrongIcmp { proto: &'static str, family: &'static str, other: &'static str, instead: &'static str },
+
+    #[error("--port: {proto} has no ports; leave --port out")]
+    PortWithoutPorts { proto: String },
+
+    #[error("--port is required with --proto {proto}: the destination port, 1-65535")]
+    PortRequired { proto: String },
+
+    #[error("--port: 0 is not a destination port; expected 1-65535")]
+    PortZero,
+
+    #[error("{arg}: {reason}")]
+    BadMac { arg: &'static str, reason: String },
+
+    #[error("--from-interface: an interface name cannot be empty")]
+    EmptyInterface,
+
+    #[error("the agent has no rules in force (it runs without --rules); explain offline with --rules PATH")]
+    NoRules,
 }
 
 /// A ring buffer record that is not a valid [`backplane_common::FlowEvent`].

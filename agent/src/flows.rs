@@ -34,6 +34,7 @@ use crate::{
     error::DecodeError,
     ifnames::IfNames,
     map_batch::{self, BatchError},
+    rule_names::{NameTable, RuleNames},
 };
 
 /// Idle time after which a flow that saw FIN/RST (`STATE_ENDED`) is expired.
@@ -53,7 +54,9 @@ const FOLLOW_CHANNEL: usize = 8192;
 /// One flow as the CLI and the control socket show it.
 ///
 /// `src` is the side that sent the flow's first packet (the initiator); `fwd` counts
-/// what it sent, `rev` what it received.
+/// what it sent, `rev` what it received. `src_zone`, `dst_zone` and `policy` are those of
+/// the rule set that judged the flow; all three are `None` when no rule set did
+/// (verdict `observed`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowRecord {
     pub src_ip: String,
@@ -140,13 +143,15 @@ fn initiator(value: &FlowValue) -> usize {
     usize::from(value.initiator == DIR_HI_TO_LO)
 }
 
-/// Builds the exported record of a flow from its key and kernel value.
+/// Builds the exported record of a flow from its key and kernel value; zone and policy
+/// ids are named by `names`.
 pub fn record_from_kernel(
     key: &FlowKey,
     value: &FlowValue,
     state: RecordState,
     clock: &Clock,
     ifname: &dyn Fn(u32) -> String,
+    names: &NameTable,
 ) -> FlowRecord {
     let fwd = initiator(value);
     let rev = fwd ^ 1;
@@ -166,6 +171,17 @@ pub fn record_from_kernel(
     let first_ms = clock.unix_ms(value.first_seen_ns);
     let last_ms = clock.unix_ms(value.last_seen_ns);
     let state = if value.state & STATE_ENDED != 0 { RecordState::Ended } else { state };
+    // Zones are stored per side of the key; the record's src is the initiator.
+    let judged_by_rules = value.reason != Reason::NoRules as u8;
+    let (src_zone, dst_zone, policy) = if judged_by_rules {
+        (
+            Some(names.zone(value.zone[fwd])),
+            Some(names.zone(value.zone[rev])),
+            names.policy(value.generation, value.policy_id),
+        )
+    } else {
+        (None, None, None)
+    };
     FlowRecord {
         src_ip: addr_text(src, key.family),
         dst_ip: addr_text(dst, key.family),
@@ -188,9 +204,9 @@ pub fn record_from_kernel(
             .map_or_else(|| format!("unknown({})", value.verdict), |v| v.as_str().into()),
         reason: Reason::from_u8(value.reason)
             .map_or_else(|| format!("unknown({})", value.reason), |r| r.as_str().into()),
-        policy: None,
-        src_zone: None,
-        dst_zone: None,
+        policy,
+        src_zone,
+        dst_zone,
     }
 }
 
@@ -294,6 +310,7 @@ pub struct FlowTable {
     clock: Clock,
     idle_timeout_ns: u64,
     ifnames: Arc<IfNames>,
+    rule_names: Arc<RuleNames>,
     records: HashMap<FlowKey, FlowRecordState>,
     history: VecDeque<FlowRecord>,
     history_capacity: usize,
@@ -302,11 +319,12 @@ pub struct FlowTable {
 
 impl FlowTable {
     #[must_use]
-    pub fn new(clock: Clock, idle_timeout_ns: u64, ifnames: Arc<IfNames>) -> Self {
+    pub fn new(clock: Clock, idle_timeout_ns: u64, ifnames: Arc<IfNames>, rule_names: Arc<RuleNames>) -> Self {
         Self {
             clock,
             idle_timeout_ns,
             ifnames,
+            rule_names,
             records: HashMap::new(),
             history: VecDeque::new(),
             history_capacity: HISTORY_CAPACITY,
@@ -315,8 +333,8 @@ impl FlowTable {
     }
 
     fn render(&self, key: &FlowKey, value: &FlowValue, state: RecordState) -> FlowRecord {
-        let names = &self.ifnames;
-        record_from_kernel(key, value, state, &self.clock, &|idx| names.name(idx))
+        let ifnames = &self.ifnames;
+        record_from_kernel(key, value, state, &self.clock, &|idx| ifnames.name(idx), &self.rule_names.read())
     }
 
     fn push_history(&mut self, record: FlowRecord) {
@@ -642,7 +660,14 @@ mod tests {
             reason: Reason::NoRules as u8,
             ..FlowValue::default()
         };
-        let r = record_from_kernel(&key, &value, RecordState::Active, &Clock::with_offset_ns(BOOT), &names);
+        let r = record_from_kernel(
+            &key,
+            &value,
+            RecordState::Active,
+            &Clock::with_offset_ns(BOOT),
+            &names,
+            &NameTable::default(),
+        );
         assert_eq!(r.src_ip, "10.0.0.2");
         assert_eq!(r.src_port, 5555);
         assert_eq!(r.dst_ip, "10.0.0.1");
@@ -661,7 +686,14 @@ mod tests {
 
         // The same flow started by the lo side swaps everything.
         let value = FlowValue { initiator: DIR_LO_TO_HI, ..value };
-        let r = record_from_kernel(&key, &value, RecordState::Active, &Clock::with_offset_ns(BOOT), &names);
+        let r = record_from_kernel(
+            &key,
+            &value,
+            RecordState::Active,
+            &Clock::with_offset_ns(BOOT),
+            &names,
+            &NameTable::default(),
+        );
         assert_eq!((r.src_ip.as_str(), r.src_port), ("10.0.0.1", 80));
         assert_eq!((r.fwd_packets, r.rev_packets), (7, 3));
         assert_eq!(r.interfaces, vec!["port11".to_string(), "port12".to_string()]);
@@ -678,7 +710,14 @@ mod tests {
             state: STATE_ENDED,
             ..FlowValue::default()
         };
-        let r = record_from_kernel(&key, &value, RecordState::Active, &Clock::with_offset_ns(0), &names);
+        let r = record_from_kernel(
+            &key,
+            &value,
+            RecordState::Active,
+            &Clock::with_offset_ns(0),
+            &names,
+            &NameTable::default(),
+        );
         let json = serde_json::to_value(&r).unwrap();
         for field in [
             "src_ip",
@@ -716,12 +755,77 @@ mod tests {
     }
 
     #[test]
+    fn zones_and_policy_are_named_from_the_initiator() {
+        use backplane_common::policy::{POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_NONE};
+        let text = "zones:\n  web: { members: [ { cidr: 10.30.0.0/24 } ] }\n  db: { members: [ { cidr: 10.40.0.0/24 } ] }\n\
+                    policies:\n  - { name: web-to-db, from: web, to: db, allow: [ { proto: tcp, ports: [5432] } ] }\n";
+        let rules = backplane_rules::parse_rules([(std::path::Path::new("r.yaml"), text)]).unwrap();
+        let compiled = backplane_rules::compile(&rules, &backplane_rules::ZoneIds::new());
+        let (web, db) = (compiled.zone_ids.id("web").unwrap(), compiled.zone_ids.id("db").unwrap());
+        let mut names = NameTable::default();
+        names.publish(3, &compiled);
+        // db (10.40.0.9, the hi side) starts a flow to web (10.30.0.5): zone[] is per side.
+        let (key, dir) = FlowKey::canonical(&v4([10, 40, 0, 9]), 40000, &v4([10, 30, 0, 5]), 8080, 0, 6, FAMILY_IPV4);
+        assert_eq!(dir, DIR_HI_TO_LO);
+        let value = FlowValue {
+            initiator: dir,
+            zone: [web, db], // [lo = web, hi = db]
+            verdict: Verdict::Denied as u8,
+            reason: Reason::DefaultInterZone as u8,
+            policy_id: POLICY_ID_DEFAULT_INTER_ZONE,
+            generation: 3,
+            ..FlowValue::default()
+        };
+        let clock = Clock::with_offset_ns(0);
+        let r = record_from_kernel(&key, &value, RecordState::Active, &clock, &names_of, &names);
+        assert_eq!(
+            (r.src_ip.as_str(), r.src_zone.as_deref(), r.dst_zone.as_deref()),
+            ("10.40.0.9", Some("db"), Some("web"))
+        );
+        assert_eq!((r.verdict.as_str(), r.reason.as_str()), ("denied", "default_inter_zone"));
+        assert_eq!(r.policy.as_deref(), Some("default_inter_zone"));
+
+        // web starts it: the same key, the other initiator; policy 0 of generation 3.
+        let value = FlowValue {
+            initiator: DIR_LO_TO_HI,
+            verdict: Verdict::Allowed as u8,
+            reason: Reason::PolicyAllow as u8,
+            policy_id: 0,
+            ..value
+        };
+        let r = record_from_kernel(&key, &value, RecordState::Active, &clock, &names_of, &names);
+        assert_eq!(
+            (r.src_zone.as_deref(), r.dst_zone.as_deref(), r.policy.as_deref()),
+            (Some("web"), Some("db"), Some("web-to-db"))
+        );
+        // A zone id no rule set named.
+        let value = FlowValue { zone: [77, db], ..value };
+        let r = record_from_kernel(&key, &value, RecordState::Active, &clock, &names_of, &names);
+        assert_eq!(r.src_zone.as_deref(), Some("zone-77"));
+        // Without rules: observed, nothing to name.
+        let value = FlowValue { policy_id: POLICY_ID_NONE, ..FlowValue::default() };
+        let r = record_from_kernel(&key, &value, RecordState::Active, &clock, &names_of, &names);
+        assert_eq!((r.verdict.as_str(), r.src_zone, r.dst_zone, r.policy), ("observed", None, None, None));
+    }
+
+    fn names_of(idx: u32) -> String {
+        format!("port{idx}")
+    }
+
+    #[test]
     fn ipv6_and_unknown_values() {
         let a: [u8; 16] = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
         let b: [u8; 16] = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
         let (key, dir) = FlowKey::canonical(&a, 1, &b, 2, 0, 132, FAMILY_IPV6);
         let value = FlowValue { initiator: dir, verdict: 200, reason: 99, ..FlowValue::default() };
-        let r = record_from_kernel(&key, &value, RecordState::Active, &Clock::with_offset_ns(0), &names);
+        let r = record_from_kernel(
+            &key,
+            &value,
+            RecordState::Active,
+            &Clock::with_offset_ns(0),
+            &names,
+            &NameTable::default(),
+        );
         assert_eq!((r.src_ip.as_str(), r.dst_ip.as_str()), ("fd00::1", "fd00::2"));
         assert_eq!(r.proto, "132");
         assert_eq!(r.verdict, "unknown(200)");
@@ -733,7 +837,12 @@ mod tests {
     }
 
     fn table(idle_s: u64) -> FlowTable {
-        FlowTable::new(Clock::with_offset_ns(BOOT), idle_s * 1_000_000_000, Arc::new(IfNames::new()))
+        FlowTable::new(
+            Clock::with_offset_ns(BOOT),
+            idle_s * 1_000_000_000,
+            Arc::new(IfNames::new()),
+            Arc::new(RuleNames::new()),
+        )
     }
 
     fn flow(n: u8) -> (FlowKey, u8) {

@@ -7,7 +7,11 @@
 //! - [`control`]: the control socket's protocol, server and client
 //! - [`agent`]: `backplane run` from start to orderly exit
 //! - [`cli`]: the command line
+//! - [`rule_sync`]: the rules in force: load, put in force, follow their files
 //! - [`rule_tables`]: writing compiled rule sets into the kernel's tables
+//! - [`rule_watch`]: noticing that rule files changed
+//! - [`rule_names`]: names of the zone and policy ids in flows and counters
+//! - [`explain`]: the verdict a rule set gives a flow, and why
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
 pub mod agent;
@@ -17,12 +21,16 @@ pub mod control;
 pub mod datapath;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod flows;
 pub mod ifnames;
 pub mod map_batch;
 pub mod paths;
 pub mod ports;
+pub mod rule_names;
+pub mod rule_sync;
 pub mod rule_tables;
+pub mod rule_watch;
 
 /// The compiled data path (eBPF object), embedded at build time.
 pub static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backplane-datapath"));

@@ -1,4 +1,5 @@
-//! `backplane`: the agent (`run`) and its clients (`flows`, `status`).
+//! `backplane`: the agent (`run`), its clients (`flows`, `status`, `explain`) and the
+//! rule checker (`check`).
 
 use clap::Parser as _;
 
@@ -19,7 +20,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(backplane::cli::dispatch(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // Error messages here already name their cause; add only causes they omit.
             eprintln!("backplane: {}", backplane::error::report(e.as_ref()));
