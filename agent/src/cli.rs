@@ -706,7 +706,7 @@ mod tests {
             dst_zone: Some("web".into()),
             ..record()
         };
-        let out = render_flows(&[judged.clone()]);
+        let out = render_flows(std::slice::from_ref(&judged));
         let row = out.lines().nth(1).unwrap();
         assert!(row.contains("denied") && row.contains("db->web") && row.contains("default_inter_zone"), "{row}");
         let msg = FollowMessage { event: FollowEvent::Start, flow: Some(judged), missed: None };
