@@ -130,8 +130,9 @@ mod tests {
         let mut event = sample();
         event.kind = 0;
         assert_eq!(FlowEvent::from_bytes(&to_bytes(&event)), Err(DecodeError::UnknownKind(0)));
-        event.kind = 3;
-        assert_eq!(FlowEvent::from_bytes(&to_bytes(&event)), Err(DecodeError::UnknownKind(3)));
+        // 3 is `Announce` now; a kind no data path sends.
+        event.kind = 200;
+        assert_eq!(FlowEvent::from_bytes(&to_bytes(&event)), Err(DecodeError::UnknownKind(200)));
         let mut event = sample();
         event.direction = 2;
         assert_eq!(FlowEvent::from_bytes(&to_bytes(&event)), Err(DecodeError::BadDirection(2)));
