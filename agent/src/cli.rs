@@ -285,7 +285,12 @@ async fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let packet = match query.packet() {
         Ok(packet) => packet,
         Err(e) => {
-            let usage = Cli::command().error(ErrorKind::ValueValidation, e);
+            let mut cli = Cli::command();
+            cli.build();
+            let usage = match cli.find_subcommand_mut("explain") {
+                Some(explain) => explain.error(ErrorKind::ValueValidation, e),
+                None => cli.error(ErrorKind::ValueValidation, e),
+            };
             let _ = usage.print();
             return Ok(ExitCode::from(u8::try_from(usage.exit_code()).unwrap_or(2)));
         }
