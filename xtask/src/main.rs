@@ -46,8 +46,9 @@ enum Task {
         #[arg(last = true, value_name = "TEST_BINARY_ARGS")]
         test_args: Vec<String>,
     },
-    /// Setup, build the agent, and run it on a lab of three VMs (two veth, one tap) that
-    /// ping, talk TCP and UDP, and ping over IPv6; then show its flows and status.
+    /// Setup, build the agent, and run it with the three-zones rules on a lab of three
+    /// VMs (web, db, mgmt): flows allowed, denied and audited, each shown with the policy
+    /// that decided it; explain, a hot reload and a rejected broken rule file.
     Demo,
 }
 
