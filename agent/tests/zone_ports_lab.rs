@@ -63,5 +63,14 @@ fn a_late_port_gets_its_zone_and_a_reload_moves_it() {
         .find(|f| f["proto"] == "icmp" && f["src_ip"] == "10.61.0.2" && f["verdict"] == "allowed")
         .expect("an allowed b -> a flow");
     assert_eq!((f["src_zone"].as_str(), f["policy"].as_str()), (Some("taps-v2"), Some("taps-out")), "{f:#}");
+
+    // explain, asked from the agent, answers with the rules in force.
+    let ask = ["explain", "--from", "10.61.0.2", "--to", "10.61.0.1", "--proto", "icmp", "--json", "--from-interface"];
+    let v = agent.cli_json(&[&ask[..], &[b.host_port()]].concat());
+    assert_eq!((v["src_zone"].as_str(), v["dst_zone"].as_str()), (Some("taps-v2"), Some("world")), "{v:#}");
+    assert_eq!((v["verdict"].as_str(), v["policy"].as_str()), (Some("allowed"), Some("taps-out")), "{v:#}");
+    let text = agent.cli(&ask[..ask.len() - 2]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("source:      zone world") && text.contains("verdict:     allowed (reason intra_zone"), "{text}");
     agent.stop();
 }
