@@ -1,4 +1,6 @@
-//! Loading the data path, attaching it to ports, and reading its counters.
+//! Loading the data path, attaching it to ports, putting rule sets in force (staged into
+//! the idle half of the rule tables, then activated; see [`crate::rule_tables`]), and
+//! reading its counters.
 //!
 //! Maps are pinned under the pin directory (`<pin-dir>/<MAP>`) and each port's two
 //! links under `<pin-dir>/links/<ifname>:xdp` and `:tc`, so the programs stay attached
