@@ -41,7 +41,7 @@ fn tcp_works(from: &Vm, to: &Vm, port: u16) -> bool {
     let ok = from.in_netns(|| {
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-        s.write_all(&[9u8; 65536]).ok()?;
+        s.write_all(&vec![9u8; 65536]).ok()?;
         let mut back = vec![0u8; 65536];
         s.read_exact(&mut back).ok()?;
         Some(())
@@ -50,8 +50,8 @@ fn tcp_works(from: &Vm, to: &Vm, port: u16) -> bool {
         // Unblock the accept so the server thread ends.
         let _ = to.in_netns(|| TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(to.ip()), port), Duration::from_millis(200)));
     }
-    let served = server.join().expect("server thread");
-    ok.is_some() && served.is_some()
+    let answered = server.join().expect("server thread");
+    ok.is_some() && answered.is_some()
 }
 
 /// Whether one UDP datagram from `from` reaches `to:port`.
@@ -141,7 +141,7 @@ fn three_zones_enforced_on_the_wire_with_hot_reload() {
     std::fs::write(rules.join("broken.yaml"), "policies:\n  - name: bad\n    from: db\n    to: nowhere\n    allow: []\n").unwrap();
     let rejection = agent.wait_for(Duration::from_secs(2), "the rejection in status", |a| {
         let r = a.status()["rules"].clone();
-        r["last_error"].as_array().filter(|e| !e.is_empty()).map(|e| e.clone())
+        r["last_error"].as_array().filter(|e| !e.is_empty()).cloned()
     });
     let text = serde_json::to_string(&rejection).unwrap();
     assert!(text.contains("broken.yaml:4:"), "names file and line: {text}");
