@@ -113,3 +113,17 @@ fn frames_that_cannot_be_judged_are_dropped_from_vm_ports_while_enforcing() {
     let mut observing = datapath(false, PortRole::Vm, 0);
     assert_eq!(observing.from_port(&bad_ihl), XDP_PASS);
 }
+
+#[test]
+fn a_tcp_fragment_overlapping_the_first_fragments_header_is_dropped() {
+    // RFC 1858: a later fragment at offset 1 (8 bytes) rewrites the TCP header's
+    // flags and window after the first fragment passed.
+    let first = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4_full(A, B, 6, &[], 0x2000, &tcp(5000, 80, TCP_SYN, &[])));
+    let overlap = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4_full(A, B, 6, &[], 1, &[0u8; 16]));
+    let mut dp = datapath(true, PortRole::Vm, 0);
+    assert_eq!(dp.from_port(&first), XDP_PASS);
+    assert_eq!(dp.from_port(&overlap), XDP_DROP);
+    assert_eq!(dp.counter(Counter::OverlappingFragment), 1);
+    let later = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4_full(A, B, 6, &[], 5, &[0u8; 16]));
+    assert_eq!(dp.from_port(&later), XDP_PASS, "a fragment past the header joins the flow");
+}

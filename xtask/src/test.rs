@@ -136,7 +136,14 @@ mod tests {
             .env(RUN_MARKER, &marker)
             .spawn()
             .unwrap();
-        let found = marked_processes(&marker);
+        // Right after spawn the child may not have exec'd yet (its environment and
+        // command line are still the parent's): look until it has, for up to 2 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut found = marked_processes(&marker);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            found = marked_processes(&marker);
+        }
         let _ignored = child.kill();
         let _ignored = child.wait();
         assert_eq!(found.len(), 1, "{found:?}");

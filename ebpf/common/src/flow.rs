@@ -137,7 +137,10 @@ pub struct FlowValue {
     pub reason: u8,
     /// `STATE_*` bits.
     pub state: u8,
-    pub _pad: [u8; 6],
+    /// Payload samples sent for this flow (see [`crate::sample`]), at most
+    /// [`crate::sample::SAMPLES_PER_FLOW`].
+    pub samples: u8,
+    pub _pad: [u8; 5],
 }
 
 /// `FRAGMENTS` key: one fragmented datagram (IPv4 identification, or the IPv6

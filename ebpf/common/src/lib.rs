@@ -11,6 +11,7 @@ pub mod flow;
 pub mod maps;
 pub mod policy;
 pub mod reason;
+pub mod sample;
 
 pub use config::{DatapathConfig, PortInfo, PortRole};
 pub use event::{FlowEvent, FlowEventKind};
@@ -50,4 +51,6 @@ user_pod!(
     policy::VpatchKey,
     policy::VpatchValue,
     event::AnnounceKey,
+    sample::PayloadSample,
+    sample::SampleBudget,
 );

@@ -31,6 +31,13 @@ pub const VPATCHES: &str = "VPATCHES";
 /// burst: `LRU_HASH<AnnounceKey, u64>`.
 pub const ANNOUNCES: &str = "ANNOUNCES";
 
+/// Payload samples of the first packets of flows: `RINGBUF` of
+/// [`crate::sample::PayloadSample`], apart from `FLOW_EVENTS` so that samples never crowd
+/// out flow events.
+pub const PAYLOAD_SAMPLES: &str = "PAYLOAD_SAMPLES";
+/// Per-CPU sample budget of the current second: `PERCPU_ARRAY<SampleBudget>`, one entry.
+pub const SAMPLE_BUDGET: &str = "SAMPLE_BUDGET";
+
 /// XDP program on a port: what the VM (or the uplink's peer) sends into the switch.
 pub const PROG_FROM_PORT: &str = "from_port";
 /// TC egress program on a port: what the switch delivers to the VM (or the uplink).
@@ -55,4 +62,6 @@ pub const PINNED_MAPS: &[&str] = &[
     FRAGMENTS,
     VPATCHES,
     ANNOUNCES,
+    PAYLOAD_SAMPLES,
+    SAMPLE_BUDGET,
 ];

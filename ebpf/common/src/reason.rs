@@ -181,9 +181,19 @@ pub enum Counter {
     /// IPv6 router advertisements and redirects from VM ports, dropped while a rule set
     /// is in force (a VM is not the segment's router).
     RouterAdvertFromVm,
+    /// TCP fragments at offset 8, which can only overlap the first fragment's header
+    /// (RFC 1858), dropped while a rule set is in force.
+    OverlappingFragment,
     /// Announcement events sent (RARP, gratuitous ARP, unsolicited neighbour
     /// advertisement; at most one per MAC and port per second).
     Announcements,
+    /// Payload samples put in the `PAYLOAD_SAMPLES` ring buffer.
+    PayloadSamples,
+    /// Payload samples lost because the `PAYLOAD_SAMPLES` ring buffer was full.
+    PayloadSamplesLost,
+    /// Payload samples skipped because this CPU's budget for the second was spent, or
+    /// the frame could not be copied.
+    PayloadSamplesSkipped,
     /// Number of counters; not a counter.
     Count,
 }
@@ -219,7 +229,11 @@ impl Counter {
         Self::UnjudgedDropped,
         Self::Spoofed,
         Self::RouterAdvertFromVm,
+        Self::OverlappingFragment,
         Self::Announcements,
+        Self::PayloadSamples,
+        Self::PayloadSamplesLost,
+        Self::PayloadSamplesSkipped,
     ];
 
     /// Snake-case name for status output and metric labels.
@@ -255,7 +269,11 @@ impl Counter {
             Self::UnjudgedDropped => "unjudged_dropped",
             Self::Spoofed => "spoofed",
             Self::RouterAdvertFromVm => "router_advert_from_vm",
+            Self::OverlappingFragment => "overlapping_fragment",
             Self::Announcements => "announcements",
+            Self::PayloadSamples => "payload_samples",
+            Self::PayloadSamplesLost => "payload_samples_lost",
+            Self::PayloadSamplesSkipped => "payload_samples_skipped",
             Self::Count => "count",
         }
     }

@@ -11,13 +11,16 @@ use backplane_common::{
     flow::STATE_ENDED,
     policy::{ZonePairKey, ZonePairStats},
     reason::Counter,
+    sample::SAMPLES_PER_FLOW,
 };
 
 use crate::{
     counters, events,
+    frame::Frame,
     maps::{FLOWS, PORTS, ZONE_PAIR_STATS},
     parse::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
     policy::{self, End},
+    sample,
 };
 
 /// Where the packet is seen.
@@ -65,7 +68,7 @@ fn idx(dir: u8) -> usize {
 
 /// Tracks one packet of a flow and returns whether it passes.
 #[inline(always)]
-pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook: Hook) -> Action {
+pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook: Hook) -> Action {
     let (key, dir) = FlowKey::canonical(
         &packet.src,
         packet.sport,
@@ -79,7 +82,7 @@ pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(flow) => flow,
-        None => return create(cfg, &key, dir, packet, len, ifindex, hook, now),
+        None => return create(frame, cfg, &key, dir, packet, len, ifindex, hook, now),
     };
     // SAFETY: pointer from a map lookup, valid for this program run; concurrent
     // updates of counters go through atomics, the rest are single-word stores.
@@ -110,6 +113,12 @@ pub fn track(cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook
             counters::inc(Counter::EgressOnly);
         }
         counters::inc(Counter::FlowPackets);
+        // One byte compared on the fast path; the first payload packets go to the agent.
+        if flow.samples < SAMPLES_PER_FLOW && sample::has_payload(len, packet.payload_offset) {
+            let index = flow.samples;
+            flow.samples = index + 1;
+            sample::send(frame, &key, len, ifindex, dir, index, now);
+        }
     }
     flow.last_seen_ns = now;
     if packet.proto == IPPROTO_TCP {
@@ -183,7 +192,8 @@ fn ends<'a>(packet: &'a Packet, port_zone: u16, hook: Hook) -> (End<'a>, End<'a>
 
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "the per-packet path passes what it parsed")]
-fn create(
+fn create<F: Frame>(
+    frame: &F,
     cfg: &DatapathConfig,
     key: &FlowKey,
     dir: u8,
@@ -223,6 +233,11 @@ fn create(
     if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         value.state |= STATE_ENDED;
     }
+    // A flow's first packet may carry payload (a DNS query): it is sample 0.
+    let sampled = sample::has_payload(len, packet.payload_offset);
+    if sampled {
+        value.samples = 1;
+    }
     if FLOWS.insert(key, &value, BPF_NOEXIST).is_err() {
         // Another CPU created it first (then count on its entry), or the update failed.
         if let Some(flow) = FLOWS.get_ptr_mut(key) {
@@ -245,6 +260,9 @@ fn create(
     counters::inc(Counter::FlowPackets);
     count_by_zone_pair(&value, len);
     events::emit(FlowEventKind::Start, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
+    if sampled {
+        sample::send(frame, key, len, ifindex, dir, 0, now);
+    }
     if value.state & STATE_ENDED != 0 {
         events::emit(FlowEventKind::End, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
     }

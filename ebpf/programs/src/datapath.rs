@@ -20,7 +20,7 @@ use crate::{
     counters, events,
     frame::Frame,
     maps::{CONFIG, FRAGMENTS, PORTS},
-    parse::{self, FRAG_FIRST, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, Packet, Parsed},
+    parse::{self, FRAG_FIRST, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_TCP, Packet, Parsed},
     policy,
 };
 
@@ -54,7 +54,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
                 if packet.frag == FRAG_FIRST {
                     remember_fragment_ports(&packet);
                 }
-                conntrack::track(&cfg, &packet, len, ifindex, hook)
+                conntrack::track(frame, &cfg, &packet, len, ifindex, hook)
             }
         }
         Parsed::Fragment => {
@@ -64,8 +64,14 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             if enforcing && packet.vlan_tags != 0 && !port_may_send_tagged(ifindex) {
                 counters::inc(Counter::TaggedFromVmPort);
                 Action::Drop
+            } else if enforcing && packet.proto == IPPROTO_TCP && packet.frag_offset == 1 {
+                // A TCP fragment at offset 8 can only overlap the first fragment's TCP
+                // header (RFC 1858): it would rewrite ports or flags after the first
+                // fragment was judged.
+                counters::inc(Counter::OverlappingFragment);
+                Action::Drop
             } else if fill_fragment_ports(&mut packet) {
-                conntrack::track(&cfg, &packet, len, ifindex, hook)
+                conntrack::track(frame, &cfg, &packet, len, ifindex, hook)
             } else {
                 counters::inc(Counter::FragmentWithoutFirst);
                 if enforcing && is_vm_port(ifindex) { Action::Drop } else { Action::Pass }

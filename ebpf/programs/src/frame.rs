@@ -4,7 +4,10 @@
 //! with `bpf_skb_load_bytes`, which also reaches the non-linear part of an skb (GSO
 //! super-frames written by a guest keep their headers there on some paths).
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    programs::{TcContext, XdpContext},
+};
 
 /// Largest header offset the parser reads at. Bounding offsets keeps the verifier
 /// able to prove every packet access in range.
@@ -20,6 +23,12 @@ pub trait Frame {
     /// a packet range. Single header bytes are read together with a neighbour
     /// ([`load_pair`]).
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Copies the frame's first `len` bytes (1 to the size of the buffer) to `dst`, with
+    /// the kernel's copy helper (which also reaches non-linear data); false on failure.
+    ///
+    /// # Safety
+    /// `dst` must be writable for `len` bytes.
+    unsafe fn copy_prefix(&self, dst: *mut u8, len: u32) -> bool;
 }
 
 impl Frame for XdpContext {
@@ -42,6 +51,13 @@ impl Frame for XdpContext {
         // checked just above; T is plain old data read without alignment.
         Some(unsafe { core::ptr::read_unaligned(start as *const T) })
     }
+
+    #[inline(always)]
+    unsafe fn copy_prefix(&self, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: the context is the one the kernel passed; `dst` is writable for `len`
+        // bytes (the caller's promise); the helper checks the frame's bounds.
+        unsafe { bpf_xdp_load_bytes(self.ctx, 0, dst.cast(), len) == 0 }
+    }
 }
 
 impl Frame for TcContext {
@@ -56,6 +72,12 @@ impl Frame for TcContext {
             return None;
         }
         TcContext::load::<T>(self, offset).ok()
+    }
+
+    #[inline(always)]
+    unsafe fn copy_prefix(&self, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: as for XDP: the kernel's skb, a writable destination, a checked copy.
+        unsafe { bpf_skb_load_bytes(self.skb.skb as *const _, 0, dst.cast(), len) == 0 }
     }
 }
 

@@ -18,6 +18,7 @@ mod frame;
 mod maps;
 mod parse;
 mod policy;
+mod sample;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},

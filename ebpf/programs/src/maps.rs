@@ -11,12 +11,15 @@ use backplane_common::{
     event::AnnounceKey,
     policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
     reason::Counter,
+    sample::SampleBudget,
 };
 
 /// Default flow table size; the agent sets the real one (`--flow-table-size`) at load.
 const FLOWS_DEFAULT: u32 = 65_536;
 /// Default ring buffer size in bytes; the agent sets the real one at load.
 const EVENTS_DEFAULT: u32 = 1 << 22;
+/// Default payload sample ring buffer size in bytes; the agent sets the real one at load.
+const SAMPLES_DEFAULT: u32 = 1 << 20;
 
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOWS_DEFAULT, 0);
@@ -60,3 +63,9 @@ pub static VPATCHES: LpmTrie<VpatchKey, VpatchValue> = LpmTrie::pinned(262_144, 
 
 #[map(name = "ANNOUNCES")]
 pub static ANNOUNCES: LruHashMap<AnnounceKey, u64> = LruHashMap::pinned(16_384, 0);
+
+#[map(name = "PAYLOAD_SAMPLES")]
+pub static PAYLOAD_SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_DEFAULT, 0);
+
+#[map(name = "SAMPLE_BUDGET")]
+pub static SAMPLE_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::pinned(1, 0);

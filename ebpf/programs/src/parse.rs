@@ -59,6 +59,8 @@ pub struct Packet {
     pub frag: u8,
     /// Identification of a fragmented datagram (IPv4 16 bits, IPv6 32 bits).
     pub frag_id: u32,
+    /// Offset of a later fragment, in 8-byte units.
+    pub frag_offset: u16,
 }
 
 /// `Packet::frag`: the first fragment of a fragmented datagram (it has the ports).
@@ -108,6 +110,7 @@ impl Packet {
             payload_offset: 0,
             frag: 0,
             frag_id: 0,
+            frag_offset: 0,
         }
     }
 }
@@ -188,6 +191,7 @@ fn parse_ipv4<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Result
     packet.src = [src[0], src[1], src[2], src[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     packet.dst = [dst[0], dst[1], dst[2], dst[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     packet.frag_id = u32::from(id);
+    packet.frag_offset = frag & 0x1fff;
     if frag & 0x1fff != 0 {
         // A later fragment carries no transport header.
         return Ok(Parsed::Fragment);
@@ -224,6 +228,7 @@ fn parse_ipv6<F: Frame>(frame: &F, offset: usize, packet: &mut Packet) -> Result
                 let frag = load_be16(frame, off + 2).ok_or(Counter::ParseBadIpv6Ext)?;
                 let id = frame.load::<[u8; 4]>(off + 4).ok_or(Counter::ParseBadIpv6Ext)?;
                 packet.frag_id = u32::from_be_bytes(id);
+                packet.frag_offset = frag >> 3;
                 if frag & 0xfff8 != 0 {
                     packet.proto = n;
                     return Ok(Parsed::Fragment);
