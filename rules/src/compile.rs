@@ -13,9 +13,9 @@ use backplane_common::{
     Verdict,
     flow::{FAMILY_IPV4, FAMILY_IPV6},
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE, POLICY_ID_DEFAULT_INTER_ZONE,
-        POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, PolicyValue, ZONE_WORLD, ZoneKey,
-        ZoneValue,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_PATCHED, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE, POLICY_ID_DEFAULT_INTER_ZONE,
+        POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, PolicyValue, VPATCH_KEY_PROTO_BITS, VpatchKey,
+        VpatchValue, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey, ZoneValue,
     },
 };
 use globset::{GlobSet, GlobSetBuilder};
@@ -230,6 +230,46 @@ impl PolicyEntry {
     }
 }
 
+/// A `VPATCHES` entry: traffic of one protocol (and port prefix) denied to and from one
+/// endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VpatchEntry {
+    pub endpoint_id: u32,
+    pub proto: u8,
+    /// First port of the prefix (its low bits are zero).
+    pub port: u16,
+    /// LPM prefix length of the whole key: `VPATCH_KEY_PROTO_BITS` (64) for every port,
+    /// up to `VPATCH_KEY_BITS` (80) for one port.
+    pub prefix_len: u32,
+    /// The patch's index in `RuleSet::virtual_patches`.
+    pub patch_id: u32,
+}
+
+impl VpatchEntry {
+    /// The LPM trie key and its prefix length in bits.
+    #[must_use]
+    pub fn key(&self, slot: u8) -> (u32, VpatchKey) {
+        (
+            self.prefix_len,
+            VpatchKey { slot, proto: self.proto, _pad: [0; 2], endpoint_id: self.endpoint_id.to_be_bytes(), port: self.port.to_be_bytes() },
+        )
+    }
+
+    #[must_use]
+    pub fn value(&self) -> VpatchValue {
+        VpatchValue { patch_id: self.patch_id, _pad: [0; 4] }
+    }
+}
+
+/// A virtual patch, compiled: its tag and the (protocol, port, port prefix bits) it
+/// denies, for any endpoint id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledPatch {
+    pub name: String,
+    pub tag: String,
+    pub denies: Vec<(u8, u16, u8)>,
+}
+
 /// A rule set as kernel table entries, slot-free.
 #[derive(Clone, Debug)]
 pub struct CompiledRules {
@@ -252,6 +292,10 @@ pub struct CompiledRules {
     pub default_inter_zone: u8,
     /// Policy names by policy id.
     pub policy_names: Vec<String>,
+    /// Virtual patches by patch id.
+    pub patches: Vec<CompiledPatch>,
+    /// `VPATCHES` entries of the inventory's endpoints (by their tags).
+    pub vpatches: Vec<VpatchEntry>,
 }
 
 impl CompiledRules {
@@ -260,6 +304,24 @@ impl CompiledRules {
     #[must_use]
     pub fn zone_for_interface(&self, ifname: &str) -> Option<u16> {
         self.interface_globs.matches(ifname).into_iter().min().map(|i| self.interfaces[i].zone)
+    }
+
+    /// The `ENDPOINTS` entry of a MAC (a `mac` member or an inventory endpoint).
+    #[must_use]
+    pub fn endpoint(&self, mac: MacAddr) -> Option<&EndpointEntry> {
+        self.endpoints.iter().find(|e| e.mac == mac)
+    }
+
+    /// The `VPATCHES` entries for an endpoint id carrying `tags` (runtime endpoints).
+    #[must_use]
+    pub fn vpatch_entries(&self, endpoint_id: u32, tags: &[String]) -> Vec<VpatchEntry> {
+        compiled_vpatches(&self.patches, endpoint_id, tags)
+    }
+
+    /// A virtual patch's name by id.
+    #[must_use]
+    pub fn patch_name(&self, id: u32) -> Option<&str> {
+        self.patches.get(usize::try_from(id).ok()?).map(|p| p.name.as_str())
     }
 
     /// A policy id's name, or what the special ids stand for.
@@ -299,7 +361,8 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
             Access::Allow => Verdict::Allowed,
             Access::Deny => Verdict::Denied,
         };
-        zones.push(ZoneEntry { zone: zid, value: ZoneValue { intra_zone: intra as u8, flags: 0, _pad: [0; 2] } });
+        let flags = if zone.endpoints.remediation { ZONE_REMEDIATION } else { 0 };
+        zones.push(ZoneEntry { zone: zid, value: ZoneValue { intra_zone: intra as u8, flags, _pad: [0; 2] } });
         for member in &zone.members {
             match &member.matcher {
                 MemberMatch::Mac(mac) => {
@@ -333,6 +396,8 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         }
     }
 
+    let patches = compile_patches(rules);
+    let vpatches = compile_inventory(rules, &zone_ids, &patches, &mut endpoints);
     let (policies, pair_markers) = compile_policies(rules, &zone_ids);
     let default_inter_zone = match rules.default_inter_zone {
         Access::Allow => Verdict::Allowed,
@@ -349,7 +414,72 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         default_inter_zone,
         policy_names: rules.policies.iter().map(|p| p.name.clone()).collect(),
         zone_ids,
+        patches,
+        vpatches,
     }
+}
+
+/// The virtual patches by id: tag and denied (protocol, port prefix).
+fn compile_patches(rules: &RuleSet) -> Vec<CompiledPatch> {
+    rules
+        .virtual_patches
+        .iter()
+        .map(|p| CompiledPatch {
+            name: p.name.clone(),
+            tag: p.tag.clone(),
+            denies: p
+                .deny
+                .iter()
+                .flat_map(|d| {
+                    let proto = d.proto.number();
+                    let prefixes = if d.ports.is_empty() {
+                        vec![(0, 0)]
+                    } else {
+                        d.ports.iter().flat_map(|r| port_prefixes(r.first, r.last)).collect()
+                    };
+                    prefixes.into_iter().map(move |(port, bits)| (proto, port, bits))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Adds the inventory's endpoints to `endpoints` (or their flags to the entry of a
+/// `mac` member with the same MAC) and returns their `VPATCHES` entries.
+fn compile_inventory(rules: &RuleSet, zone_ids: &ZoneIds, patches: &[CompiledPatch], endpoints: &mut Vec<EndpointEntry>) -> Vec<VpatchEntry> {
+    let mut vpatches = Vec::new();
+    for e in &rules.endpoints {
+        let zone = rules.endpoint_zone(e).and_then(|z| zone_ids.id(z)).unwrap_or(ZONE_WORLD);
+        let has_patches = rules.patches_for(&e.tags).next().is_some();
+        let flags = if has_patches { ENDPOINT_PATCHED } else { 0 };
+        let entry = if let Some(member) = endpoints.iter_mut().find(|x| x.mac == e.mac) {
+            member.value.flags |= flags;
+            *member
+        } else {
+            let endpoint_id = u32::try_from(endpoints.len() + 1).expect("fewer than 2^32 endpoints");
+            let entry = EndpointEntry { mac: e.mac, value: EndpointValue { zone, flags, endpoint_id, ..EndpointValue::default() } };
+            endpoints.push(entry);
+            entry
+        };
+        if has_patches {
+            vpatches.extend(compiled_vpatches(patches, entry.value.endpoint_id, &e.tags));
+        }
+    }
+    vpatches
+}
+
+fn compiled_vpatches(patches: &[CompiledPatch], endpoint_id: u32, tags: &[String]) -> Vec<VpatchEntry> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (id, patch) in patches.iter().enumerate().filter(|(_, p)| tags.contains(&p.tag)) {
+        let patch_id = u32::try_from(id).expect("fewer than 2^32 patches");
+        for &(proto, port, bits) in &patch.denies {
+            if seen.insert((proto, port, bits)) {
+                out.push(VpatchEntry { endpoint_id, proto, port, prefix_len: VPATCH_KEY_PROTO_BITS + u32::from(bits), patch_id });
+            }
+        }
+    }
+    out
 }
 
 /// Ports as u32 so that 65535 + 1 does not overflow; inclusive ranges.

@@ -73,6 +73,12 @@ pub enum ZoneMatch {
         glob: String,
         at: Location,
     },
+    /// An inventory endpoint with this MAC (`endpoints:`): its zone, or the port's when
+    /// the inventory and the members give it none.
+    Endpoint {
+        name: String,
+        at: Location,
+    },
     /// No member matched.
     World,
 }
@@ -135,6 +141,16 @@ pub fn zone_of(rules: &RuleSet, mac: MacAddr, ip: IpAddr, interface: Option<&str
     let by_mac = members().find(|(_, m)| matches!(&m.matcher, MemberMatch::Mac(x) if *x == mac));
     if let Some((zone, member)) = by_mac {
         return EndMatch { zone: zone.name.clone(), by: ZoneMatch::Mac { mac, at: member.location.clone() } };
+    }
+    // An inventory endpoint's MAC decides like a mac member: the data path finds its
+    // ENDPOINTS entry first, with the zone the inventory (or its addresses) gives it.
+    if let Some(endpoint) = rules.endpoint_by_mac(mac) {
+        let by = ZoneMatch::Endpoint { name: endpoint.name.clone(), at: endpoint.location.clone() };
+        let zone = rules.endpoint_zone(endpoint).map(str::to_owned).or_else(|| {
+            let ifname = interface?;
+            members().find_map(|(z, m)| matches!(&m.matcher, MemberMatch::Interface(g) if g.matches(ifname)).then(|| z.name.clone()))
+        });
+        return EndMatch { zone: zone.unwrap_or_else(|| WORLD.to_owned()), by };
     }
     // Longest prefix; on a tie (the same network twice in one zone) the first.
     let by_cidr = members()
@@ -205,6 +221,7 @@ impl fmt::Display for EndMatch {
             ZoneMatch::Interface { ifname, glob, at } => {
                 write!(f, "zone {} by interface {ifname} matching \"{glob}\" ({at})", self.zone)
             }
+            ZoneMatch::Endpoint { name, at } => write!(f, "zone {} by endpoint \"{name}\" of the inventory ({at})", self.zone),
             ZoneMatch::World => write!(f, "zone world: no member matches"),
         }
     }

@@ -12,15 +12,17 @@
 mod compile;
 mod error;
 mod evaluate;
+mod inventory;
 mod load;
 mod ruleset;
 mod yaml;
 
 pub use compile::{
-    CidrEntry, CompiledRules, EndpointEntry, InterfaceEntry, PAIR_MARKER_PROTO, PolicyEntry, ZoneEntry, ZoneIds, compile, port_prefixes,
+    CidrEntry, CompiledPatch, CompiledRules, EndpointEntry, InterfaceEntry, PAIR_MARKER_PROTO, PolicyEntry, VpatchEntry, ZoneEntry, ZoneIds, compile, port_prefixes,
 };
 pub use error::RuleError;
 pub use evaluate::{DecidedBy, Decision, EndMatch, Explanation, PacketView, ZoneMatch, evaluate, explain, zone_of};
+pub use inventory::{DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints};
 pub use load::{MAX_ZONES, load_rules, parse_rules};
 pub use ruleset::{
     Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto, RuleSet, WORLD, Zone,

@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     RuleError,
+    inventory::{self, DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints},
     ruleset::{
         Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto, RuleSet, WORLD,
         Zone,
@@ -78,6 +79,19 @@ fn sort(errors: &mut [RuleError]) {
     errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
 }
 
+/// An inventory endpoint whose zone is checked once every file is read.
+struct PendingEndpoint {
+    endpoint: Endpoint,
+    zone_at: Option<Location>,
+}
+
+/// A zone's `must_not_share_node_with` entry, checked once every file is read.
+struct PendingNeighbour {
+    zone: String,
+    other: String,
+    at: Location,
+}
+
 /// A policy whose `from` and `to` are checked once every file is read.
 struct PendingPolicy {
     policy: Policy,
@@ -96,6 +110,12 @@ struct Loader {
     zone_index: HashMap<String, usize>,
     /// Index in `policies` by name.
     policy_index: HashMap<String, usize>,
+    endpoints: Vec<PendingEndpoint>,
+    /// Index in `endpoints` by name, and by MAC.
+    endpoint_index: HashMap<String, usize>,
+    endpoint_macs: HashMap<MacAddr, usize>,
+    neighbours: Vec<PendingNeighbour>,
+    virtual_patches: Vec<VirtualPatch>,
 }
 
 /// The fields of a mapping, checked against the allowed names.
@@ -134,7 +154,8 @@ impl Loader {
         if root.is_null() {
             return;
         }
-        let Some(top) = self.fields(&root, "a rule file", &["zones", "policies", "default_inter_zone"]) else { return };
+        let allowed = ["zones", "policies", "default_inter_zone", "endpoints", "virtual_patches"];
+        let Some(top) = self.fields_with(&root, "a rule file", &allowed, 3) else { return };
         if let Some(zones) = top.get("zones") {
             self.zones(zones);
         }
@@ -144,12 +165,25 @@ impl Loader {
         if let Some(node) = top.get("default_inter_zone") {
             self.default_inter_zone(node);
         }
+        if let Some(node) = top.get("endpoints") {
+            self.endpoints(node);
+        }
+        if let Some(node) = top.get("virtual_patches") {
+            self.virtual_patches(node);
+        }
     }
 
     /// Checks that `node` is a mapping of known, unique scalar keys.
     fn fields<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Option<Fields<'n>> {
+        self.fields_with(node, what, allowed, allowed.len())
+    }
+
+    /// [`Loader::fields`] whose "expected a mapping" message names only the first
+    /// `shown` fields (the ones every such mapping is about).
+    fn fields_with<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str], shown: usize) -> Option<Fields<'n>> {
         let Value::Map(entries) = &node.value else {
-            self.error(node.pos, format!("expected {what} (a mapping with {}), found {}", allowed.join(", "), node.kind()));
+            let shown = &allowed[..shown.min(allowed.len())];
+            self.error(node.pos, format!("expected {what} (a mapping with {}), found {}", shown.join(", "), node.kind()));
             return None;
         };
         let mut fields = Fields { pos: node.pos, found: Vec::new() };
@@ -228,7 +262,13 @@ impl Loader {
                 self.error(key.pos, msg);
                 continue;
             }
-            let mut zone = Zone { name: name.to_owned(), members: Vec::new(), intra_zone: Access::Allow, location: self.loc(key.pos) };
+            let mut zone = Zone {
+                name: name.to_owned(),
+                members: Vec::new(),
+                intra_zone: Access::Allow,
+                location: self.loc(key.pos),
+                endpoints: ZoneEndpoints::default(),
+            };
             self.zone_body(&mut zone, value);
             self.zone_index.insert(zone.name.clone(), self.zones.len());
             self.zones.push(zone);
@@ -240,10 +280,13 @@ impl Loader {
             return;
         }
         let what = format!("zone \"{}\"", zone.name);
-        let Some(fields) = self.fields(node, &what, &["members", "intra_zone"]) else { return };
+        let allowed =
+            ["members", "intra_zone", "max_patch_age", "remediation", "placement", "on_violation", "must_not_share_node_with", "unknown_macs"];
+        let Some(fields) = self.fields_with(node, &what, &allowed, 2) else { return };
         if let Some(v) = fields.get("intra_zone") {
             zone.intra_zone = self.access(v, "intra_zone").unwrap_or_default();
         }
+        self.zone_endpoint_settings(zone, &fields);
         let Some(members) = fields.get("members") else { return };
         let Some(items) = self.list(members, "members") else { return };
         if zone.name == WORLD && !items.is_empty() {
@@ -340,8 +383,14 @@ impl Loader {
     }
 
     fn allow_entry(&mut self, node: &Node) -> Option<AllowEntry> {
-        let fields = self.fields(node, "an allow entry", &["proto", "ports"])?;
-        let proto_node = self.required(&fields, "proto", "an allow entry", "")?;
+        let (proto, ports) = self.proto_ports(node, "an allow entry", "allows")?;
+        Some(AllowEntry { proto, ports, location: self.loc(node.pos) })
+    }
+
+    /// An entry of `proto` and optional `ports` (allow lists, virtual patches' deny lists).
+    fn proto_ports(&mut self, node: &Node, what: &str, verb: &str) -> Option<(Proto, Vec<PortRange>)> {
+        let fields = self.fields(node, what, &["proto", "ports"])?;
+        let proto_node = self.required(&fields, "proto", what, "")?;
         let text = self.scalar(proto_node, "a protocol: tcp, udp, icmp, icmpv6, sctp or a number 0-254")?;
         let proto = match text.parse::<Proto>() {
             Ok(p) => p,
@@ -354,8 +403,8 @@ impl Loader {
         if let Some(ports_node) = fields.get("ports") {
             if !proto.has_ports() {
                 let pos = fields.key_pos("ports").unwrap_or(ports_node.pos);
-                let what = proto.name().map_or_else(|| format!("protocol {}", proto.number()), str::to_owned);
-                self.error(pos, format!("{what} has no ports; remove ports (an entry without ports allows all {what})"));
+                let name = proto.name().map_or_else(|| format!("protocol {}", proto.number()), str::to_owned);
+                self.error(pos, format!("{name} has no ports; remove ports (an entry without ports {verb} all {name})"));
                 return None;
             }
             let items = self.list(ports_node, "ports")?;
@@ -381,7 +430,255 @@ impl Loader {
                 return None;
             }
         }
-        Some(AllowEntry { proto, ports, location: self.loc(node.pos) })
+        Some((proto, ports))
+    }
+
+    /// A boolean written `true` or `false`.
+    fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
+        match self.scalar(node, &format!("{what}: true or false"))? {
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                self.error(node.pos, format!("expected true or false for {what}, found \"{other}\""));
+                None
+            }
+        }
+    }
+
+    /// A list of names (tags, labels, zones), each checked.
+    fn names(&mut self, node: &Node, what: &str, kind: &str) -> Vec<(String, Pos)> {
+        let Some(items) = self.list(node, what) else { return Vec::new() };
+        let mut out: Vec<(String, Pos)> = Vec::new();
+        for item in items {
+            let Some(text) = self.scalar(item, &format!("a {kind}")) else { continue };
+            if let Err(e) = inventory::check_name(kind, text) {
+                self.error(item.pos, e);
+            } else if out.iter().any(|(n, _)| n == text) {
+                self.error(item.pos, format!("{kind} \"{text}\" is listed twice in {what}"));
+            } else {
+                out.push((text.to_owned(), item.pos));
+            }
+        }
+        out
+    }
+
+    /// The endpoint settings of a zone: `max_patch_age`, `remediation`, `placement`,
+    /// `on_violation`, `must_not_share_node_with`, `unknown_macs`.
+    fn zone_endpoint_settings(&mut self, zone: &mut Zone, fields: &Fields<'_>) {
+        let settings = &mut zone.endpoints;
+        if let Some(v) = fields.get("max_patch_age") {
+            if let Some(text) = self.scalar(v, "a duration like 30d") {
+                match text.parse::<PatchAge>() {
+                    Ok(age) => settings.max_patch_age = Some(age),
+                    Err(e) => self.error(v.pos, e),
+                }
+            }
+        }
+        if let Some(v) = fields.get("remediation") {
+            settings.remediation = self.boolean(v, "remediation").unwrap_or(false);
+        }
+        if let Some(v) = fields.get("on_violation") {
+            settings.on_violation = match self.scalar(v, "on_violation: alert or isolate") {
+                Some("alert") | None => OnViolation::Alert,
+                Some("isolate") => OnViolation::Isolate,
+                Some(other) => {
+                    self.error(v.pos, format!("expected alert or isolate for on_violation, found \"{other}\""));
+                    OnViolation::Alert
+                }
+            };
+        }
+        if let Some(v) = fields.get("unknown_macs") {
+            settings.unknown_macs = match self.scalar(v, "unknown_macs: quarantine or allow") {
+                Some("quarantine") => Some(UnknownMacs::Quarantine),
+                Some("allow") => Some(UnknownMacs::Allow),
+                None => None,
+                Some(other) => {
+                    self.error(v.pos, format!("expected quarantine or allow for unknown_macs, found \"{other}\""));
+                    None
+                }
+            };
+        }
+        if let Some(v) = fields.get("placement") {
+            if let Value::Map(entries) = &v.value {
+                for (key, values) in entries {
+                    let Some(label) = self.scalar(key, "a node label") else { continue };
+                    if let Err(e) = inventory::check_name("node label", label) {
+                        self.error(key.pos, e);
+                        continue;
+                    }
+                    if settings.placement.contains_key(label) {
+                        self.error(key.pos, format!("placement names label \"{label}\" twice"));
+                        continue;
+                    }
+                    let allowed: Vec<String> = self.names(values, "placement values", "label value").into_iter().map(|(n, _)| n).collect();
+                    if allowed.is_empty() && values.is_null() || matches!(&values.value, Value::Seq(s) if s.is_empty()) {
+                        self.error(values.pos, format!("placement of label \"{label}\" allows no value; list the values nodes may have"));
+                        continue;
+                    }
+                    settings.placement.insert(label.to_owned(), allowed);
+                }
+            } else if !v.is_null() {
+                self.error(v.pos, format!("expected placement (a mapping of node labels to lists of values), found {}", v.kind()));
+            }
+        }
+        if let Some(v) = fields.get("must_not_share_node_with") {
+            for (other, pos) in self.names(v, "must_not_share_node_with", "zone name") {
+                if other == zone.name {
+                    self.error(pos, format!("zone \"{other}\" cannot keep away from itself"));
+                    continue;
+                }
+                let at = self.loc(pos);
+                zone.endpoints.must_not_share_node_with.push(other.clone());
+                self.neighbours.push(PendingNeighbour { zone: zone.name.clone(), other, at });
+            }
+        }
+    }
+
+    fn endpoints(&mut self, node: &Node) {
+        if node.is_null() {
+            return;
+        }
+        let Value::Map(entries) = &node.value else {
+            return self.error(node.pos, format!("expected endpoints (a mapping of endpoint names to endpoints), found {}", node.kind()));
+        };
+        for (key, value) in entries {
+            let Some(name) = self.scalar(key, "an endpoint name") else { continue };
+            if let Err(e) = inventory::check_name("endpoint name", name) {
+                self.error(key.pos, e);
+                continue;
+            }
+            if let Some(&first) = self.endpoint_index.get(name) {
+                let msg = format!("endpoint \"{name}\" is defined twice (first at {})", self.endpoints[first].endpoint.location);
+                self.error(key.pos, msg);
+                continue;
+            }
+            let Some(pending) = self.endpoint(name, key.pos, value) else { continue };
+            let mac = pending.endpoint.mac;
+            if let Some(&first) = self.endpoint_macs.get(&mac) {
+                let other = &self.endpoints[first].endpoint;
+                let msg = format!("MAC {mac} of endpoint \"{name}\" is already endpoint \"{}\"'s ({}); a MAC is one endpoint's identity", other.name, other.location);
+                self.error(key.pos, msg);
+                continue;
+            }
+            self.endpoint_index.insert(name.to_owned(), self.endpoints.len());
+            self.endpoint_macs.insert(mac, self.endpoints.len());
+            self.endpoints.push(pending);
+        }
+    }
+
+    fn endpoint(&mut self, name: &str, at: Pos, node: &Node) -> Option<PendingEndpoint> {
+        let what = format!("endpoint \"{name}\"");
+        let fields = self.fields(node, &what, &["mac", "ips", "zone", "tags", "patched_at"])?;
+        let mac_node = self.required(&fields, "mac", &what, " (the MAC is the endpoint's identity)");
+        let mac = mac_node.and_then(|n| {
+            let text = self.scalar(n, "a MAC address")?;
+            text.parse::<MacAddr>().map_err(|e| self.error(n.pos, e)).ok()
+        });
+        let mut ips = Vec::new();
+        if let Some(list) = fields.get("ips") {
+            for item in self.list(list, "ips").unwrap_or(&[]) {
+                let Some(text) = self.scalar(item, "an IP address") else { continue };
+                match text.parse::<IpAddr>() {
+                    Ok(ip) if ips.contains(&ip) => self.error(item.pos, format!("address {ip} is listed twice")),
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => self.error(item.pos, format!("\"{text}\" is not an IP address; expected an IPv4 or IPv6 address like 10.30.0.5")),
+                }
+            }
+        }
+        let zone = fields.get("zone").and_then(|n| Some((self.scalar(n, "a zone name")?.to_owned(), n.pos)));
+        let tags = fields.get("tags").map(|n| self.names(n, "tags", "tag")).unwrap_or_default();
+        let patched_at = fields.get("patched_at").and_then(|n| {
+            let text = self.scalar(n, "a date YYYY-MM-DD")?;
+            text.parse::<PatchDate>().map_err(|e| self.error(n.pos, e)).ok()
+        });
+        Some(PendingEndpoint {
+            zone_at: zone.as_ref().map(|(_, pos)| self.loc(*pos)),
+            endpoint: Endpoint {
+                name: name.to_owned(),
+                mac: mac?,
+                ips,
+                zone: zone.map(|(z, _)| z),
+                tags: tags.into_iter().map(|(t, _)| t).collect(),
+                patched_at,
+                location: self.loc(at),
+            },
+        })
+    }
+
+    fn virtual_patches(&mut self, node: &Node) {
+        let Some(items) = self.list(node, "virtual_patches") else { return };
+        for item in items {
+            let Some(fields) = self.fields(item, "a virtual patch", &["name", "tag", "deny"]) else { continue };
+            let name = self.required(&fields, "name", "a virtual patch", "");
+            let tag = self.required(&fields, "tag", "a virtual patch", " (the patch applies to endpoints with this tag)");
+            let deny = self.required(&fields, "deny", "a virtual patch", "");
+            let name = name.and_then(|n| Some((self.scalar(n, "a patch name")?, n.pos)));
+            if let Some((text, pos)) = name {
+                if text.trim().is_empty() || text.chars().any(char::is_control) {
+                    self.error(pos, "a patch name must be non-empty and have no control characters");
+                } else if let Some(first) = self.virtual_patches.iter().find(|p| p.name == text) {
+                    let msg = format!("virtual patch \"{text}\" is defined twice (first at {})", first.location);
+                    self.error(pos, msg);
+                }
+            }
+            let tag = tag.and_then(|n| {
+                let text = self.scalar(n, "a tag")?;
+                inventory::check_name("tag", text).map_err(|e| self.error(n.pos, e)).ok()?;
+                Some(text.to_owned())
+            });
+            let entries: Option<Vec<DenyEntry>> = deny.and_then(|d| self.list(d, "deny")).map(|items| {
+                items
+                    .iter()
+                    .filter_map(|e| {
+                        let (proto, ports) = self.proto_ports(e, "a deny entry", "denies")?;
+                        Some(DenyEntry { proto, ports, location: self.loc(e.pos) })
+                    })
+                    .collect()
+            });
+            if let Some(d) = deny {
+                if matches!(&d.value, Value::Seq(s) if s.is_empty()) || d.is_null() {
+                    self.error(d.pos, "a virtual patch denies something: list at least one deny entry");
+                    continue;
+                }
+            }
+            let (Some((name, pos)), Some(tag), Some(deny)) = (name, tag, entries) else { continue };
+            self.virtual_patches.push(VirtualPatch { name: name.to_owned(), tag, deny, location: self.loc(pos) });
+        }
+    }
+
+    /// The inventory checks that need every file: endpoint zones, MACs that members put
+    /// in another zone, and the zones of `must_not_share_node_with`.
+    fn finish_inventory(&mut self) -> Vec<Endpoint> {
+        let names = || -> String {
+            std::iter::once(WORLD).chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD)).collect::<Vec<_>>().join(", ")
+        };
+        let mut errors = Vec::new();
+        for n in &self.neighbours {
+            if n.other != WORLD && !self.zone_index.contains_key(&n.other) {
+                errors.push(n.at.error(format!("unknown zone \"{}\" in must_not_share_node_with of zone \"{}\"; known zones: {}", n.other, n.zone, names())));
+            }
+        }
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        for p in std::mem::take(&mut self.endpoints) {
+            let e = &p.endpoint;
+            if let (Some(zone), Some(at)) = (&e.zone, &p.zone_at) {
+                if zone != WORLD && !self.zone_index.contains_key(zone) {
+                    errors.push(at.error(format!("unknown zone \"{zone}\" for endpoint \"{}\"; known zones: {}", e.name, names())));
+                    endpoints.push(p.endpoint);
+                    continue;
+                }
+                let member = self.zones.iter().find(|z| z.members.iter().any(|m| matches!(&m.matcher, MemberMatch::Mac(x) if *x == e.mac)));
+                if let Some(other) = member.filter(|z| z.name != *zone) {
+                    errors.push(at.error(format!(
+                        "endpoint \"{}\" is put in zone \"{zone}\" but its MAC {} is a member of zone \"{}\"; an address can be in one zone only",
+                        e.name, e.mac, other.name
+                    )));
+                }
+            }
+            endpoints.push(p.endpoint);
+        }
+        self.errors.extend(errors);
+        endpoints
     }
 
     fn default_inter_zone(&mut self, node: &Node) {
@@ -400,6 +697,7 @@ impl Loader {
             let at = self.zones[MAX_ZONES].location.clone();
             self.errors.push(at.error(format!("too many zones ({user_zones}); a rule set has at most {MAX_ZONES}")));
         }
+        let endpoints = self.finish_inventory();
         let mut policies = Vec::with_capacity(self.policies.len());
         for p in self.policies {
             for (name, at, field) in [(&p.policy.from, &p.from_at, "from"), (&p.policy.to, &p.to_at, "to")] {
@@ -426,7 +724,7 @@ impl Loader {
             Some((a, at)) => (a, Some(at)),
             None => (Access::Deny, None),
         };
-        Ok(RuleSet { zones: self.zones, policies, default_inter_zone, default_inter_zone_at })
+        Ok(RuleSet { zones: self.zones, policies, default_inter_zone, default_inter_zone_at, endpoints, virtual_patches: self.virtual_patches })
     }
 }
 

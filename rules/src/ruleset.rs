@@ -11,7 +11,10 @@ use std::{
 
 use globset::GlobMatcher;
 
-use crate::RuleError;
+use crate::{
+    RuleError,
+    inventory::{Endpoint, UnknownMacs, VirtualPatch, ZoneEndpoints},
+};
 
 /// Name of the built-in zone of addresses outside every zone.
 pub const WORLD: &str = "world";
@@ -53,6 +56,10 @@ pub struct RuleSet {
     pub default_inter_zone: Access,
     /// Where `default_inter_zone` was set, if it was.
     pub default_inter_zone_at: Option<Location>,
+    /// The endpoint inventory (`endpoints:`), in written order.
+    pub endpoints: Vec<Endpoint>,
+    /// `virtual_patches:`, in written order; a patch's id is its index here.
+    pub virtual_patches: Vec<VirtualPatch>,
 }
 
 impl RuleSet {
@@ -73,6 +80,78 @@ impl RuleSet {
     pub fn zone_names(&self) -> impl Iterator<Item = &str> {
         std::iter::once(WORLD).chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD))
     }
+
+    /// The inventory endpoint with this MAC.
+    #[must_use]
+    pub fn endpoint_by_mac(&self, mac: MacAddr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.mac == mac)
+    }
+
+    /// The inventory endpoint of this name.
+    #[must_use]
+    pub fn endpoint(&self, name: &str) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.name == name)
+    }
+
+    /// The zone of an endpoint: the one the inventory names; else the zone of a `mac`
+    /// member with its MAC; else the zone of the longest `cidr` member holding one of its
+    /// addresses (the first address that has one). `None`: the endpoint takes the zone
+    /// of the port it is behind, or `world`.
+    #[must_use]
+    pub fn endpoint_zone<'a>(&'a self, endpoint: &'a Endpoint) -> Option<&'a str> {
+        self.zone_for(endpoint.zone.as_deref(), endpoint.mac, &endpoint.ips)
+    }
+
+    /// [`RuleSet::endpoint_zone`] for an endpoint given by its parts (runtime endpoints).
+    #[must_use]
+    pub fn zone_for<'a>(&'a self, zone: Option<&'a str>, mac: MacAddr, ips: &[IpAddr]) -> Option<&'a str> {
+        if zone.is_some() {
+            return zone;
+        }
+        let members = || self.zones.iter().flat_map(|z| z.members.iter().map(move |m| (z, m)));
+        if let Some((z, _)) = members().find(|(_, m)| matches!(&m.matcher, MemberMatch::Mac(x) if *x == mac)) {
+            return Some(&z.name);
+        }
+        ips.iter().find_map(|ip| {
+            members()
+                .filter_map(|(z, m)| match &m.matcher {
+                    MemberMatch::Cidr(c) if c.contains(*ip) => Some((z, c.prefix_len())),
+                    _ => None,
+                })
+                .fold(None, |best: Option<(&Zone, u8)>, cur| match best {
+                    Some(b) if b.1 >= cur.1 => Some(b),
+                    _ => Some(cur),
+                })
+                .map(|(z, _)| z.name.as_str())
+        })
+    }
+
+    /// Whether any inventory endpoint is in this zone.
+    #[must_use]
+    pub fn has_inventory(&self, zone: &str) -> bool {
+        self.endpoints.iter().any(|e| self.endpoint_zone(e) == Some(zone))
+    }
+
+    /// What happens to a MAC outside the inventory that appears on a port of this zone:
+    /// the zone's `unknown_macs`, else `quarantine` for a zone with inventory endpoints
+    /// and `allow` for any other.
+    #[must_use]
+    pub fn unknown_macs(&self, zone: &str) -> UnknownMacs {
+        match self.zone(zone).and_then(|z| z.endpoints.unknown_macs) {
+            Some(setting) => setting,
+            None if self.has_inventory(zone) => UnknownMacs::Quarantine,
+            None => UnknownMacs::Allow,
+        }
+    }
+
+    /// The ids (indexes in [`RuleSet::virtual_patches`]) of the patches of these tags.
+    pub fn patches_for<'a>(&'a self, tags: &'a [String]) -> impl Iterator<Item = (u32, &'a VirtualPatch)> + 'a {
+        self.virtual_patches
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| tags.contains(&p.tag))
+            .map(|(i, p)| (u32::try_from(i).expect("fewer than 2^32 patches"), p))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +160,8 @@ pub struct Zone {
     pub members: Vec<Member>,
     pub intra_zone: Access,
     pub location: Location,
+    /// Patch age, remediation, placement, neighbours and unknown MACs.
+    pub endpoints: ZoneEndpoints,
 }
 
 /// One `members:` entry: something that puts an end of a flow into a zone.
