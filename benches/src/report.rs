@@ -6,15 +6,19 @@ use std::{fmt::Write as _, path::PathBuf};
 use plotters::prelude::*;
 
 /// Directory of published results (`benches/results`).
+#[must_use]
 pub fn results_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results")
 }
 
 /// Facts about the machine a result was measured on.
+#[must_use]
 pub fn machine_line() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -22,6 +26,7 @@ pub fn machine_line() -> String {
 }
 
 /// A Markdown table from a header and rows.
+#[must_use]
 pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "| {} |", header.join(" | "));
@@ -57,10 +62,37 @@ pub fn bar_chart(path: &std::path::Path, title: &str, y_label: &str, bars: &[(St
         .x_label_style(("sans-serif", 11).into_font().transform(FontTransform::Rotate90))
         .draw()?;
     chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
-        let mut bar = Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), b.1)], BLUE.mix(0.6).filled());
+        let mut bar =
+            Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), b.1)], BLUE.mix(0.6).filled());
         bar.set_margin(0, 0, 8, 8);
         bar
     }))?;
+    // Each bar's value above it.
+    chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
+        let text = if b.1 >= 100.0 { format!("{:.0}", b.1) } else { format!("{:.2}", b.1) };
+        Text::new(text, (SegmentValue::CenterOf(i), b.1 + max * 0.01), ("sans-serif", 11).into_font())
+    }))?;
     root.present()?;
     Ok(())
+}
+
+/// Which source was measured: `git describe --always --dirty` of the workspace, or
+/// `$BACKPLANE_SOURCE` when set.
+#[must_use]
+pub fn source_line() -> String {
+    if let Ok(s) = std::env::var("BACKPLANE_SOURCE") {
+        return s;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::process::Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown (not a git checkout)".into(),
+            |o| format!("commit {}", String::from_utf8_lossy(&o.stdout).trim()),
+        )
 }

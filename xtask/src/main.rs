@@ -4,6 +4,7 @@
 //! fresh Debian 12 machine lacks (as root) and takes well under two seconds once done.
 //! Adding a task: a variant in [`Task`], a module, and a line in [`run`].
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -50,6 +51,15 @@ enum Task {
     /// VMs (web, db, mgmt): flows allowed, denied and audited, each shown with the policy
     /// that decided it; explain, a hot reload and a rejected broken rule file.
     Demo,
+    /// Setup, build in release, and run the benchmarks (`all`, or one of `datapath`,
+    /// `throughput`, `agent`); results go to benches/results/. Arguments after `--` go
+    /// to the one benchmark named (e.g. `throughput -- --rounds 3`).
+    Bench {
+        #[arg(default_value = "all", value_name = "BENCH")]
+        which: String,
+        #[arg(last = true, value_name = "BENCH_ARGS")]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +98,10 @@ fn run(cli: Cli) -> Result<()> {
             util::run(util::cargo().args(["build", "-p", "backplane-agent"]))?;
             demo::run()
         }
+        Task::Bench { which, bench_args } => {
+            setup::run()?;
+            bench::run(&which, &bench_args)
+        }
     }
 }
 
@@ -122,6 +136,26 @@ mod tests {
 
     fn strings(words: &[&str]) -> Vec<String> {
         words.iter().map(|word| (*word).to_owned()).collect()
+    }
+
+    #[test]
+    fn bench_arguments_after_double_dash_go_to_the_benchmark() {
+        match Cli::try_parse_from(["xtask", "bench", "throughput", "--", "--rounds", "3"])
+            .unwrap()
+            .task
+        {
+            Task::Bench { which, bench_args } => {
+                assert_eq!(which, "throughput");
+                assert_eq!(bench_args, strings(&["--rounds", "3"]));
+            }
+            other => panic!("{other:?}"),
+        }
+        match Cli::try_parse_from(["xtask", "bench"]).unwrap().task {
+            Task::Bench { which, bench_args } => {
+                assert_eq!((which.as_str(), bench_args.len()), ("all", 0))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

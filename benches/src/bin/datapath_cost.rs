@@ -12,11 +12,14 @@ use std::{fmt::Write as _, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use backplane_benches::report;
+use backplane_benches::{
+    datapath::{self, Loaded},
+    report,
+};
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, Verdict,
     config::CONFIG_ENFORCE,
@@ -51,39 +54,8 @@ struct Args {
     write: bool,
 }
 
-/// Pin directory of one loaded instance; removed on drop.
-struct Loaded {
-    ebpf: Ebpf,
-    pin_dir: std::path::PathBuf,
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.pin_dir);
-    }
-}
-
 fn load(flow_capacity: u32) -> anyhow::Result<Loaded> {
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/backplane-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&pin_dir).context("create pin dir (is bpffs mounted at /sys/fs/bpf?)")?;
-    let mut loaded = Loaded {
-        ebpf: EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .map_max_entries(maps::FLOWS, flow_capacity)
-            .load(backplane::DATAPATH_OBJECT)
-            .context("load data path")?,
-        pin_dir,
-    };
-    for name in [maps::PROG_FROM_PORT, maps::PROG_BASELINE_PASS] {
-        let p: &mut Xdp = loaded.ebpf.program_mut(name).context("program")?.try_into()?;
-        p.load().with_context(|| format!("verify {name}"))?;
-    }
-    Ok(loaded)
+    datapath::load(flow_capacity, &[maps::PROG_FROM_PORT, maps::PROG_BASELINE_PASS])
 }
 
 fn run(ebpf: &mut Ebpf, prog: &str, frame: &[u8], repeat: u32) -> anyhow::Result<Duration> {
