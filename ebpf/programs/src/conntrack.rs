@@ -117,7 +117,7 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
         if flow.samples < SAMPLES_PER_FLOW && sample::has_payload(len, packet.payload_offset) {
             let index = flow.samples;
             flow.samples = index + 1;
-            sample::send(frame, &key, len, ifindex, dir, index, now);
+            sample::send(frame, &key, len, ifindex, sample::which(dir, index));
         }
     }
     flow.last_seen_ns = now;
@@ -261,7 +261,7 @@ fn create<F: Frame>(
     count_by_zone_pair(&value, len);
     events::emit(FlowEventKind::Start, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
     if sampled {
-        sample::send(frame, key, len, ifindex, dir, 0, now);
+        sample::send(frame, key, len, ifindex, sample::which(dir, 0));
     }
     if value.state & STATE_ENDED != 0 {
         events::emit(FlowEventKind::End, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
