@@ -16,7 +16,8 @@ use std::{
     time::Duration,
 };
 
-use backplane_common::{Counter, Verdict, reason::Reason};
+use backplane_common::{Counter, Verdict, policy::ZONE_WORLD, reason::Reason};
+use backplane_rules::WORLD;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{
@@ -29,12 +30,16 @@ use crate::{
     DATAPATH_OBJECT,
     clock::Clock,
     control,
-    datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, XdpAttachMode},
+    datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, ProgramStats, XdpAttachMode},
     error::{ControlError, DatapathError, ExplainError, RulesError, WatchError},
     events,
     explain::{ExplainQuery, ExplainReply},
+    flow_log::{self, FlowLogOptions, RotatingFile},
     flows::{FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows},
     ifnames::IfNames,
+    inspect::{self, SampleStats},
+    ipfix::{self, IpfixOptions},
+    metrics::{self, Metrics},
     ports::{PortSelector, PortWatcher},
     rule_names::RuleNames,
     rule_sync::{LoadedRules, RuleSync, RulesStatus},
@@ -59,6 +64,17 @@ pub struct RunOptions {
     /// The rule set (a directory of `*.yaml` files, or one file), followed for changes;
     /// `None`: observe only.
     pub rules: Option<PathBuf>,
+    /// Size in bytes of the payload sample ring buffer.
+    pub payload_ring_size: u32,
+    /// Where `/metrics` is served (`--metrics-addr`); `None`: not served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Whether the metrics address was asked for explicitly: then failing to bind it
+    /// ends the start; the default address, when taken, only costs the metrics.
+    pub metrics_required: bool,
+    /// `--flow-log`: flow starts and ends as JSON lines.
+    pub flow_log: Option<FlowLogOptions>,
+    /// `--ipfix`: flow records to an IPFIX collector.
+    pub ipfix: Option<IpfixOptions>,
 }
 
 /// Why the agent could not start.
@@ -80,6 +96,24 @@ pub enum AgentError {
     BadNode(String),
     #[error("--idle-timeout must be at least 1 second")]
     BadIdleTimeout,
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open the flow log {path}: {source}")]
+    FlowLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open a socket to the IPFIX collector {addr}: {source}")]
+    Ipfix {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The flow table's place in `status`.
@@ -120,6 +154,20 @@ pub struct Status {
     /// Packets denied or passed in audit mode, by zone pair, verdict and reason.
     #[serde(default)]
     pub zone_pairs: Vec<ZonePairStatus>,
+    /// Packets and bytes of all flows since start, by zone pair and verdict (from the
+    /// flows' counters; what `backplane top` shows).
+    #[serde(default)]
+    pub zone_traffic: Vec<ZoneTrafficStatus>,
+}
+
+/// Traffic of one (initiator's zone, responder's zone, verdict) since the agent started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneTrafficStatus {
+    pub src_zone: String,
+    pub dst_zone: String,
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Denied or audited packets of one (source zone, destination zone, verdict, reason),
@@ -142,6 +190,8 @@ pub struct Agent {
     rule_names: Arc<RuleNames>,
     /// `None` without `--rules`.
     rules: Option<Arc<RuleSync>>,
+    metrics: Arc<Metrics>,
+    sample_stats: Arc<SampleStats>,
 }
 
 impl Agent {
@@ -157,6 +207,30 @@ impl Agent {
             log::error!("flow refresh task failed: {e}");
             self.flows.snapshot()
         })
+    }
+
+    /// The agent's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// What became of the payload samples read.
+    #[must_use]
+    pub fn sample_stats(&self) -> &SampleStats {
+        &self.sample_stats
+    }
+
+    /// Kernel run statistics of the data path's programs.
+    #[must_use]
+    pub fn program_stats(&self) -> [(&'static str, ProgramStats); 2] {
+        self.datapath.lock().expect("datapath lock").program_stats()
+    }
+
+    /// The half of the rule tables in force.
+    #[must_use]
+    pub fn active_slot(&self) -> u8 {
+        self.datapath.lock().expect("datapath lock").config().map_or(0, |c| c.active_slot & 1)
     }
 
     #[must_use]
@@ -176,8 +250,22 @@ impl Agent {
         let counters = datapath.counters();
         let config = datapath.config().unwrap_or_default();
         let stats = self.flows.stats();
-        let zone_pairs = {
+        let zone_traffic = self.flows.zone_traffic();
+        let (zone_pairs, zone_traffic) = {
             let names = self.rule_names.read();
+            let zone = |id: u16| if id == ZONE_WORLD { WORLD.to_owned() } else { names.zone(id) };
+            let verdict = |v: u8| Verdict::from_u8(v).map_or_else(|| format!("unknown({v})"), |v| v.as_str().into());
+            let traffic = zone_traffic
+                .into_iter()
+                .map(|((src, dst, v), (packets, bytes))| ZoneTrafficStatus {
+                    src_zone: zone(src),
+                    dst_zone: zone(dst),
+                    verdict: verdict(v),
+                    packets,
+                    bytes,
+                })
+                .collect::<Vec<_>>();
+            let pairs = 
             datapath
                 .zone_pair_stats()
                 .into_iter()
@@ -191,7 +279,8 @@ impl Agent {
                     packets: v.packets,
                     bytes: v.bytes,
                 })
-                .collect()
+                .collect();
+            (pairs, traffic)
         };
         let rules = match &self.rules {
             Some(sync) => sync.status(config.generation),
@@ -218,6 +307,7 @@ impl Agent {
                 .collect(),
             rules,
             zone_pairs,
+            zone_traffic,
         }
     }
 }
@@ -276,6 +366,7 @@ fn start_rules(
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
+#[expect(clippy::too_many_lines, reason = "the start, in order, reads best as one sequence")]
 pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     // Signals first: a SIGTERM during start-up must still lead to an orderly exit.
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
@@ -291,6 +382,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         pin_dir: opts.pin_dir.clone(),
         flow_table_size: opts.flow_table_size,
         ring_size: opts.ring_size,
+        payload_ring_size: opts.payload_ring_size,
         xdp_mode: opts.xdp_mode,
     };
     dp_opts.validate()?;
@@ -325,7 +417,28 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         Some(maps.flows),
     ));
 
+    let metrics = Arc::new(Metrics::new(Some(&opts.pin_dir), metrics::enable_bpf_stats()));
+    let sample_stats = Arc::new(SampleStats::default());
+
     let result = async {
+        // Exporters subscribe before the first port is attached: they miss no flow.
+        if let Some(log_opts) = &opts.flow_log {
+            let file = RotatingFile::open(log_opts.clone())
+                .map_err(|source| AgentError::FlowLog { path: log_opts.path.clone(), source })?;
+            let (rx, m) = (flows.subscribe(), Arc::clone(&metrics));
+            std::thread::Builder::new()
+                .name("flow-log".into())
+                .spawn(move || flow_log::run(file, rx, &m))
+                .map_err(|source| AgentError::FlowLog { path: log_opts.path.clone(), source })?;
+            log::info!("flow log: {}", log_opts.path.display());
+        }
+        if let Some(ipfix_opts) = &opts.ipfix {
+            let exporter = ipfix::Exporter::connect(ipfix_opts.clone(), Arc::clone(&metrics))
+                .await
+                .map_err(|source| AgentError::Ipfix { addr: ipfix_opts.collector, source })?;
+            tasks.push(tokio::spawn(exporter.run(flows.subscribe())));
+            log::info!("IPFIX export to {}", ipfix_opts.collector);
+        }
         // The rules go in force before any port is attached: no packet passes unjudged.
         let rules = start_rules(opts.rules.as_deref(), loaded_rules, &datapath, &rule_names)?;
         tasks.extend(rules.as_ref().map(|sync| tokio::spawn(Arc::clone(sync).watch())));
@@ -339,6 +452,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         tasks.push(tokio::spawn(async move {
             if let Err(e) = events::consume(ring, events_flows).await {
                 log::error!("flow event reader stopped: {e}; flows are still read from the kernel table");
+            }
+        }));
+
+        let (sample_flows, sample_ring, stats) = (Arc::clone(&flows), maps.samples, Arc::clone(&sample_stats));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = inspect::consume(sample_ring, sample_flows, stats).await {
+                log::error!("payload sample reader stopped: {e}; flows are no longer named");
             }
         }));
 
@@ -361,7 +481,19 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             flows: Arc::clone(&flows),
             rule_names: Arc::clone(&rule_names),
             rules,
+            metrics: Arc::clone(&metrics),
+            sample_stats: Arc::clone(&sample_stats),
         });
+        if let Some(addr) = opts.metrics_addr {
+            match metrics::bind(addr).await {
+                Ok(listener) => {
+                    log::info!("metrics: http://{}/metrics", listener.local_addr().unwrap_or(addr));
+                    tasks.push(tokio::spawn(metrics::serve(listener, Arc::clone(&agent))));
+                }
+                Err(source) if opts.metrics_required => return Err(AgentError::Metrics { addr, source }),
+                Err(e) => log::warn!("metrics: cannot listen on the default {addr} ({e}); running without /metrics"),
+            }
+        }
         let listener = control::bind(&opts.socket)?;
         tasks.push(tokio::spawn(control::serve(listener, agent)));
         log::info!("ready: control socket {}", opts.socket.display());

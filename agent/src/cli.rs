@@ -12,7 +12,9 @@ use crate::{
     datapath::XdpAttachMode,
     error::ControlError,
     explain::{ExplainQuery, ExplainReply, explain_packet},
+    flow_log::FlowLogOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},
+    ipfix::IpfixOptions,
     paths::{DEFAULT_SOCKET, default_pin_dir},
     rule_sync::LoadedRules,
 };
@@ -42,6 +44,8 @@ pub enum Command {
     /// Show the verdict the rules give a flow, and why: the rules in force (asked from
     /// the agent) or, with --rules, the rule set at a path.
     Explain(ExplainArgs),
+    /// Show traffic and drops as a zone-by-zone matrix, refreshed every second.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +100,50 @@ pub struct RunArgs {
     /// put in force within a second. Without it the agent observes only.
     #[arg(long, value_name = "PATH")]
     pub rules: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on `http://ADDR/metrics`, or `none` [default:
+    /// 127.0.0.1:9469; if that port is taken, the agent runs without metrics and says so].
+    #[arg(long, value_name = "ADDR|none")]
+    pub metrics_addr: Option<String>,
+
+    /// Write flow starts and ends (with final counters, zones, verdict, policy and the
+    /// names seen in their first packets) as JSON lines to this file.
+    #[arg(long, value_name = "PATH")]
+    pub flow_log: Option<PathBuf>,
+
+    /// Rotate the flow log when it would grow past this size (K/M/G suffixes allowed).
+    #[arg(long, default_value = "100M", value_parser = parse_size, value_name = "BYTES")]
+    pub flow_log_max_bytes: u32,
+
+    /// Rotated flow log files to keep (PATH.1 ... PATH.N).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub flow_log_keep: usize,
+
+    /// Export flow records as IPFIX (RFC 7011) over UDP to this collector.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_collector)]
+    pub ipfix: Option<std::net::SocketAddr>,
+
+    /// Seconds between IPFIX records of a flow that lives on (its counters so far).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub ipfix_active_timeout: u64,
+
+    /// IPFIX observation domain id of this node.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub ipfix_domain: u32,
+
+    /// Size of the payload sample ring buffer in bytes (a power of two; K/M/G suffixes).
+    #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "BYTES")]
+    pub payload_ring_size: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Print one snapshot (totals since the agent started) and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +244,27 @@ fn parse_size(s: &str) -> Result<u32, String> {
     n.checked_mul(mult).and_then(|v| u32::try_from(v).ok()).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Resolves `HOST:PORT` of an IPFIX collector.
+fn parse_collector(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// `--metrics-addr`: `(address, given explicitly)`, or `None` for `none`.
+fn metrics_listen(arg: Option<&str>) -> Result<Option<(std::net::SocketAddr, bool)>, String> {
+    match arg {
+        None => Ok(Some((crate::metrics::DEFAULT_METRICS_ADDR.parse().expect("valid default"), false))),
+        Some("none" | "off") => Ok(None),
+        Some(addr) => addr
+            .parse()
+            .map(|a| Some((a, true)))
+            .map_err(|e| format!("--metrics-addr {addr:?}: {e} (an IP:PORT such as 127.0.0.1:9469, or none)")),
+    }
+}
+
 fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is writable for its whole length.
@@ -208,11 +277,18 @@ fn hostname() -> String {
 }
 
 impl RunArgs {
+    /// The options of `run`; panics on an invalid `--metrics-addr` (see [`RunArgs::options`]).
     #[must_use]
     pub fn into_options(self) -> RunOptions {
+        self.options().expect("valid --metrics-addr")
+    }
+
+    /// The options of `run`, or why they are invalid.
+    pub fn options(self) -> Result<RunOptions, String> {
+        let metrics = metrics_listen(self.metrics_addr.as_deref())?;
         let node = self.node.unwrap_or_else(hostname);
         let pin_dir = self.pin_dir.unwrap_or_else(|| default_pin_dir(&node));
-        RunOptions {
+        Ok(RunOptions {
             interfaces: self.interfaces,
             uplinks: self.uplink,
             socket: self.socket,
@@ -224,7 +300,20 @@ impl RunArgs {
             xdp_mode: self.xdp_mode,
             detach_on_exit: self.detach_on_exit,
             rules: self.rules,
-        }
+            payload_ring_size: self.payload_ring_size,
+            metrics_addr: metrics.map(|(addr, _)| addr),
+            metrics_required: metrics.is_some_and(|(_, explicit)| explicit),
+            flow_log: self.flow_log.map(|path| FlowLogOptions {
+                path,
+                max_bytes: u64::from(self.flow_log_max_bytes),
+                keep: self.flow_log_keep,
+            }),
+            ipfix: self.ipfix.map(|collector| IpfixOptions {
+                collector,
+                active_timeout: Duration::from_secs(self.ipfix_active_timeout.max(1)),
+                domain: self.ipfix_domain,
+            }),
+        })
     }
 }
 
@@ -237,8 +326,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if unsafe { libc::geteuid() } != 0 {
                 log::warn!("not running as root: loading and attaching the data path will likely fail");
             }
-            agent::run(args.into_options()).await?;
+            let opts = match args.options() {
+                Ok(opts) => opts,
+                Err(e) => {
+                    let usage = Cli::command().error(ErrorKind::ValueValidation, e);
+                    let _ = usage.print();
+                    return Ok(ExitCode::from(u8::try_from(usage.exit_code()).unwrap_or(2)));
+                }
+            };
+            agent::run(opts).await?;
         }
+        Command::Top(args) => top(&args).await?,
         Command::Flows(args) => flows(args).await?,
         Command::Status(args) => {
             let status: Status = Client::connect(&args.socket).await?.call(Request::Status).await?;
@@ -314,6 +412,7 @@ async fn flows(args: FlowsArgs) -> Result<(), ControlError> {
     let mut client = Client::connect(&args.socket).await?;
     if args.follow {
         let json = args.json;
+        let color = crate::top::stdout_wants_color();
         return client
             .follow(|msg| {
                 if json {
@@ -321,7 +420,7 @@ async fn flows(args: FlowsArgs) -> Result<(), ControlError> {
                         Ok(line) => println!("{line}"),
                         Err(e) => log::warn!("{e}"),
                     }
-                } else if let Some(line) = render_follow(&msg) {
+                } else if let Some(line) = render_follow_colored(&msg, color) {
                     println!("{line}");
                 }
                 true
@@ -406,9 +505,43 @@ pub fn render_flows(records: &[FlowRecord]) -> String {
     out
 }
 
+/// `backplane top`: the zone matrix every second, or once.
+async fn top(args: &TopArgs) -> Result<(), ControlError> {
+    let mut client = Client::connect(&args.socket).await?;
+    let first: Status = client.call(Request::Status).await?;
+    if args.once {
+        print!("{}", crate::top::render(&first, None, false));
+        return Ok(());
+    }
+    let color = crate::top::stdout_wants_color();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (mut prev, mut at) = (first, std::time::Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now: Status = Client::connect(&args.socket).await?.call(Request::Status).await?;
+        let secs = at.elapsed().as_secs_f64();
+        let screen = crate::top::render(&now, Some((&prev, secs)), color);
+        if tty {
+            // Home, clear the screen, draw.
+            print!("\x1b[H\x1b[2J{screen}");
+        } else {
+            println!("{screen}");
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        (prev, at) = (now, std::time::Instant::now());
+    }
+}
+
 /// One line of `backplane flows --follow`; updates are not shown.
 #[must_use]
 pub fn render_follow(msg: &FollowMessage) -> Option<String> {
+    render_follow_colored(msg, false)
+}
+
+/// [`render_follow`], with the event and the verdict in colour when `color`.
+#[must_use]
+pub fn render_follow_colored(msg: &FollowMessage, color: bool) -> Option<String> {
+    use crate::top::paint;
     let what = match msg.event {
         FollowEvent::Start => "start",
         FollowEvent::End => "end",
@@ -434,13 +567,26 @@ pub fn render_follow(msg: &FollowMessage) -> Option<String> {
         Some(policy) => format!(" {} by {policy}", zones_text(r)),
         None => String::new(),
     };
+    let verdict_color = match r.verdict.as_str() {
+        "denied" => "31",
+        "audit" => "33",
+        "allowed" => "32",
+        _ => "2",
+    };
+    let mut names = String::new();
+    for (label, name) in [("dns", &r.dns_query), ("sni", &r.tls_sni), ("host", &r.http_host)] {
+        if let Some(name) = name {
+            let _ = write!(names, "  {label}={name}");
+        }
+    }
     Some(format!(
-        "{}  {what:<7} {:<6} {} -> {}{counts}  {}{decided}  [{}]{}",
-        rfc3339_ms(when),
+        "{}  {} {:<6} {} -> {}{counts}  {}{decided}  [{}]{}{names}",
+        paint(&rfc3339_ms(when), "2", color),
+        paint(&format!("{what:<7}"), "1", color),
         r.proto,
         endpoint(&r.src_ip, r.src_port),
         endpoint(&r.dst_ip, r.dst_port),
-        r.verdict,
+        paint(&r.verdict, verdict_color, color),
         r.interfaces.join(","),
         if r.tcp_flags.is_empty() { String::new() } else { format!("  {}", r.tcp_flags) },
     ))
@@ -691,6 +837,9 @@ mod tests {
             policy: None,
             src_zone: None,
             dst_zone: None,
+            dns_query: None,
+            tls_sni: None,
+            http_host: None,
         }
     }
 

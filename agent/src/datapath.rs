@@ -27,7 +27,10 @@ use aya::{
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
     config::CONFIG_INDEX,
-    maps::{CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT, ZONE_PAIR_STATS},
+    maps::{
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT,
+        ZONE_PAIR_STATS,
+    },
     policy::{ZonePairKey, ZonePairStats},
 };
 use backplane_rules::CompiledRules;
@@ -90,6 +93,8 @@ pub struct DatapathOptions {
     pub pin_dir: PathBuf,
     pub flow_table_size: u32,
     pub ring_size: u32,
+    /// Size in bytes of the payload sample ring buffer (`PAYLOAD_SAMPLES`).
+    pub payload_ring_size: u32,
     pub xdp_mode: XdpAttachMode,
 }
 
@@ -102,6 +107,12 @@ impl DatapathOptions {
             return Err(DatapathError::InvalidOption(format!(
                 "--ring-size must be a power of two of at least 4096 bytes, not {}",
                 self.ring_size
+            )));
+        }
+        if !self.payload_ring_size.is_power_of_two() || self.payload_ring_size < 4096 {
+            return Err(DatapathError::InvalidOption(format!(
+                "--payload-ring-size must be a power of two of at least 4096 bytes, not {}",
+                self.payload_ring_size
             )));
         }
         Ok(())
@@ -187,6 +198,15 @@ pub struct PortStatus {
 pub struct DatapathMaps {
     pub flows: BpfHashMap<MapData, FlowKey, FlowValue>,
     pub events: RingBuf<MapData>,
+    /// `PAYLOAD_SAMPLES`: the first bytes of flows' first payload packets.
+    pub samples: RingBuf<MapData>,
+}
+
+/// Kernel run statistics of one program (`BPF_ENABLE_STATS`), summed over its runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub run_time_ns: u64,
+    pub run_count: u64,
 }
 
 /// The loaded data path and its ports.
@@ -308,6 +328,7 @@ impl Datapath {
             .default_map_pin_directory(&opts.pin_dir)
             .map_max_entries(FLOWS, opts.flow_table_size)
             .map_max_entries(FLOW_EVENTS, opts.ring_size)
+            .map_max_entries(PAYLOAD_SAMPLES, opts.payload_ring_size)
             .load(object)
             .map_err(|e| match e {
                 aya::EbpfError::ProgramError(p) => DatapathError::program("(object)", p),
@@ -332,6 +353,8 @@ impl Datapath {
 
         let flows = BpfHashMap::try_from(take_map(&mut ebpf, FLOWS)?).map_err(DatapathError::map(FLOWS))?;
         let events = RingBuf::try_from(take_map(&mut ebpf, FLOW_EVENTS)?).map_err(DatapathError::map(FLOW_EVENTS))?;
+        let samples =
+            RingBuf::try_from(take_map(&mut ebpf, PAYLOAD_SAMPLES)?).map_err(DatapathError::map(PAYLOAD_SAMPLES))?;
         let ports_map = BpfHashMap::try_from(take_map(&mut ebpf, PORTS)?).map_err(DatapathError::map(PORTS))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
         let mut config: Array<MapData, DatapathConfig> =
@@ -356,7 +379,7 @@ impl Datapath {
             zone_pair_stats,
             rules: None,
         };
-        Ok((datapath, DatapathMaps { flows, events }))
+        Ok((datapath, DatapathMaps { flows, events, samples }))
     }
 
     /// The object, for aya-log (which takes its own map out of it).
@@ -382,6 +405,20 @@ impl Datapath {
     #[must_use]
     pub fn program_ids(&self) -> ProgramIds {
         self.program_ids
+    }
+
+    /// Run time and run count the kernel keeps for `from_port` and `to_port` (zero
+    /// unless BPF statistics are enabled; see [`crate::metrics::BpfStatsGuard`]).
+    #[must_use]
+    pub fn program_stats(&self) -> [(&'static str, ProgramStats); 2] {
+        let stats = |name: &'static str| {
+            let info = self.ebpf.program(name).and_then(|p| p.info().ok());
+            info.map_or_else(ProgramStats::default, |i| ProgramStats {
+                run_time_ns: u64::try_from(i.run_time().as_nanos()).unwrap_or(u64::MAX),
+                run_count: i.run_count(),
+            })
+        };
+        [(PROG_FROM_PORT, stats(PROG_FROM_PORT)), (PROG_TO_PORT, stats(PROG_TO_PORT))]
     }
 
     /// The configuration in force (CONFIG[0]).
@@ -695,6 +732,7 @@ mod tests {
             pin_dir: "/sys/fs/bpf/x".into(),
             flow_table_size: 262_144,
             ring_size: 4 << 20,
+            payload_ring_size: 1 << 20,
             xdp_mode: XdpAttachMode::Skb,
         };
         assert!(ok.validate().is_ok());

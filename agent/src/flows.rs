@@ -33,6 +33,7 @@ use crate::{
     clock::{Clock, monotonic_now_ns, rfc3339_ms},
     error::DecodeError,
     ifnames::IfNames,
+    inspect::{AppInfo, Sample},
     map_batch::{self, BatchError},
     rule_names::{NameTable, RuleNames},
 };
@@ -81,6 +82,16 @@ pub struct FlowRecord {
     pub policy: Option<String>,
     pub src_zone: Option<String>,
     pub dst_zone: Option<String>,
+    /// The first DNS query name seen in the flow's first payload packets (see
+    /// [`crate::inspect`]); `null` when none.
+    #[serde(default)]
+    pub dns_query: Option<String>,
+    /// The server name (SNI) of the flow's TLS `ClientHello`; `null` when none.
+    #[serde(default)]
+    pub tls_sni: Option<String>,
+    /// The `Host` of the flow's first HTTP request; `null` when none.
+    #[serde(default)]
+    pub http_host: Option<String>,
 }
 
 /// Whether a record is still live in the kernel.
@@ -207,6 +218,9 @@ pub fn record_from_kernel(
         policy,
         src_zone,
         dst_zone,
+        dns_query: None,
+        tls_sni: None,
+        http_host: None,
     }
 }
 
@@ -289,6 +303,8 @@ pub struct FlowStats {
 #[derive(Clone, Debug)]
 struct FlowRecordState {
     value: FlowValue,
+    /// Names found in the flow's payload samples.
+    app: AppInfo,
     start_event_seen: bool,
     /// Consecutive map reads that did not find the entry.
     misses: u8,
@@ -315,6 +331,24 @@ pub struct FlowTable {
     history: VecDeque<FlowRecord>,
     history_capacity: usize,
     stats: FlowStats,
+    /// Packets and bytes of every flow since the agent started, by (initiator's zone,
+    /// responder's zone, verdict): each growth of a flow's counters is added under the
+    /// verdict the flow had when it was read, so the totals never go backwards when
+    /// flows expire or are judged again.
+    zone_traffic: HashMap<(u16, u16, u8), (u64, u64)>,
+}
+
+/// Packets and bytes of one (initiator's zone id, responder's zone id, verdict).
+pub type ZoneTraffic = ((u16, u16, u8), (u64, u64));
+
+/// Growth of a flow's (packets, bytes), both directions, from one read to the next. A
+/// kernel entry that is smaller than before was made anew: all of it is new.
+fn traffic_delta(old: &FlowValue, new: &FlowValue) -> (u64, u64) {
+    let sum = |v: &FlowValue| {
+        (v.packets[0].wrapping_add(v.packets[1]), v.bytes[0].wrapping_add(v.bytes[1]))
+    };
+    let (old, new) = (sum(old), sum(new));
+    if new.0 < old.0 || new.1 < old.1 { new } else { (new.0 - old.0, new.1 - old.1) }
 }
 
 impl FlowTable {
@@ -329,12 +363,18 @@ impl FlowTable {
             history: VecDeque::new(),
             history_capacity: HISTORY_CAPACITY,
             stats: FlowStats::default(),
+            zone_traffic: HashMap::new(),
         }
     }
 
-    fn render(&self, key: &FlowKey, value: &FlowValue, state: RecordState) -> FlowRecord {
+    fn render(&self, key: &FlowKey, value: &FlowValue, app: &AppInfo, state: RecordState) -> FlowRecord {
         let ifnames = &self.ifnames;
-        record_from_kernel(key, value, state, &self.clock, &|idx| ifnames.name(idx), &self.rule_names.read())
+        let mut record =
+            record_from_kernel(key, value, state, &self.clock, &|idx| ifnames.name(idx), &self.rule_names.read());
+        record.dns_query.clone_from(&app.dns_query);
+        record.tls_sni.clone_from(&app.tls_sni);
+        record.http_host.clone_from(&app.http_host);
+        record
     }
 
     fn push_history(&mut self, record: FlowRecord) {
@@ -356,7 +396,7 @@ impl FlowTable {
             FollowEvent::Evicted => self.stats.evicted += 1,
             _ => {}
         }
-        let record = self.render(key, &rec.value, RecordState::Ended);
+        let record = self.render(key, &rec.value, &rec.app, RecordState::Ended);
         self.push_history(record.clone());
         Some(record)
     }
@@ -390,6 +430,7 @@ impl FlowTable {
             let dir = usize::from(event.direction == DIR_HI_TO_LO);
             let rec = self.records.entry(event.key).or_insert_with(|| FlowRecordState {
                 value: value_from_event(&event),
+                app: AppInfo::default(),
                 start_event_seen: false,
                 misses: 0,
                 seen_in: 0,
@@ -413,9 +454,13 @@ impl FlowTable {
                 // The decoder rejects unknown kinds; announcements were taken out above.
                 None | Some(FlowEventKind::Announce) => continue,
             };
+            if follow == FollowEvent::Start && rec.seen_in == 0 {
+                // Not read from the kernel yet: the event's verdict is the best known.
+                rec.value.verdict = event.verdict;
+            }
             if want_messages {
-                let value = rec.value;
-                out.push(FollowMessage::flow(follow, self.render(&event.key, &value, RecordState::Active)));
+                let (value, app) = (rec.value, rec.app.clone());
+                out.push(FollowMessage::flow(follow, self.render(&event.key, &value, &app, RecordState::Active)));
             }
         }
         self.update_sizes();
@@ -438,12 +483,23 @@ impl FlowTable {
         for (key, value) in entries {
             let rec = self.records.entry(key).or_insert_with(|| FlowRecordState {
                 value: FlowValue::default(),
+                app: AppInfo::default(),
                 start_event_seen: false,
                 misses: 0,
                 seen_in: 0,
             });
             let changed = rec.value.packets != value.packets || rec.value.state != value.state;
+            let grown = traffic_delta(&rec.value, &value);
             rec.value = value;
+            // Cloned only for an update message: names are strings.
+            let app = if changed && want_updates { rec.app.clone() } else { AppInfo::default() };
+            if grown != (0, 0) {
+                let fwd = initiator(&value);
+                let pair = (value.zone[fwd], value.zone[fwd ^ 1], value.verdict);
+                let total = self.zone_traffic.entry(pair).or_default();
+                total.0 += grown.0;
+                total.1 += grown.1;
+            }
             rec.misses = 0;
             rec.seen_in = read;
             let timeout = if value.state & STATE_ENDED != 0 { ENDED_IDLE_NS } else { self.idle_timeout_ns };
@@ -455,7 +511,7 @@ impl FlowTable {
             } else if changed && want_updates {
                 merge
                     .messages
-                    .push(FollowMessage::flow(FollowEvent::Update, self.render(&key, &value, RecordState::Active)));
+                    .push(FollowMessage::flow(FollowEvent::Update, self.render(&key, &value, &app, RecordState::Active)));
             }
         }
         let missing: Vec<FlowKey> = self
@@ -489,7 +545,7 @@ impl FlowTable {
         let mut live: Vec<(u64, FlowRecord)> = self
             .records
             .iter()
-            .map(|(key, rec)| (rec.value.first_seen_ns, self.render(key, &rec.value, RecordState::Active)))
+            .map(|(key, rec)| (rec.value.first_seen_ns, self.render(key, &rec.value, &rec.app, RecordState::Active)))
             .collect();
         live.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         live.into_iter().map(|(_, r)| r).chain(self.history.iter().rev().cloned()).collect()
@@ -502,6 +558,42 @@ impl FlowTable {
 
     pub fn count_map_errors(&mut self, n: u64) {
         self.stats.map_errors += n;
+    }
+
+    /// Packets and bytes of all flows since start by (initiator's zone id, responder's
+    /// zone id, verdict), in key order.
+    #[must_use]
+    pub fn zone_traffic(&self) -> Vec<ZoneTraffic> {
+        let mut out: Vec<_> = self.zone_traffic.iter().map(|(k, v)| (*k, *v)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Adds the names found in payload samples to their flows. A flow not known yet
+    /// (its start event is still on its way) gets a record from the sample.
+    pub fn apply_samples(&mut self, samples: Vec<Sample>, want_messages: bool) -> Vec<FollowMessage> {
+        let mut out = Vec::new();
+        for sample in samples {
+            let rec = self.records.entry(sample.key).or_insert_with(|| {
+                let dir = usize::from(sample.direction == DIR_HI_TO_LO);
+                let mut value = FlowValue {
+                    first_seen_ns: sample.ts_ns,
+                    last_seen_ns: sample.ts_ns,
+                    initiator: if dir == 1 { DIR_HI_TO_LO } else { DIR_LO_TO_HI },
+                    ..FlowValue::default()
+                };
+                value.ifindex[dir] = sample.ifindex;
+                FlowRecordState { value, app: AppInfo::default(), start_event_seen: false, misses: 0, seen_in: 0 }
+            });
+            let before = rec.app.clone();
+            rec.app.merge(sample.app);
+            if want_messages && rec.app != before {
+                let (value, app) = (rec.value, rec.app.clone());
+                out.push(FollowMessage::flow(FollowEvent::Update, self.render(&sample.key, &value, &app, RecordState::Active)));
+            }
+        }
+        self.update_sizes();
+        out
     }
 }
 
@@ -609,6 +701,19 @@ impl SharedFlows {
     #[must_use]
     pub fn snapshot(&self) -> Vec<FlowRecord> {
         self.table().snapshot()
+    }
+
+    /// Adds names found in payload samples to their flows.
+    pub fn apply_samples(&self, samples: Vec<Sample>) {
+        let want_messages = self.follow.receiver_count() > 0;
+        let messages = self.table().apply_samples(samples, want_messages);
+        self.publish(messages);
+    }
+
+    /// See [`FlowTable::zone_traffic`].
+    #[must_use]
+    pub fn zone_traffic(&self) -> Vec<ZoneTraffic> {
+        self.table().zone_traffic()
     }
 
     #[must_use]

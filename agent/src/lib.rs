@@ -12,6 +12,10 @@
 //! - [`rule_watch`]: noticing that rule files changed
 //! - [`rule_names`]: names of the zone and policy ids in flows and counters
 //! - [`explain`]: the verdict a rule set gives a flow, and why
+//! - [`metrics`]: Prometheus metrics on `/metrics`
+//! - [`flow_log`], [`ipfix`]: flow records exported as JSON lines and as IPFIX
+//! - [`inspect`]: names (DNS, TLS SNI, HTTP Host) from flows' first payload bytes
+//! - [`top`]: the zone-by-zone traffic matrix of `backplane top`
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
 pub mod agent;
@@ -22,15 +26,20 @@ pub mod datapath;
 pub mod error;
 pub mod events;
 pub mod explain;
+pub mod flow_log;
 pub mod flows;
 pub mod ifnames;
+pub mod inspect;
+pub mod ipfix;
 pub mod map_batch;
+pub mod metrics;
 pub mod paths;
 pub mod ports;
 pub mod rule_names;
 pub mod rule_sync;
 pub mod rule_tables;
 pub mod rule_watch;
+pub mod top;
 
 /// The compiled data path (eBPF object), embedded at build time.
 pub static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backplane-datapath"));
