@@ -60,16 +60,9 @@ impl RotatingFile {
         {
             fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&opts.path)?;
+        let file = OpenOptions::new().create(true).append(true).open(&opts.path)?;
         let size = file.metadata()?.len();
-        Ok(Self {
-            opts,
-            file: BufWriter::new(file),
-            size,
-        })
+        Ok(Self { opts, file: BufWriter::new(file), size })
     }
 
     /// Writes one line (a newline is added), rotating first if it would not fit.
@@ -146,21 +139,12 @@ pub fn line_of(msg: &FollowMessage) -> Option<Vec<u8>> {
         FollowEvent::Evicted => "evicted",
         FollowEvent::Update => return None,
         FollowEvent::Lagged => {
-            let line = LaggedLine {
-                time: rfc3339_ms(now_ms()),
-                event: "lagged",
-                missed: msg.missed.unwrap_or(0),
-            };
+            let line = LaggedLine { time: rfc3339_ms(now_ms()), event: "lagged", missed: msg.missed.unwrap_or(0) };
             return serde_json::to_vec(&line).ok();
         }
     };
     let flow = msg.flow.as_ref()?;
-    serde_json::to_vec(&Line {
-        time: rfc3339_ms(now_ms()),
-        event,
-        flow,
-    })
-    .ok()
+    serde_json::to_vec(&Line { time: rfc3339_ms(now_ms()), event, flow }).ok()
 }
 
 /// Writes the follow stream into the log until the channel closes. Runs on its own
@@ -186,11 +170,9 @@ pub fn run(mut log: RotatingFile, mut rx: Receiver<FollowMessage>, metrics: &Arc
     loop {
         let first = match rx.blocking_recv() {
             Ok(msg) => msg,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => FollowMessage {
-                event: FollowEvent::Lagged,
-                flow: None,
-                missed: Some(n),
-            },
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                FollowMessage { event: FollowEvent::Lagged, flow: None, missed: Some(n) }
+            }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         };
         write(&mut log, &first);
@@ -198,14 +180,9 @@ pub fn run(mut log: RotatingFile, mut rx: Receiver<FollowMessage>, metrics: &Arc
         loop {
             match rx.try_recv() {
                 Ok(msg) => write(&mut log, &msg),
-                Err(TryRecvError::Lagged(n)) => write(
-                    &mut log,
-                    &FollowMessage {
-                        event: FollowEvent::Lagged,
-                        flow: None,
-                        missed: Some(n),
-                    },
-                ),
+                Err(TryRecvError::Lagged(n)) => {
+                    write(&mut log, &FollowMessage { event: FollowEvent::Lagged, flow: None, missed: Some(n) })
+                }
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
@@ -223,19 +200,13 @@ mod tests {
 
     #[test]
     fn rotates_by_size_and_keeps_n_files() {
-        let dir =
-            std::env::temp_dir().join(format!("backplane-flowlog-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("backplane-flowlog-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let path = dir.join("sub/flows.jsonl");
-        let opts = FlowLogOptions {
-            path: path.clone(),
-            max_bytes: 100,
-            keep: 2,
-        };
+        let opts = FlowLogOptions { path: path.clone(), max_bytes: 100, keep: 2 };
         let mut log = RotatingFile::open(opts).unwrap();
         for i in 0..10 {
-            log.write_line(format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(30)).as_bytes())
-                .unwrap();
+            log.write_line(format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(30)).as_bytes()).unwrap();
         }
         log.flush().unwrap();
         let read = |p: &Path| fs::read_to_string(p).unwrap();
@@ -249,12 +220,7 @@ mod tests {
         }
         // Reopening appends.
         drop(log);
-        let mut log = RotatingFile::open(FlowLogOptions {
-            path: path.clone(),
-            max_bytes: 1000,
-            keep: 2,
-        })
-        .unwrap();
+        let mut log = RotatingFile::open(FlowLogOptions { path: path.clone(), max_bytes: 1000, keep: 2 }).unwrap();
         log.write_line(b"{\"n\":10}").unwrap();
         log.flush().unwrap();
         assert!(read(&path).contains("\"n\":9") && read(&path).contains("\"n\":10"));

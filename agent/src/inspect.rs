@@ -126,10 +126,7 @@ pub const SAMPLE_RECORD_SIZE: usize = size_of::<PayloadSample>();
 /// captured length past the buffer. Returns the header fields and the captured bytes.
 pub fn decode_sample(bytes: &[u8]) -> Result<(PayloadSample, &[u8]), DecodeError> {
     if bytes.len() != SAMPLE_RECORD_SIZE {
-        return Err(DecodeError::WrongLength {
-            expected: SAMPLE_RECORD_SIZE,
-            got: bytes.len(),
-        });
+        return Err(DecodeError::WrongLength { expected: SAMPLE_RECORD_SIZE, got: bytes.len() });
     }
     // SAFETY: the length is exactly that of a PayloadSample, which is repr(C) and made of
     // integers and byte arrays only (every bit pattern is valid); read unaligned.
@@ -142,10 +139,7 @@ pub fn decode_sample(bytes: &[u8]) -> Result<(PayloadSample, &[u8]), DecodeError
     }
     let captured = usize::from(sample.captured);
     if captured > SAMPLE_BYTES {
-        return Err(DecodeError::WrongLength {
-            expected: SAMPLE_BYTES,
-            got: captured,
-        });
+        return Err(DecodeError::WrongLength { expected: SAMPLE_BYTES, got: captured });
     }
     let offset = std::mem::offset_of!(PayloadSample, data);
     Ok((sample, &bytes[offset..offset + captured]))
@@ -187,11 +181,7 @@ pub fn transport(frame: &[u8]) -> Option<Transport<'_>> {
         (ip.get_next_level_protocol(), ihl, total - ihl)
     } else if ethertype == EtherTypes::Ipv6 {
         let ip = Ipv6Packet::new(l3)?;
-        (
-            ip.get_next_header(),
-            Ipv6Packet::minimum_packet_size(),
-            usize::from(ip.get_payload_length()),
-        )
+        (ip.get_next_header(), Ipv6Packet::minimum_packet_size(), usize::from(ip.get_payload_length()))
     } else {
         return None;
     };
@@ -253,17 +243,12 @@ fn clean_name(raw: &[u8]) -> Option<String> {
     if raw.is_empty() || raw.len() > MAX_NAME {
         return None;
     }
-    let ok = raw.iter().all(|&b| {
-        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
-    });
+    let ok = raw.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'));
     ok.then(|| String::from_utf8_lossy(raw).to_ascii_lowercase())
 }
 
 fn be16(b: &[u8], at: usize) -> Option<usize> {
-    Some(usize::from(u16::from_be_bytes([
-        *b.get(at)?,
-        *b.get(at + 1)?,
-    ])))
+    Some(usize::from(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?])))
 }
 
 /// The first question's name of a DNS message (query or response), `.` for the root.
@@ -349,17 +334,8 @@ pub fn tls_server_name(data: &[u8]) -> Option<String> {
 }
 
 /// HTTP/1.x request methods recognised at the start of a payload.
-const HTTP_METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"HEAD ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
+const HTTP_METHODS: &[&[u8]] =
+    &[b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
 
 /// The `Host` header of an HTTP/1.x request at the start of `data` (complete lines only).
 #[must_use]
@@ -398,30 +374,17 @@ pub fn http_host(data: &[u8]) -> Option<String> {
 pub fn parse_record(bytes: &[u8]) -> Result<Sample, DecodeError> {
     let (header, frame) = decode_sample(bytes)?;
     let app = transport(frame).map(|t| app_info(&t)).unwrap_or_default();
-    Ok(Sample {
-        key: header.key,
-        ts_ns: header.ts_ns,
-        ifindex: header.ifindex,
-        direction: header.direction,
-        app,
-    })
+    Ok(Sample { key: header.key, ts_ns: header.ts_ns, ifindex: header.ifindex, direction: header.direction, app })
 }
 
 /// Reads the sample ring buffer whenever the kernel signals data, until the task is
 /// dropped; names found go into the flow table.
-pub async fn consume(
-    ring: RingBuf<MapData>,
-    flows: Arc<SharedFlows>,
-    stats: Arc<SampleStats>,
-) -> std::io::Result<()> {
+pub async fn consume(ring: RingBuf<MapData>, flows: Arc<SharedFlows>, stats: Arc<SampleStats>) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd and returns that same open fd for as long
     // as it lives, which is as long as the AsyncFd that owns it.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)?;
-    log::debug!(
-        "reading payload samples from ring buffer fd {}",
-        fd.get_ref().as_raw_fd()
-    );
+    log::debug!("reading payload samples from ring buffer fd {}", fd.get_ref().as_raw_fd());
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -523,10 +486,7 @@ mod tests {
 
     #[test]
     fn dns_names() {
-        assert_eq!(
-            dns_query_name(&dns_query(7, "www.Example.org")).as_deref(),
-            Some("www.example.org")
-        );
+        assert_eq!(dns_query_name(&dns_query(7, "www.Example.org")).as_deref(), Some("www.example.org"));
         assert_eq!(dns_query_name(&dns_query(7, "a")).as_deref(), Some("a"));
         let mut cut = dns_query(7, "www.example.org");
         cut.truncate(20);
@@ -545,43 +505,24 @@ mod tests {
 
     #[test]
     fn tls_sni() {
-        assert_eq!(
-            tls_server_name(&client_hello("shop.example.com")).as_deref(),
-            Some("shop.example.com")
-        );
+        assert_eq!(tls_server_name(&client_hello("shop.example.com")).as_deref(), Some("shop.example.com"));
         let hello = client_hello("shop.example.com");
         for cut in [0, 5, 9, 44, 60, hello.len() - 3] {
             assert_eq!(tls_server_name(&hello[..cut]), None, "cut at {cut}");
         }
         let mut not_hello = hello.clone();
         not_hello[5] = 2;
-        assert_eq!(
-            tls_server_name(&not_hello),
-            None,
-            "a ServerHello names nothing"
-        );
+        assert_eq!(tls_server_name(&not_hello), None, "a ServerHello names nothing");
         assert_eq!(tls_server_name(b"GET / HTTP/1.1\r\n"), None);
     }
 
     #[test]
     fn http_hosts() {
-        let req =
-            b"GET /index.html HTTP/1.1\r\nUser-Agent: t\r\nhost:  Intranet.Example:8080 \r\n\r\n";
+        let req = b"GET /index.html HTTP/1.1\r\nUser-Agent: t\r\nhost:  Intranet.Example:8080 \r\n\r\n";
         assert_eq!(http_host(req).as_deref(), Some("intranet.example:8080"));
-        assert_eq!(
-            http_host(b"POST /x HTTP/1.0\r\nHost: a.b\r\n").as_deref(),
-            Some("a.b")
-        );
-        assert_eq!(
-            http_host(b"GET / HTTP/1.1\r\nHost: a.b"),
-            None,
-            "a line cut by the capture"
-        );
-        assert_eq!(
-            http_host(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\nHost: x\r\n"),
-            None,
-            "body is not headers"
-        );
+        assert_eq!(http_host(b"POST /x HTTP/1.0\r\nHost: a.b\r\n").as_deref(), Some("a.b"));
+        assert_eq!(http_host(b"GET / HTTP/1.1\r\nHost: a.b"), None, "a line cut by the capture");
+        assert_eq!(http_host(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\nHost: x\r\n"), None, "body is not headers");
         assert_eq!(http_host(b"HELLO world\r\nHost: a\r\n"), None);
         assert_eq!(http_host(b"GET / HTTP/1.1\r\nHost: <script>\r\n"), None);
     }
@@ -594,17 +535,11 @@ mod tests {
         assert_eq!(app_info(&t).dns_query.as_deref(), Some("db.internal"));
 
         let f = frame_v4(6, 40001, 443, &client_hello("api.example.net"), 0);
-        assert_eq!(
-            app_info(&transport(&f).unwrap()).tls_sni.as_deref(),
-            Some("api.example.net")
-        );
+        assert_eq!(app_info(&transport(&f).unwrap()).tls_sni.as_deref(), Some("api.example.net"));
 
         let f = frame_v4(6, 40002, 80, b"GET / HTTP/1.1\r\nHost: web.lab\r\n\r\n", 0);
         let app = app_info(&transport(&f).unwrap());
-        assert_eq!(
-            (app.http_host.as_deref(), app.tls_sni.as_deref()),
-            (Some("web.lab"), None)
-        );
+        assert_eq!((app.http_host.as_deref(), app.tls_sni.as_deref()), (Some("web.lab"), None));
 
         // Ethernet padding after a bare ACK is not payload.
         let f = frame_v4(6, 40003, 80, b"", 60);
@@ -622,11 +557,7 @@ mod tests {
         let payload = dns_query(1, "x.y");
         let f = frame_v4(17, 40000, 53, &payload, 0);
         let mut sample = PayloadSample {
-            key: FlowKey {
-                family: FAMILY_IPV4,
-                proto: 17,
-                ..FlowKey::default()
-            },
+            key: FlowKey { family: FAMILY_IPV4, proto: 17, ..FlowKey::default() },
             ts_ns: 5,
             ifindex: 3,
             frame_len: u32::try_from(f.len()).unwrap(),
@@ -638,28 +569,16 @@ mod tests {
         };
         sample.data[..f.len()].copy_from_slice(&f);
         // SAFETY: PayloadSample is repr(C) plain data without implicit padding.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(std::ptr::from_ref(&sample).cast::<u8>(), SAMPLE_RECORD_SIZE)
-        }
-        .to_vec();
+        let bytes = unsafe { std::slice::from_raw_parts(std::ptr::from_ref(&sample).cast::<u8>(), SAMPLE_RECORD_SIZE) }
+            .to_vec();
         let parsed = parse_record(&bytes).unwrap();
-        assert_eq!(
-            (parsed.ifindex, parsed.app.dns_query.as_deref()),
-            (3, Some("x.y"))
-        );
-        assert!(matches!(
-            parse_record(&bytes[..100]),
-            Err(DecodeError::WrongLength { .. })
-        ));
+        assert_eq!((parsed.ifindex, parsed.app.dns_query.as_deref()), (3, Some("x.y")));
+        assert!(matches!(parse_record(&bytes[..100]), Err(DecodeError::WrongLength { .. })));
         let mut bad = bytes.clone();
-        bad[std::mem::offset_of!(PayloadSample, captured)..][..2]
-            .copy_from_slice(&600u16.to_ne_bytes());
+        bad[std::mem::offset_of!(PayloadSample, captured)..][..2].copy_from_slice(&600u16.to_ne_bytes());
         assert!(parse_record(&bad).is_err(), "captured past the buffer");
         let mut bad = bytes;
         bad[std::mem::offset_of!(PayloadSample, direction)] = 9;
-        assert!(matches!(
-            parse_record(&bad),
-            Err(DecodeError::BadDirection(9))
-        ));
+        assert!(matches!(parse_record(&bad), Err(DecodeError::BadDirection(9))));
     }
 }

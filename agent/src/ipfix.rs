@@ -73,19 +73,11 @@ pub struct Field {
 }
 
 const fn iana(id: u16, len: u16) -> Field {
-    Field {
-        id,
-        len,
-        enterprise: 0,
-    }
+    Field { id, len, enterprise: 0 }
 }
 
 const fn ours(id: u16) -> Field {
-    Field {
-        id,
-        len: VARLEN,
-        enterprise: PEN,
-    }
+    Field { id, len: VARLEN, enterprise: PEN }
 }
 
 /// The fields after the addresses, common to both templates.
@@ -112,11 +104,7 @@ const COMMON: [Field; 17] = [
 /// The fields of a template.
 #[must_use]
 pub fn template_fields(v6: bool) -> Vec<Field> {
-    let addrs = if v6 {
-        [iana(27, 16), iana(28, 16)]
-    } else {
-        [iana(8, 4), iana(12, 4)]
-    };
+    let addrs = if v6 { [iana(27, 16), iana(28, 16)] } else { [iana(8, 4), iana(12, 4)] };
     addrs.into_iter().chain(COMMON).collect()
 }
 
@@ -226,15 +214,7 @@ pub fn put_record(out: &mut BytesMut, r: &FlowExport) {
     out.put_u16(r.vlan);
     out.put_u8(r.end_reason);
     out.put_u8(r.biflow_direction);
-    for s in [
-        &r.src_zone,
-        &r.dst_zone,
-        &r.verdict,
-        &r.policy,
-        &r.dns_query,
-        &r.tls_sni,
-        &r.http_host,
-    ] {
+    for s in [&r.src_zone, &r.dst_zone, &r.verdict, &r.policy, &r.dns_query, &r.tls_sni, &r.http_host] {
         put_varlen(out, s);
     }
 }
@@ -304,14 +284,7 @@ struct Sent {
 type FlowId = (String, u16, String, u16, String, u16);
 
 fn flow_id(r: &FlowRecord) -> FlowId {
-    (
-        r.src_ip.clone(),
-        r.src_port,
-        r.dst_ip.clone(),
-        r.dst_port,
-        r.proto.clone(),
-        r.vlan,
-    )
+    (r.src_ip.clone(), r.src_port, r.dst_ip.clone(), r.dst_port, r.proto.clone(), r.vlan)
 }
 
 fn proto_number(name: &str) -> u8 {
@@ -327,12 +300,7 @@ fn proto_number(name: &str) -> u8 {
 
 /// The records (one per direction that carried packets since the last export) of a flow.
 #[must_use]
-pub fn records_of(
-    r: &FlowRecord,
-    sent_fwd: (u64, u64),
-    sent_rev: (u64, u64),
-    end_reason: u8,
-) -> Vec<FlowExport> {
+pub fn records_of(r: &FlowRecord, sent_fwd: (u64, u64), sent_rev: (u64, u64), end_reason: u8) -> Vec<FlowExport> {
     let (src, dst) = (r.src_ip.parse().ok(), r.dst_ip.parse().ok());
     let opt = |s: &Option<String>| s.clone().unwrap_or_default();
     let base = FlowExport {
@@ -349,14 +317,8 @@ pub fn records_of(
         ..FlowExport::default()
     };
     let mut out = Vec::new();
-    let fwd = (
-        r.fwd_packets.saturating_sub(sent_fwd.0),
-        r.fwd_bytes.saturating_sub(sent_fwd.1),
-    );
-    let rev = (
-        r.rev_packets.saturating_sub(sent_rev.0),
-        r.rev_bytes.saturating_sub(sent_rev.1),
-    );
+    let fwd = (r.fwd_packets.saturating_sub(sent_fwd.0), r.fwd_bytes.saturating_sub(sent_fwd.1));
+    let rev = (r.rev_packets.saturating_sub(sent_rev.0), r.rev_bytes.saturating_sub(sent_rev.1));
     if fwd.0 > 0 {
         out.push(FlowExport {
             src,
@@ -414,26 +376,11 @@ fn unix_secs() -> u32 {
 impl Exporter {
     /// A socket connected to the collector (from an address of the collector's family).
     pub async fn connect(opts: IpfixOptions, metrics: Arc<Metrics>) -> std::io::Result<Self> {
-        let local: SocketAddr = if opts.collector.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .expect("valid");
+        let local: SocketAddr = if opts.collector.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid");
         let socket = UdpSocket::bind(local).await?;
         socket.connect(opts.collector).await?;
-        let encoder = Encoder {
-            domain: opts.domain,
-            sequence: 0,
-        };
-        Ok(Self {
-            opts,
-            socket,
-            encoder,
-            sent: HashMap::new(),
-            metrics,
-        })
+        let encoder = Encoder { domain: opts.domain, sequence: 0 };
+        Ok(Self { opts, socket, encoder, sent: HashMap::new(), metrics })
     }
 
     async fn send(&self, msg: &[u8], records: u32) {
@@ -445,8 +392,7 @@ impl Exporter {
             }
             Err(e) => {
                 // A template message lost counts as one error; data messages by record.
-                self.metrics
-                    .export_error("ipfix", "send", u64::from(records.max(1)));
+                self.metrics.export_error("ipfix", "send", u64::from(records.max(1)));
                 log::debug!("ipfix: send to {}: {e}", self.opts.collector);
             }
         }
@@ -465,22 +411,14 @@ impl Exporter {
         let id = flow_id(r);
         match msg.event {
             FollowEvent::Start | FollowEvent::End => {
-                let s = self.sent.entry(id).or_insert(Sent {
-                    fwd: (0, 0),
-                    rev: (0, 0),
-                    last_export: now,
-                    last_news: now,
-                });
+                let s =
+                    self.sent.entry(id).or_insert(Sent { fwd: (0, 0), rev: (0, 0), last_export: now, last_news: now });
                 s.last_news = now;
                 Vec::new()
             }
             FollowEvent::Update => {
-                let s = self.sent.entry(id).or_insert(Sent {
-                    fwd: (0, 0),
-                    rev: (0, 0),
-                    last_export: now,
-                    last_news: now,
-                });
+                let s =
+                    self.sent.entry(id).or_insert(Sent { fwd: (0, 0), rev: (0, 0), last_export: now, last_news: now });
                 s.last_news = now;
                 if now.duration_since(s.last_export) < self.opts.active_timeout {
                     return Vec::new();
@@ -492,10 +430,7 @@ impl Exporter {
                 out
             }
             FollowEvent::Expired | FollowEvent::Evicted => {
-                let (fwd, rev) = self
-                    .sent
-                    .remove(&id)
-                    .map_or(((0, 0), (0, 0)), |s| (s.fwd, s.rev));
+                let (fwd, rev) = self.sent.remove(&id).map_or(((0, 0), (0, 0)), |s| (s.fwd, s.rev));
                 let reason = if msg.event == FollowEvent::Evicted {
                     end_reason::LACK_OF_RESOURCES
                 } else if r.tcp_flags.contains("FIN") || r.tcp_flags.contains("RST") {
@@ -513,10 +448,7 @@ impl Exporter {
     pub async fn run(mut self, mut rx: Receiver<FollowMessage>) {
         use tokio::sync::broadcast::error::RecvError;
         self.send_templates().await;
-        let mut templates = tokio::time::interval_at(
-            tokio::time::Instant::now() + TEMPLATE_RESEND,
-            TEMPLATE_RESEND,
-        );
+        let mut templates = tokio::time::interval_at(tokio::time::Instant::now() + TEMPLATE_RESEND, TEMPLATE_RESEND);
         loop {
             let msg = tokio::select! {
                 _ = templates.tick() => {
@@ -591,40 +523,25 @@ mod tests {
         // Set header (length 220: two templates of 108 bytes), then template 256 with 19 fields.
         assert_eq!(&set[..8], &[0x00, 0x02, 0x00, 0xdc, 0x01, 0x00, 0x00, 0x13]);
         // First fields: sourceIPv4Address/4, destinationIPv4Address/4, ports, protocol.
-        assert_eq!(
-            &set[8..28],
-            &[0, 8, 0, 4, 0, 12, 0, 4, 0, 7, 0, 2, 0, 11, 0, 2, 0, 4, 0, 1]
-        );
+        assert_eq!(&set[8..28], &[0, 8, 0, 4, 0, 12, 0, 4, 0, 7, 0, 2, 0, 11, 0, 2, 0, 4, 0, 1]);
         // packetDeltaCount/8, octetDeltaCount/8, flowStart/EndMilliseconds/8, vlanId/2,
         // flowEndReason/1, biflowDirection/1.
         assert_eq!(
             &set[28..56],
-            &[
-                0, 2, 0, 8, 0, 1, 0, 8, 0, 152, 0, 8, 0, 153, 0, 8, 0, 58, 0, 2, 0, 136, 0, 1, 0,
-                239, 0, 1
-            ]
+            &[0, 2, 0, 8, 0, 1, 0, 8, 0, 152, 0, 8, 0, 153, 0, 8, 0, 58, 0, 2, 0, 136, 0, 1, 0, 239, 0, 1]
         );
         // Enterprise element 1, variable length, PEN 32473 (0x00007ed9).
-        assert_eq!(
-            &set[56..64],
-            &[0x80, 0x01, 0xff, 0xff, 0x00, 0x00, 0x7e, 0xd9]
-        );
+        assert_eq!(&set[56..64], &[0x80, 0x01, 0xff, 0xff, 0x00, 0x00, 0x7e, 0xd9]);
         // 12 IANA fields * 4 + 7 enterprise fields * 8 = 104 bytes of template 256.
         let t6 = 8 + 104;
-        assert_eq!(
-            &set[t6..t6 + 12],
-            &[0x01, 0x01, 0x00, 0x13, 0, 27, 0, 16, 0, 28, 0, 16]
-        );
+        assert_eq!(&set[t6..t6 + 12], &[0x01, 0x01, 0x00, 0x13, 0, 27, 0, 16, 0, 28, 0, 16]);
         assert_eq!(set.len(), 4 + 2 * (4 + 104));
         assert_eq!(u16::from_be_bytes([set[2], set[3]]) as usize, set.len());
     }
 
     #[test]
     fn data_message_bytes() {
-        let mut enc = Encoder {
-            domain: 7,
-            sequence: 5,
-        };
+        let mut enc = Encoder { domain: 7, sequence: 5 };
         let msgs = enc.data(0x6000_0000, &[sample()]);
         assert_eq!(msgs.len(), 1);
         let (msg, n) = &msgs[0];
@@ -656,10 +573,7 @@ mod tests {
         put_varlen(&mut out, &"x".repeat(300));
         assert_eq!(&out[..3], &[255, 0x01, 0x2c]);
         assert_eq!(out.len(), 303);
-        let mut enc = Encoder {
-            domain: 1,
-            sequence: 0,
-        };
+        let mut enc = Encoder { domain: 1, sequence: 0 };
         let many: Vec<FlowExport> = (0..100).map(|_| sample()).collect();
         let msgs = enc.data(0, &many);
         assert!(msgs.len() > 1);
@@ -702,17 +616,11 @@ mod tests {
         };
         let recs = records_of(&r, (6, 600), (4, 400), end_reason::IDLE_TIMEOUT);
         assert_eq!(recs.len(), 1, "nothing new from the responder");
-        assert_eq!(
-            (recs[0].packets, recs[0].octets, recs[0].proto),
-            (4, 400, 17)
-        );
+        assert_eq!((recs[0].packets, recs[0].octets, recs[0].proto), (4, 400, 17));
         assert_eq!(recs[0].dns_query, "a.b");
         let recs = records_of(&r, (0, 0), (0, 0), end_reason::IDLE_TIMEOUT);
         assert_eq!(recs.len(), 2);
-        assert_eq!(
-            (recs[1].sport, recs[1].dport, recs[1].biflow_direction),
-            (53, 1000, 2)
-        );
+        assert_eq!((recs[1].sport, recs[1].dport, recs[1].biflow_direction), (53, 1000, 2));
         assert_eq!(recs[1].src, Some("10.0.0.2".parse().unwrap()));
     }
 }

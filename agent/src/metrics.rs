@@ -27,21 +27,15 @@ use aya::maps::MapData;
 use backplane_common::{
     Counter,
     config::CONFIG_ENFORCE,
-    maps::{
-        ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS,
-        ZONES,
-    },
+    maps::{ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS, ZONES},
     policy::{ENDPOINT_ISOLATED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue},
 };
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{
-    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
-};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    CounterVec, Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -194,31 +188,11 @@ impl Metrics {
                 "Packets the data path dropped, by reason.",
                 &["reason"],
             ),
-            packets: counter(
-                &r,
-                "backplane_packets_total",
-                "Frames that entered the switch through a port.",
-            ),
-            bytes: counter(
-                &r,
-                "backplane_bytes_total",
-                "Bytes (L2) of frames that entered the switch through a port.",
-            ),
-            flows_active: gauge(
-                &r,
-                "backplane_flows_active",
-                "Flows the agent holds as live.",
-            ),
-            flows_created: counter(
-                &r,
-                "backplane_flows_created_total",
-                "Flow entries created by the data path.",
-            ),
-            flows_expired: counter(
-                &r,
-                "backplane_flows_expired_total",
-                "Flows removed after being idle.",
-            ),
+            packets: counter(&r, "backplane_packets_total", "Frames that entered the switch through a port."),
+            bytes: counter(&r, "backplane_bytes_total", "Bytes (L2) of frames that entered the switch through a port."),
+            flows_active: gauge(&r, "backplane_flows_active", "Flows the agent holds as live."),
+            flows_created: counter(&r, "backplane_flows_created_total", "Flow entries created by the data path."),
+            flows_expired: counter(&r, "backplane_flows_expired_total", "Flows removed after being idle."),
             flows_evicted: counter(
                 &r,
                 "backplane_flows_evicted_total",
@@ -229,18 +203,8 @@ impl Metrics {
                 "backplane_flow_insert_failures_total",
                 "Flows the data path could not insert into its flow table.",
             ),
-            map_entries: gauge_vec(
-                &r,
-                "backplane_map_entries",
-                "Entries in a kernel map.",
-                &["map"],
-            ),
-            map_capacity: gauge_vec(
-                &r,
-                "backplane_map_capacity",
-                "Capacity (max entries) of a kernel map.",
-                &["map"],
-            ),
+            map_entries: gauge_vec(&r, "backplane_map_entries", "Entries in a kernel map.", &["map"]),
+            map_capacity: gauge_vec(&r, "backplane_map_capacity", "Capacity (max entries) of a kernel map.", &["map"]),
             ring_events_lost: counter_vec(
                 &r,
                 "backplane_ring_events_lost_total",
@@ -259,11 +223,7 @@ impl Metrics {
                 "Changes of the rule files, by result (ok: put in force; rejected: the last good rules stay).",
                 &["result"],
             ),
-            rules_generation: gauge(
-                &r,
-                "backplane_rules_generation",
-                "Rule generation in force (0: observing only).",
-            ),
+            rules_generation: gauge(&r, "backplane_rules_generation", "Rule generation in force (0: observing only)."),
             endpoints: gauge_vec(
                 &r,
                 "backplane_endpoints",
@@ -351,28 +311,18 @@ impl Metrics {
     /// Sets the endpoint counts by state, replacing the count taken from the kernel's
     /// `ENDPOINTS` table. For the endpoint work: call it whenever endpoint states change.
     pub fn set_endpoints(&self, by_state: &[(&str, i64)]) {
-        let map = by_state
-            .iter()
-            .map(|(s, n)| ((*s).to_owned(), *n))
-            .collect();
-        *self
-            .endpoint_override
-            .lock()
-            .expect("endpoint override lock") = Some(map);
+        let map = by_state.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect();
+        *self.endpoint_override.lock().expect("endpoint override lock") = Some(map);
     }
 
     /// Counts flow records an exporter delivered.
     pub fn exported(&self, exporter: &str, records: u64) {
-        self.export_records
-            .with_label_values(&[exporter])
-            .inc_by(records);
+        self.export_records.with_label_values(&[exporter]).inc_by(records);
     }
 
     /// Counts a delivery failure of an exporter (`error`: a short, fixed word).
     pub fn export_error(&self, exporter: &str, error: &str, n: u64) {
-        self.export_errors
-            .with_label_values(&[exporter, error])
-            .inc_by(n);
+        self.export_errors.with_label_values(&[exporter, error]).inc_by(n);
     }
 
     /// Reads everything the agent knows into the metrics. Blocking (map reads).
@@ -386,8 +336,7 @@ impl Metrics {
         raise(&self.flows_created, get(Counter::FlowsCreated));
         raise(&self.flow_insert_failures, get(Counter::FlowInsertFailed));
         let f = &status.flows.stats;
-        self.flows_active
-            .set(i64::try_from(f.active_records).unwrap_or(i64::MAX));
+        self.flows_active.set(i64::try_from(f.active_records).unwrap_or(i64::MAX));
         raise(&self.flows_expired, f.expired);
         raise(&self.flows_evicted, f.evicted);
 
@@ -396,18 +345,14 @@ impl Metrics {
         let mut pairs: BTreeMap<(String, String, String), (u64, u64)> = BTreeMap::new();
         for t in &status.zone_traffic {
             if t.verdict == "allowed" || t.verdict == "observed" {
-                let e = pairs
-                    .entry((t.src_zone.clone(), t.dst_zone.clone(), t.verdict.clone()))
-                    .or_default();
+                let e = pairs.entry((t.src_zone.clone(), t.dst_zone.clone(), t.verdict.clone())).or_default();
                 e.0 += t.packets;
                 e.1 += t.bytes;
             }
         }
         let mut drops: BTreeMap<String, u64> = BTreeMap::new();
         for p in &status.zone_pairs {
-            let e = pairs
-                .entry((p.src_zone.clone(), p.dst_zone.clone(), p.verdict.clone()))
-                .or_default();
+            let e = pairs.entry((p.src_zone.clone(), p.dst_zone.clone(), p.verdict.clone())).or_default();
             e.0 += p.packets;
             e.1 += p.bytes;
             if p.verdict == "denied" {
@@ -415,16 +360,8 @@ impl Metrics {
             }
         }
         for ((src, dst, verdict), (packets, bytes)) in &pairs {
-            raise(
-                &self
-                    .zone_pair_packets
-                    .with_label_values(&[src, dst, verdict]),
-                *packets,
-            );
-            raise(
-                &self.zone_pair_bytes.with_label_values(&[src, dst, verdict]),
-                *bytes,
-            );
+            raise(&self.zone_pair_packets.with_label_values(&[src, dst, verdict]), *packets);
+            raise(&self.zone_pair_bytes.with_label_values(&[src, dst, verdict]), *bytes);
         }
         for (label, c) in COUNTER_DROP_REASONS {
             drops.insert((*label).to_owned(), get(*c));
@@ -435,72 +372,33 @@ impl Metrics {
             raise(&self.dropped_packets.with_label_values(&[reason]), *n);
         }
 
-        raise(
-            &self.ring_events_lost.with_label_values(&["flow_events"]),
-            get(Counter::EventsLost),
-        );
-        raise(
-            &self
-                .ring_events_lost
-                .with_label_values(&["payload_samples"]),
-            get(Counter::PayloadSamplesLost),
-        );
-        raise(
-            &self.payload_samples.with_label_values(&["sent"]),
-            get(Counter::PayloadSamples),
-        );
-        raise(
-            &self.payload_samples.with_label_values(&["lost"]),
-            get(Counter::PayloadSamplesLost),
-        );
-        raise(
-            &self.payload_samples.with_label_values(&["skipped"]),
-            get(Counter::PayloadSamplesSkipped),
-        );
+        raise(&self.ring_events_lost.with_label_values(&["flow_events"]), get(Counter::EventsLost));
+        raise(&self.ring_events_lost.with_label_values(&["payload_samples"]), get(Counter::PayloadSamplesLost));
+        raise(&self.payload_samples.with_label_values(&["sent"]), get(Counter::PayloadSamples));
+        raise(&self.payload_samples.with_label_values(&["lost"]), get(Counter::PayloadSamplesLost));
+        raise(&self.payload_samples.with_label_values(&["skipped"]), get(Counter::PayloadSamplesSkipped));
         for (result, n) in agent.sample_stats().snapshot() {
             raise(&self.payload_parsed.with_label_values(&[result]), n);
         }
         for c in Counter::ALL.iter().filter(|c| c.is_parse_failure()) {
-            raise(
-                &self.parse_failures.with_label_values(&[c.as_str()]),
-                get(*c),
-            );
+            raise(&self.parse_failures.with_label_values(&[c.as_str()]), get(*c));
         }
 
-        raise(
-            &self.rule_reloads.with_label_values(&["ok"]),
-            status.rules.reloads_ok,
-        );
-        raise(
-            &self.rule_reloads.with_label_values(&["rejected"]),
-            status.rules.reloads_rejected,
-        );
-        self.rules_generation
-            .set(i64::from(status.config_generation));
+        raise(&self.rule_reloads.with_label_values(&["ok"]), status.rules.reloads_ok);
+        raise(&self.rule_reloads.with_label_values(&["rejected"]), status.rules.reloads_rejected);
+        self.rules_generation.set(i64::from(status.config_generation));
 
-        self.map_entries
-            .with_label_values(&["flows"])
-            .set(i64::try_from(status.flows.entries).unwrap_or(i64::MAX));
-        self.map_capacity
-            .with_label_values(&["flows"])
-            .set(i64::from(status.flows.capacity));
+        self.map_entries.with_label_values(&["flows"]).set(i64::try_from(status.flows.entries).unwrap_or(i64::MAX));
+        self.map_capacity.with_label_values(&["flows"]).set(i64::from(status.flows.capacity));
         for (label, map) in &self.walked {
             if let Ok(info) = map.info() {
-                self.map_capacity
-                    .with_label_values(&[label])
-                    .set(i64::from(info.max_entries()));
+                self.map_capacity.with_label_values(&[label]).set(i64::from(info.max_entries()));
                 let n = count_keys(map, info.key_size() as usize, info.max_entries());
-                self.map_entries
-                    .with_label_values(&[label])
-                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+                self.map_entries.with_label_values(&[label]).set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
 
-        let override_counts = self
-            .endpoint_override
-            .lock()
-            .expect("endpoint override lock")
-            .clone();
+        let override_counts = self.endpoint_override.lock().expect("endpoint override lock").clone();
         let counts = override_counts.unwrap_or_else(|| {
             let enforcing = status.config_flags & CONFIG_ENFORCE != 0;
             let slot = agent.active_slot();
@@ -516,15 +414,9 @@ impl Metrics {
     }
 
     fn set_program(&self, program: &str, stats: ProgramStats) {
-        raise(
-            &self.program_runs.with_label_values(&[program]),
-            stats.run_count,
-        );
+        raise(&self.program_runs.with_label_values(&[program]), stats.run_count);
         let c = self.program_run_time.with_label_values(&[program]);
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "seconds as a float, as Prometheus wants them"
-        )]
+        #[expect(clippy::cast_precision_loss, reason = "seconds as a float, as Prometheus wants them")]
         let total = stats.run_time_ns as f64 / 1e9;
         let now = c.get();
         if total > now {
@@ -534,10 +426,7 @@ impl Metrics {
 
     /// Endpoints of the rule-table half in force by state; all zero without rules.
     fn endpoints_from_kernel(&self, slot: Option<u8>) -> BTreeMap<String, i64> {
-        let mut counts: BTreeMap<String, i64> = ENDPOINT_STATES
-            .iter()
-            .map(|s| ((*s).to_owned(), 0))
-            .collect();
+        let mut counts: BTreeMap<String, i64> = ENDPOINT_STATES.iter().map(|s| ((*s).to_owned(), 0)).collect();
         let Some(slot) = slot else { return counts };
         let Some(table) = &self.endpoint_table else {
             return counts;
@@ -600,12 +489,7 @@ fn count_keys(map: &MapData, key_size: usize, max_entries: u32) -> u64 {
         // SAFETY: `attr` points to valid buffers of the map's key size for the syscall's
         // duration; the kernel writes at most key_size bytes into `next`.
         let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                std::ptr::from_ref(&attr),
-                size_of::<ElemAttr>(),
-            )
+            libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, std::ptr::from_ref(&attr), size_of::<ElemAttr>())
         };
         if rc != 0 {
             break;
@@ -645,27 +529,19 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
         let agent = Arc::clone(&agent);
         tokio::spawn(async move {
             let service = service_fn(move |req| respond(req, Arc::clone(&agent)));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 log::debug!("metrics: connection from {peer}: {e}");
             }
         });
     }
 }
 
-async fn respond(
-    req: Request<Incoming>,
-    agent: Arc<Agent>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status: StatusCode, body: Vec<u8>, content_type: &str| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
         if let Ok(v) = content_type.parse() {
-            response
-                .headers_mut()
-                .insert(hyper::header::CONTENT_TYPE, v);
+            response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
         }
         Ok(response)
     };
@@ -679,23 +555,13 @@ async fn respond(
             .await;
             match body {
                 Ok(body) => reply(StatusCode::OK, body, TEXT_FORMAT),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("{e}\n").into_bytes(),
-                    "text/plain",
-                ),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n").into_bytes(), "text/plain"),
             }
         }
-        (&Method::GET, "/") => reply(
-            StatusCode::OK,
-            b"backplane agent: metrics at /metrics\n".to_vec(),
-            "text/plain; charset=utf-8",
-        ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            b"not found: try /metrics\n".to_vec(),
-            "text/plain; charset=utf-8",
-        ),
+        (&Method::GET, "/") => {
+            reply(StatusCode::OK, b"backplane agent: metrics at /metrics\n".to_vec(), "text/plain; charset=utf-8")
+        }
+        _ => reply(StatusCode::NOT_FOUND, b"not found: try /metrics\n".to_vec(), "text/plain; charset=utf-8"),
     }
 }
 
@@ -711,40 +577,23 @@ mod tests {
     #[test]
     fn counters_only_go_up_and_render_as_text() {
         let m = Metrics::new(None, None);
-        let c = m
-            .zone_pair_packets
-            .with_label_values(&["web", "db", "allowed"]);
+        let c = m.zone_pair_packets.with_label_values(&["web", "db", "allowed"]);
         raise(&c, 10);
         raise(&c, 7);
         assert_eq!(c.get(), 10, "never backwards");
         raise(&c, 12);
         assert_eq!(c.get(), 12);
         m.record_migration("completed");
-        m.set_program(
-            "from_port",
-            ProgramStats {
-                run_time_ns: 1_500_000_000,
-                run_count: 3,
-            },
-        );
+        m.set_program("from_port", ProgramStats { run_time_ns: 1_500_000_000, run_count: 3 });
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("backplane_zone_pair_packets_total{dst_zone=\"db\",src_zone=\"web\",verdict=\"allowed\"} 12"), "{text}");
         assert!(
-            text.contains("backplane_migrations_total{outcome=\"completed\"} 1"),
+            text.contains("backplane_zone_pair_packets_total{dst_zone=\"db\",src_zone=\"web\",verdict=\"allowed\"} 12"),
             "{text}"
         );
-        assert!(
-            text.contains("backplane_migrations_total{outcome=\"failed\"} 0"),
-            "{text}"
-        );
-        assert!(
-            text.contains("backplane_program_run_time_seconds_total{program=\"from_port\"} 1.5"),
-            "{text}"
-        );
-        assert!(
-            text.contains("# TYPE backplane_flows_active gauge"),
-            "{text}"
-        );
+        assert!(text.contains("backplane_migrations_total{outcome=\"completed\"} 1"), "{text}");
+        assert!(text.contains("backplane_migrations_total{outcome=\"failed\"} 0"), "{text}");
+        assert!(text.contains("backplane_program_run_time_seconds_total{program=\"from_port\"} 1.5"), "{text}");
+        assert!(text.contains("# TYPE backplane_flows_active gauge"), "{text}");
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split_whitespace().nth(2).unwrap();
             assert!(name.starts_with("backplane_"), "{name}");

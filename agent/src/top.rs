@@ -19,11 +19,7 @@ pub fn stdout_wants_color() -> bool {
 /// `text` in an ANSI colour (`code`: 31 red, 32 green, 33 yellow, 2 dim, 1 bold) when `on`.
 #[must_use]
 pub fn paint(text: &str, code: &str, on: bool) -> String {
-    if on {
-        format!("\x1b[{code}m{text}\x1b[0m")
-    } else {
-        text.to_owned()
-    }
+    if on { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() }
 }
 
 /// Passed and dropped packets by (source zone, destination zone).
@@ -39,42 +35,24 @@ pub struct Matrix {
 /// Totals since start of one status.
 fn totals(s: &Status) -> Matrix {
     let mut m = Matrix::default();
-    #[expect(
-        clippy::cast_precision_loss,
-        reason = "packet counts shown to a person"
-    )]
+    #[expect(clippy::cast_precision_loss, reason = "packet counts shown to a person")]
     let f = |n: u64| n as f64;
     for t in &s.zone_traffic {
         if t.verdict != "denied" {
-            m.cells
-                .entry((t.src_zone.clone(), t.dst_zone.clone()))
-                .or_default()
-                .0 += f(t.packets);
+            m.cells.entry((t.src_zone.clone(), t.dst_zone.clone())).or_default().0 += f(t.packets);
         }
     }
     for p in s.zone_pairs.iter().filter(|p| p.verdict == "denied") {
-        m.cells
-            .entry((p.src_zone.clone(), p.dst_zone.clone()))
-            .or_default()
-            .1 += f(p.packets);
+        m.cells.entry((p.src_zone.clone(), p.dst_zone.clone())).or_default().1 += f(p.packets);
         *m.drops_by_reason.entry(p.reason.clone()).or_default() += f(p.packets);
     }
-    for reason in [
-        "spoofed",
-        "tagged_from_vm_port",
-        "unjudged_dropped",
-        "router_advert_from_vm",
-    ] {
+    for reason in ["spoofed", "tagged_from_vm_port", "unjudged_dropped", "router_advert_from_vm"] {
         let n = s.counters.get(reason).copied().unwrap_or(0);
         if n > 0 {
             *m.drops_by_reason.entry(reason.to_owned()).or_default() += f(n);
         }
     }
-    let mut zones: Vec<String> = m
-        .cells
-        .keys()
-        .flat_map(|(a, b)| [a.clone(), b.clone()])
-        .collect();
+    let mut zones: Vec<String> = m.cells.keys().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
     // Zones of the rules in force appear even without traffic.
     zones.sort();
     zones.dedup();
@@ -129,11 +107,7 @@ pub fn human(n: f64) -> String {
 pub fn render(now: &Status, prev: Option<(&Status, f64)>, color: bool) -> String {
     let m = matrix(now, prev);
     let mut o = String::new();
-    let what = if prev.is_some() {
-        "packets per second"
-    } else {
-        "packets since the agent started"
-    };
+    let what = if prev.is_some() { "packets per second" } else { "packets since the agent started" };
     let mode = if now.rules.path.is_some() {
         format!("rules generation {}", now.config_generation)
     } else {
@@ -146,11 +120,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, color: bool) -> String
         now.node,
         now.flows.stats.active_records
     );
-    let _ = writeln!(
-        o,
-        "{what}: passed / {} (rows: from zone, columns: to zone)",
-        paint("dropped", "31", color)
-    );
+    let _ = writeln!(o, "{what}: passed / {} (rows: from zone, columns: to zone)", paint("dropped", "31", color));
     let _ = writeln!(o);
     if m.zones.is_empty() {
         let _ = writeln!(o, "(no traffic yet)");
@@ -166,13 +136,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, color: bool) -> String
         .max()
         .unwrap_or(1)
         .max(5);
-    let label = m
-        .zones
-        .iter()
-        .map(String::len)
-        .max()
-        .unwrap_or(4)
-        .max("FROM \\ TO".len());
+    let label = m.zones.iter().map(String::len).max().unwrap_or(4).max("FROM \\ TO".len());
     let mut header = format!("{:<label$}", "FROM \\ TO");
     for z in &m.zones {
         let _ = write!(header, "  {z:>width$}");
@@ -186,11 +150,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, color: bool) -> String
                 Some((passed, dropped)) => {
                     let (p, x) = (human(passed), human(dropped));
                     let pad = width.saturating_sub(p.len() + x.len() + 3);
-                    let x = if dropped > 0.0 {
-                        paint(&x, "31", color)
-                    } else {
-                        x
-                    };
+                    let x = if dropped > 0.0 { paint(&x, "31", color) } else { x };
                     format!("{}{p} / {x}", " ".repeat(pad))
                 }
             };
@@ -214,22 +174,13 @@ mod tests {
     use crate::agent::{ZonePairStatus, ZoneTrafficStatus};
 
     fn traffic(src: &str, dst: &str, verdict: &str, packets: u64) -> ZoneTrafficStatus {
-        ZoneTrafficStatus {
-            src_zone: src.into(),
-            dst_zone: dst.into(),
-            verdict: verdict.into(),
-            packets,
-            bytes: 0,
-        }
+        ZoneTrafficStatus { src_zone: src.into(), dst_zone: dst.into(), verdict: verdict.into(), packets, bytes: 0 }
     }
 
     fn status(web_db: u64, db_web_denied: u64) -> Status {
         Status {
             node: "hv1".into(),
-            zone_traffic: vec![
-                traffic("web", "db", "allowed", web_db),
-                traffic("db", "web", "denied", db_web_denied),
-            ],
+            zone_traffic: vec![traffic("web", "db", "allowed", web_db), traffic("db", "web", "denied", db_web_denied)],
             zone_pairs: vec![ZonePairStatus {
                 src_zone: "db".into(),
                 dst_zone: "web".into(),
@@ -246,10 +197,7 @@ mod tests {
     fn totals_and_rates() {
         let out = render(&status(1200, 3), None, false);
         let lines: Vec<&str> = out.lines().collect();
-        assert!(
-            lines[1].starts_with("packets since the agent started"),
-            "{out}"
-        );
+        assert!(lines[1].starts_with("packets since the agent started"), "{out}");
         let header = lines.iter().find(|l| l.starts_with("FROM")).unwrap();
         assert!(header.contains("db") && header.contains("web"), "{out}");
         let db_row = lines.iter().find(|l| l.starts_with("db ")).unwrap();

@@ -54,7 +54,4 @@ pub struct SampleBudget {
 const _: () = assert!(core::mem::size_of::<PayloadSample>() == 64 + SAMPLE_BYTES);
 const _: () = assert!(core::mem::align_of::<PayloadSample>() == 8);
 const _: () = assert!(core::mem::size_of::<SampleBudget>() == 16);
-const _: () = assert!(
-    SAMPLE_BYTES.is_power_of_two(),
-    "the data path masks copy lengths with SAMPLE_BYTES - 1"
-);
+const _: () = assert!(SAMPLE_BYTES.is_power_of_two(), "the data path masks copy lengths with SAMPLE_BYTES - 1");

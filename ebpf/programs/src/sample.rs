@@ -71,11 +71,7 @@ pub fn send<F: Frame>(frame: &F, key: &FlowKey, len: u32, ifindex: u32, which: u
         counters::inc(Counter::PayloadSamplesLost);
         return;
     };
-    let captured = if len > SAMPLE_BYTES as u32 {
-        SAMPLE_BYTES as u32
-    } else {
-        len
-    };
+    let captured = if len > SAMPLE_BYTES as u32 { SAMPLE_BYTES as u32 } else { len };
     // The verifier wants the copy's length proven to be 1..=SAMPLE_BYTES. LLVM knows
     // `len` is above SAMPLE_MIN_FRAME here and folds range tests into forms the verifier
     // cannot follow; a volatile read hides the value from LLVM, and a mask plus one is a
@@ -87,8 +83,7 @@ pub fn send<F: Frame>(frame: &F, key: &FlowKey, len: u32, ifindex: u32, which: u
     let sample = entry.as_mut_ptr();
     // SAFETY: `sample` points into the reserved ring buffer record, which is
     // `size_of::<PayloadSample>()` bytes; `data` holds SAMPLE_BYTES >= captured bytes.
-    let copied =
-        unsafe { frame.copy_prefix(core::ptr::addr_of_mut!((*sample).data).cast(), captured) };
+    let copied = unsafe { frame.copy_prefix(core::ptr::addr_of_mut!((*sample).data).cast(), captured) };
     if !copied {
         entry.discard(0);
         counters::inc(Counter::PayloadSamplesSkipped);
