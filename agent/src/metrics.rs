@@ -574,6 +574,45 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 mod tests {
     use super::*;
 
+    /// Metric names registered in this file.
+    fn registered() -> Vec<String> {
+        let source = include_str!("metrics.rs");
+        let mut names: Vec<String> = source
+            .split('"')
+            .filter(|s| {
+                s.starts_with("backplane_")
+                    && !s.ends_with('_')
+                    && s.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn readme_and_dashboard_know_every_metric() {
+        let names = registered();
+        assert!(names.len() >= 24, "{names:?}");
+        let readme = include_str!("../../README.md");
+        let metrics_section = readme.split("## Metrics").nth(1).expect("README has ## Metrics");
+        for name in &names {
+            assert!(metrics_section.contains(&format!("| `{name}` |")), "README ## Metrics lacks a row for {name}");
+        }
+        let dashboard = include_str!("../../deploy/grafana/backplane.json");
+        let json: serde_json::Value = serde_json::from_str(dashboard).expect("the dashboard is JSON");
+        assert_eq!(json["uid"], "backplane");
+        let mut used = 0;
+        for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("backplane_") {
+                assert!(names.iter().any(|n| n == word), "the dashboard uses {word}, which the agent does not export");
+                used += 1;
+            }
+        }
+        assert!(used >= 20, "the dashboard uses {used} metric references");
+    }
+
     #[test]
     fn counters_only_go_up_and_render_as_text() {
         let m = Metrics::new(None, None);
