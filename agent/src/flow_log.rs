@@ -181,7 +181,7 @@ pub fn run(mut log: RotatingFile, mut rx: Receiver<FollowMessage>, metrics: &Arc
             match rx.try_recv() {
                 Ok(msg) => write(&mut log, &msg),
                 Err(TryRecvError::Lagged(n)) => {
-                    write(&mut log, &FollowMessage { event: FollowEvent::Lagged, flow: None, missed: Some(n) })
+                    write(&mut log, &FollowMessage { event: FollowEvent::Lagged, flow: None, missed: Some(n) });
                 }
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }

@@ -326,7 +326,6 @@ impl Metrics {
     }
 
     /// Reads everything the agent knows into the metrics. Blocking (map reads).
-    #[expect(clippy::too_many_lines, reason = "one source after another, each a few lines")]
     pub fn update(&self, agent: &Agent) {
         let status = agent.status();
         let counters = &status.counters;

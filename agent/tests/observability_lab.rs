@@ -158,7 +158,7 @@ fn metrics_pass_promtool_and_a_real_prometheus_sees_the_drops_of_a_zone_pair() {
         (code == 200).then_some(())?;
         json["data"]["result"][0]["value"][1].as_str().and_then(|v| v.parse::<f64>().ok())
     });
-    assert_eq!(value, 3.0, "Prometheus' answer for db -> web denied packets");
+    assert!((value - 3.0).abs() < f64::EPSILON, "Prometheus' answer for db -> web denied packets: {value}");
     let status = prometheus.stop();
     assert!(status.success() || status.code().is_none(), "prometheus exited with {status}:\n{}", prometheus.output());
     agent.stop();
@@ -404,10 +404,10 @@ fn a_flood_of_new_flows_into_tiny_ring_buffers_counts_every_loss() {
     let (_, text) = http_get(port, "/metrics");
     let ring_lost = metric(&text, r#"backplane_ring_events_lost_total{ring="flow_events"}"#).unwrap_or(0.0);
     assert!(ring_lost > 0.0, "{text}");
-    let sample_lost = metric(&text, r#"backplane_ring_events_lost_total{ring="payload_samples"}"#);
+    let ring_samples_lost = metric(&text, r#"backplane_ring_events_lost_total{ring="payload_samples"}"#);
     #[expect(clippy::cast_precision_loss, reason = "small counts")]
     let expected = samples_lost as f64;
-    assert_eq!(sample_lost, Some(expected), "{text}");
+    assert_eq!(ring_samples_lost, Some(expected), "{text}");
     // The client side of the flood, for the record.
     let out = agent.cli(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("lost (ring buffer full)"));
