@@ -344,9 +344,7 @@ pub type ZoneTraffic = ((u16, u16, u8), (u64, u64));
 /// Growth of a flow's (packets, bytes), both directions, from one read to the next. A
 /// kernel entry that is smaller than before was made anew: all of it is new.
 fn traffic_delta(old: &FlowValue, new: &FlowValue) -> (u64, u64) {
-    let sum = |v: &FlowValue| {
-        (v.packets[0].wrapping_add(v.packets[1]), v.bytes[0].wrapping_add(v.bytes[1]))
-    };
+    let sum = |v: &FlowValue| (v.packets[0].wrapping_add(v.packets[1]), v.bytes[0].wrapping_add(v.bytes[1]));
     let (old, new) = (sum(old), sum(new));
     if new.0 < old.0 || new.1 < old.1 { new } else { (new.0 - old.0, new.1 - old.1) }
 }
@@ -408,6 +406,19 @@ impl FlowTable {
         events: Vec<Result<FlowEvent, DecodeError>>,
         want_messages: bool,
     ) -> Vec<FollowMessage> {
+        self.apply_events_judged(events, want_messages, &|_| None)
+    }
+
+    /// [`FlowTable::apply_events`], with `judged` giving the kernel's entry of a flow
+    /// that starts, so that its start message has the verdict's reason, zones and
+    /// policy (an event carries the verdict only). Its counters are not taken: they
+    /// reach the record through the next map read.
+    pub fn apply_events_judged(
+        &mut self,
+        events: Vec<Result<FlowEvent, DecodeError>>,
+        want_messages: bool,
+        judged: &dyn Fn(&FlowKey) -> Option<FlowValue>,
+    ) -> Vec<FollowMessage> {
         let mut out = Vec::with_capacity(events.len());
         for event in events {
             let event = match event {
@@ -455,8 +466,15 @@ impl FlowTable {
                 None | Some(FlowEventKind::Announce) => continue,
             };
             if follow == FollowEvent::Start && rec.seen_in == 0 {
-                // Not read from the kernel yet: the event's verdict is the best known.
+                // Not read from the kernel yet: the event's verdict, and the judgement in
+                // the kernel's entry when there is one.
                 rec.value.verdict = event.verdict;
+                if want_messages && let Some(k) = judged(&event.key) {
+                    let v = &mut rec.value;
+                    (v.verdict, v.reason, v.policy_id, v.generation, v.zone) =
+                        (k.verdict, k.reason, k.policy_id, k.generation, k.zone);
+                    v.initiator = k.initiator;
+                }
             }
             if want_messages {
                 let (value, app) = (rec.value, rec.app.clone());
@@ -509,9 +527,10 @@ impl FlowTable {
                     merge.messages.push(FollowMessage::flow(FollowEvent::Expired, record));
                 }
             } else if changed && want_updates {
-                merge
-                    .messages
-                    .push(FollowMessage::flow(FollowEvent::Update, self.render(&key, &value, &app, RecordState::Active)));
+                merge.messages.push(FollowMessage::flow(
+                    FollowEvent::Update,
+                    self.render(&key, &value, &app, RecordState::Active),
+                ));
             }
         }
         let missing: Vec<FlowKey> = self
@@ -589,7 +608,10 @@ impl FlowTable {
             rec.app.merge(sample.app);
             if want_messages && rec.app != before {
                 let (value, app) = (rec.value, rec.app.clone());
-                out.push(FollowMessage::flow(FollowEvent::Update, self.render(&sample.key, &value, &app, RecordState::Active)));
+                out.push(FollowMessage::flow(
+                    FollowEvent::Update,
+                    self.render(&sample.key, &value, &app, RecordState::Active),
+                ));
             }
         }
         self.update_sizes();
@@ -664,7 +686,14 @@ impl SharedFlows {
     /// Applies decoded ring buffer records.
     pub fn apply_events(&self, events: Vec<Result<FlowEvent, DecodeError>>) {
         let want_messages = self.follow.receiver_count() > 0;
-        let messages = self.table().apply_events(events, want_messages);
+        let messages = if want_messages {
+            // Followers see a start with its reason, zones and policy: look it up.
+            let kernel = self.kernel.lock().expect("kernel flows lock");
+            let judged = |key: &FlowKey| kernel.as_ref().and_then(|m| m.get(key, 0).ok());
+            self.table().apply_events_judged(events, true, &judged)
+        } else {
+            self.table().apply_events(events, false)
+        };
         self.publish(messages);
     }
 
@@ -1059,6 +1088,51 @@ mod tests {
         }
         let stats = t.stats();
         assert_eq!((stats.expired, stats.ended_records, stats.history_dropped), (5, 3, 2));
+    }
+
+    #[test]
+    fn a_start_message_carries_the_kernel_judgement_but_not_its_counters() {
+        let mut t = table(60);
+        let (key, dir) = flow(7);
+        let start = FlowEvent { key, ts_ns: S, ifindex: 3, kind: 1, direction: dir, verdict: 2, tcp_flags: 0 };
+        let kernel = FlowValue {
+            packets: [4, 0],
+            bytes: [400, 0],
+            verdict: Verdict::Denied as u8,
+            reason: Reason::DefaultInterZone as u8,
+            policy_id: backplane_common::policy::POLICY_ID_DEFAULT_INTER_ZONE,
+            initiator: dir,
+            ..FlowValue::default()
+        };
+        let msgs = t.apply_events_judged(vec![Ok(start)], true, &|k| (*k == key).then_some(kernel));
+        let r = msgs[0].flow.as_ref().unwrap();
+        assert_eq!((r.verdict.as_str(), r.reason.as_str()), ("denied", "default_inter_zone"));
+        assert_eq!(r.policy.as_deref(), Some("default_inter_zone"));
+        assert_eq!(r.fwd_packets + r.rev_packets, 0, "counters come with the map read");
+        // The map read then adds all four packets to the zone pair's traffic.
+        t.merge(vec![(key, kernel)], S, S, false);
+        assert_eq!(t.zone_traffic(), vec![((0, 0, Verdict::Denied as u8), (4, 400))]);
+    }
+
+    #[test]
+    fn zone_traffic_never_goes_backwards_when_flows_expire() {
+        let mut t = table(1);
+        let (key, dir) = flow(8);
+        let mut value = FlowValue {
+            packets: [3, 2],
+            bytes: [300, 200],
+            last_seen_ns: 10 * S,
+            initiator: dir,
+            ..FlowValue::default()
+        };
+        t.merge(vec![(key, value)], 10 * S, 10 * S, false);
+        value.packets = [5, 2];
+        value.bytes = [500, 200];
+        t.merge(vec![(key, value)], 10 * S, 10 * S, false);
+        // Idle: expired and gone from the table; its packets stay in the totals.
+        t.merge(vec![(key, value)], 20 * S, 20 * S, false);
+        assert_eq!(t.stats().expired, 1);
+        assert_eq!(t.zone_traffic(), vec![((0, 0, 0), (7, 700))]);
     }
 
     #[test]
