@@ -417,7 +417,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         Some(maps.flows),
     ));
 
-    let metrics = Arc::new(Metrics::new(Some(&opts.pin_dir), metrics::enable_bpf_stats()));
+    // Kernel run statistics cost every BPF program two clock reads per run: on only
+    // while metrics are served.
+    let bpf_stats = opts.metrics_addr.and_then(|_| metrics::enable_bpf_stats());
+    let metrics = Arc::new(Metrics::new(Some(&opts.pin_dir), bpf_stats));
     let sample_stats = Arc::new(SampleStats::default());
 
     let result = async {
