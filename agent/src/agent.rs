@@ -31,6 +31,9 @@ use crate::{
     clock::Clock,
     control,
     datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, ProgramStats, XdpAttachMode},
+    cluster::Cluster,
+    endpoints::{EndpointOptions, Endpoints, EndpointsStatus},
+    etcd::Etcd,
     error::{ControlError, DatapathError, ExplainError, RulesError, WatchError},
     events,
     explain::{ExplainQuery, ExplainReply},
@@ -75,6 +78,14 @@ pub struct RunOptions {
     pub flow_log: Option<FlowLogOptions>,
     /// `--ipfix`: flow records to an IPFIX collector.
     pub ipfix: Option<IpfixOptions>,
+    /// This node's labels (`--labels k=v,...`), for zone placement.
+    pub labels: BTreeMap<String, String>,
+    /// etcd client URLs (`--etcd`); empty: a single node.
+    pub etcd: Vec<String>,
+    /// Where endpoint state and the audit log live (`--state-dir`).
+    pub state_dir: PathBuf,
+    /// Install the established flows of arriving endpoints (off: `--no-flow-handover`).
+    pub flow_handover: bool,
 }
 
 /// Why the agent could not start.
@@ -108,12 +119,20 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot use the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot open a socket to the IPFIX collector {addr}: {source}")]
     Ipfix {
         addr: std::net::SocketAddr,
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
 }
 
 /// The flow table's place in `status`.
@@ -158,6 +177,9 @@ pub struct Status {
     /// flows' counters; what `backplane top` shows).
     #[serde(default)]
     pub zone_traffic: Vec<ZoneTrafficStatus>,
+    /// The node's labels, endpoints, moves, alerts and etcd connectivity.
+    #[serde(default)]
+    pub endpoints: EndpointsStatus,
 }
 
 /// Traffic of one (initiator's zone, responder's zone, verdict) since the agent started.
@@ -192,9 +214,16 @@ pub struct Agent {
     rules: Option<Arc<RuleSync>>,
     metrics: Arc<Metrics>,
     sample_stats: Arc<SampleStats>,
+    endpoints: Arc<Endpoints>,
 }
 
 impl Agent {
+    /// The endpoints of this node.
+    #[must_use]
+    pub fn endpoints(&self) -> &Arc<Endpoints> {
+        &self.endpoints
+    }
+
     /// All flow records, after a fresh read of the kernel table.
     pub async fn flows(&self) -> Vec<FlowRecord> {
         let flows = Arc::clone(&self.flows);
@@ -286,7 +315,11 @@ impl Agent {
             Some(sync) => sync.status(config.generation),
             None => RulesStatus { generation: config.generation, ..RulesStatus::default() },
         };
+        drop(datapath);
+        let endpoints = self.endpoints.status();
+        let datapath = self.datapath.lock().expect("datapath lock");
         Status {
+            endpoints,
             node: self.opts.node.clone(),
             pin_dir: datapath.pin_dir().display().to_string(),
             socket: self.opts.socket.display().to_string(),
@@ -355,10 +388,11 @@ fn start_rules(
     loaded: Option<LoadedRules>,
     datapath: &Arc<Mutex<Datapath>>,
     rule_names: &Arc<RuleNames>,
+    endpoints: &Arc<Endpoints>,
 ) -> Result<Option<Arc<RuleSync>>, AgentError> {
     if let (Some(path), Some(loaded)) = (path, loaded) {
-        let sync =
-            RuleSync::start(path, loaded, Arc::clone(datapath), Arc::clone(rule_names)).map_err(AgentError::Rules)?;
+        let sync = RuleSync::start(path, loaded, Arc::clone(datapath), Arc::clone(rule_names), Arc::clone(endpoints))
+            .map_err(AgentError::Rules)?;
         return Ok(Some(sync));
     }
     log::info!("no --rules: observing only (every flow passes with the verdict `observed`)");
@@ -393,6 +427,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         None => None,
     };
     let clock = Clock::measure();
+    let etcd = if opts.etcd.is_empty() { None } else { Some(Etcd::new(&opts.etcd)?) };
 
     datapath::ensure_bpffs()?;
     datapath::prepare_pin_dir(&opts.pin_dir)?;
@@ -423,6 +458,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new(Some(&opts.pin_dir), bpf_stats));
     let sample_stats = Arc::new(SampleStats::default());
 
+    let endpoint_opts = EndpointOptions {
+        node: opts.node.clone(),
+        labels: opts.labels.clone(),
+        state_dir: opts.state_dir.clone(),
+        handover: opts.flow_handover,
+    };
+    let state_dir = opts.state_dir.clone();
     let result = async {
         // Exporters subscribe before the first port is attached: they miss no flow.
         if let Some(log_opts) = &opts.flow_log {
@@ -442,13 +484,30 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             tasks.push(tokio::spawn(exporter.run(flows.subscribe())));
             log::info!("IPFIX export to {}", ipfix_opts.collector);
         }
+        let endpoints = Endpoints::new(endpoint_opts, Arc::clone(&datapath), Arc::clone(&flows), clock)
+            .map_err(|source| AgentError::StateDir { path: state_dir, source })?;
+        let (announce_tx, announce_rx) = tokio::sync::mpsc::unbounded_channel();
+        flows.route_announcements(announce_tx);
+        tasks.push(tokio::spawn(Arc::clone(&endpoints).follow_announcements(announce_rx)));
         // The rules go in force before any port is attached: no packet passes unjudged.
-        let rules = start_rules(opts.rules.as_deref(), loaded_rules, &datapath, &rule_names)?;
+        let rules = start_rules(opts.rules.as_deref(), loaded_rules, &datapath, &rule_names, &endpoints)?;
+        if rules.is_none() {
+            endpoints.sync_kernel();
+        }
         tasks.extend(rules.as_ref().map(|sync| tokio::spawn(Arc::clone(sync).watch())));
         log::info!("watching interfaces: {}", selector.describe());
-        let mut watcher = PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames))?;
+        let removed = Arc::clone(&endpoints);
+        let mut watcher = PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames))?
+            .on_port_removed(move |ifindex| removed.port_removed(ifindex));
         watcher.reconcile(&HashSet::new()).await?;
         tasks.push(tokio::spawn(watcher.run()));
+        endpoints.restore_bindings();
+        if let Some(etcd) = etcd {
+            log::info!("sharing endpoints through etcd at {} as node {}", etcd.urls().join(","), opts.node);
+            tasks.push(tokio::spawn(Cluster::new(etcd, &endpoints).run()));
+        } else {
+            log::info!("no --etcd: a single node; endpoint state in {}", opts.state_dir.display());
+        }
 
         let events_flows = Arc::clone(&flows);
         let ring = maps.events;
@@ -486,6 +545,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             rules,
             metrics: Arc::clone(&metrics),
             sample_stats: Arc::clone(&sample_stats),
+            endpoints,
         });
         if let Some(addr) = opts.metrics_addr {
             match metrics::bind(addr).await {

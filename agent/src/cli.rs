@@ -15,7 +15,9 @@ use crate::{
     flow_log::FlowLogOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},
     ipfix::IpfixOptions,
-    paths::{DEFAULT_SOCKET, default_pin_dir},
+    audit::AuditRecord,
+    endpoints::{EndpointInfo, RuntimeEndpoint, parse_labels},
+    paths::{DEFAULT_SOCKET, default_pin_dir, default_state_dir},
     rule_sync::LoadedRules,
 };
 use backplane_common::Counter;
@@ -46,6 +48,72 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Show traffic and drops as a zone-by-zone matrix, refreshed every second.
     Top(TopArgs),
+    /// The endpoint inventory at run time: add, remove, attest a patch, list, moved.
+    Endpoint(EndpointArgs),
+    /// Show the audit log: moves, boots, placement violations, co-mingling, quarantines.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EndpointArgs {
+    #[command(subcommand)]
+    pub command: EndpointCommand,
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH", global = true)]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// Add an endpoint (identity: its MAC); shared with the other nodes through etcd.
+    Add {
+        name: String,
+        #[arg(long, value_name = "MAC")]
+        mac: String,
+        /// Its addresses (repeat, or comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "ADDR")]
+        ip: Vec<std::net::IpAddr>,
+        /// Its zone [default: from the rules' MAC and CIDR members].
+        #[arg(long, value_name = "ZONE")]
+        zone: Option<String>,
+        /// Tags (virtual patches apply by tag; repeat, or comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "TAG")]
+        tag: Vec<String>,
+        /// When it was last patched (YYYY-MM-DD).
+        #[arg(long, value_name = "DATE")]
+        patched_at: Option<String>,
+    },
+    /// Remove an endpoint added with `add`.
+    Remove { name: String },
+    /// Record that an endpoint was patched on a date; a quarantined endpoint whose patch
+    /// is recent enough is released.
+    Attest {
+        name: String,
+        #[arg(long, value_name = "DATE")]
+        patched_at: String,
+    },
+    /// List the endpoints: standing, reasons, location, last patch.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tell this node's agent that an endpoint is here now (its flows follow it).
+    Moved {
+        name: String,
+        /// The port it is behind now [default: where it was last announced here].
+        #[arg(long, value_name = "IFACE")]
+        to_port: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Print JSON (an array of records).
+    #[arg(long)]
+    pub json: bool,
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +202,24 @@ pub struct RunArgs {
     /// Size of the payload sample ring buffer in bytes (a power of two; K/M/G suffixes).
     #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "BYTES")]
     pub payload_ring_size: u32,
+
+    /// This node's labels, for zone placement: KEY=VALUE, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "K=V[,K=V]", value_parser = parse_label)]
+    pub labels: Vec<String>,
+
+    /// etcd client URLs (http://HOST:PORT, comma-separated) to share endpoints, their
+    /// locations and flows with the other nodes. Without it: a single node.
+    #[arg(long, value_delimiter = ',', value_name = "URL[,URL]")]
+    pub etcd: Vec<String>,
+
+    /// Endpoint state and the audit log [default: /var/lib/backplane/<node>].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Do not install the established flows of endpoints that arrive (they are judged
+    /// again as new flows).
+    #[arg(long)]
+    pub no_flow_handover: bool,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +230,10 @@ pub struct TopArgs {
     /// The agent's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
+}
+
+fn parse_label(s: &str) -> Result<String, String> {
+    parse_labels(&[s.to_owned()]).map(|_| s.to_owned())
 }
 
 #[derive(Debug, Args)]
@@ -288,7 +378,12 @@ impl RunArgs {
         let metrics = metrics_listen(self.metrics_addr.as_deref())?;
         let node = self.node.unwrap_or_else(hostname);
         let pin_dir = self.pin_dir.unwrap_or_else(|| default_pin_dir(&node));
+        let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&node));
         Ok(RunOptions {
+            labels: parse_labels(&self.labels).unwrap_or_default(),
+            etcd: self.etcd,
+            state_dir,
+            flow_handover: !self.no_flow_handover,
             interfaces: self.interfaces,
             uplinks: self.uplink,
             socket: self.socket,
@@ -348,8 +443,125 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => return Ok(check(&args)),
         Command::Explain(args) => return explain(&args).await,
+        Command::Endpoint(args) => endpoint_command(args).await?,
+        Command::Audit(args) => {
+            let records: Vec<AuditRecord> = Client::connect(&args.socket).await?.call(Request::Audit).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                print!("{}", render_audit(&records));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `backplane endpoint ...`.
+async fn endpoint_command(args: EndpointArgs) -> anyhow::Result<()> {
+    let mut client = Client::connect(&args.socket).await?;
+    match args.command {
+        EndpointCommand::Add { name, mac, ip, zone, tag, patched_at } => {
+            let r = RuntimeEndpoint { name, mac, ips: ip, zone, tags: tag, patched_at };
+            let info: EndpointInfo = client.call(Request::EndpointAdd(r)).await?;
+            print!("{}", render_endpoints(std::slice::from_ref(&info)));
+        }
+        EndpointCommand::Remove { name } => {
+            let _: serde_json::Value = client.call(Request::EndpointRemove { name: name.clone() }).await?;
+            println!("removed {name}");
+        }
+        EndpointCommand::Attest { name, patched_at } => {
+            let info: EndpointInfo = client.call(Request::EndpointAttest { name, patched_at }).await?;
+            print!("{}", render_endpoints(std::slice::from_ref(&info)));
+        }
+        EndpointCommand::List { json } => {
+            let list: Vec<EndpointInfo> = client.call(Request::EndpointList).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", render_endpoints(&list));
+            }
+        }
+        EndpointCommand::Moved { name, to_port } => {
+            let info: EndpointInfo = client.call(Request::EndpointMoved { name, to_port }).await?;
+            print!("{}", render_endpoints(std::slice::from_ref(&info)));
+        }
+    }
+    Ok(())
+}
+
+/// The table of `backplane endpoint list`.
+#[must_use]
+pub fn render_endpoints(list: &[EndpointInfo]) -> String {
+    let mut rows: Vec<[String; 8]> =
+        vec![["NAME", "MAC", "ZONE", "STATE", "NODE", "PORT", "PATCHED", "REASONS"].map(String::from)];
+    for e in list {
+        rows.push([
+            e.name.clone(),
+            e.mac.clone(),
+            e.zone.clone().unwrap_or_else(|| "-".into()),
+            e.state.clone(),
+            e.node.clone().unwrap_or_else(|| "-".into()),
+            e.port.clone().unwrap_or_else(|| "-".into()),
+            e.patched_at.clone().unwrap_or_else(|| "unknown".into()),
+            if e.reasons.is_empty() { "-".into() } else { e.reasons.join("; ") },
+        ]);
+    }
+    table(&rows, if list.is_empty() { "(no endpoints)\n" } else { "" })
+}
+
+/// The table of `backplane audit`.
+#[must_use]
+pub fn render_audit(records: &[AuditRecord]) -> String {
+    let labels = |l: &std::collections::BTreeMap<String, String>| {
+        if l.is_empty() { String::new() } else { format!(" [{}]", l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")) }
+    };
+    let mut out = String::new();
+    for r in records {
+        let from = r.from_node.as_ref().map(|n| format!(" from {n}{}{}", r.from_port.as_ref().map(|p| format!(":{p}")).unwrap_or_default(), labels(&r.from_labels)));
+        let to = r.to_node.as_ref().map(|n| format!(" to {n}{}{}", r.to_port.as_ref().map(|p| format!(":{p}")).unwrap_or_default(), labels(&r.to_labels)));
+        let _ = write!(out, "{}  {:<19} {}{}{}", r.time, r.kind, r.endpoint, from.unwrap_or_default(), to.unwrap_or_default());
+        if r.kind == "move" {
+            let _ = write!(out, "  {} flow(s) carried", r.flows_carried);
+            if let Some(ms) = r.handover_ms {
+                let _ = write!(out, " in {ms:.2} ms");
+            }
+        }
+        if !r.state.is_empty() {
+            let _ = write!(out, "  {}", r.state);
+        }
+        if !r.detail.is_empty() {
+            let _ = write!(out, "  ({})", r.detail);
+        }
+        out.push('\n');
+    }
+    if records.is_empty() {
+        out.push_str("(no audit records)\n");
+    }
+    out
+}
+
+fn table<const N: usize>(rows: &[[String; N]], empty: &str) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out.push_str(empty);
+    out
 }
 
 /// Loads a rule set; on errors prints each as `file:line:column: message` on stderr.
@@ -653,7 +865,43 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(o, "  {:<22} {}", c.as_str(), s.counters.get(c.as_str()).copied().unwrap_or(0));
     }
     render_rules(&mut o, s);
+    render_endpoint_status(&mut o, s);
     o
+}
+
+/// The `endpoints` part of `backplane status`.
+fn render_endpoint_status(o: &mut String, s: &Status) {
+    let e = &s.endpoints;
+    let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(o, "node labels:   {}", if labels.is_empty() { "(none)".into() } else { labels.join(",") });
+    let _ = writeln!(
+        o,
+        "endpoints:     {} known, {} here; {} active, {} quarantined, {} isolated; {} move(s) arrived",
+        e.total, e.here, e.active, e.quarantined, e.isolated, e.moves
+    );
+    let _ = writeln!(o, "flow handover: {}", if e.flow_handover { "on" } else { "off (--no-flow-handover)" });
+    let _ = writeln!(o, "state dir:     {}", e.state_dir);
+    let _ = writeln!(o, "audit log:     {} ({} records)", e.audit_log, e.audit_records);
+    let etcd = &e.etcd;
+    if etcd.configured {
+        let state = if etcd.connected { format!("connected, lease {:x}", etcd.lease_id) } else { "DISCONNECTED (working from local state)".into() };
+        let _ = writeln!(
+            o,
+            "etcd:          {} {state} since {}; {} reconnect(s){}",
+            etcd.urls.join(","),
+            etcd.since.as_deref().unwrap_or("-"),
+            etcd.reconnects,
+            etcd.last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+        );
+    } else {
+        let _ = writeln!(o, "etcd:          none (a single node)");
+    }
+    if !e.alerts.is_empty() {
+        let _ = writeln!(o, "alerts:");
+        for a in &e.alerts {
+            let _ = writeln!(o, "  {a}");
+        }
+    }
 }
 
 /// The `rules` and `zone_pairs` parts of `backplane status`.

@@ -48,6 +48,12 @@ impl Clock {
         Self { offset_ns }
     }
 
+    /// The kernel monotonic stamp of a Unix time in ms (0 if before boot).
+    #[must_use]
+    pub fn ktime_ns(&self, unix_ms: i64) -> u64 {
+        u64::try_from(i128::from(unix_ms) * 1_000_000 - self.offset_ns).unwrap_or(0)
+    }
+
     /// Unix time in ms of a kernel monotonic stamp.
     #[must_use]
     pub fn unix_ms(&self, ktime_ns: u64) -> i64 {

@@ -26,6 +26,7 @@ use tokio::{
 use crate::{
     agent::Agent,
     error::ControlError,
+    endpoints::RuntimeEndpoint,
     explain::ExplainQuery,
     flows::{FollowEvent, FollowMessage},
 };
@@ -44,6 +45,28 @@ pub enum Request {
     Follow,
     /// The verdict the rules in force give a flow, and why.
     Explain(ExplainQuery),
+    /// Adds an endpoint to the runtime inventory (`backplane endpoint add`).
+    #[serde(rename = "endpoint_add")]
+    EndpointAdd(RuntimeEndpoint),
+    /// Removes a runtime endpoint.
+    #[serde(rename = "endpoint_remove")]
+    EndpointRemove { name: String },
+    /// Records that an endpoint was patched on a date (`YYYY-MM-DD`).
+    #[serde(rename = "endpoint_attest")]
+    EndpointAttest { name: String, patched_at: String },
+    /// Every endpoint with its standing and location.
+    #[serde(rename = "endpoint_list")]
+    EndpointList,
+    /// The operator says an endpoint is on this node now (on `to_port`, or where it was
+    /// last seen here).
+    #[serde(rename = "endpoint_moved")]
+    EndpointMoved {
+        name: String,
+        #[serde(default)]
+        to_port: Option<String>,
+    },
+    /// The records of the audit log.
+    Audit,
 }
 
 /// An error reply line.
@@ -149,7 +172,9 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
         Err(e) => {
             return write_error(
                 &mut write,
-                format!(r#"bad request: {e} (expected {{"cmd":"flows"|"status"|"follow"|"explain",...}})"#),
+                format!(
+                    r#"bad request: {e} (expected {{"cmd":"flows"|"status"|"follow"|"explain"|"endpoint_add"|"endpoint_remove"|"endpoint_attest"|"endpoint_list"|"endpoint_moved"|"audit",...}})"#
+                ),
             )
             .await;
         }
@@ -165,6 +190,24 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
             Ok(reply) => write_line(&mut write, &reply).await,
             Err(e) => write_error(&mut write, e.to_string()).await,
         },
+        Request::EndpointAdd(endpoint) => match agent.endpoints().add(endpoint) {
+            Ok(info) => write_line(&mut write, &info).await,
+            Err(e) => write_error(&mut write, e).await,
+        },
+        Request::EndpointRemove { name } => match agent.endpoints().remove(&name) {
+            Ok(()) => write_line(&mut write, &serde_json::json!({ "removed": name })).await,
+            Err(e) => write_error(&mut write, e).await,
+        },
+        Request::EndpointAttest { name, patched_at } => match agent.endpoints().attest(&name, &patched_at) {
+            Ok(info) => write_line(&mut write, &info).await,
+            Err(e) => write_error(&mut write, e).await,
+        },
+        Request::EndpointList => write_line(&mut write, &agent.endpoints().list()).await,
+        Request::EndpointMoved { name, to_port } => match agent.endpoints().moved(&name, to_port.as_deref()).await {
+            Ok(info) => write_line(&mut write, &info).await,
+            Err(e) => write_error(&mut write, e).await,
+        },
+        Request::Audit => write_line(&mut write, &agent.endpoints().audit_records()).await,
     }
 }
 

@@ -40,7 +40,7 @@ use crate::{
     error::{DatapathError, PortError, report},
     ifnames::name_to_index,
     paths::{BPF_PIN_ROOT, BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path, links_dir},
-    rule_tables::{self, RuleTables, TableError},
+    rule_tables::{self, EndpointOverlay, RuleTables, TableError},
 };
 
 /// `statfs(2)` magic number of bpffs.
@@ -596,10 +596,14 @@ impl Datapath {
     /// Writes a compiled rule set into the half of the rule tables that is not in force,
     /// with the zones of the attached ports for that half. The rules in force are not
     /// touched; on failure the half written is cleared again.
-    pub fn stage_rules(&mut self, compiled: Arc<CompiledRules>) -> Result<StagedRules, TableError> {
+    pub fn stage_rules(
+        &mut self,
+        compiled: Arc<CompiledRules>,
+        overlay: &EndpointOverlay,
+    ) -> Result<StagedRules, TableError> {
         let config = self.config.get(&CONFIG_INDEX, 0).map_err(|source| TableError::Map { map: CONFIG, source })?;
         let slot = rule_tables::next_slot(&config);
-        self.rule_tables.write_slot(slot, &compiled)?;
+        self.rule_tables.write_slot_with(slot, &compiled, overlay)?;
         let ports: Vec<(u32, &str)> = self.ports.iter().map(|(&i, p)| (i, p.name.as_str())).collect();
         rule_tables::write_port_zones(&mut self.ports_map, slot, &compiled, ports)?;
         Ok(StagedRules { slot, compiled })
@@ -611,6 +615,29 @@ impl Datapath {
         let generation = rule_tables::activate(&mut self.config, staged.slot, &staged.compiled)?;
         self.rules = Some(staged.compiled);
         Ok(generation)
+    }
+
+    /// The half of the rule tables the data path reads now (0 while observing only).
+    pub fn active_slot(&self) -> Result<u8, TableError> {
+        let config = self.config.get(&CONFIG_INDEX, 0).map_err(|source| TableError::Map { map: CONFIG, source })?;
+        Ok(config.active_slot & 1)
+    }
+
+    /// The rule tables, for single-entry writes into the half in force (endpoints).
+    pub fn rule_tables_mut(&mut self) -> &mut RuleTables {
+        &mut self.rule_tables
+    }
+
+    /// The zone the rules in force give a port by its name (0: none).
+    #[must_use]
+    pub fn zone_of_port(&self, ifindex: u32) -> u16 {
+        self.ports.get(&ifindex).map_or(0, |p| self.port_zone(&p.name))
+    }
+
+    /// Whether `ifindex` is an attached VM-facing port.
+    #[must_use]
+    pub fn is_vm_port(&self, ifindex: u32) -> bool {
+        self.ports.get(&ifindex).is_some_and(|p| p.role == PortRole::Vm)
     }
 
     /// The compiled rule set in force, if any.

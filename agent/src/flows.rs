@@ -15,7 +15,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd as _,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -628,6 +628,8 @@ pub struct SharedFlows {
     follow: broadcast::Sender<FollowMessage>,
     /// Whether `BPF_MAP_LOOKUP_BATCH` works on the map (cleared at its first refusal).
     batch: AtomicBool,
+    /// Where announcement events go (the endpoints); unset: they are dropped.
+    announcements: OnceLock<tokio::sync::mpsc::UnboundedSender<FlowEvent>>,
 }
 
 /// Reads every entry of the kernel flow table; returns them and the count of entries
@@ -666,7 +668,13 @@ impl SharedFlows {
     #[must_use]
     pub fn new(table: FlowTable, kernel: Option<BpfHashMap<MapData, FlowKey, FlowValue>>) -> Self {
         let (follow, _) = broadcast::channel(FOLLOW_CHANNEL);
-        Self { table: Mutex::new(table), kernel: Mutex::new(kernel), follow, batch: AtomicBool::new(true) }
+        Self {
+            table: Mutex::new(table),
+            kernel: Mutex::new(kernel),
+            follow,
+            batch: AtomicBool::new(true),
+            announcements: OnceLock::new(),
+        }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, FlowTable> {
@@ -683,8 +691,20 @@ impl SharedFlows {
         }
     }
 
+    /// Sends announcement events (RARP, gratuitous ARP, unsolicited NA) to `sink`.
+    pub fn route_announcements(&self, sink: tokio::sync::mpsc::UnboundedSender<FlowEvent>) {
+        let _ = self.announcements.set(sink);
+    }
+
     /// Applies decoded ring buffer records.
     pub fn apply_events(&self, events: Vec<Result<FlowEvent, DecodeError>>) {
+        if let Some(sink) = self.announcements.get() {
+            for event in events.iter().flatten() {
+                if event.kind == FlowEventKind::Announce as u8 {
+                    let _ = sink.send(*event);
+                }
+            }
+        }
         let want_messages = self.follow.receiver_count() > 0;
         let messages = if want_messages {
             // Followers see a start with its reason, zones and policy: look it up.
@@ -743,6 +763,61 @@ impl SharedFlows {
     #[must_use]
     pub fn zone_traffic(&self) -> Vec<ZoneTraffic> {
         self.table().zone_traffic()
+    }
+
+    /// The kernel entries of the live flows as of the last map read.
+    #[must_use]
+    pub fn entries(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.table().records.iter().map(|(k, r)| (*k, r.value)).collect()
+    }
+
+    /// Reads the kernel entries now (blocking), keeping those `keep` accepts.
+    #[must_use]
+    pub fn kernel_entries(&self, keep: impl Fn(&FlowKey, &FlowValue) -> bool) -> Vec<(FlowKey, FlowValue)> {
+        let kernel = self.kernel.lock().expect("kernel flows lock");
+        let Some(map) = kernel.as_ref() else { return Vec::new() };
+        read_kernel_flows(map, &self.batch).0.into_iter().filter(|(k, v)| keep(k, v)).collect()
+    }
+
+    /// Writes flow entries into the kernel table, replacing what is there (a flow
+    /// handed over from another node or port); returns how many were written.
+    pub fn install(&self, entries: &[(FlowKey, FlowValue)]) -> usize {
+        let mut kernel = self.kernel.lock().expect("kernel flows lock");
+        let Some(map) = kernel.as_mut() else { return 0 };
+        let mut written = 0;
+        for (key, value) in entries {
+            match map.insert(key, value, 0) {
+                Ok(()) => written += 1,
+                Err(e) => log::warn!("cannot install a handed-over flow: {}", crate::error::report(&e)),
+            }
+        }
+        drop(kernel);
+        let mut table = self.table();
+        for (key, value) in entries {
+            let rec = table.records.entry(*key).or_insert_with(|| FlowRecordState {
+                value: *value,
+                start_event_seen: true,
+                misses: 0,
+                seen_in: 0,
+                app: AppInfo::default(),
+            });
+            rec.value = *value;
+        }
+        table.update_sizes();
+        written
+    }
+
+    /// Makes the data path judge these flows again on their next packet (their
+    /// endpoint's standing changed: quarantined, isolated, released).
+    pub fn rejudge(&self, keys: &[FlowKey]) {
+        let mut kernel = self.kernel.lock().expect("kernel flows lock");
+        let Some(map) = kernel.as_mut() else { return };
+        for key in keys {
+            if let Ok(mut value) = map.get(key, 0) {
+                value.generation = 0;
+                let _ = map.insert(key, value, 2 /* BPF_EXIST */);
+            }
+        }
     }
 
     #[must_use]

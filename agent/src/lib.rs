@@ -16,14 +16,21 @@
 //! - [`flow_log`], [`ipfix`]: flow records exported as JSON lines and as IPFIX
 //! - [`inspect`]: names (DNS, TLS SNI, HTTP Host) from flows' first payload bytes
 //! - [`top`]: the zone-by-zone traffic matrix of `backplane top`
+//! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
+//! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
+//! - [`audit`]: the in-motion audit log
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
 pub mod agent;
+pub mod audit;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod control;
 pub mod datapath;
+pub mod endpoints;
 pub mod error;
+pub mod etcd;
 pub mod events;
 pub mod explain;
 pub mod flow_log;

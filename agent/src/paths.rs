@@ -8,6 +8,15 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// Parent of the per-node pin directories: `<BPF_PIN_ROOT>/<node>`.
 pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/backplane";
 
+/// Parent of the per-node state directories: `<STATE_ROOT>/<node>`.
+pub const STATE_ROOT: &str = "/var/lib/backplane";
+
+/// Default state directory of a node (endpoint state, audit log).
+#[must_use]
+pub fn default_state_dir(node: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(node)
+}
+
 /// Default control socket of the agent.
 pub const DEFAULT_SOCKET: &str = "/run/backplane/backplane.sock";
 

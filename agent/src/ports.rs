@@ -33,6 +33,21 @@ const RESYNC_PERIOD: Duration = Duration::from_secs(5);
 const POLL_PERIOD: Duration = Duration::from_secs(1);
 /// How long an interface whose attachment failed is left alone before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How long an interface that was busy (another program still attached, e.g. a port
+/// that just arrived from another node's namespace) is left alone.
+const RETRY_BUSY_AFTER: Duration = Duration::from_millis(200);
+
+/// Whether an error says the device is busy (`EBUSY`) somewhere in its chain.
+fn is_busy(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(libc::EBUSY) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
 
 /// Interfaces the data path attaches to, by name.
 #[derive(Clone, Debug)]
@@ -160,7 +175,9 @@ pub struct PortWatcher {
     messages: BoxStream<'static, NetlinkMessage<RouteNetlinkMessage>>,
     /// Interfaces whose attachment failed: name and when, to retry later without
     /// repeating the error every few seconds.
-    failed: HashMap<u32, (String, Instant)>,
+    failed: HashMap<u32, (String, Instant, Duration)>,
+    /// Told the ifindex of every port that goes away.
+    on_removed: Option<Box<dyn Fn(u32) + Send + Sync>>,
 }
 
 impl PortWatcher {
@@ -174,7 +191,14 @@ impl PortWatcher {
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(WatchError::Socket)?;
         tokio::spawn(connection);
         let messages = messages.map(|(msg, _addr)| msg).boxed();
-        Ok(Self { selector, datapath, ifnames, handle, messages, failed: HashMap::new() })
+        Ok(Self { selector, datapath, ifnames, handle, messages, failed: HashMap::new(), on_removed: None })
+    }
+
+    /// Calls `f` with the ifindex of each port that is removed (after it is forgotten).
+    #[must_use]
+    pub fn on_port_removed(mut self, f: impl Fn(u32) + Send + Sync + 'static) -> Self {
+        self.on_removed = Some(Box::new(f));
+        self
     }
 
     /// Lists the links and attaches, detaches or renames ports to match.
@@ -186,6 +210,7 @@ impl PortWatcher {
         let present: HashSet<u32> = links.iter().map(|l| l.ifindex).collect();
         self.failed.retain(|idx, _| present.contains(idx));
 
+        let mut removed = Vec::new();
         let mut datapath = self.datapath.lock().expect("datapath lock");
         // A deleted ifindex may already be reused by a new link: forget the old port first.
         for &ifindex in deleted {
@@ -193,15 +218,16 @@ impl PortWatcher {
                 && datapath.detach_port(ifindex)
             {
                 log::info!("port {name} (ifindex {ifindex}) was removed; forgotten");
+                removed.push(ifindex);
             }
         }
         let attached: BTreeMap<u32, (String, PortRole)> = datapath.attached_ports();
         for action in plan(&links, &attached, &self.selector) {
             match action {
                 PortAction::Attach { ifindex, name, role } => {
-                    if let Some((failed_name, at)) = self.failed.get(&ifindex)
+                    if let Some((failed_name, at, after)) = self.failed.get(&ifindex)
                         && *failed_name == name
-                        && at.elapsed() < RETRY_AFTER
+                        && at.elapsed() < *after
                     {
                         continue;
                     }
@@ -217,8 +243,14 @@ impl PortWatcher {
                         Err(PortError::Vanished { .. }) => {
                             log::debug!("interface {name} (ifindex {ifindex}) went away before it could be attached");
                         }
+                        Err(e) if is_busy(&e) => {
+                            log::debug!("{}; trying again shortly", report(&e));
+                            // Busy for a moment (doubling up to the usual pause).
+                            let after = self.failed.get(&ifindex).map_or(RETRY_BUSY_AFTER, |f| (f.2 * 2).min(RETRY_AFTER));
+                            self.failed.insert(ifindex, (name.clone(), Instant::now(), after));
+                        }
                         Err(e) => {
-                            let again = self.failed.insert(ifindex, (name.clone(), Instant::now())).is_some();
+                            let again = self.failed.insert(ifindex, (name.clone(), Instant::now(), RETRY_AFTER)).is_some();
                             let e = report(&e);
                             if again {
                                 log::debug!("still cannot attach: {e}");
@@ -230,6 +262,7 @@ impl PortWatcher {
                 }
                 PortAction::Detach { ifindex, name } => {
                     if datapath.detach_port(ifindex) {
+                        removed.push(ifindex);
                         if present.contains(&ifindex) {
                             log::info!("port {name} (ifindex {ifindex}) no longer matches; detached");
                         } else {
@@ -243,6 +276,12 @@ impl PortWatcher {
                 }
             }
         }
+        drop(datapath);
+        if let Some(f) = &self.on_removed {
+            for ifindex in removed {
+                f(ifindex);
+            }
+        }
         Ok(())
     }
 
@@ -254,7 +293,10 @@ impl PortWatcher {
         let mut events_alive = true;
         loop {
             let mut deleted = HashSet::new();
+            let retry = self.failed.values().map(|(_, at, after)| *at + *after).min();
+            let retry_sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(retry.unwrap_or_else(Instant::now)));
             tokio::select! {
+                () = retry_sleep, if retry.is_some() => {}
                 msg = self.messages.next(), if events_alive => {
                     if let Some(msg) = msg {
                         note_deleted(&msg, &mut deleted);

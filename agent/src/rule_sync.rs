@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::rfc3339_ms,
     datapath::Datapath,
+    endpoints::Endpoints,
     error::{ExplainError, RulesError, report},
     explain::{ExplainQuery, ExplainReply, explain_packet},
     rule_names::RuleNames,
@@ -133,6 +134,8 @@ pub struct RuleSync {
     names: Arc<RuleNames>,
     state: Mutex<RuleState>,
     detector: Mutex<ChangeDetector>,
+    /// The endpoints the agent adds to every rule set it writes.
+    endpoints: Arc<Endpoints>,
 }
 
 impl RuleSync {
@@ -143,6 +146,7 @@ impl RuleSync {
         loaded: LoadedRules,
         datapath: Arc<Mutex<Datapath>>,
         names: Arc<RuleNames>,
+        endpoints: Arc<Endpoints>,
     ) -> Result<Arc<Self>, RulesError> {
         let sync = Arc::new(Self {
             path: path.to_owned(),
@@ -151,6 +155,7 @@ impl RuleSync {
             names,
             state: Mutex::new(RuleState::default()),
             detector: Mutex::new(ChangeDetector::new(loaded.fingerprint.clone())),
+            endpoints,
         });
         let counts = loaded.counts();
         let generation = sync.put_in_force(loaded.rules, counts)?;
@@ -162,10 +167,13 @@ impl RuleSync {
     fn put_in_force(&self, rules: RuleSet, counts: RuleCounts) -> Result<u32, RulesError> {
         let zone_ids = self.state.lock().expect("rule state lock").zone_ids.clone();
         let compiled = Arc::new(compile(&rules, &zone_ids));
+        let rules = Arc::new(rules);
+        // The endpoints' runtime state goes into the new half with the rules.
+        let overlay = self.endpoints.overlay(&rules, &compiled);
         // Lock order: data path, then names, then state (as `status` takes them).
         let mut datapath = self.datapath.lock().expect("datapath lock");
         let tables = |source| RulesError::Tables { path: self.path.clone(), source };
-        let staged = datapath.stage_rules(Arc::clone(&compiled)).map_err(tables)?;
+        let staged = datapath.stage_rules(Arc::clone(&compiled), &overlay).map_err(tables)?;
         let generation = {
             // Flow records of the new generation must find its names: hold them back
             // from the switch until the names are published.
@@ -174,11 +182,15 @@ impl RuleSync {
             names.publish(generation, &compiled);
             generation
         };
-        let mut state = self.state.lock().expect("rule state lock");
-        state.zone_ids = compiled.zone_ids.clone();
-        state.in_force = Some(InForce { rules: Arc::new(rules), generation, loaded_at_ms: now_unix_ms(), counts });
-        state.last_error.clear();
-        state.last_error_at_ms = None;
+        drop(datapath);
+        {
+            let mut state = self.state.lock().expect("rule state lock");
+            state.zone_ids = compiled.zone_ids.clone();
+            state.in_force = Some(InForce { rules: Arc::clone(&rules), generation, loaded_at_ms: now_unix_ms(), counts });
+            state.last_error.clear();
+            state.last_error_at_ms = None;
+        }
+        self.endpoints.rules_in_force(rules, compiled);
         Ok(generation)
     }
 

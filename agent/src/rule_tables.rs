@@ -14,10 +14,19 @@ use aya::{
 use backplane_common::{
     DatapathConfig, PortInfo,
     config::{CONFIG_ENFORCE, CONFIG_INDEX},
-    maps::{CONFIG, ENDPOINTS, POLICIES, PORTS, ZONE_CIDRS, ZONES},
-    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, ZoneKey, ZoneValue},
+    maps::{CONFIG, ENDPOINTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONES},
+    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZoneValue},
 };
-use backplane_rules::CompiledRules;
+use backplane_rules::{CompiledRules, MacAddr, VpatchEntry};
+
+/// Endpoint entries the agent adds to (or overrides in) a compiled rule set: runtime
+/// endpoints, the flags of quarantined and isolated endpoints, port bindings, and the
+/// virtual patches of runtime endpoints (see [`crate::endpoints`]).
+#[derive(Clone, Debug, Default)]
+pub struct EndpointOverlay {
+    pub endpoints: Vec<(MacAddr, EndpointValue)>,
+    pub vpatches: Vec<VpatchEntry>,
+}
 
 /// A rule table operation that failed, naming the map.
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +52,12 @@ struct SlotKeys {
     cidrs: Vec<(u32, AddrKey)>,
     zones: Vec<ZoneKey>,
     policies: Vec<(u32, PolicyKey)>,
+    vpatches: Vec<(u32, VpatchKey)>,
 }
 
 impl SlotKeys {
     fn len(&self) -> usize {
-        self.endpoints.len() + self.cidrs.len() + self.zones.len() + self.policies.len()
+        self.endpoints.len() + self.cidrs.len() + self.zones.len() + self.policies.len() + self.vpatches.len()
     }
 }
 
@@ -58,6 +68,7 @@ pub struct RuleTables {
     cidrs: LpmTrie<MapData, AddrKey, u32>,
     zones: HashMap<MapData, ZoneKey, ZoneValue>,
     policies: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    vpatches: LpmTrie<MapData, VpatchKey, VpatchValue>,
     slots: [SlotKeys; 2],
 }
 
@@ -74,6 +85,7 @@ impl RuleTables {
             cidrs: LpmTrie::try_from(take(ebpf, ZONE_CIDRS)?).map_err(map_err(ZONE_CIDRS))?,
             zones: HashMap::try_from(take(ebpf, ZONES)?).map_err(map_err(ZONES))?,
             policies: LpmTrie::try_from(take(ebpf, POLICIES)?).map_err(map_err(POLICIES))?,
+            vpatches: LpmTrie::try_from(take(ebpf, VPATCHES)?).map_err(map_err(VPATCHES))?,
             slots: [SlotKeys::default(), SlotKeys::default()],
         };
         tables.scan()?;
@@ -98,6 +110,11 @@ impl RuleTables {
             let key = key.map_err(map_err(POLICIES))?;
             let data = key.data();
             self.slots[usize::from(data.slot & 1)].policies.push((key.prefix_len(), data));
+        }
+        for key in self.vpatches.keys() {
+            let key = key.map_err(map_err(VPATCHES))?;
+            let data = key.data();
+            self.slots[usize::from(data.slot & 1)].vpatches.push((key.prefix_len(), data));
         }
         Ok(())
     }
@@ -124,14 +141,22 @@ impl RuleTables {
         for (len, k) in &keys.policies {
             self.policies.remove(&Key::new(*len, *k)).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(POLICIES))?;
         }
+        for (len, k) in &keys.vpatches {
+            self.vpatches.remove(&Key::new(*len, *k)).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(VPATCHES))?;
+        }
         Ok(())
     }
 
     /// Clears `slot`, then writes `rules` into it. On failure the slot is cleared again
     /// and the error returned; the slot in force is never touched.
     pub fn write_slot(&mut self, slot: u8, rules: &CompiledRules) -> Result<(), TableError> {
+        self.write_slot_with(slot, rules, &EndpointOverlay::default())
+    }
+
+    /// [`RuleTables::write_slot`], then the agent's endpoint entries over the compiled ones.
+    pub fn write_slot_with(&mut self, slot: u8, rules: &CompiledRules, overlay: &EndpointOverlay) -> Result<(), TableError> {
         self.clear_slot(slot)?;
-        let result = self.write_entries(slot, rules);
+        let result = self.write_entries(slot, rules).and_then(|()| self.write_overlay(slot, overlay));
         if result.is_err() {
             let _ = self.clear_slot(slot);
         }
@@ -160,6 +185,72 @@ impl RuleTables {
             self.policies.insert(&Key::new(len, k), e.value, 0).map_err(map_err(POLICIES))?;
             keys.policies.push((len, k));
         }
+        for e in &rules.vpatches {
+            let (len, k) = e.key(slot);
+            self.vpatches.insert(&Key::new(len, k), e.value(), 0).map_err(map_err(VPATCHES))?;
+            keys.vpatches.push((len, k));
+        }
+        Ok(())
+    }
+
+    fn write_overlay(&mut self, slot: u8, overlay: &EndpointOverlay) -> Result<(), TableError> {
+        for (mac, value) in &overlay.endpoints {
+            self.write_endpoint(slot, *mac, *value)?;
+        }
+        for e in &overlay.vpatches {
+            self.write_vpatch(slot, e)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one endpoint entry into `slot` (a single map update: the data path sees the
+    /// old or the new value, never a mix).
+    pub fn write_endpoint(&mut self, slot: u8, mac: MacAddr, value: EndpointValue) -> Result<(), TableError> {
+        let key = EndpointKey { slot: slot & 1, _pad: 0, mac: mac.0 };
+        self.endpoints.insert(key, value, 0).map_err(map_err(ENDPOINTS))?;
+        let keys = &mut self.slots[usize::from(slot & 1)].endpoints;
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+        Ok(())
+    }
+
+    /// Removes one endpoint entry from `slot` (absent is fine).
+    pub fn remove_endpoint(&mut self, slot: u8, mac: MacAddr) -> Result<(), TableError> {
+        let key = EndpointKey { slot: slot & 1, _pad: 0, mac: mac.0 };
+        match self.endpoints.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(TableError::Map { map: ENDPOINTS, source: e }),
+        }
+        self.slots[usize::from(slot & 1)].endpoints.retain(|k| *k != key);
+        Ok(())
+    }
+
+    /// The endpoint entry of `mac` in `slot`, if any.
+    #[must_use]
+    pub fn endpoint(&self, slot: u8, mac: MacAddr) -> Option<EndpointValue> {
+        self.endpoints.get(&EndpointKey { slot: slot & 1, _pad: 0, mac: mac.0 }, 0).ok()
+    }
+
+    /// Writes one virtual-patch entry into `slot`.
+    pub fn write_vpatch(&mut self, slot: u8, entry: &VpatchEntry) -> Result<(), TableError> {
+        let (len, k) = entry.key(slot & 1);
+        self.vpatches.insert(&Key::new(len, k), entry.value(), 0).map_err(map_err(VPATCHES))?;
+        let keys = &mut self.slots[usize::from(slot & 1)].vpatches;
+        if !keys.contains(&(len, k)) {
+            keys.push((len, k));
+        }
+        Ok(())
+    }
+
+    /// Removes one virtual-patch entry from `slot` (absent is fine).
+    pub fn remove_vpatch(&mut self, slot: u8, entry: &VpatchEntry) -> Result<(), TableError> {
+        let (len, k) = entry.key(slot & 1);
+        match self.vpatches.remove(&Key::new(len, k)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(TableError::Map { map: VPATCHES, source: e }),
+        }
+        self.slots[usize::from(slot & 1)].vpatches.retain(|x| *x != (len, k));
         Ok(())
     }
 }

@@ -211,6 +211,11 @@ pub struct DenyEntry {
     pub location: Location,
 }
 
+/// Checks an endpoint name as the inventory does (for endpoints added at run time).
+pub fn check_endpoint_name(name: &str) -> Result<(), String> {
+    check_name("endpoint name", name)
+}
+
 /// Endpoint, tag and label names: 1-63 of `[A-Za-z0-9._-]`, starting alphanumeric.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()

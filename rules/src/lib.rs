@@ -22,7 +22,7 @@ pub use compile::{
 };
 pub use error::RuleError;
 pub use evaluate::{DecidedBy, Decision, EndMatch, Explanation, PacketView, ZoneMatch, evaluate, explain, zone_of};
-pub use inventory::{DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints};
+pub use inventory::{DenyEntry, check_endpoint_name, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints};
 pub use load::{MAX_ZONES, load_rules, parse_rules};
 pub use ruleset::{
     Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto, RuleSet, WORLD, Zone,

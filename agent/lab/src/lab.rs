@@ -265,6 +265,7 @@ impl Lab {
             ipv4,
             ipv6,
             mac,
+            host_netns: None,
         })
     }
 }

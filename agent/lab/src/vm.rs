@@ -35,6 +35,8 @@ pub(crate) struct VmSpec<'a> {
     pub(crate) ipv4: &'a str,
     pub(crate) ipv6: Option<&'a str>,
     pub(crate) mac: Option<&'a str>,
+    /// The namespace of the bridge and host port (a [`crate::Node`]); `None`: the host's.
+    pub(crate) host_netns: Option<&'a str>,
 }
 
 /// A VM of the lab. Dropping it is a VM that stops: its processes are killed, its
@@ -90,7 +92,21 @@ impl Vm {
                 std::fs::write(&path, value).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
             }
         });
+        if let Some(node) = spec.host_netns {
+            // The host port lives in a node's namespace, on that node's bridge.
+            host(&[
+                "ip", "-n", node, "link", "add", &vm.host_port, "type", "veth", "peer", "name", "eth0", "netns",
+                &vm.netns,
+            ]);
+            let port = vm.host_port.clone();
+            in_netns(node, || {
+                let sysctl = format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6");
+                std::fs::write(&sysctl, "1").unwrap_or_else(|e| panic!("cannot write {sysctl}: {e}"));
+            });
+            host(&["ip", "-n", node, "link", "set", "dev", &vm.host_port, "master", spec.bridge, "up"]);
+        }
         match spec.kind {
+            _ if spec.host_netns.is_some() => {}
             PortKind::Veth | PortKind::Uplink => {
                 host(&[
                     "ip",
@@ -113,8 +129,11 @@ impl Vm {
         }
         // The host side is a switch port: no addresses, no IPv6 chatter of its own.
         let sysctl = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", vm.host_port);
-        std::fs::write(&sysctl, "1").unwrap_or_else(|e| panic!("cannot write {sysctl}: {e}"));
-        host(&[
+        if spec.host_netns.is_none() {
+            std::fs::write(&sysctl, "1").unwrap_or_else(|e| panic!("cannot write {sysctl}: {e}"));
+        }
+        if spec.host_netns.is_none() {
+            host(&[
             "ip",
             "link",
             "set",
@@ -124,6 +143,7 @@ impl Vm {
             spec.bridge,
             "up",
         ]);
+        }
 
         let mut batch = Vec::new();
         if let Some(mac) = spec.mac {

@@ -1,0 +1,300 @@
+//! Nodes sharing their endpoints through etcd (`backplane run --etcd URL`).
+//!
+//! Keys, all under [`KEY_PREFIX`] (`/backplane/v1`):
+//!
+//! | key | value | lease |
+//! | --- | --- | --- |
+//! | `nodes/<node>` | `{node, labels, started_unix_ms}` | the node's |
+//! | `endpoints/<mac>` | where the endpoint is: [`Location`] (node, port, labels, since, state) | the hosting node's |
+//! | `flows/<mac>` | its established flows with counters: [`HandoverSet`], refreshed every second | the hosting node's |
+//! | `runtime/<name>` | an endpoint added with `backplane endpoint add`: [`RuntimeEndpoint`] | none |
+//! | `attest/<name>` | `YYYY-MM-DD` from `backplane endpoint attest` | none |
+//!
+//! Each node holds one lease (TTL [`LEASE_TTL_SECS`] s, renewed every second): when a
+//! node dies its claims expire with it. etcd going away never stops enforcement: the
+//! data path does not depend on it, the agent logs the outage once, works from its local
+//! state, shows `etcd.connected: false` in `status`, and retries with backoff (0.25 s
+//! doubling to 5 s). When etcd returns, the agent renews (or grants again) its lease and
+//! writes its node, locations and flows again.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use backplane_rules::{MacAddr, PatchDate};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::{
+    clock::rfc3339_ms,
+    endpoints::{Endpoints, HandoverSet, Location, RuntimeEndpoint},
+    etcd::{Etcd, EtcdError},
+};
+
+/// Prefix of every key the agents write.
+pub const KEY_PREFIX: &str = "/backplane/v1";
+/// TTL of a node's lease.
+pub const LEASE_TTL_SECS: i64 = 10;
+/// How often a node renews its lease, publishes its flows and reads the others'.
+const PERIOD: Duration = Duration::from_secs(1);
+/// Longest wait between two tries while etcd is away.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long an arrival waits for etcd before using its last copy of the flows.
+const FETCH_TIMEOUT: Duration = Duration::from_millis(400);
+
+fn key(kind: &str, name: &str) -> String {
+    format!("{KEY_PREFIX}/{kind}/{name}")
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0))
+}
+
+/// One node's link to etcd.
+pub struct Cluster {
+    etcd: Etcd,
+    node: String,
+    labels: BTreeMap<String, String>,
+    endpoints: Arc<Endpoints>,
+    lease: Mutex<i64>,
+    /// Wakes the loop early (a local change to share).
+    wake: Notify,
+}
+
+impl Cluster {
+    /// Links the endpoints of this node to etcd; run [`Cluster::run`] to start.
+    #[must_use]
+    pub fn new(etcd: Etcd, endpoints: &Arc<Endpoints>) -> Arc<Self> {
+        let opts = endpoints.options();
+        let cluster = Arc::new(Self {
+            etcd,
+            node: opts.node.clone(),
+            labels: opts.labels.clone(),
+            endpoints: Arc::clone(endpoints),
+            lease: Mutex::new(0),
+            wake: Notify::new(),
+        });
+        let urls = cluster.etcd.urls();
+        endpoints.set_etcd_status(|s| {
+            s.configured = true;
+            s.urls = urls;
+        });
+        endpoints.set_cluster(Arc::clone(&cluster));
+        cluster
+    }
+
+    fn lease(&self) -> i64 {
+        *self.lease.lock().expect("lease lock")
+    }
+
+    /// Asks the loop to run now.
+    pub fn kick(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Writes where an endpoint is now (in the background).
+    pub fn publish_location(self: &Arc<Self>, mac: MacAddr, location: Location) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let value = serde_json::to_vec(&location).unwrap_or_default();
+            if let Err(e) = me.etcd.put(&key("endpoints", &mac.to_string()), &value, me.lease()).await {
+                log::debug!("cannot publish the location of {mac}: {e}");
+            }
+        });
+    }
+
+    /// Writes the flows of an endpoint that just left one of this node's ports (in the
+    /// background), for the node it arrives on.
+    pub fn publish_final_flows(self: &Arc<Self>, mac: MacAddr, set: HandoverSet) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let value = serde_json::to_vec(&set).unwrap_or_default();
+            match me.etcd.put(&key("flows", &mac.to_string()), &value, me.lease()).await {
+                Ok(()) => log::info!("published {} flow(s) of {mac} as it left port {}", set.flows.len(), set.port),
+                Err(e) => log::warn!("cannot publish the flows of {mac} as it left: {e}"),
+            }
+        });
+    }
+
+    /// The flows another node published for an endpoint.
+    pub async fn fetch_flows(&self, mac: MacAddr) -> Result<Option<HandoverSet>, String> {
+        let key = key("flows", &mac.to_string());
+        match tokio::time::timeout(FETCH_TIMEOUT, self.etcd.get(&key)).await {
+            Err(_) => Err("etcd did not answer in time".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(bytes))) => serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Keeps the node's lease, publishes and polls, until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(250);
+        let mut connected: Option<bool> = None;
+        loop {
+            match self.round().await {
+                Ok(()) => {
+                    if connected != Some(true) {
+                        let again = connected == Some(false);
+                        if again {
+                            log::info!("etcd is back ({}); node {} shares its endpoints again", self.etcd.urls().join(","), self.node);
+                        } else {
+                            log::info!("connected to etcd at {} as node {}", self.etcd.urls().join(","), self.node);
+                        }
+                        let lease = self.lease();
+                        self.endpoints.set_etcd_status(|s| {
+                            s.connected = true;
+                            s.lease_id = lease;
+                            s.since = Some(rfc3339_ms(now_unix_ms()));
+                            s.last_error = None;
+                            if again {
+                                s.reconnects += 1;
+                            }
+                        });
+                        connected = Some(true);
+                    }
+                    backoff = Duration::from_millis(250);
+                    tokio::select! {
+                        () = tokio::time::sleep(PERIOD) => {}
+                        () = self.wake.notified() => {}
+                    }
+                }
+                Err(e) => {
+                    if connected != Some(false) {
+                        log::error!(
+                            "etcd unreachable ({e}); enforcement goes on from local state, retrying with backoff up to {}s",
+                            MAX_BACKOFF.as_secs()
+                        );
+                        self.endpoints.set_etcd_status(|s| {
+                            s.connected = false;
+                            s.since = Some(rfc3339_ms(now_unix_ms()));
+                        });
+                        connected = Some(false);
+                    } else {
+                        log::debug!("etcd still unreachable: {e}");
+                    }
+                    let text = e.to_string();
+                    self.endpoints.set_etcd_status(|s| s.last_error = Some(text));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One round: lease, node, shared definitions, locations, flows, then the others'.
+    async fn round(&self) -> Result<(), EtcdError> {
+        let mut fresh = false;
+        let mut lease = self.lease();
+        if lease != 0 && self.etcd.keep_alive(lease).await? == 0 {
+            log::warn!("etcd lease {lease:x} of node {} expired; granting a new one", self.node);
+            lease = 0;
+        }
+        if lease == 0 {
+            lease = self.etcd.grant(LEASE_TTL_SECS).await?;
+            *self.lease.lock().expect("lease lock") = lease;
+            fresh = true;
+            let node = json!({ "node": self.node, "labels": self.labels, "started_unix_ms": now_unix_ms() });
+            self.etcd.put(&key("nodes", &self.node), node.to_string().as_bytes(), lease).await?;
+            self.endpoints.set_etcd_status(|s| s.lease_id = lease);
+        }
+        if let Some((runtime, attested)) = self.endpoints.take_dirty_shared() {
+            self.write_shared(&runtime, &attested).await?;
+            self.endpoints.shared_written();
+        }
+        if fresh {
+            for (mac, location) in self.endpoints.local_locations() {
+                let value = serde_json::to_vec(&location).unwrap_or_default();
+                self.etcd.put(&key("endpoints", &mac.to_string()), &value, lease).await?;
+            }
+        }
+        for (mac, set) in self.endpoints.local_handover_sets() {
+            let value = serde_json::to_vec(&set).unwrap_or_default();
+            self.etcd.put(&key("flows", &mac.to_string()), &value, lease).await?;
+        }
+        self.poll().await
+    }
+
+    /// Writes the runtime endpoints and attestations of this node, removing the ones
+    /// deleted here.
+    async fn write_shared(
+        &self,
+        runtime: &[RuntimeEndpoint],
+        attested: &BTreeMap<String, PatchDate>,
+    ) -> Result<(), EtcdError> {
+        for old in self.etcd.get_prefix(&format!("{KEY_PREFIX}/runtime/")).await? {
+            let name = old.key.rsplit('/').next().unwrap_or("");
+            if !runtime.iter().any(|r| r.name == name) {
+                self.etcd.delete(&old.key).await?;
+            }
+        }
+        for r in runtime {
+            self.etcd.put(&key("runtime", &r.name), &serde_json::to_vec(r).unwrap_or_default(), 0).await?;
+        }
+        for old in self.etcd.get_prefix(&format!("{KEY_PREFIX}/attest/")).await? {
+            let name = old.key.rsplit('/').next().unwrap_or("");
+            if !attested.contains_key(name) {
+                self.etcd.delete(&old.key).await?;
+            }
+        }
+        for (name, date) in attested {
+            self.etcd.put(&key("attest", name), date.to_string().as_bytes(), 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads where the endpoints are, their flows, and the shared definitions.
+    async fn poll(&self) -> Result<(), EtcdError> {
+        let locations: Vec<(MacAddr, Location)> = self
+            .etcd
+            .get_prefix(&format!("{KEY_PREFIX}/endpoints/"))
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                let mac = kv.key.rsplit('/').next()?.parse().ok()?;
+                Some((mac, serde_json::from_slice(&kv.value).ok()?))
+            })
+            .collect();
+        let flows: Vec<(MacAddr, HandoverSet)> = self
+            .etcd
+            .get_prefix(&format!("{KEY_PREFIX}/flows/"))
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                let mac = kv.key.rsplit('/').next()?.parse().ok()?;
+                Some((mac, serde_json::from_slice(&kv.value).ok()?))
+            })
+            .collect();
+        self.endpoints.merge_remote(locations, flows);
+        let runtime: Vec<RuntimeEndpoint> = self
+            .etcd
+            .get_prefix(&format!("{KEY_PREFIX}/runtime/"))
+            .await?
+            .into_iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        let attested: BTreeMap<String, PatchDate> = self
+            .etcd
+            .get_prefix(&format!("{KEY_PREFIX}/attest/"))
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                let name = kv.key.rsplit('/').next()?.to_owned();
+                Some((name, String::from_utf8_lossy(&kv.value).parse().ok()?))
+            })
+            .collect();
+        self.endpoints.merge_shared(runtime, attested);
+        Ok(())
+    }
+}
+
+/// The nodes etcd knows (for tests and tools).
+#[must_use]
+pub fn node_key(node: &str) -> String {
+    key("nodes", node)
+}
+

@@ -1,0 +1,364 @@
+//! Endpoints that move between nodes: two nodes (each a namespace with its own bridge,
+//! joined by an uplink), one etcd on a management network, one agent per node started
+//! with `ip netns exec`. A VM's port moves from one node to the other with its MAC and
+//! address, then the VM announces itself with a RARP frame as QEMU does after a live
+//! migration.
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use backplane_lab::{ChildGuard, MGMT_IP, Node, NodeLab, UPLINK_PORT, Vm};
+use common::agent::BACKPLANE;
+use serde_json::Value;
+
+const WEB_MAC: &str = "02:00:00:30:00:01";
+const DB_MAC: &str = "02:00:00:40:00:01";
+
+const ZONES: &str = "\
+zones:
+  web:
+    members: [ { cidr: 10.30.0.0/24 } ]
+  db:
+    members: [ { cidr: 10.40.0.0/24 } ]
+    DB_SETTINGS
+  remediation:
+    members: [ { cidr: 10.90.0.0/24 } ]
+    remediation: true
+policies:
+  - name: web-to-db
+    from: web
+    to: db
+    allow: [ { proto: tcp, ports: [5432] }, { proto: icmp } ]
+endpoints:
+  web:
+    mac: \"02:00:00:30:00:01\"
+    ips: [10.30.0.1]
+  db:
+    mac: \"02:00:00:40:00:01\"
+    ips: [10.40.0.1]
+    DB_PATCH
+";
+
+/// An agent on a node.
+struct NodeAgent {
+    child: ChildGuard,
+    socket: PathBuf,
+    name: String,
+}
+
+impl NodeAgent {
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BACKPLANE).args(args).arg("--socket").arg(&self.socket).output().expect("run backplane client")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "backplane {} on {} failed: {}\nagent log:\n{}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr),
+            self.child.output()
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    }
+
+    fn status(&self) -> Value {
+        self.json(&["status", "--json"])
+    }
+
+    fn endpoint(&self, name: &str) -> Value {
+        let list = self.json(&["endpoint", "list", "--json"]);
+        list.as_array().unwrap().iter().find(|e| e["name"] == name).cloned().unwrap_or(Value::Null)
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        self.json(&["audit", "--json"]).as_array().unwrap().clone()
+    }
+
+    fn wait_for<T>(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Self) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{}: timed out after {timeout:?} waiting for {what}\nagent log:\n{}", self.name, self.child.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Two nodes joined by an uplink, etcd on the management network, a rule set.
+struct Cluster {
+    lab: NodeLab,
+    a: Node,
+    b: Node,
+    rules: PathBuf,
+}
+
+impl Cluster {
+    fn new(db_settings: &str, db_patch: &str) -> Cluster {
+        let lab = NodeLab::new("bp");
+        let a = lab.add_node("nodea");
+        let b = lab.add_node("nodeb");
+        lab.connect(&a, &b);
+        let rules = lab.work_dir().join("rules.yaml");
+        std::fs::write(&rules, ZONES.replace("DB_SETTINGS", db_settings).replace("DB_PATCH", db_patch)).unwrap();
+        Cluster { lab, a, b, rules }
+    }
+
+    fn etcd(&self) -> ChildGuard {
+        let data = self.lab.work_dir().join("etcd");
+        let client = format!("http://{MGMT_IP}:2379");
+        let mut etcd = self.lab.spawn_in_mgmt(&[
+            "etcd",
+            "--name",
+            "bp",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "bp=http://127.0.0.1:2380",
+        ]);
+        assert!(etcd.wait_for_output("ready to serve client requests", Duration::from_secs(20)), "etcd did not start:\n{}", etcd.output());
+        etcd
+    }
+
+    fn agent(&self, node: &Node, labels: &str, extra: &[&str]) -> NodeAgent {
+        let work = self.lab.work_dir();
+        let socket = work.join(format!("{}.sock", node.name()));
+        let state = work.join(format!("state-{}", node.name()));
+        let pins = format!("/sys/fs/bpf/backplane-test-{}-{}", self.lab.suffix(), node.name());
+        let etcd = format!("http://{MGMT_IP}:2379");
+        let port_glob = self.lab.port_glob();
+        let mut args = vec![
+            BACKPLANE,
+            "run",
+            "--node",
+            node.name(),
+            "--labels",
+            labels,
+            "--interfaces",
+            &port_glob,
+            "--uplink",
+            UPLINK_PORT,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--pin-dir",
+            &pins,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--rules",
+            self.rules.to_str().unwrap(),
+            "--etcd",
+            &etcd,
+            "--detach-on-exit",
+        ];
+        args.extend_from_slice(extra);
+        let child = node.spawn(&args);
+        let agent = NodeAgent { child, socket, name: node.name().to_owned() };
+        agent.wait_for(Duration::from_secs(30), "the control socket", |a| {
+            (a.socket.exists() && a.cli(&["status", "--json"]).status.success()).then_some(())
+        });
+        agent.wait_for(Duration::from_secs(15), "etcd connected", |a| (a.status()["endpoints"]["etcd"]["connected"] == true).then_some(()));
+        agent
+    }
+}
+
+/// An ARP-format frame (RARP 0x8035 or ARP 0x0806) from `mac`.
+fn arp_frame(ethertype: u16, op: u16, mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4]);
+    f.extend_from_slice(&op.to_be_bytes());
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(if op == 3 { &mac } else { &[0; 6] });
+    f.extend_from_slice(&ip);
+    f.resize(60, 0);
+    f
+}
+
+/// QEMU's announcement after a live migration: RARP, opcode 3, sha = tha = the VM's MAC.
+fn rarp(vm: &Vm) -> Vec<u8> {
+    arp_frame(0x8035, 3, vm.mac(), [0; 4])
+}
+
+/// A gratuitous ARP, as a guest sends when its interface comes up.
+fn garp(vm: &Vm) -> Vec<u8> {
+    arp_frame(0x0806, 1, vm.mac(), vm.ip().octets())
+}
+
+/// A TCP connection web -> db:5432 over which db streams to web; the bytes web received.
+struct Stream {
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Stream {
+    fn start(web: &Vm, db: &Vm) -> Stream {
+        let listener = db.in_netns(|| TcpListener::bind(("0.0.0.0", 5432))).expect("listen");
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let s = Arc::clone(&stop);
+        let server = std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else { return };
+            // A write that cannot go on (a broken connection) gives up after a while so
+            // that the stream stops when asked.
+            c.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+            let chunk = [7u8; 1000];
+            while !s.load(Ordering::Relaxed) {
+                match c.write(&chunk) {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(_) => return,
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let dst = SocketAddr::new(IpAddr::V4(db.ip()), 5432);
+        let mut client = web.in_netns(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3))).expect("connect web -> db");
+        client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let (s, r) = (Arc::clone(&stop), Arc::clone(&received));
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                match client.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        r.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        Stream { received, stop, threads: vec![server, reader] }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received during `d`.
+    fn progress(&self, d: Duration) -> u64 {
+        let before = self.bytes();
+        std::thread::sleep(d);
+        self.bytes() - before
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn flow_of(agent: &NodeAgent, src: &str, dst: &str, dport: u16) -> Option<Value> {
+    let flows = agent.json(&["flows", "--json"]);
+    flows.as_array()?.iter().find(|f| f["proto"] == "tcp" && f["src_ip"] == src && f["dst_ip"] == dst && f["dst_port"] == dport && f["state"] == "active").cloned()
+}
+
+/// Boots web and db on node A, streams db -> web over web's connection, moves db to
+/// node B; returns what the test needs to look at.
+fn move_while_streaming(handover: bool) {
+    let c = Cluster::new("", "");
+    let _etcd = c.etcd();
+    let extra: &[&str] = if handover { &[] } else { &["--no-flow-handover"] };
+    let a = c.agent(&c.a, "jurisdiction=eu,rack=r1", extra);
+    let b = c.agent(&c.b, "jurisdiction=eu,rack=r2", extra);
+    let web = c.lab.add_vm(&c.a, "web", "10.30.0.1/8", Some(WEB_MAC));
+    let db = c.lab.add_vm(&c.a, "db", "10.40.0.1/8", Some(DB_MAC));
+    // The guests announce themselves as they come up.
+    for vm in [&web, &db] {
+        a.wait_for(Duration::from_secs(10), "the VM port attached", |a| {
+            a.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == vm.host_port()).then_some(())
+        });
+        vm.send_raw_frames(&[garp(vm)]);
+    }
+    for name in ["web", "db"] {
+        a.wait_for(Duration::from_secs(5), "the endpoint bound on A", |a| (a.endpoint(name)["here"] == true).then_some(()));
+    }
+    let stream = Stream::start(&web, &db);
+    assert!(stream.progress(Duration::from_secs(2)) > 20_000, "db streams to web before the move");
+    let on_a = a.wait_for(Duration::from_secs(5), "the flow on A", |a| flow_of(a, "10.30.0.1", "10.40.0.1", 5432));
+    assert_eq!(on_a["verdict"], "allowed", "{on_a:#}");
+    // Let A publish the flow (every second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let a_rev = on_a["rev_bytes"].as_u64().unwrap();
+
+    // The move: the port leaves A's bridge for B's, then the VM announces itself.
+    c.lab.move_vm(&db, &c.a, &c.b);
+    b.wait_for(Duration::from_secs(10), "db's port attached on B", |b| {
+        b.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == db.host_port()).then_some(())
+    });
+    db.send_raw_frames(&[rarp(&db)]);
+    let record = b.wait_for(Duration::from_secs(5), "the move in B's audit log", |b| {
+        b.audit().into_iter().find(|r| r["kind"] == "move" && r["endpoint"] == "db")
+    });
+    eprintln!("move record: {record}");
+    assert_eq!((record["from_node"].as_str(), record["to_node"].as_str()), (Some("nodea"), Some("nodeb")), "{record:#}");
+    assert_eq!(record["from_labels"]["rack"], "r1", "{record:#}");
+    assert_eq!(record["to_labels"]["rack"], "r2", "{record:#}");
+    assert_eq!(record["to_labels"]["jurisdiction"], "eu", "{record:#}");
+    assert_eq!(b.status()["endpoints"]["moves"], 1);
+
+    std::thread::sleep(Duration::from_secs(1));
+    let after = stream.progress(Duration::from_secs(3));
+    if handover {
+        assert!(record["flows_carried"].as_u64() >= Some(1), "{record:#}");
+        let ms = record["handover_ms"].as_f64().expect("hand-over time");
+        eprintln!("hand-over: RARP to flows installed in {ms:.2} ms");
+        assert!(after > 20_000, "the connection carries data after the move ({after} bytes in 3 s)");
+        let on_b = b.wait_for(Duration::from_secs(3), "the flow on B", |b| flow_of(b, "10.30.0.1", "10.40.0.1", 5432));
+        eprintln!("flow on A before the move: {on_a}\nflow on B after the move: {on_b}");
+        assert_eq!((on_b["verdict"].as_str(), on_b["reason"].as_str()), (Some("allowed"), Some("migrated")), "{on_b:#}");
+        assert!(on_b["rev_bytes"].as_u64().unwrap() > a_rev, "B's record continues A's counters: {on_b:#} vs {a_rev}");
+        assert!(on_b["first_seen_unix_ms"] == on_a["first_seen_unix_ms"], "one record across nodes: {on_b:#} {on_a:#}");
+        assert_eq!(b.endpoint("db")["node"], "nodeb");
+        a.wait_for(Duration::from_secs(5), "A to see db on B", |a| (a.endpoint("db")["node"] == "nodeb").then_some(()));
+    } else {
+        assert_eq!(record["flows_carried"], 0, "{record:#}");
+        assert!(after < 5_000, "without hand-over the connection breaks: {after} bytes in 3 s after the move");
+        let denied = b.json(&["flows", "--json"]);
+        let denied = denied.as_array().unwrap().iter().find(|f| f["src_ip"] == "10.40.0.1" && f["dst_ip"] == "10.30.0.1" && f["proto"] == "tcp").cloned();
+        let denied = denied.unwrap_or_else(|| panic!("B judged db's packets as a new flow db -> web"));
+        assert_eq!(denied["verdict"], "denied", "{denied:#}");
+    }
+    drop(stream);
+    drop((web, db));
+    drop((a, b));
+}
+
+#[test]
+fn a_vm_moves_between_nodes_while_it_streams_and_its_flow_follows() {
+    move_while_streaming(true);
+}
+
+#[test]
+fn without_flow_handover_the_moved_vm_connection_breaks() {
+    move_while_streaming(false);
+}
