@@ -120,6 +120,18 @@ impl Cluster {
         });
     }
 
+    /// Where etcd says an endpoint is (asked on an arrival, not to miss a move that the
+    /// last poll has not seen yet).
+    pub async fn fetch_location(&self, mac: MacAddr) -> Result<Option<Location>, String> {
+        let key = key("endpoints", &mac.to_string());
+        match tokio::time::timeout(FETCH_TIMEOUT, self.etcd.get(&key)).await {
+            Err(_) => Err("etcd did not answer in time".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(bytes))) => serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string()),
+        }
+    }
+
     /// The flows another node published for an endpoint.
     pub async fn fetch_flows(&self, mac: MacAddr) -> Result<Option<HandoverSet>, String> {
         let key = key("flows", &mac.to_string());
@@ -141,7 +153,11 @@ impl Cluster {
                     if connected != Some(true) {
                         let again = connected == Some(false);
                         if again {
-                            log::info!("etcd is back ({}); node {} shares its endpoints again", self.etcd.urls().join(","), self.node);
+                            log::info!(
+                                "etcd is back ({}); node {} shares its endpoints again",
+                                self.etcd.urls().join(","),
+                                self.node
+                            );
                         } else {
                             log::info!("connected to etcd at {} as node {}", self.etcd.urls().join(","), self.node);
                         }
@@ -297,4 +313,3 @@ impl Cluster {
 pub fn node_key(node: &str) -> String {
     key("nodes", node)
 }
-

@@ -376,11 +376,8 @@ impl Endpoints {
                     state.attested = p.attested.into_iter().filter_map(|(n, d)| Some((n, d.parse().ok()?))).collect();
                     // Locations of other nodes are only as good as etcd's; ours are
                     // re-established by announcements.
-                    state.locations = p
-                        .locations
-                        .into_iter()
-                        .filter_map(|(m, l)| Some((m.parse::<MacAddr>().ok()?, l)))
-                        .collect();
+                    state.locations =
+                        p.locations.into_iter().filter_map(|(m, l)| Some((m.parse::<MacAddr>().ok()?, l))).collect();
                     log::info!(
                         "endpoint state from {}: {} runtime endpoints, {} attestations, {} locations",
                         path.display(),
@@ -491,7 +488,8 @@ impl Endpoints {
             _ => Self::id_for(st, def.mac),
         };
         s.value.ifindex = bound.as_ref().map_or(0, |b| b.ifindex);
-        let zone_name = rules.as_ref().and_then(|r| r.zone_for(def.zone.as_deref(), def.mac, &def.ips).map(str::to_owned));
+        let zone_name =
+            rules.as_ref().and_then(|r| r.zone_for(def.zone.as_deref(), def.mac, &def.ips).map(str::to_owned));
         s.value.zone = match (&zone_name, &compiled) {
             (Some(z), Some(c)) => c.zone_ids.id(z).unwrap_or(ZONE_WORLD),
             _ => bound.as_ref().map_or(ZONE_WORLD, |b| port_zone(b.ifindex)),
@@ -501,7 +499,9 @@ impl Endpoints {
             (s.value.zone != ZONE_WORLD).then(|| c.zone_ids.name(s.value.zone).map(str::to_owned)).flatten()
         });
         if let (Some(rules), Some(c)) = (&rules, &compiled) {
-            if rules.patches_for(&def.tags).next().is_some() || !c.vpatch_entries(s.value.endpoint_id, &def.tags).is_empty() {
+            if rules.patches_for(&def.tags).next().is_some()
+                || !c.vpatch_entries(s.value.endpoint_id, &def.tags).is_empty()
+            {
                 s.value.flags |= ENDPOINT_PATCHED;
             }
             if let Some(settings) = s.zone.as_deref().and_then(|z| rules.zone(z)).map(|z| &z.endpoints) {
@@ -563,7 +563,8 @@ impl Endpoints {
                 continue;
             }
             let endpoint_id = Self::id_for(st, mac);
-            let value = EndpointValue { zone, flags: ENDPOINT_QUARANTINED, endpoint_id, ifindex: bound.ifindex, _pad: [0; 4] };
+            let value =
+                EndpointValue { zone, flags: ENDPOINT_QUARANTINED, endpoint_id, ifindex: bound.ifindex, _pad: [0; 4] };
             overlay.endpoints.push((mac, value));
         }
         overlay
@@ -573,7 +574,8 @@ impl Endpoints {
     /// sync before it stages the rule set).
     pub fn overlay(&self, rules: &Arc<RuleSet>, compiled: &Arc<CompiledRules>) -> EndpointOverlay {
         let mut st = self.lock();
-        let (old_rules, old_compiled) = (st.rules.replace(Arc::clone(rules)), st.compiled.replace(Arc::clone(compiled)));
+        let (old_rules, old_compiled) =
+            (st.rules.replace(Arc::clone(rules)), st.compiled.replace(Arc::clone(compiled)));
         // Port zones of the new rule set are known only once it is staged; unbound
         // endpoints without a zone are world until then.
         let overlay = self.compute(&mut st, &|_| ZONE_WORLD);
@@ -728,6 +730,20 @@ impl Endpoints {
             self.unknown_mac(mac, ifindex, port);
             return;
         };
+        // A location on another node that the last poll has not brought yet.
+        let mut previous = previous;
+        if previous.as_ref().is_none_or(|l| l.node == self.opts.node) {
+            if let Some(cluster) = self.cluster.get() {
+                match cluster.fetch_location(mac).await {
+                    Ok(Some(loc)) if loc.node != self.opts.node => {
+                        self.lock().locations.insert(mac, loc.clone());
+                        previous = Some(loc);
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::debug!("cannot ask etcd where {mac} was: {e}"),
+                }
+            }
+        }
         let here = previous.as_ref().is_some_and(|l| l.node == self.opts.node);
         let same_port = here && previous.as_ref().is_some_and(|l| l.port == port);
         let already_bound = self.lock().bound.get(&mac).is_some_and(|b| b.ifindex == ifindex);
@@ -769,11 +785,7 @@ impl Endpoints {
         let mut carried_flows = 0u64;
         let mut handover_ms = None;
         if kind == "move" && self.opts.handover {
-            let set = if here {
-                self.local_flows(&def, old_ifindex)
-            } else {
-                self.remote_flows(mac).await
-            };
+            let set = if here { self.local_flows(&def, old_ifindex) } else { self.remote_flows(mac).await };
             let flows = self.filter_for_standing(&standing, set);
             carried_flows = self.install(&flows, ifindex) as u64;
             let elapsed_ns = since_ns.map_or_else(
@@ -832,7 +844,8 @@ impl Endpoints {
                 });
             }
             if standing.value.flags & ENDPOINT_QUARANTINED != 0 {
-                let text = format!("endpoint {} quarantined on {}: {}", def.name, self.opts.node, standing.reasons.join("; "));
+                let text =
+                    format!("endpoint {} quarantined on {}: {}", def.name, self.opts.node, standing.reasons.join("; "));
                 self.alert(&mut st, text.clone());
                 self.record(AuditRecord {
                     kind: "quarantined".into(),
@@ -881,7 +894,13 @@ impl Endpoints {
     fn local_flows(&self, def: &Def, old_ifindex: Option<u32>) -> Option<HandoverSet> {
         let entries = self.flows.kernel_entries(|_, v| carried(v));
         let flows = self.to_handover(&entries, old_ifindex, &def.ips);
-        Some(HandoverSet { name: def.name.clone(), mac: mac_text(def.mac), node: self.opts.node.clone(), flows, ..HandoverSet::default() })
+        Some(HandoverSet {
+            name: def.name.clone(),
+            mac: mac_text(def.mac),
+            node: self.opts.node.clone(),
+            flows,
+            ..HandoverSet::default()
+        })
     }
 
     /// The flows an endpoint had on another node: from etcd now, else from the copy of
@@ -994,7 +1013,8 @@ impl Endpoints {
         {
             let mut st = self.lock();
             st.unknown.insert(mac, (Bound { ifindex, port: port.to_owned() }, zone));
-            let text = format!("unknown MAC {mac} on {port} (zone {zone_name}) quarantined until it is in the inventory");
+            let text =
+                format!("unknown MAC {mac} on {port} (zone {zone_name}) quarantined until it is in the inventory");
             self.alert(&mut st, text.clone());
             self.record(AuditRecord {
                 kind: "unknown_mac".into(),
@@ -1031,7 +1051,8 @@ impl Endpoints {
             }
         }
         for (a, b) in now.difference(&st.co_mingled.clone()) {
-            let text = format!("co-mingling on node {}: endpoints of zones {a} and {b} must not share a node", self.opts.node);
+            let text =
+                format!("co-mingling on node {}: endpoints of zones {a} and {b} must not share a node", self.opts.node);
             self.alert(st, text.clone());
             self.record(AuditRecord {
                 kind: "co_mingling".into(),
@@ -1216,12 +1237,16 @@ impl Endpoints {
         {
             let mut st = self.lock();
             if let Some(zone) = &r.zone {
-                let known = st.rules.as_ref().is_none_or(|rules| zone == backplane_rules::WORLD || rules.zone(zone).is_some());
+                let known =
+                    st.rules.as_ref().is_none_or(|rules| zone == backplane_rules::WORLD || rules.zone(zone).is_some());
                 if !known {
                     return Err(format!("unknown zone \"{zone}\""));
                 }
             }
-            if let Some(other) = Self::defs(&st).into_iter().find(|d| (d.mac == mac || d.name == r.name) && !(d.runtime && d.name == r.name)) {
+            if let Some(other) = Self::defs(&st)
+                .into_iter()
+                .find(|d| (d.mac == mac || d.name == r.name) && !(d.runtime && d.name == r.name))
+            {
                 return Err(format!(
                     "endpoint \"{}\" ({}) is already {}",
                     other.name,
@@ -1318,10 +1343,9 @@ impl Endpoints {
                 }
                 None => {
                     let st = self.lock();
-                    let b = st
-                        .bound
-                        .get(&mac)
-                        .ok_or_else(|| format!("endpoint \"{name}\" was not seen on a port here; say where with --to-port"))?;
+                    let b = st.bound.get(&mac).ok_or_else(|| {
+                        format!("endpoint \"{name}\" was not seen on a port here; say where with --to-port")
+                    })?;
                     (b.ifindex, b.port.clone())
                 }
             }
@@ -1505,7 +1529,8 @@ mod tests {
     #[test]
     fn sides_by_port_then_address() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let (key, dir) = FlowKey::canonical(&addr_bytes(ip("10.0.0.1")), 1, &addr_bytes(ip("10.0.0.2")), 2, 0, 6, FAMILY_IPV4);
+        let (key, dir) =
+            FlowKey::canonical(&addr_bytes(ip("10.0.0.1")), 1, &addr_bytes(ip("10.0.0.2")), 2, 0, 6, FAMILY_IPV4);
         let value = FlowValue { ifindex: [7, 9], initiator: dir, ..FlowValue::default() };
         assert_eq!(side_of(&key, &value, Some(9), &[]), Some(1));
         assert_eq!(side_of(&key, &value, Some(3), &[ip("10.0.0.1")]), Some(0));

@@ -200,7 +200,11 @@ async fn post(member: &Member, path: &str, body: &Value) -> Result<Value, EtcdEr
     let response = Response::parse(&raw).map_err(|reason| EtcdError::BadReply { url: member.url.clone(), reason })?;
     let text = String::from_utf8_lossy(&response.body);
     if response.status != 200 {
-        return Err(EtcdError::Status { url: member.url.clone(), status: response.status, body: text.trim().to_owned() });
+        return Err(EtcdError::Status {
+            url: member.url.clone(),
+            status: response.status,
+            body: text.trim().to_owned(),
+        });
     }
     // A streaming call (keepalive) answers with one JSON object per line: take the first.
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("{}");
@@ -315,7 +319,9 @@ mod tests {
 
     #[test]
     fn base64_round_trips() {
-        for (plain, coded) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("/backplane/v1/x", "L2JhY2twbGFuZS92MS94")] {
+        for (plain, coded) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("/backplane/v1/x", "L2JhY2twbGFuZS92MS94")]
+        {
             assert_eq!(b64(plain.as_bytes()), coded);
             assert_eq!(unb64(coded).unwrap(), plain.as_bytes());
         }
@@ -333,7 +339,10 @@ mod tests {
     fn responses() {
         let r = Response::parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (200, b"{}".as_slice()));
-        let r = Response::parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n").unwrap();
+        let r = Response::parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(r.body, b"{\"a\":1}");
         let r = Response::parse(b"HTTP/1.1 404 Not Found\r\n\r\nnope").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (404, b"nope".as_slice()));

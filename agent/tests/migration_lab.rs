@@ -94,7 +94,12 @@ impl NodeAgent {
             if let Some(v) = f(self) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "{}: timed out after {timeout:?} waiting for {what}\nagent log:\n{}", self.name, self.child.output());
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out after {timeout:?} waiting for {what}\nagent log:\n{}",
+                self.name,
+                self.child.output()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -139,7 +144,11 @@ impl Cluster {
             "--initial-cluster",
             "bp=http://127.0.0.1:2380",
         ]);
-        assert!(etcd.wait_for_output("ready to serve client requests", Duration::from_secs(20)), "etcd did not start:\n{}", etcd.output());
+        assert!(
+            etcd.wait_for_output("ready to serve client requests", Duration::from_secs(20)),
+            "etcd did not start:\n{}",
+            etcd.output()
+        );
         etcd
     }
 
@@ -179,7 +188,9 @@ impl Cluster {
         agent.wait_for(Duration::from_secs(30), "the control socket", |a| {
             (a.socket.exists() && a.cli(&["status", "--json"]).status.success()).then_some(())
         });
-        agent.wait_for(Duration::from_secs(15), "etcd connected", |a| (a.status()["endpoints"]["etcd"]["connected"] == true).then_some(()));
+        agent.wait_for(Duration::from_secs(15), "etcd connected", |a| {
+            (a.status()["endpoints"]["etcd"]["connected"] == true).then_some(())
+        });
         agent
     }
 }
@@ -238,7 +249,8 @@ impl Stream {
             }
         });
         let dst = SocketAddr::new(IpAddr::V4(db.ip()), 5432);
-        let mut client = web.in_netns(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3))).expect("connect web -> db");
+        let mut client =
+            web.in_netns(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3))).expect("connect web -> db");
         client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let (s, r) = (Arc::clone(&stop), Arc::clone(&received));
         let reader = std::thread::spawn(move || {
@@ -279,7 +291,17 @@ impl Drop for Stream {
 
 fn flow_of(agent: &NodeAgent, src: &str, dst: &str, dport: u16) -> Option<Value> {
     let flows = agent.json(&["flows", "--json"]);
-    flows.as_array()?.iter().find(|f| f["proto"] == "tcp" && f["src_ip"] == src && f["dst_ip"] == dst && f["dst_port"] == dport && f["state"] == "active").cloned()
+    flows
+        .as_array()?
+        .iter()
+        .find(|f| {
+            f["proto"] == "tcp"
+                && f["src_ip"] == src
+                && f["dst_ip"] == dst
+                && f["dst_port"] == dport
+                && f["state"] == "active"
+        })
+        .cloned()
 }
 
 /// Boots web and db on node A, streams db -> web over web's connection, moves db to
@@ -300,7 +322,9 @@ fn move_while_streaming(handover: bool) {
         vm.send_raw_frames(&[garp(vm)]);
     }
     for name in ["web", "db"] {
-        a.wait_for(Duration::from_secs(5), "the endpoint bound on A", |a| (a.endpoint(name)["here"] == true).then_some(()));
+        a.wait_for(Duration::from_secs(5), "the endpoint bound on A", |a| {
+            (a.endpoint(name)["here"] == true).then_some(())
+        });
     }
     let stream = Stream::start(&web, &db);
     assert!(stream.progress(Duration::from_secs(2)) > 20_000, "db streams to web before the move");
@@ -320,7 +344,11 @@ fn move_while_streaming(handover: bool) {
         b.audit().into_iter().find(|r| r["kind"] == "move" && r["endpoint"] == "db")
     });
     eprintln!("move record: {record}");
-    assert_eq!((record["from_node"].as_str(), record["to_node"].as_str()), (Some("nodea"), Some("nodeb")), "{record:#}");
+    assert_eq!(
+        (record["from_node"].as_str(), record["to_node"].as_str()),
+        (Some("nodea"), Some("nodeb")),
+        "{record:#}"
+    );
     assert_eq!(record["from_labels"]["rack"], "r1", "{record:#}");
     assert_eq!(record["to_labels"]["rack"], "r2", "{record:#}");
     assert_eq!(record["to_labels"]["jurisdiction"], "eu", "{record:#}");
@@ -335,7 +363,11 @@ fn move_while_streaming(handover: bool) {
         assert!(after > 20_000, "the connection carries data after the move ({after} bytes in 3 s)");
         let on_b = b.wait_for(Duration::from_secs(3), "the flow on B", |b| flow_of(b, "10.30.0.1", "10.40.0.1", 5432));
         eprintln!("flow on A before the move: {on_a}\nflow on B after the move: {on_b}");
-        assert_eq!((on_b["verdict"].as_str(), on_b["reason"].as_str()), (Some("allowed"), Some("migrated")), "{on_b:#}");
+        assert_eq!(
+            (on_b["verdict"].as_str(), on_b["reason"].as_str()),
+            (Some("allowed"), Some("migrated")),
+            "{on_b:#}"
+        );
         assert!(on_b["rev_bytes"].as_u64().unwrap() > a_rev, "B's record continues A's counters: {on_b:#} vs {a_rev}");
         assert!(on_b["first_seen_unix_ms"] == on_a["first_seen_unix_ms"], "one record across nodes: {on_b:#} {on_a:#}");
         assert_eq!(b.endpoint("db")["node"], "nodeb");
@@ -344,7 +376,12 @@ fn move_while_streaming(handover: bool) {
         assert_eq!(record["flows_carried"], 0, "{record:#}");
         assert!(after < 5_000, "without hand-over the connection breaks: {after} bytes in 3 s after the move");
         let denied = b.json(&["flows", "--json"]);
-        let denied = denied.as_array().unwrap().iter().find(|f| f["src_ip"] == "10.40.0.1" && f["dst_ip"] == "10.30.0.1" && f["proto"] == "tcp").cloned();
+        let denied = denied
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["src_ip"] == "10.40.0.1" && f["dst_ip"] == "10.30.0.1" && f["proto"] == "tcp")
+            .cloned();
         let denied = denied.unwrap_or_else(|| panic!("B judged db's packets as a new flow db -> web"));
         assert_eq!(denied["verdict"], "denied", "{denied:#}");
     }
@@ -361,4 +398,141 @@ fn a_vm_moves_between_nodes_while_it_streams_and_its_flow_follows() {
 #[test]
 fn without_flow_handover_the_moved_vm_connection_breaks() {
     move_while_streaming(false);
+}
+
+fn ping(from: &Vm, to: &Vm) -> bool {
+    from.exec(&["ping", "-n", "-q", "-c", "2", "-i", "0.3", "-W", "1", &to.ip().to_string()]).status.success()
+}
+
+/// Boots `vm` on a node: its port is attached, then the guest announces itself.
+fn boot(agent: &NodeAgent, vm: &Vm) {
+    agent.wait_for(Duration::from_secs(10), "the VM port attached", |a| {
+        a.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == vm.host_port()).then_some(())
+    });
+    vm.send_raw_frames(&[garp(vm)]);
+}
+
+/// Moves `vm` from node `from` to node `to` and announces it there with RARP.
+fn migrate(c: &Cluster, vm: &Vm, from: &Node, to: &Node, dest: &NodeAgent) {
+    c.lab.move_vm(vm, from, to);
+    dest.wait_for(Duration::from_secs(10), "the port attached on the destination", |b| {
+        b.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == vm.host_port()).then_some(())
+    });
+    vm.send_raw_frames(&[rarp(vm)]);
+    dest.wait_for(Duration::from_secs(5), "the move in the audit log", |b| {
+        b.audit().into_iter().find(|r| r["kind"] == "move" && r["endpoint"] == vm.name())
+    });
+}
+
+#[test]
+fn a_move_to_a_node_outside_the_zone_placement_raises_an_alert_and_isolates() {
+    let c = Cluster::new("placement: { jurisdiction: [eu] }\n    on_violation: isolate", "");
+    let _etcd = c.etcd();
+    let a = c.agent(&c.a, "jurisdiction=eu", &[]);
+    let b = c.agent(&c.b, "jurisdiction=us", &[]);
+    let web = c.lab.add_vm(&c.a, "web", "10.30.0.1/8", Some(WEB_MAC));
+    let db = c.lab.add_vm(&c.a, "db", "10.40.0.1/8", Some(DB_MAC));
+    boot(&a, &web);
+    boot(&a, &db);
+    a.wait_for(Duration::from_secs(5), "db bound on A", |a| (a.endpoint("db")["here"] == true).then_some(()));
+    assert!(ping(&web, &db), "web reaches db on an EU node");
+    assert_eq!(a.endpoint("db")["state"], "active");
+
+    migrate(&c, &db, &c.a, &c.b, &b);
+    let violation = b.wait_for(Duration::from_secs(5), "the placement violation in the audit log", |b| {
+        b.audit().into_iter().find(|r| r["kind"] == "placement_violation" && r["endpoint"] == "db")
+    });
+    eprintln!("violation: {violation}");
+    assert!(violation["detail"].as_str().unwrap().contains("jurisdiction=us"), "{violation:#}");
+    let status = b.status();
+    let alerts = status["endpoints"]["alerts"].as_array().unwrap();
+    assert!(alerts.iter().any(|a| a.as_str().unwrap().contains("placement")), "{alerts:#?}");
+    assert_eq!(status["endpoints"]["isolated"], 1, "{:#}", status["endpoints"]);
+    let info = b.endpoint("db");
+    assert_eq!(info["state"], "isolated", "{info:#}");
+    assert!(!ping(&web, &db), "an isolated VM's traffic stops");
+    assert!(!ping(&db, &web), "an isolated VM's traffic stops both ways");
+    drop((web, db));
+}
+
+fn today() -> String {
+    let out = Command::new("date").args(["-u", "+%F"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn an_old_patch_is_quarantined_on_boot_and_on_arrival_until_attested() {
+    let c = Cluster::new("max_patch_age: 30d", "patched_at: 2020-01-01");
+    let _etcd = c.etcd();
+    let a = c.agent(&c.a, "jurisdiction=eu", &[]);
+    let b = c.agent(&c.b, "jurisdiction=eu", &[]);
+    let web = c.lab.add_vm(&c.a, "web", "10.30.0.1/8", Some(WEB_MAC));
+    let db = c.lab.add_vm(&c.a, "db", "10.40.0.1/8", Some(DB_MAC));
+    let fixer = c.lab.add_vm(&c.a, "fixer", "10.90.0.1/8", None);
+    boot(&a, &web);
+    boot(&a, &db);
+    // On boot: quarantined, reaching only the remediation zone.
+    let info =
+        a.wait_for(Duration::from_secs(5), "db bound on A", |a| Some(a.endpoint("db")).filter(|e| e["here"] == true));
+    assert_eq!(info["state"], "quarantined", "{info:#}");
+    assert!(info["reasons"][0].as_str().unwrap().contains("patched 2020-01-01"), "{info:#}");
+    assert!(!ping(&web, &db), "web cannot reach a quarantined db");
+    assert!(ping(&db, &fixer), "a quarantined db reaches the remediation zone");
+    assert!(a.audit().iter().any(|r| r["kind"] == "quarantined" && r["endpoint"] == "db"));
+
+    // On arrival: still quarantined.
+    migrate(&c, &db, &c.a, &c.b, &b);
+    let info = b.endpoint("db");
+    assert_eq!((info["state"].as_str(), info["node"].as_str()), (Some("quarantined"), Some("nodeb")), "{info:#}");
+    assert!(b.audit().iter().any(|r| r["kind"] == "move" && r["state"] == "quarantined"));
+    assert!(!ping(&web, &db), "still quarantined after the move");
+    assert!(ping(&db, &fixer), "the remediation zone is still reachable after the move");
+
+    // Attested: released, here and (through etcd) on the other node.
+    let out = b.cli(&["endpoint", "attest", "db", "--patched-at", &today()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(b.endpoint("db")["state"], "active");
+    a.wait_for(Duration::from_secs(5), "A to see the attestation", |a| {
+        (a.endpoint("db")["state"] == "active").then_some(())
+    });
+    assert!(ping(&web, &db), "web reaches db once it is attested");
+    assert!(b.audit().iter().any(|r| r["kind"] == "released" && r["endpoint"] == "db"));
+    drop((web, db, fixer));
+}
+
+#[test]
+fn enforcement_goes_on_without_etcd_and_agents_reconnect() {
+    let c = Cluster::new("", "");
+    let mut etcd = c.etcd();
+    let a = c.agent(&c.a, "jurisdiction=eu", &[]);
+    let b = c.agent(&c.b, "jurisdiction=eu", &[]);
+    let web = c.lab.add_vm(&c.a, "web", "10.30.0.1/8", Some(WEB_MAC));
+    let db = c.lab.add_vm(&c.b, "db", "10.40.0.1/8", Some(DB_MAC));
+    boot(&a, &web);
+    boot(&b, &db);
+    assert!(ping(&web, &db), "web -> db is allowed across nodes");
+    assert!(!ping(&db, &web), "db -> web is denied");
+
+    etcd.stop();
+    for agent in [&a, &b] {
+        agent.wait_for(Duration::from_secs(10), "etcd seen as gone", |x| {
+            (x.status()["endpoints"]["etcd"]["connected"] == false).then_some(())
+        });
+    }
+    assert!(ping(&web, &db), "allowed keeps working without etcd");
+    assert!(!ping(&db, &web), "denied stays denied without etcd");
+    let text = String::from_utf8_lossy(&a.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("DISCONNECTED"), "{text}");
+
+    let _etcd = c.etcd();
+    for agent in [&a, &b] {
+        let s = agent.wait_for(Duration::from_secs(15), "etcd back", |x| {
+            let s = x.status()["endpoints"]["etcd"].clone();
+            (s["connected"] == true).then_some(s)
+        });
+        assert!(s["reconnects"].as_u64() >= Some(1), "{s:#}");
+    }
+    assert!(ping(&web, &db), "allowed after etcd returned");
+    assert!(!ping(&db, &web), "denied after etcd returned");
+    drop((web, db));
 }

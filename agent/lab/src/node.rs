@@ -66,7 +66,8 @@ impl NodeLab {
             next_index: AtomicU32::new(0),
         };
         let _ignored = std::fs::remove_dir_all(&lab.work_dir);
-        std::fs::create_dir_all(&lab.work_dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", lab.work_dir.display()));
+        std::fs::create_dir_all(&lab.work_dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", lab.work_dir.display()));
         host(&["ip", "netns", "add", &lab.mgmt]);
         host(&["ip", "-n", &lab.mgmt, "link", "add", "mgmt", "type", "bridge", "stp_state", "0"]);
         host(&["ip", "-n", &lab.mgmt, "address", "add", &format!("{MGMT_IP}/24"), "dev", "mgmt"]);
@@ -127,7 +128,21 @@ impl NodeLab {
 
     /// Joins the bridges of two nodes with a veth pair, `uplink0` on both sides.
     pub fn connect(&self, a: &Node, b: &Node) {
-        host(&["ip", "-n", &a.netns, "link", "add", UPLINK_PORT, "type", "veth", "peer", "name", UPLINK_PORT, "netns", &b.netns]);
+        host(&[
+            "ip",
+            "-n",
+            &a.netns,
+            "link",
+            "add",
+            UPLINK_PORT,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            UPLINK_PORT,
+            "netns",
+            &b.netns,
+        ]);
         for n in [a, b] {
             host(&["ip", "-n", &n.netns, "link", "set", UPLINK_PORT, "master", NODE_BRIDGE, "up"]);
         }
