@@ -74,6 +74,8 @@ pub struct RunOptions {
     /// Whether the metrics address was asked for explicitly: then failing to bind it
     /// ends the start; the default address, when taken, only costs the metrics.
     pub metrics_required: bool,
+    /// Whether to turn on the kernel's BPF run statistics while metrics are served.
+    pub program_stats: bool,
     /// `--flow-log`: flow starts and ends as JSON lines.
     pub flow_log: Option<FlowLogOptions>,
     /// `--ipfix`: flow records to an IPFIX collector.
@@ -454,7 +456,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
 
     // Kernel run statistics cost every BPF program two clock reads per run: on only
     // while metrics are served.
-    let bpf_stats = opts.metrics_addr.and_then(|_| metrics::enable_bpf_stats());
+    let bpf_stats = opts.metrics_addr.filter(|_| opts.program_stats).and_then(|_| metrics::enable_bpf_stats());
     let metrics = Arc::new(Metrics::new(Some(&opts.pin_dir), bpf_stats));
     let sample_stats = Arc::new(SampleStats::default());
 
