@@ -82,7 +82,7 @@ fn metrics_pass_promtool_and_a_real_prometheus_sees_the_drops_of_a_zone_pair() {
     let rules = three_zones(&lab);
     let port = free_tcp_port();
     let addr = format!("127.0.0.1:{port}");
-    let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap(), "--metrics-addr", &addr]);
+    let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap(), "--metrics-addr", &addr, "--program-stats"]);
 
     assert!(ping(&web, db.ip(), 2), "web -> db icmp is allowed");
     assert!(!ping(&db, web.ip(), 3), "db -> web is denied (default_inter_zone)");
