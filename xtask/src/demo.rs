@@ -67,7 +67,7 @@ fn catch_interrupts() {
     }
 }
 
-fn check_interrupted() -> Result<()> {
+pub(crate) fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; cleaning up");
     }
@@ -92,7 +92,7 @@ pub(crate) fn run() -> Result<()> {
     }
     remove_pin_dir();
 
-    let result = run_lab(&agent_bin);
+    let result = run_lab(&agent_bin).and_then(|()| crate::demo_migration::run(&agent_bin));
     remove_pin_dir();
     match &result {
         Ok(()) => say("done; lab removed"),

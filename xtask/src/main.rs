@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod demo_migration;
 mod setup;
 mod test;
 mod util;
