@@ -9,13 +9,12 @@ use std::{
     fs::{File, OpenOptions},
     io::Write as _,
     os::fd::AsRawFd as _,
-    path::Path,
     time::Duration,
 };
 
 use backplane_lab::{Capture, Lab, host_run};
 use common::{
-    agent::{Agent, field},
+    agent::{Agent, copy_example_rules, field},
     frames::{TCP_ACK, eth, ipv4, tcp},
 };
 
@@ -72,22 +71,12 @@ fn gso_tcp4_hdr(hdr_len: u16, gso_size: u16) -> [u8; 10] {
     h
 }
 
-fn rules_dir(lab: &Lab) -> std::path::PathBuf {
-    let dir = lab.work_dir().join("rules");
-    std::fs::create_dir_all(&dir).unwrap();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules/examples/three-zones");
-    for entry in std::fs::read_dir(&example).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    dir
-}
 
 #[test]
 fn gso_jumbo_and_tagged_frames_from_a_tap_are_judged() {
     let lab = Lab::new("bp");
     let db = lab.add_veth_vm("db", "10.40.0.1/8", None, None);
-    let rules = rules_dir(&lab);
+    let rules = copy_example_rules(&lab, "three-zones");
     let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap()]);
     // The "guest" is this test, writing to a tap named like the lab's tap ports.
     let tap_name = format!("bpt{}9", lab.suffix());

@@ -9,13 +9,15 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use backplane_lab::{ChildGuard, Lab, Vm};
-use common::{agent::Agent, frames};
+use common::{
+    agent::{Agent, copy_example_rules},
+    frames,
+};
 use serde_json::Value;
 
 /// A loopback TCP port nobody listens on now.
@@ -47,17 +49,6 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
-/// A copy of `rules/examples/three-zones` in the lab's work directory.
-fn three_zones(lab: &Lab) -> PathBuf {
-    let dir = lab.work_dir().join("rules");
-    std::fs::create_dir_all(&dir).unwrap();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules/examples/three-zones");
-    for entry in std::fs::read_dir(&example).expect("example rules") {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    dir
-}
 
 fn ping(from: &Vm, to: Ipv4Addr, count: u32) -> bool {
     from.exec(&["ping", "-n", "-q", "-i", "0.2", "-c", &count.to_string(), "-W", "1", &to.to_string()]).status.success()
@@ -79,7 +70,7 @@ fn metrics_pass_promtool_and_a_real_prometheus_sees_the_drops_of_a_zone_pair() {
     let lab = Lab::new("bp");
     let web = lab.add_veth_vm("web", "10.30.0.1/8", None, None);
     let db = lab.add_tap_vm("db", "10.40.0.1/8", None, None);
-    let rules = three_zones(&lab);
+    let rules = copy_example_rules(&lab, "three-zones");
     let port = free_tcp_port();
     let addr = format!("127.0.0.1:{port}");
     let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap(), "--metrics-addr", &addr, "--program-stats"]);

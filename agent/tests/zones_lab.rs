@@ -6,24 +6,13 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use backplane_lab::{Capture, Lab, Vm};
-use common::agent::{Agent, field};
+use common::agent::{Agent, copy_example_rules, field};
 
-/// A copy of `rules/examples/three-zones` that the test may edit.
-fn rules_dir(lab: &Lab) -> PathBuf {
-    let dir = lab.work_dir().join("rules");
-    std::fs::create_dir_all(&dir).unwrap();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules/examples/three-zones");
-    for entry in std::fs::read_dir(&example).expect("example rules") {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    dir
-}
 
 /// Whether a TCP connection from `from` to `to:port` opens and carries 64 KiB both ways.
 fn tcp_works(from: &Vm, to: &Vm, port: u16) -> bool {
@@ -84,7 +73,7 @@ fn three_zones_enforced_on_the_wire_with_hot_reload() {
     let web = lab.add_veth_vm("web", "10.30.0.1/8", None, None);
     let db = lab.add_tap_vm("db", "10.40.0.1/8", None, None);
     let mgmt = lab.add_veth_vm("mgmt", "10.50.0.1/8", None, None);
-    let rules = rules_dir(&lab);
+    let rules = copy_example_rules(&lab, "three-zones");
     let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap()]);
     let status = agent.status();
     assert_eq!(status["rules"]["generation"], 1, "rules in force: {status:#}");

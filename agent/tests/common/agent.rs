@@ -117,3 +117,16 @@ impl Agent {
 pub fn field(flow: &Value, name: &str) -> u64 {
     flow[name].as_u64().unwrap_or_else(|| panic!("flow has no numeric {name}: {flow:#}"))
 }
+
+/// A copy of `rules/examples/<example>` in the lab's work directory (`<work>/rules`),
+/// for tests that edit the rules under a running agent.
+pub fn copy_example_rules(lab: &Lab, example: &str) -> PathBuf {
+    let dir = lab.work_dir().join("rules");
+    std::fs::create_dir_all(&dir).expect("create the rules directory");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules/examples").join(example);
+    for entry in std::fs::read_dir(&source).unwrap_or_else(|e| panic!("{}: {e}", source.display())) {
+        let entry = entry.expect("read the example directory");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy an example rule file");
+    }
+    dir
+}
