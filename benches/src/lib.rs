@@ -11,3 +11,4 @@ pub mod procfs;
 pub mod report;
 pub mod rulegen;
 pub mod stats;
+pub mod worker;

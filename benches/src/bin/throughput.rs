@@ -1,7 +1,16 @@
 //! Throughput across the bridge between two lab VMs: TCP bulk (iperf3, one stream) and
 //! small UDP packets (backplane's generator, 60-byte frames), under several
-//! configurations measured in one run, round-robin (the order rotates every round), so
-//! that a noisy shared machine affects them alike. Medians over the rounds are reported.
+//! configurations measured in one run.
+//!
+//! Every configuration of a suite gets a testbed of its own, built once: a worker
+//! thread in a network namespace of its own (see `worker`) holding a bridge, two VMs,
+//! an iperf3 server and the configuration (agent, nftables table and `br_netfilter`
+//! switch, or attached programs). All testbeds of a suite live side by side, idle unless
+//! measured, and are measured in short alternation: each round runs TCP on every
+//! testbed in turn, then UDP on every testbed in turn, in an order that rotates each
+//! round. A noisy shared machine then affects them alike; ratios are taken within a
+//! round (each configuration against "nothing attached" of the same round) and their
+//! median reported.
 //!
 //! Suites:
 //! - `policy`: nothing attached; the backplane agent observing; the agent enforcing
@@ -11,12 +20,10 @@
 //!   XDP native + TC, or TC only (ingress and egress), beside nothing attached.
 //!
 //! The generator's ceiling (sending into a port that is in no bridge) is measured first.
-//! The whole run happens in a private network namespace (see `isolation`).
 
 #![expect(clippy::cast_precision_loss, reason = "packet counts far below 2^52 become rates")]
 
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -32,6 +39,7 @@ use backplane_benches::{
     procfs, report,
     rulegen::{BenchTraffic, ZoneRuleSet},
     stats::{Summary, summarize},
+    worker::NetnsWorker,
 };
 use backplane_lab::{ChildGuard, Lab, PortKind, Vm};
 use clap::{Parser, ValueEnum};
@@ -43,7 +51,7 @@ const DENIED_PORT: u16 = 9001;
 const CLIENT_MAC: &str = "02:00:00:00:30:0a";
 const SERVER_MAC: &str = "02:00:00:00:40:0a";
 const NFT_TABLE: &str = "backplane_bench";
-/// Frames sent to the denied port in the first round of each configuration.
+/// Frames sent to the denied port once per configuration.
 const PROBE_FRAMES: u64 = 2_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -58,16 +66,32 @@ enum Kind {
     Tap,
 }
 
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Veth => "veth",
+            Kind::Tap => "tap",
+        }
+    }
+
+    fn port_kind(self) -> PortKind {
+        match self {
+            Kind::Veth => PortKind::Veth,
+            Kind::Tap => PortKind::Tap,
+        }
+    }
+}
+
 #[derive(Parser)]
 struct Args {
     /// Rounds; every configuration is measured once per round.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 8)]
     rounds: usize,
     /// Length of each iperf3 run (plus 1 s of slow start left out).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 4)]
     tcp_seconds: u64,
     /// Length of each UDP window (after 1 s of warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     udp_seconds: u64,
     /// Distinct UDP flows the generator cycles through.
     #[arg(long, default_value_t = 100)]
@@ -119,7 +143,7 @@ impl Setup {
     }
 }
 
-/// What a configuration keeps alive while it is measured; dropping it undoes it.
+/// What keeps a configuration in force; dropping it undoes it.
 #[expect(dead_code, reason = "the fields are guards, held for their Drop")]
 enum Active {
     Nothing,
@@ -128,21 +152,22 @@ enum Active {
     Attached(Loaded),
 }
 
-/// Two VMs on a bridge, an iperf3 server on one, rule sets written out.
-struct Bench {
-    // Field order is drop order: the server process, the VMs, then the lab.
+/// One testbed: two VMs on a bridge, an iperf3 server on one, and a configuration in
+/// force. Lives on its worker thread, in its worker's network namespace.
+struct Bed {
+    // Field order is drop order: the configuration first, then its switches, the
+    // server process, the VMs, the lab.
+    active: Active,
+    _sysctls: Vec<SysctlGuard>,
     _iperf_server: ChildGuard,
     client: Vm,
     server: Vm,
     lab: Lab,
-    rule_dirs: BTreeMap<usize, PathBuf>,
-    rule_sets: BTreeMap<usize, ZoneRuleSet>,
     agent_binary: PathBuf,
-    agent_rules: bool,
 }
 
-impl Bench {
-    fn new(kind: PortKind, policies: &[usize], agent_binary: &Path) -> anyhow::Result<Self> {
+impl Bed {
+    fn new(kind: PortKind, setup: &Setup, agent_binary: &Path, agent_rules: bool) -> anyhow::Result<Self> {
         let lab = Lab::new("bp");
         // One /8 for both, so they talk directly; the rule sets split it into /24 zones.
         let add = |name: &str, ip: &str, mac: &str| match kind {
@@ -151,78 +176,61 @@ impl Bench {
         };
         let client = add("client", "10.30.0.10/8", CLIENT_MAC);
         let server = add("server", "10.40.0.10/8", SERVER_MAC);
-        // Learned neighbours and bridge FDB entries both ways before anything is timed.
-        if !client.ping(server.ip(), 2) || !server.ping(client.ip(), 1) {
-            bail!("the VMs cannot reach each other");
-        }
         let mut iperf_server = server.spawn(&["iperf3", "-s", "-p", &IPERF_PORT.to_string(), "--forceflush"]);
         if !iperf_server.wait_for_output("Server listening", Duration::from_secs(10)) {
             bail!("iperf3 server did not start: {}", iperf_server.output());
         }
-        let traffic = BenchTraffic::default();
-        let mut rule_dirs = BTreeMap::new();
-        let mut rule_sets = BTreeMap::new();
-        for &n in policies {
-            let set = ZoneRuleSet::generate(n, 0, &traffic);
-            let yaml = set.to_yaml();
-            agent::check_rules(&yaml)?;
-            let dir = lab.work_dir().join(format!("rules-{n}"));
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("zones.yaml"), yaml)?;
-            rule_dirs.insert(n, dir);
-            rule_sets.insert(n, set);
+        // Plain bridging unless nftables is the point: netfilter off for bridged frames.
+        let sysctls = netfilter::bridge_netfilter(matches!(setup, Setup::Nft(_)))?;
+        let rules = |n: usize| -> anyhow::Result<ZoneRuleSet> {
+            let set = ZoneRuleSet::generate(n, 0, &BenchTraffic::default());
+            agent::check_rules(&set.to_yaml())?;
+            Ok(set)
+        };
+        let active = match setup {
+            Setup::Nothing => Active::Nothing,
+            Setup::AgentObserve => Active::Agent(agent::start(&lab, agent_binary, &[], None)),
+            Setup::AgentEnforce(n) => {
+                let dir = lab.work_dir().join(format!("rules-{n}"));
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(dir.join("zones.yaml"), rules(*n)?.to_yaml())?;
+                Active::Agent(agent::start(&lab, agent_binary, &[], agent_rules.then_some(dir.as_path())))
+            }
+            Setup::Nft(n) => {
+                Active::Nft(NftTable::load("inet", NFT_TABLE, &rules(*n)?.to_nft(NFT_TABLE, lab.bridge_name()))?)
+            }
+            Setup::Attach(mode) => {
+                let ports = [client.host_port(), server.host_port()].map(|p| (ifindex(p), p.to_owned()));
+                Active::Attached(datapath::attach(&ports, *mode)?)
+            }
+        };
+        // Learned neighbours and bridge FDB entries both ways before anything is timed.
+        if !client.ping(server.ip(), 2) || !server.ping(client.ip(), 1) {
+            bail!("the VMs cannot reach each other under {}", setup.label());
         }
         Ok(Self {
+            active,
+            _sysctls: sysctls,
             _iperf_server: iperf_server,
             client,
             server,
             lab,
-            rule_dirs,
-            rule_sets,
             agent_binary: agent_binary.to_owned(),
-            agent_rules: agent::supports_rules(agent_binary),
         })
     }
 
-    fn activate(&self, setup: &Setup) -> anyhow::Result<(Active, Vec<SysctlGuard>)> {
-        // Plain bridging unless nftables is the point: netfilter off for bridged frames.
-        let netfilter_off = || netfilter::bridge_netfilter(false);
-        Ok(match setup {
-            Setup::Nothing => (Active::Nothing, netfilter_off()?),
-            Setup::AgentObserve => {
-                (Active::Agent(agent::start(&self.lab, &self.agent_binary, &[], None)), netfilter_off()?)
-            }
-            Setup::AgentEnforce(n) => {
-                let rules = self.agent_rules.then(|| self.rule_dirs[n].as_path());
-                (Active::Agent(agent::start(&self.lab, &self.agent_binary, &[], rules)), netfilter_off()?)
-            }
-            Setup::Nft(n) => {
-                let sysctls = netfilter::bridge_netfilter(true)?;
-                let table =
-                    NftTable::load("inet", NFT_TABLE, &self.rule_sets[n].to_nft(NFT_TABLE, self.lab.bridge_name()))?;
-                (Active::Nft(table), sysctls)
-            }
-            Setup::Attach(mode) => {
-                let ports = [self.client.host_port(), self.server.host_port()].map(|p| (ifindex(p), p.to_owned()));
-                (Active::Attached(datapath::attach(&ports, *mode)?), netfilter_off()?)
-            }
-        })
+    fn agent_pid(&self) -> Option<u32> {
+        match &self.active {
+            Active::Agent(a) => Some(a.id()),
+            _ => None,
+        }
     }
 
     /// iperf3 from client to server: received bits/s and the sender's retransmissions.
     fn tcp(&self, seconds: u64) -> anyhow::Result<(f64, u64)> {
-        let out = self.client.exec(&[
-            "iperf3",
-            "-c",
-            &self.server.ip().to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-O",
-            "1",
-            "-J",
-        ]);
+        let ip = self.server.ip().to_string();
+        let (port, secs) = (IPERF_PORT.to_string(), seconds.to_string());
+        let out = self.client.exec(&["iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-O", "1", "-J"]);
         let json: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = json.get("error") {
@@ -237,27 +245,40 @@ impl Bench {
         SendSpec::from_vm(&self.client, self.server.mac(), self.server.ip(), port, flows)
     }
 
-    /// The generator from client to server: rates over the window, and datagrams the
-    /// server's socket dropped per second (receive buffer full).
-    fn udp(&self, flows: u32, window: Duration) -> anyhow::Result<(Rates, f64)> {
-        let before = self.server.in_netns(procfs::udp_rcvbuf_errors)?;
+    /// The generator from client to server over `window` after 1 s of warm-up.
+    fn udp(&self, flows: u32, window: Duration) -> anyhow::Result<UdpSample> {
+        let drops0 = self.server.in_netns(procfs::udp_rcvbuf_errors)?;
+        let cpu0 = self.agent_pid().map(procfs::cpu_seconds).transpose()?;
         let stream =
             Stream::start(self.udp_spec(UDP_PORT, flows), self.client.netns(), Some((self.server.netns(), UDP_PORT)))?;
         let rates = stream.measure(Duration::from_secs(1), window);
         stream.stop()?;
-        let after = self.server.in_netns(procfs::udp_rcvbuf_errors)?;
+        let drops1 = self.server.in_netns(procfs::udp_rcvbuf_errors)?;
+        let cpu1 = self.agent_pid().map(procfs::cpu_seconds).transpose()?;
         let secs = window.as_secs_f64() + 1.0;
-        Ok((rates?, after.saturating_sub(before) as f64 / secs))
+        Ok(UdpSample {
+            rates: rates?,
+            socket_drops_per_second: drops1.saturating_sub(drops0) as f64 / secs,
+            agent_cpu_share: cpu0.zip(cpu1).map(|(a, b)| (b - a) / (secs + 0.1)),
+        })
     }
 
-    /// Sends [`PROBE_FRAMES`] to a port no policy allows; returns how many arrived.
-    fn denied_probe(&self) -> anyhow::Result<u64> {
+    /// Sends [`PROBE_FRAMES`] to a port no policy allows; returns how many arrived, and
+    /// the agent's `dropped` counter afterwards.
+    fn denied_probe(&self) -> anyhow::Result<(u64, Option<u64>)> {
         let mut spec = self.udp_spec(DENIED_PORT, 10);
         spec.max_frames = Some(PROBE_FRAMES);
         let stream = Stream::start(spec, self.client.netns(), Some((self.server.netns(), DENIED_PORT)))?;
         stream.wait_sender(Duration::from_secs(10));
         let (_, _, received) = stream.stop()?;
-        Ok(received)
+        let dropped = match self.agent_pid() {
+            Some(_) => Some(agent::status_u64(
+                &agent::status(&self.agent_binary, &self.lab.socket_path())?,
+                &["counters", "dropped"],
+            )),
+            None => None,
+        };
+        Ok((received, dropped))
     }
 }
 
@@ -265,6 +286,14 @@ fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).expect("no NUL");
     // SAFETY: c is a valid C string.
     unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+struct UdpSample {
+    rates: Rates,
+    socket_drops_per_second: f64,
+    /// The agent's CPU time over the stream's life, as a share of one core.
+    agent_cpu_share: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -275,169 +304,245 @@ struct Sample {
     round: usize,
     tcp_bits_per_second: f64,
     tcp_retransmits: u64,
-    udp: Rates,
-    udp_socket_drops_per_second: f64,
-    denied_probe_delivered: Option<u64>,
-    agent_dropped: Option<u64>,
+    udp: UdpSample,
 }
 
-/// Measures every setup once per round on `bench`, rotating the order.
-fn run_suite(
-    bench: &Bench,
+#[derive(Clone, Debug, serde::Serialize)]
+struct Probe {
     suite: &'static str,
     port_kind: &'static str,
+    setup: String,
+    delivered: u64,
+    agent_dropped_counter: Option<u64>,
+}
+
+/// A testbed per setup, built side by side.
+fn build_beds(kind: Kind, setups: &[Setup], agent_binary: &Path) -> anyhow::Result<Vec<(Setup, NetnsWorker<Bed>)>> {
+    let agent_rules = agent::supports_rules(agent_binary);
+    let mut beds = Vec::new();
+    for setup in setups {
+        isolation::check_interrupted()?;
+        eprintln!("building testbed: {} ({})", setup.label(), kind.name());
+        let (s, b) = (setup.clone(), agent_binary.to_owned());
+        let worker = NetnsWorker::spawn(&format!("bed-{}", setup.short()), move || {
+            Bed::new(kind.port_kind(), &s, &b, agent_rules)
+        })?;
+        beds.push((setup.clone(), worker));
+    }
+    Ok(beds)
+}
+
+/// Measures every testbed once per round: TCP on each in turn, then UDP on each in turn,
+/// the order rotating every round. Then one denied probe per testbed.
+fn run_suite(
+    suite: &'static str,
+    kind: Kind,
     setups: &[Setup],
     args: &Args,
-) -> anyhow::Result<Vec<Sample>> {
+    agent_binary: &Path,
+) -> anyhow::Result<(Vec<Sample>, Vec<Probe>)> {
+    let beds = build_beds(kind, setups, agent_binary)?;
+    let n = beds.len();
     let mut samples = Vec::new();
     for round in 0..args.rounds {
-        for i in 0..setups.len() {
+        let order: Vec<usize> = (0..n).map(|i| (i + round) % n).collect();
+        let mut tcp = vec![(0.0, 0); n];
+        for &i in &order {
             isolation::check_interrupted()?;
-            let setup = &setups[(i + round) % setups.len()];
-            eprintln!("[{suite}/{port_kind}] round {}/{}: {}", round + 1, args.rounds, setup.label());
-            let (active, _sysctls) = bench.activate(setup).with_context(|| format!("set up {}", setup.label()))?;
-            if !bench.client.ping(bench.server.ip(), 1) {
-                bail!("{}: the client cannot ping the server", setup.label());
-            }
-            let (tcp_bps, retransmits) =
-                bench.tcp(args.tcp_seconds).with_context(|| format!("TCP under {}", setup.label()))?;
-            let (udp, socket_drops) = bench
-                .udp(args.udp_flows, Duration::from_secs(args.udp_seconds))
-                .with_context(|| format!("UDP under {}", setup.label()))?;
-            let probe = if round == 0 { Some(bench.denied_probe()?) } else { None };
-            let agent_dropped = match &active {
-                Active::Agent(_) => Some(agent::status_u64(
-                    &agent::status(&bench.agent_binary, &bench.lab.socket_path())?,
-                    &["counters", "dropped"],
-                )),
-                _ => None,
-            };
+            let secs = args.tcp_seconds;
+            tcp[i] = beds[i].1.run(move |b| b.tcp(secs)).with_context(|| format!("TCP under {}", beds[i].0.label()))?;
+        }
+        for &i in &order {
+            isolation::check_interrupted()?;
+            let (flows, window) = (args.udp_flows, Duration::from_secs(args.udp_seconds));
+            let udp = beds[i]
+                .1
+                .run(move |b| b.udp(flows, window))
+                .with_context(|| format!("UDP under {}", beds[i].0.label()))?;
             eprintln!(
-                "    TCP {:.2} Gbit/s ({retransmits} retr.), UDP sent {:.0} kpps, received {:.0} kpps{}",
-                tcp_bps / 1e9,
-                udp.sent_pps / 1e3,
-                udp.received_pps / 1e3,
-                probe.map(|p| format!(", denied probe delivered {p}/{PROBE_FRAMES}")).unwrap_or_default()
+                "[{suite}/{}] round {}/{}: {:<40} TCP {:5.2} Gbit/s ({} retr.), UDP {:4.0} kpps",
+                kind.name(),
+                round + 1,
+                args.rounds,
+                beds[i].0.label(),
+                tcp[i].0 / 1e9,
+                tcp[i].1,
+                udp.rates.received_pps / 1e3
             );
             samples.push(Sample {
                 suite,
-                port_kind,
-                setup: setup.label(),
+                port_kind: kind.name(),
+                setup: beds[i].0.label(),
                 round,
-                tcp_bits_per_second: tcp_bps,
-                tcp_retransmits: retransmits,
+                tcp_bits_per_second: tcp[i].0,
+                tcp_retransmits: tcp[i].1,
                 udp,
-                udp_socket_drops_per_second: socket_drops,
-                denied_probe_delivered: probe,
-                agent_dropped,
             });
-            drop(active);
         }
     }
-    Ok(samples)
+    let mut probes = Vec::new();
+    for (setup, bed) in &beds {
+        let (delivered, agent_dropped_counter) = bed.run(|b| b.denied_probe())?;
+        eprintln!("[{suite}/{}] {}: denied probe delivered {delivered}/{PROBE_FRAMES}", kind.name(), setup.label());
+        probes.push(Probe { suite, port_kind: kind.name(), setup: setup.label(), delivered, agent_dropped_counter });
+    }
+    Ok((samples, probes))
 }
 
-/// Medians of one setup's samples.
+/// One setup's results: medians of the absolute numbers and of the per-round ratios to
+/// "nothing attached".
 struct Row {
     setup: Setup,
     tcp: Summary,
     udp_rx: Summary,
-    udp_tx: Summary,
+    tcp_ratio: Summary,
+    udp_ratio: Summary,
+    agent_cpu: Summary,
     probe: Option<u64>,
 }
 
-fn rows(samples: &[Sample], suite: &str, kind: &str, setups: &[Setup]) -> Vec<Row> {
+fn rows(samples: &[Sample], probes: &[Probe], suite: &str, kind: &str, setups: &[Setup]) -> Vec<Row> {
+    let of = |label: &str| -> Vec<&Sample> {
+        samples.iter().filter(|s| s.suite == suite && s.port_kind == kind && s.setup == label).collect()
+    };
+    let base = of(&Setup::Nothing.label());
+    let base_in = |round: usize| base.iter().find(|b| b.round == round);
     setups
         .iter()
         .map(|setup| {
-            let mine: Vec<&Sample> = samples
-                .iter()
-                .filter(|s| s.suite == suite && s.port_kind == kind && s.setup == setup.label())
-                .collect();
+            let mine = of(&setup.label());
+            let ratio =
+                |f: fn(&Sample) -> f64| summarize(mine.iter().filter_map(|s| base_in(s.round).map(|b| f(s) / f(b))));
             Row {
                 setup: setup.clone(),
                 tcp: summarize(mine.iter().map(|s| s.tcp_bits_per_second / 1e9)),
-                udp_rx: summarize(mine.iter().map(|s| s.udp.received_pps / 1e3)),
-                udp_tx: summarize(mine.iter().map(|s| s.udp.sent_pps / 1e3)),
-                probe: mine.iter().find_map(|s| s.denied_probe_delivered),
+                udp_rx: summarize(mine.iter().map(|s| s.udp.rates.received_pps / 1e3)),
+                tcp_ratio: ratio(|s| s.tcp_bits_per_second),
+                udp_ratio: ratio(|s| s.udp.rates.received_pps),
+                agent_cpu: summarize(mine.iter().filter_map(|s| s.udp.agent_cpu_share.map(|c| 100.0 * c))),
+                probe: probes
+                    .iter()
+                    .find(|p| p.suite == suite && p.port_kind == kind && p.setup == setup.label())
+                    .map(|p| p.delivered),
             }
         })
         .collect()
 }
 
-fn table(rows: &[Row]) -> String {
-    let base = rows.iter().find(|r| r.setup == Setup::Nothing);
-    let pct = |v: f64, b: Option<f64>| b.map_or_else(|| "-".into(), |b| format!("{:.0}%", 100.0 * v / b));
+fn pct(s: &Summary) -> String {
+    if s.count == 0 {
+        return "-".into();
+    }
+    format!("{:.0}% ({:.0}-{:.0})", 100.0 * s.median, 100.0 * s.min, 100.0 * s.max)
+}
+
+fn table(rows: &[Row], with_agent_cpu: bool) -> String {
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
+            let mut row = vec![
                 r.setup.label(),
                 r.tcp.cell(2),
-                pct(r.tcp.median, base.map(|b| b.tcp.median)),
+                pct(&r.tcp_ratio),
                 r.udp_rx.cell(0),
-                pct(r.udp_rx.median, base.map(|b| b.udp_rx.median)),
-                r.udp_tx.cell(0),
+                pct(&r.udp_ratio),
                 r.probe.map_or_else(|| "-".into(), |p| format!("{p} / {PROBE_FRAMES}")),
-            ]
+            ];
+            if with_agent_cpu {
+                row.push(if r.agent_cpu.count == 0 { "-".into() } else { format!("{:.1}%", r.agent_cpu.median) });
+            }
+            row
         })
         .collect();
-    report::markdown_table(
-        &[
-            "configuration",
-            "TCP Gbit/s median (min-max)",
-            "TCP vs nothing",
-            "UDP received kpps median (min-max)",
-            "UDP vs nothing",
-            "UDP sent kpps",
-            "denied probe delivered",
-        ],
-        &body,
-    )
+    let mut header = vec![
+        "configuration",
+        "TCP Gbit/s",
+        "TCP vs nothing (same round)",
+        "UDP received kpps",
+        "UDP vs nothing (same round)",
+        "denied probe delivered",
+    ];
+    if with_agent_cpu {
+        header.push("agent CPU during UDP");
+    }
+    report::markdown_table(&header, &body)
 }
 
 fn goal(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
-/// The goals of the issue, judged from the policy suite's medians.
-fn goals(rows: &[Row], policies: &[usize]) -> String {
+/// Per-round ratios `a / b` of a measure between two setups of the policy suite.
+fn paired(samples: &[Sample], a: &Setup, b: &Setup, f: fn(&Sample) -> f64) -> Summary {
+    let of = |setup: &Setup| -> Vec<&Sample> {
+        samples.iter().filter(|s| s.suite == "policy" && s.setup == setup.label()).collect()
+    };
+    let (xs, ys) = (of(a), of(b));
+    summarize(xs.iter().filter_map(|x| ys.iter().find(|y| y.round == x.round).map(|y| f(x) / f(y))))
+}
+
+fn tcp_of(s: &Sample) -> f64 {
+    s.tcp_bits_per_second
+}
+
+fn udp_of(s: &Sample) -> f64 {
+    s.udp.rates.received_pps
+}
+
+/// The goals of the issue, judged from the policy suite by medians of same-round ratios.
+fn goals(samples: &[Sample], policies: &[usize]) -> String {
     let mut out = String::new();
-    let find = |s: &Setup| rows.iter().find(|r| &r.setup == s);
-    let Some(base) = find(&Setup::Nothing) else { return out };
+    let line = |out: &mut String, what: &str, r: &Summary, want: f64, unit: &str| {
+        let (v, lo, hi) = if unit == "%" {
+            (format!("{:.0}%", 100.0 * r.median), format!("{:.0}", 100.0 * r.min), format!("{:.0}", 100.0 * r.max))
+        } else {
+            (format!("{:.2}x", r.median), format!("{:.2}", r.min), format!("{:.2}", r.max))
+        };
+        let goal_text = if unit == "%" { format!("{:.0}%", 100.0 * want) } else { format!("{want}x") };
+        let _ = writeln!(out, "- {what} = {v} (rounds: {lo}-{hi}; goal >= {goal_text}): {}", goal(r.median >= want));
+    };
     for &n in policies {
-        let (Some(bp), nft) = (find(&Setup::AgentEnforce(n)), find(&Setup::Nft(n))) else { continue };
-        let tcp = bp.tcp.median / base.tcp.median;
-        let udp = bp.udp_rx.median / base.udp_rx.median;
-        let _ = writeln!(
-            out,
-            "- {n} policies: backplane TCP = {:.0}% of nothing attached (goal >= 90%): {}",
-            100.0 * tcp,
-            goal(tcp >= 0.9)
+        let bp = Setup::AgentEnforce(n);
+        if r_count(samples, &bp) == 0 {
+            continue;
+        }
+        line(
+            &mut out,
+            &format!("{n} policies: backplane TCP vs nothing attached"),
+            &paired(samples, &bp, &Setup::Nothing, tcp_of),
+            0.9,
+            "%",
         );
-        let _ = writeln!(
-            out,
-            "- {n} policies: backplane UDP small packets = {:.0}% of nothing attached (goal >= 80%): {}",
-            100.0 * udp,
-            goal(udp >= 0.8)
+        line(
+            &mut out,
+            &format!("{n} policies: backplane UDP small packets vs nothing attached"),
+            &paired(samples, &bp, &Setup::Nothing, udp_of),
+            0.8,
+            "%",
         );
-        if let Some(nft) = nft {
+        if r_count(samples, &Setup::Nft(n)) > 0 {
             let want = if n >= 1000 { 2.0 } else { 1.0 };
-            let t = bp.tcp.median / nft.tcp.median;
-            let u = bp.udp_rx.median / nft.udp_rx.median;
-            let _ = writeln!(
-                out,
-                "- {n} policies: backplane / nftables TCP = {t:.2}x (goal >= {want}x): {}",
-                goal(t >= want)
+            line(
+                &mut out,
+                &format!("{n} policies: backplane / nftables, TCP"),
+                &paired(samples, &bp, &Setup::Nft(n), tcp_of),
+                want,
+                "x",
             );
-            let _ = writeln!(
-                out,
-                "- {n} policies: backplane / nftables UDP = {u:.2}x (goal >= {want}x): {}",
-                goal(u >= want)
+            line(
+                &mut out,
+                &format!("{n} policies: backplane / nftables, UDP"),
+                &paired(samples, &bp, &Setup::Nft(n), udp_of),
+                want,
+                "x",
             );
         }
     }
     out
+}
+
+fn r_count(samples: &[Sample], setup: &Setup) -> usize {
+    samples.iter().filter(|s| s.suite == "policy" && s.setup == setup.label()).count()
 }
 
 fn bars(rows: &[Row], prefix: &str, f: impl Fn(&Row) -> f64) -> Vec<(String, f64)> {
@@ -449,25 +554,21 @@ fn bars(rows: &[Row], prefix: &str, f: impl Fn(&Row) -> f64) -> Vec<(String, f64
 fn measure_ceilings(args: &Args, times: usize) -> anyhow::Result<Vec<(&'static str, Summary, Summary)>> {
     let lab = Lab::new("bp");
     let mut out = Vec::new();
-    for (kind, name) in [(PortKind::Veth, "veth"), (PortKind::Tap, "tap")] {
+    for kind in [Kind::Veth, Kind::Tap] {
         let mut runs = Vec::new();
         for _ in 0..times {
-            let r = pktgen::ceiling(
-                &lab,
-                kind,
-                args.udp_flows,
-                Duration::from_secs(1),
-                Duration::from_secs(args.udp_seconds),
-            )?;
+            let window = Duration::from_secs(args.udp_seconds);
+            let r = pktgen::ceiling(&lab, kind.port_kind(), args.udp_flows, Duration::from_secs(1), window)?;
             eprintln!(
-                "generator ceiling ({name}): {:.0} kpps accepted, {:.0} kpps crossed the link",
+                "generator ceiling ({}): {:.0} kpps accepted, {:.0} kpps crossed the link",
+                kind.name(),
                 r.sent_pps / 1e3,
                 r.probe_pps / 1e3
             );
             runs.push(r);
         }
         out.push((
-            name,
+            kind.name(),
             summarize(runs.iter().map(|r| r.sent_pps / 1e3)),
             summarize(runs.iter().map(|r| r.probe_pps / 1e3)),
         ));
@@ -490,31 +591,41 @@ const ATTACH_SETUPS: [Setup; 4] = [
     Setup::Attach(AttachMode::TcOnly),
 ];
 
-fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Veth => "veth",
-        Kind::Tap => "tap",
-    }
+/// Everything measured.
+struct Results {
+    ceilings: Vec<(&'static str, Summary, Summary)>,
+    samples: Vec<Sample>,
+    probes: Vec<Probe>,
+    agent_rules: bool,
+    load_before: String,
+    load_after: String,
 }
 
 /// The Markdown report.
-fn document(args: &Args, ceilings: &[(&str, Summary, Summary)], samples: &[Sample], agent_rules: bool) -> String {
+fn document(args: &Args, r: &Results) -> String {
     let mut doc = String::new();
     let cmd = std::env::args().collect::<Vec<_>>().join(" ");
     let _ = writeln!(doc, "# Throughput across the bridge\n");
     let _ = writeln!(
         doc,
-        "Machine: {}  \nSource: {}  \nCommand: `cargo xtask bench throughput` (ran `{cmd}`)\n",
+        "Machine: {}  \nSource: {}  \nCommand: `cargo xtask bench throughput` (ran `{cmd}`)  \nLoad average before / after: {} / {}\n",
         report::machine_line(),
-        report::source_line()
+        report::source_line(),
+        r.load_before,
+        r.load_after
     );
     let _ = writeln!(
         doc,
         "Two VMs (network namespaces) on one Linux bridge. TCP: iperf3, one stream, {} s (+1 s of slow start omitted), client -> server. \
          UDP: backplane's generator (AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg batches of {}), 60-byte frames over {} flows, \
-         1 s warm-up then a {} s window; \"received\" counts datagrams read by a UDP socket (recvmmsg) in the server VM. \
-         {} rounds, configurations interleaved (the order rotates each round); medians with (min-max). \
-         The denied probe sends {PROBE_FRAMES} frames to UDP port {DENIED_PORT}, which no policy allows (first round only).\n",
+         1 s of warm-up then a {} s window; \"received\" counts datagrams read by a UDP socket (recvmmsg) in the server VM. \
+         The sender's system call carries each frame through the whole path (VM link, bridge, programs, firewall, the server's socket queue) \
+         on its own CPU, so the received rate is the rate that path sustains on one core.\n\n\
+         Each configuration has a testbed of its own (bridge, VMs, configuration) in a network namespace of its own, all built before the \
+         first measurement; {} rounds, each measuring TCP on every testbed in turn and then UDP on every testbed in turn, the order \
+         rotating each round. The machine is shared and noisy, so configurations are compared by the ratio to \"nothing attached\" \
+         of the same round (median and range of those ratios); the absolute columns are medians and ranges over the rounds. \
+         The denied probe sends {PROBE_FRAMES} frames to UDP port {DENIED_PORT}, which no policy allows, once per testbed after the rounds.\n",
         args.tcp_seconds,
         pktgen::DEFAULT_BATCH,
         args.udp_flows,
@@ -527,7 +638,7 @@ fn document(args: &Args, ceilings: &[(&str, Summary, Summary)], samples: &[Sampl
         "Sending from a VM whose host port is in no bridge (frames cross the VM's link and are discarded by the host side):\n"
     );
     let ceiling_rows: Vec<Vec<String>> =
-        ceilings.iter().map(|(k, sent, rx)| vec![(*k).to_owned(), sent.cell(0), rx.cell(0)]).collect();
+        r.ceilings.iter().map(|(k, sent, rx)| vec![(*k).to_owned(), sent.cell(0), rx.cell(0)]).collect();
     let _ = writeln!(
         doc,
         "{}",
@@ -542,74 +653,88 @@ fn document(args: &Args, ceilings: &[(&str, Summary, Summary)], samples: &[Sampl
          bounds every tap measurement below.\n"
     );
     if args.suites.contains(&Suite::Policy) {
-        let policy_rows = rows(samples, "policy", "veth", &policy_setups(args));
+        let policy_rows = rows(&r.samples, &r.probes, "policy", "veth", &policy_setups(args));
         let _ = writeln!(doc, "## Filtering the bridge: backplane vs nftables (veth ports)\n");
-        if agent_rules {
+        if r.agent_rules {
             let _ = writeln!(
                 doc,
-                "backplane: `backplane run --rules <dir> --detach-on-exit` (XDP generic + TC egress, the defaults), a generated rule set with the client in zone `web`, \
-                 the server in zone `db` and the policy allowing the benchmark in the middle of the list; `default_inter_zone: deny`.\n"
+                "backplane: `backplane run --rules <dir> --detach-on-exit` (XDP generic + TC egress, the defaults), a generated rule set with the client \
+                 in zone `web`, the server in zone `db` and the policy allowing the benchmark in the middle of the list; `default_inter_zone: deny`.\n"
             );
         } else {
             let _ = writeln!(doc, "**The agent had no `--rules` option: the 'enforcing' rows ran in observe mode.**\n");
         }
         let _ = writeln!(
             doc,
-            "nftables: br_netfilter with `net.bridge.bridge-nf-call-iptables=1` (0 in every other configuration), an `inet` table whose forward chain \
+            "nftables: br_netfilter with `net.bridge.bridge-nf-call-iptables=1` (0 in every other testbed), an `inet` table whose forward chain \
              accepts `ct state established,related`, decides new connections with one lookup in concatenated interval sets \
-             (`ip saddr . ip daddr . meta l4proto . th dport`, ICMP and intra-zone by address pair) generated from the same zones and policies, and drops the rest.\n"
+             (`ip saddr . ip daddr . meta l4proto . th dport`, ICMP and intra-zone by address pair) generated from the same zones and policies, \
+             and drops the rest.\n"
         );
-        let _ = writeln!(doc, "{}", table(&policy_rows));
-        let _ = writeln!(doc, "### Goals\n\n{}", goals(&policy_rows, &args.policies));
+        let _ = writeln!(doc, "{}", table(&policy_rows, true));
+        let _ = writeln!(doc, "### Goals\n\n{}", goals(&r.samples, &args.policies));
     }
     if args.suites.contains(&Suite::Attach) {
         let _ = writeln!(doc, "## Where to attach: XDP generic vs XDP native vs TC only\n");
         let _ = writeln!(
             doc,
-            "The data path loaded and attached by the benchmark itself (no agent, observe mode, nobody draining the event ring) to both VMs' host ports.\n"
+            "The data path loaded and attached by the benchmark itself (no agent, observe mode, nobody draining the event ring) to both VMs' \
+             host ports.\n"
         );
         for kind in &args.port_kinds {
-            let name = kind_name(*kind);
-            let _ = writeln!(doc, "### {name} ports\n\n{}", table(&rows(samples, "attach", name, &ATTACH_SETUPS)));
+            let name = kind.name();
+            let _ = writeln!(
+                doc,
+                "### {name} ports\n\n{}",
+                table(&rows(&r.samples, &r.probes, "attach", name, &ATTACH_SETUPS), false)
+            );
         }
     }
     doc
 }
 
-fn write_results(args: &Args, doc: &str, samples: &[Sample]) -> anyhow::Result<()> {
+fn write_results(args: &Args, doc: &str, r: &Results) -> anyhow::Result<()> {
     let dir = report::results_dir();
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("throughput.md"), doc)?;
-    std::fs::write(dir.join("throughput.json"), serde_json::to_string_pretty(samples)?)?;
+    let json = serde_json::json!({ "samples": r.samples, "denied_probes": r.probes });
+    std::fs::write(dir.join("throughput.json"), serde_json::to_string_pretty(&json)?)?;
     if args.suites.contains(&Suite::Policy) {
-        let policy_rows = rows(samples, "policy", "veth", &policy_setups(args));
+        let policy_rows = rows(&r.samples, &r.probes, "policy", "veth", &policy_setups(args));
+        let pct = |s: &Summary| 100.0 * s.median;
         report::bar_chart(
             &dir.join("throughput-tcp.svg"),
-            "TCP across the bridge (iperf3, median)",
-            "Gbit/s",
-            &bars(&policy_rows, "", |r| r.tcp.median),
+            "TCP across the bridge, % of nothing attached (median of same-round ratios)",
+            "%",
+            &bars(&policy_rows, "", |r| pct(&r.tcp_ratio)),
         )?;
         report::bar_chart(
             &dir.join("throughput-udp.svg"),
-            "60-byte UDP received (median)",
-            "kpps",
-            &bars(&policy_rows, "", |r| r.udp_rx.median),
+            "60-byte UDP received, % of nothing attached (median of same-round ratios)",
+            "%",
+            &bars(&policy_rows, "", |r| pct(&r.udp_ratio)),
         )?;
     }
     if args.suites.contains(&Suite::Attach) {
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
         for kind in &args.port_kinds {
-            let name = kind_name(*kind);
-            let r = rows(samples, "attach", name, &ATTACH_SETUPS);
-            tcp.extend(bars(&r, &format!("{name}: "), |r| r.tcp.median));
-            udp.extend(bars(&r, &format!("{name}: "), |r| r.udp_rx.median));
+            let name = kind.name();
+            let r = rows(&r.samples, &r.probes, "attach", name, &ATTACH_SETUPS);
+            tcp.extend(bars(&r, &format!("{name}: "), |r| 100.0 * r.tcp_ratio.median));
+            udp.extend(bars(&r, &format!("{name}: "), |r| 100.0 * r.udp_ratio.median));
         }
-        report::bar_chart(&dir.join("attach-tcp.svg"), "TCP by attach mode (iperf3, median)", "Gbit/s", &tcp)?;
-        report::bar_chart(&dir.join("attach-udp.svg"), "60-byte UDP received by attach mode (median)", "kpps", &udp)?;
+        report::bar_chart(&dir.join("attach-tcp.svg"), "TCP by attach mode, % of nothing attached", "%", &tcp)?;
+        report::bar_chart(&dir.join("attach-udp.svg"), "60-byte UDP by attach mode, % of nothing attached", "%", &udp)?;
     }
     eprintln!("wrote {}", dir.display());
     Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -630,23 +755,27 @@ fn main() -> anyhow::Result<()> {
             agent_binary.display()
         );
     }
-    let ceilings = measure_ceilings(&args, args.rounds.clamp(1, 3))?;
+    let load_before = load_average();
+    let ceilings = measure_ceilings(&args, 3)?;
     let mut samples = Vec::new();
+    let mut probes = Vec::new();
     if args.suites.contains(&Suite::Policy) {
-        let bench = Bench::new(PortKind::Veth, &args.policies, &agent_binary)?;
-        samples.extend(run_suite(&bench, "policy", "veth", &policy_setups(&args), &args)?);
+        let (s, p) = run_suite("policy", Kind::Veth, &policy_setups(&args), &args, &agent_binary)?;
+        samples.extend(s);
+        probes.extend(p);
     }
     if args.suites.contains(&Suite::Attach) {
         for kind in &args.port_kinds {
-            let pk = if *kind == Kind::Veth { PortKind::Veth } else { PortKind::Tap };
-            let bench = Bench::new(pk, &[], &agent_binary)?;
-            samples.extend(run_suite(&bench, "attach", kind_name(*kind), &ATTACH_SETUPS, &args)?);
+            let (s, p) = run_suite("attach", *kind, &ATTACH_SETUPS, &args, &agent_binary)?;
+            samples.extend(s);
+            probes.extend(p);
         }
     }
-    let doc = document(&args, &ceilings, &samples, agent_rules);
+    let results = Results { ceilings, samples, probes, agent_rules, load_before, load_after: load_average() };
+    let doc = document(&args, &results);
     println!("{doc}");
     if args.write {
-        write_results(&args, &doc, &samples)?;
+        write_results(&args, &doc, &results)?;
     }
     Ok(())
 }
