@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use backplane_common::{Counter, Verdict, policy::ZONE_WORLD, reason::Reason};
+use backplane_common::{Counter, Verdict, config::CONFIG_ENFORCE, policy::ZONE_WORLD, reason::Reason};
 use backplane_rules::WORLD;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -433,6 +433,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
 
     datapath::ensure_bpffs()?;
     datapath::prepare_pin_dir(&opts.pin_dir)?;
+    // A previous agent's maps are reused (flows, counters and the rules in force carry
+    // on) if their layout fits; its links stay attached, running its programs, until
+    // this agent's programs replace them in place once the rules are in force.
+    let pins = datapath::check_pins(DATAPATH_OBJECT, &dp_opts)?;
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, &dp_opts)?;
     let ids = dp.program_ids();
     log::info!(
@@ -442,6 +446,24 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         ids.to_port,
         opts.pin_dir.display()
     );
+    let adopting = pins.adopting();
+    let inherited = if adopting { dp.config().ok().filter(|c| c.flags & CONFIG_ENFORCE != 0) } else { None };
+    if adopting {
+        let ports = dp.adopt_links(|name| selector.role(name));
+        log::info!(
+            "adopting the data path a previous agent left in {}: {} maps reused, {} port(s) ({}) still running its \
+             programs until they are replaced; {}",
+            opts.pin_dir.display(),
+            pins.reused.len(),
+            ports.len(),
+            ports.join(","),
+            inherited.map_or_else(|| "no rules in force".to_owned(), |c| format!("rule generation {} in force", c.generation))
+        );
+    }
+    if inherited.is_some() && opts.rules.is_none() {
+        log::warn!("no --rules: the rules the previous agent left in force are lifted (observing only)");
+        dp.observe_only().map_err(|e| DatapathError::Map { map: backplane_common::maps::CONFIG, source: e })?;
+    }
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     tasks.extend(start_ebpf_logger(&mut dp));
 
@@ -497,6 +519,11 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             endpoints.sync_kernel();
         }
         tasks.extend(rules.as_ref().map(|sync| tokio::spawn(Arc::clone(sync).watch())));
+        if adopting {
+            // The rules are in force: this agent's programs take over the adopted links.
+            let updated = datapath.lock().expect("datapath lock").upgrade_adopted();
+            log::info!("replaced the programs of {updated} adopted link(s) in place (BPF_LINK_UPDATE)");
+        }
         log::info!("watching interfaces: {}", selector.describe());
         let removed = Arc::clone(&endpoints);
         let mut watcher = PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames))?
@@ -573,14 +600,20 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         }
     }
 
-    shut_down(&opts, tasks, &datapath, result.is_ok()).await;
+    shut_down(&opts, tasks, &datapath, result.is_ok(), adopting).await;
     result
 }
 
 /// Stops the tasks, removes the control socket (if the start got that far) and either
 /// leaves the data path attached or detaches it (on `--detach-on-exit`, or after a
-/// failed start).
-async fn shut_down(opts: &RunOptions, tasks: Vec<JoinHandle<()>>, datapath: &Mutex<Datapath>, started: bool) {
+/// failed start that adopted nothing: a data path adopted from a previous agent stays).
+async fn shut_down(
+    opts: &RunOptions,
+    tasks: Vec<JoinHandle<()>>,
+    datapath: &Mutex<Datapath>,
+    started: bool,
+    adopted: bool,
+) {
     for task in &tasks {
         task.abort();
     }
@@ -596,7 +629,7 @@ async fn shut_down(opts: &RunOptions, tasks: Vec<JoinHandle<()>>, datapath: &Mut
     // Clients still connected may hold the agent; the data path is shut down through
     // the lock either way.
     let mut dp = datapath.lock().expect("datapath lock");
-    if opts.detach_on_exit || !started {
+    if (started && opts.detach_on_exit) || (!started && !adopted) {
         let ports = dp.attached().len();
         dp.detach_all_and_unpin();
         log::info!("detached from {ports} port(s) and removed the pins in {}", opts.pin_dir.display());

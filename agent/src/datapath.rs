@@ -19,7 +19,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::FdLink,
+        links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
@@ -38,8 +38,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{DatapathError, PortError, report},
-    ifnames::name_to_index,
+    ifnames::{index_to_name, name_to_index},
     paths::{BPF_PIN_ROOT, BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path, links_dir},
+    pins::{self, PinCheck},
     rule_tables::{self, EndpointOverlay, RuleTables, TableError},
 };
 
@@ -131,6 +132,9 @@ pub struct ProgramIds {
 enum Attachment {
     /// A bpf link pinned at `path`: it stays attached when the agent exits.
     Pinned { link: FdLink, path: PathBuf },
+    /// A link a previous agent pinned at `path`, still running that agent's program
+    /// until [`Datapath::upgrade_adopted`] puts this agent's program on it.
+    Adopted { link: FdLink, path: PathBuf },
     /// An XDP link the kernel would not let us pin (netlink fallback): it lives as long
     /// as the agent.
     Xdp(XdpLink),
@@ -140,13 +144,23 @@ enum Attachment {
 
 impl Attachment {
     fn pinned(&self) -> bool {
-        matches!(self, Self::Pinned { .. })
+        matches!(self, Self::Pinned { .. } | Self::Adopted { .. })
+    }
+
+    /// The kernel's link id and the program on the link, for a pinned link.
+    fn link_ids(&self) -> Option<(u32, u32)> {
+        match self {
+            Self::Pinned { link, .. } | Self::Adopted { link, .. } => {
+                link.info().ok().map(|i| (i.id(), i.program_id()))
+            }
+            Self::Xdp(_) | Self::Tc(_) => None,
+        }
     }
 
     /// Detaches: removes the pin (if any) and closes the link.
     fn detach(self) {
         match self {
-            Self::Pinned { link, path } => {
+            Self::Pinned { link, path } | Self::Adopted { link, path } => {
                 if let Err(e) = fs::remove_file(&path)
                     && e.kind() != io::ErrorKind::NotFound
                 {
@@ -161,7 +175,10 @@ impl Attachment {
 
     /// Moves the pin after the interface was renamed.
     fn rename(&mut self, new_path: PathBuf) {
-        if let Self::Pinned { path, .. } = self {
+        if let Self::Pinned { path, .. } | Self::Adopted { path, .. } = self {
+            if *path == new_path {
+                return;
+            }
             match fs::rename(&*path, &new_path) {
                 Ok(()) => *path = new_path,
                 Err(e) => log::warn!("cannot move link pin {} to {}: {e}", path.display(), new_path.display()),
@@ -192,6 +209,12 @@ pub struct PortStatus {
     pub to_port_id: u32,
     /// Whether both links are pinned (survive the agent).
     pub pinned: bool,
+    /// Kernel ids of the port's XDP and TC links (0: not a pinned link). A restarted
+    /// agent adopts the same links: their ids stay, the programs on them change.
+    #[serde(default)]
+    pub xdp_link_id: u32,
+    #[serde(default)]
+    pub tc_link_id: u32,
 }
 
 /// Maps that other parts of the agent own once the data path is loaded.
@@ -272,11 +295,8 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
     Ok(i64::from(st.f_type))
 }
 
-/// Creates the pin directory on bpffs and clears pins a previous agent left there.
-///
-/// Adopting a running data path is not supported yet: stale link pins are removed
-/// (which detaches their programs) and stale map pins are removed so that the maps are
-/// created afresh with the requested sizes. Only names this agent pins are touched.
+/// Creates the pin directory (and its `links/`) on bpffs. What a previous agent left
+/// there is kept: its maps are reused and its links adopted (see [`Datapath::load`]).
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     let err = |source| DatapathError::PinDir { path: pin_dir.to_owned(), source };
     fs::create_dir_all(pin_dir).map_err(err)?;
@@ -285,34 +305,32 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
         return Err(DatapathError::NotBpffs { path: pin_dir.to_owned(), magic });
     }
     let links = links_dir(pin_dir);
-    let mut stale = 0usize;
-    if let Ok(entries) = fs::read_dir(&links) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let ours = path.file_name().and_then(|n| n.to_str()).and_then(link_pin_kind).is_some();
-            if ours {
-                fs::remove_file(&path).map_err(err)?;
-                stale += 1;
-            }
-        }
-    }
-    for name in PINNED_MAPS {
-        let path = pin_dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => stale += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
-    if stale > 0 {
-        log::warn!(
-            "replaced {stale} pins a previous agent left in {} (adopting a running data path is not supported yet; \
-             its programs were detached)",
-            pin_dir.display()
-        );
-    }
     fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
     Ok(())
+}
+
+/// Checks the maps pinned under the pin directory against the layouts the object
+/// defines: a map of another layout would be misread by the new programs, so the start
+/// ends (nothing touched; a previous data path stays attached and in force).
+pub fn check_pins(object: &[u8], opts: &DatapathOptions) -> Result<PinCheck, DatapathError> {
+    let sizes = [
+        (FLOWS, opts.flow_table_size),
+        (FLOW_EVENTS, opts.ring_size),
+        (PAYLOAD_SAMPLES, opts.payload_ring_size),
+    ];
+    let wanted = pins::object_layouts(object, &sizes).map_err(DatapathError::ObjectMaps)?;
+    let check = pins::check_pinned_maps(&opts.pin_dir, &wanted)
+        .map_err(|reason| DatapathError::PinnedMaps { path: opts.pin_dir.clone(), reason })?;
+    if !check.mismatches.is_empty() {
+        return Err(DatapathError::IncompatiblePins { path: opts.pin_dir.clone(), mismatches: check.mismatches });
+    }
+    for (map, pinned, asked) in &check.resized {
+        log::warn!(
+            "{map}: reusing the pinned map of {pinned} entries (asked for {asked}); the new size takes effect \
+             after the pins are removed (`backplane run --detach-on-exit`, then start again)"
+        );
+    }
+    Ok(check)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
@@ -357,10 +375,13 @@ impl Datapath {
             RingBuf::try_from(take_map(&mut ebpf, PAYLOAD_SAMPLES)?).map_err(DatapathError::map(PAYLOAD_SAMPLES))?;
         let ports_map = BpfHashMap::try_from(take_map(&mut ebpf, PORTS)?).map_err(DatapathError::map(PORTS))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
-        let mut config: Array<MapData, DatapathConfig> =
+        // A new CONFIG is all zeros: generation 0, observe only until rule sets arrive. An
+        // adopted one keeps the generation in force (see `observe_only`).
+        let config: Array<MapData, DatapathConfig> =
             Array::try_from(take_map(&mut ebpf, CONFIG)?).map_err(DatapathError::map(CONFIG))?;
-        // Generation 0, no flags: observe only until rule sets arrive.
-        config.set(CONFIG_INDEX, DatapathConfig::default(), 0).map_err(DatapathError::map(CONFIG))?;
+        // The flow table pinned by a previous agent keeps its size.
+        let flow_table_size = aya::maps::MapInfo::from_pin(opts.pin_dir.join(FLOWS))
+            .map_or(opts.flow_table_size, |i| i.max_entries());
         let rule_tables = RuleTables::from_ebpf(&mut ebpf).map_err(DatapathError::RuleTables)?;
         let zone_pair_stats = PerCpuHashMap::try_from(take_map(&mut ebpf, ZONE_PAIR_STATS)?)
             .map_err(DatapathError::map(ZONE_PAIR_STATS))?;
@@ -369,7 +390,7 @@ impl Datapath {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
             xdp_mode: opts.xdp_mode,
-            flow_table_size: opts.flow_table_size,
+            flow_table_size,
             program_ids: ProgramIds { from_port, to_port },
             ports_map,
             counters,
@@ -385,6 +406,207 @@ impl Datapath {
     /// The object, for aya-log (which takes its own map out of it).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Writes the observe-only configuration (generation 0, no flags): for an agent that
+    /// runs without rules on maps a previous agent left enforcing.
+    pub fn observe_only(&mut self) -> Result<(), MapError> {
+        self.config.set(CONFIG_INDEX, DatapathConfig::default(), 0)
+    }
+
+    /// Takes over the links a previous agent pinned under `<pin-dir>/links`.
+    ///
+    /// A link whose interface is gone, or whose interface `role_of` no longer takes for
+    /// a port, is unpinned (detached). The others become this agent's ports, still
+    /// running the previous agent's programs until [`Datapath::upgrade_adopted`]; a port
+    /// that has only one of its two links gets the other attached now. `PORTS` entries of
+    /// ports not adopted are removed. Returns the names of the adopted ports.
+    pub fn adopt_links(&mut self, role_of: impl Fn(&str) -> Option<PortRole>) -> Vec<String> {
+        type Found = (Option<(FdLink, PathBuf)>, Option<(FdLink, PathBuf)>);
+        let mut found: BTreeMap<u32, Found> = BTreeMap::new();
+        let entries = fs::read_dir(links_dir(&self.pin_dir)).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+        for entry in entries {
+            let path = entry.path();
+            let Some(kind) = path.file_name().and_then(|n| n.to_str()).and_then(link_pin_kind) else { continue };
+            let is_xdp = kind == XDP_LINK_SUFFIX;
+            let wanted_type = if is_xdp { pins::LINK_TYPE_XDP } else { pins::LINK_TYPE_TCX };
+            let info = match pins::link_info(&path) {
+                Ok(info) if info.link_type == wanted_type => info,
+                Ok(info) => {
+                    log::warn!("{}: a link of type {}, not ours; removing the pin", path.display(), info.link_type);
+                    remove_stale_pin(&path);
+                    continue;
+                }
+                Err(e) => {
+                    log::warn!("{}: not a readable link ({e}); removing the pin", path.display());
+                    remove_stale_pin(&path);
+                    continue;
+                }
+            };
+            if info.ifindex == 0 {
+                log::info!("{}: its interface is gone; removing the pin", path.display());
+                remove_stale_pin(&path);
+                continue;
+            }
+            let link = match PinnedLink::from_pin(&path) {
+                Ok(link) => FdLink::from(link),
+                Err(e) => {
+                    log::warn!("{}: cannot open the link: {}; removing the pin", path.display(), report(&e));
+                    remove_stale_pin(&path);
+                    continue;
+                }
+            };
+            let slot = found.entry(info.ifindex).or_default();
+            let slot = if is_xdp { &mut slot.0 } else { &mut slot.1 };
+            if slot.is_some() {
+                log::warn!("{}: a second {kind} link of ifindex {}; removing the pin", path.display(), info.ifindex);
+                remove_stale_pin(&path);
+                continue;
+            }
+            *slot = Some((link, path));
+        }
+        let mut adopted = Vec::new();
+        for (ifindex, (xdp, tc)) in found {
+            let name = index_to_name(ifindex);
+            let role = name.as_deref().and_then(&role_of);
+            let (Some(name), Some(role)) = (name, role) else {
+                for (_, path) in xdp.iter().chain(tc.iter()) {
+                    log::info!("{}: interface {ifindex} is no longer a port; detaching", path.display());
+                    remove_stale_pin(path);
+                }
+                continue;
+            };
+            match self.adopt_port(ifindex, &name, role, xdp, tc) {
+                Ok(()) => adopted.push(name),
+                Err(e) => log::error!("cannot adopt port {name}: {}; it is attached afresh", report(&e)),
+            }
+        }
+        let stale: Vec<u32> = self.ports_map.keys().flatten().filter(|i| !self.ports.contains_key(i)).collect();
+        for ifindex in stale {
+            let _ = self.ports_map.remove(&ifindex);
+        }
+        adopted
+    }
+
+    fn adopt_port(
+        &mut self,
+        ifindex: u32,
+        name: &str,
+        role: PortRole,
+        xdp: Option<(FdLink, PathBuf)>,
+        tc: Option<(FdLink, PathBuf)>,
+    ) -> Result<(), PortError> {
+        let adopted = |(link, path): (FdLink, PathBuf), kind: &str| {
+            let mut a = Attachment::Adopted { link, path };
+            // The interface may have been renamed while no agent ran.
+            a.rename(link_pin_path(&self.pin_dir, name, kind));
+            a
+        };
+        let xdp = xdp.map(|x| adopted(x, XDP_LINK_SUFFIX));
+        let tc = tc.map(|t| adopted(t, TC_LINK_SUFFIX));
+        let info = self.ports_map.get(&ifindex, 0).unwrap_or_default();
+        let info = PortInfo { role: role as u8, ..info };
+        self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
+            ifname: name.into(),
+            ifindex,
+            source,
+        })?;
+        let xdp = match xdp {
+            Some(a) => a,
+            None => self.attach_xdp(ifindex, name)?,
+        };
+        let tc = match tc {
+            Some(a) => a,
+            None => match self.attach_tc(ifindex, name) {
+                Ok(a) => a,
+                Err(e) => {
+                    xdp.detach();
+                    return Err(e);
+                }
+            },
+        };
+        self.ports.insert(ifindex, AttachedPort { name: name.into(), role, xdp, tc });
+        Ok(())
+    }
+
+    /// Puts this agent's programs on the adopted links, one `BPF_LINK_UPDATE` per link:
+    /// the kernel swaps the program of a link atomically, so every packet meets either
+    /// the previous agent's program or this one's, never none. A port whose update fails
+    /// is detached (its pins removed) so that the port watcher attaches it afresh.
+    /// Returns the number of links updated.
+    pub fn upgrade_adopted(&mut self) -> usize {
+        let mut updated = 0;
+        let adopted: Vec<u32> = self
+            .ports
+            .iter()
+            .filter(|(_, p)| matches!(p.xdp, Attachment::Adopted { .. }) || matches!(p.tc, Attachment::Adopted { .. }))
+            .map(|(&i, _)| i)
+            .collect();
+        for ifindex in adopted {
+            let Some(mut port) = self.ports.remove(&ifindex) else { continue };
+            let xdp = self.upgrade_xdp(port.xdp);
+            let tc = if xdp.is_ok() {
+                self.upgrade_tc(port.tc)
+            } else {
+                port.tc.detach();
+                Err(String::new())
+            };
+            match (xdp, tc) {
+                (Ok((xdp, a)), Ok((tc, b))) => {
+                    updated += usize::from(a) + usize::from(b);
+                    port.xdp = xdp;
+                    port.tc = tc;
+                    self.ports.insert(ifindex, port);
+                }
+                (xdp, tc) => {
+                    let why = [xdp.as_ref().err(), tc.as_ref().err()].into_iter().flatten().filter(|e| !e.is_empty());
+                    let why: Vec<&String> = why.collect();
+                    log::error!("{}: cannot put the new programs on its links ({why:?}); attaching afresh", port.name);
+                    for a in [xdp.ok(), tc.ok()].into_iter().flatten() {
+                        a.0.detach();
+                    }
+                    let _ = self.ports_map.remove(&ifindex);
+                }
+            }
+        }
+        updated
+    }
+
+    /// Replaces the program of an adopted XDP link; returns the attachment and whether
+    /// it was updated. On failure the link is unpinned (detached).
+    fn upgrade_xdp(&mut self, attachment: Attachment) -> Result<(Attachment, bool), String> {
+        let Attachment::Adopted { link, path } = attachment else { return Ok((attachment, false)) };
+        let prog = self.xdp_program();
+        let result = XdpLink::try_from(link)
+            .map_err(|e| report(&e))
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| report(&e)))
+            .and_then(|id| prog.take_link(id).map_err(|e| report(&e)))
+            .and_then(|link| FdLink::try_from(link).map_err(|e| report(&e)));
+        match result {
+            Ok(link) => Ok((Attachment::Pinned { link, path }, true)),
+            Err(e) => {
+                remove_stale_pin(&path);
+                Err(format!("XDP: {e}"))
+            }
+        }
+    }
+
+    /// [`Datapath::upgrade_xdp`] for the TCX egress link.
+    fn upgrade_tc(&mut self, attachment: Attachment) -> Result<(Attachment, bool), String> {
+        let Attachment::Adopted { link, path } = attachment else { return Ok((attachment, false)) };
+        let prog = self.tc_program();
+        let result = SchedClassifierLink::try_from(link)
+            .map_err(|e| report(&e))
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| report(&e)))
+            .and_then(|id| prog.take_link(id).map_err(|e| report(&e)))
+            .and_then(|link| FdLink::try_from(link).map_err(|e| report(&e)));
+        match result {
+            Ok(link) => Ok((Attachment::Pinned { link, path }, true)),
+            Err(e) => {
+                remove_stale_pin(&path);
+                Err(format!("TC: {e}"))
+            }
+        }
     }
 
     #[must_use]
@@ -677,14 +899,22 @@ impl Datapath {
     pub fn port_status(&self) -> Vec<PortStatus> {
         self.ports
             .iter()
-            .map(|(&ifindex, p)| PortStatus {
-                name: p.name.clone(),
-                ifindex,
-                role: role_name(p.role).into(),
-                xdp_mode: self.xdp_mode.as_str().into(),
-                from_port_id: self.program_ids.from_port,
-                to_port_id: self.program_ids.to_port,
-                pinned: p.xdp.pinned() && p.tc.pinned(),
+            .map(|(&ifindex, p)| {
+                // The program a pinned link runs, as the kernel says (an adopted link
+                // runs the previous agent's until it is upgraded).
+                let (xdp_link_id, from_port_id) = p.xdp.link_ids().unwrap_or((0, self.program_ids.from_port));
+                let (tc_link_id, to_port_id) = p.tc.link_ids().unwrap_or((0, self.program_ids.to_port));
+                PortStatus {
+                    name: p.name.clone(),
+                    ifindex,
+                    role: role_name(p.role).into(),
+                    xdp_mode: self.xdp_mode.as_str().into(),
+                    from_port_id,
+                    to_port_id,
+                    pinned: p.xdp.pinned() && p.tc.pinned(),
+                    xdp_link_id,
+                    tc_link_id,
+                }
             })
             .collect()
     }

@@ -1,7 +1,7 @@
 //! Error types, one enum per subsystem. Each variant names what it was doing and keeps
 //! its source; a program that the verifier rejects carries the verifier's log.
 
-use std::{io, path::PathBuf};
+use std::{fmt::Write as _, io, path::PathBuf};
 
 use aya::{
     EbpfError,
@@ -87,6 +87,34 @@ pub enum DatapathError {
 
     #[error("rule tables: {0}")]
     RuleTables(#[source] crate::rule_tables::TableError),
+
+    #[error("cannot read the maps of the data path object: {0}")]
+    ObjectMaps(String),
+
+    #[error("cannot inspect the maps pinned in {path}: {reason}")]
+    PinnedMaps { path: PathBuf, reason: String },
+
+    /// A previous agent's maps have another layout than this data path's.
+    #[error("{}", incompatible_pins(path, mismatches))]
+    IncompatiblePins { path: PathBuf, mismatches: Vec<crate::pins::Mismatch> },
+}
+
+fn incompatible_pins(path: &std::path::Path, mismatches: &[crate::pins::Mismatch]) -> String {
+    let mut text = format!(
+        "the maps pinned in {} have another layout than this agent's data path, so it cannot adopt them:",
+        path.display()
+    );
+    for m in mismatches {
+        text.push_str("\n  ");
+        text.push_str(&m.to_string());
+    }
+    let _ = write!(
+        text,
+        "\nNothing was changed: the data path that made them stays attached and in force. To replace it, remove \
+         the pin directory (`rm -r {}`: its programs are detached, flows and counters start afresh), then start again.",
+        path.display()
+    );
+    text
 }
 
 impl DatapathError {

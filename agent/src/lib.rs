@@ -19,6 +19,7 @@
 //! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
 //! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
 //! - [`audit`]: the in-motion audit log
+//! - [`pins`]: what a previous agent pinned, and whether it can be adopted
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
 pub mod agent;
@@ -41,6 +42,7 @@ pub mod ipfix;
 pub mod map_batch;
 pub mod metrics;
 pub mod paths;
+pub mod pins;
 pub mod ports;
 pub mod rule_names;
 pub mod rule_sync;

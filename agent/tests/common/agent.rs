@@ -24,8 +24,27 @@ impl Agent {
     /// Starts `backplane run` on the lab's ports with `extra` arguments and waits until
     /// its control socket answers.
     pub fn start(lab: &Lab, extra: &[&str]) -> Agent {
+        Self::start_with(lab, extra, true)
+    }
+
+    /// Starts `backplane run` without `--detach-on-exit`: when it exits (or is killed)
+    /// its programs stay attached through their pins, for the next agent to adopt.
+    pub fn start_keeping_pins(lab: &Lab, extra: &[&str]) -> Agent {
+        Self::start_with(lab, extra, false)
+    }
+
+    /// The lab's agent; its state (endpoints, last good rules) goes to `<work>/state`
+    /// unless `extra` names a `--state-dir`.
+    fn start_with(lab: &Lab, extra: &[&str], detach_on_exit: bool) -> Agent {
         let mut cmd = Command::new(BACKPLANE);
-        cmd.arg("run").args(lab.agent_args()).arg("--detach-on-exit").args(extra);
+        cmd.arg("run").args(lab.agent_args());
+        if detach_on_exit {
+            cmd.arg("--detach-on-exit");
+        }
+        if !extra.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(lab.work_dir().join("state"));
+        }
+        cmd.args(extra);
         cmd.env("RUST_LOG", "info");
         let child = ChildGuard::spawn(&mut cmd);
         let mut agent = Agent { child, socket: lab.socket_path() };
@@ -104,6 +123,17 @@ impl Agent {
             assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}\nagent log:\n{}", self.child.output());
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and waits for it to be gone.
+    pub fn kill_9(mut self) {
+        self.child.signal(libc::SIGKILL);
+        let _ = self.child.wait();
     }
 
     /// Stops the agent with SIGTERM and asserts it exits cleanly.

@@ -113,3 +113,26 @@ impl Drop for TestDatapath {
         remove_pin_dir(&self.pin_dir);
     }
 }
+
+/// Creates a hash map of `key_size` and `value_size` bytes (16 entries) and pins it at
+/// `path`: a map of another layout than the data path's, as another version could leave.
+pub fn pin_foreign_map(path: &std::path::Path, key_size: u32, value_size: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_HASH, key_size, value_size, 16]);
+    // SAFETY: a zero-padded bpf_attr of 128 bytes that lives through the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_mut_ptr(), 128) };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    let fd = i32::try_from(fd).expect("a descriptor");
+    attr[1] = u64::from(fd.cast_unsigned());
+    // SAFETY: as above; the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_mut_ptr(), 128) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
+    // SAFETY: `fd` is ours; the pin keeps the map.
+    unsafe { libc::close(fd) };
+}
