@@ -12,6 +12,7 @@
 mod compile;
 mod error;
 mod evaluate;
+mod failure;
 mod inventory;
 mod load;
 mod ruleset;
@@ -21,6 +22,7 @@ pub use compile::{
     CidrEntry, CompiledPatch, CompiledRules, EndpointEntry, InterfaceEntry, PAIR_MARKER_PROTO, PolicyEntry, VpatchEntry, ZoneEntry, ZoneIds, compile, port_prefixes,
 };
 pub use error::RuleError;
+pub use failure::{FAILURE_POLICY_PREFIX, OnRulesFailure};
 pub use evaluate::{DecidedBy, Decision, EndMatch, Explanation, PacketView, ZoneMatch, evaluate, explain, zone_of};
 pub use inventory::{DenyEntry, check_endpoint_name, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints};
 pub use load::{MAX_ZONES, load_rules, parse_rules};

@@ -268,6 +268,7 @@ impl Loader {
                 intra_zone: Access::Allow,
                 location: self.loc(key.pos),
                 endpoints: ZoneEndpoints::default(),
+                on_rules_failure: crate::OnRulesFailure::default(),
             };
             self.zone_body(&mut zone, value);
             self.zone_index.insert(zone.name.clone(), self.zones.len());
@@ -280,11 +281,31 @@ impl Loader {
             return;
         }
         let what = format!("zone \"{}\"", zone.name);
-        let allowed =
-            ["members", "intra_zone", "max_patch_age", "remediation", "placement", "on_violation", "must_not_share_node_with", "unknown_macs"];
+        let allowed = [
+            "members",
+            "intra_zone",
+            "max_patch_age",
+            "remediation",
+            "placement",
+            "on_violation",
+            "must_not_share_node_with",
+            "unknown_macs",
+            "on_rules_failure",
+        ];
         let Some(fields) = self.fields_with(node, &what, &allowed, 2) else { return };
         if let Some(v) = fields.get("intra_zone") {
             zone.intra_zone = self.access(v, "intra_zone").unwrap_or_default();
+        }
+        if let Some(v) = fields.get("on_rules_failure") {
+            match self.scalar(v, "on_rules_failure: closed or open") {
+                Some("closed") => zone.on_rules_failure = crate::OnRulesFailure::Closed,
+                Some("open") => zone.on_rules_failure = crate::OnRulesFailure::Open,
+                Some(other) => {
+                    let msg = format!("expected closed or open for on_rules_failure, found \"{other}\"");
+                    self.error(v.pos, msg);
+                }
+                None => {}
+            }
         }
         self.zone_endpoint_settings(zone, &fields);
         let Some(members) = fields.get("members") else { return };

@@ -162,6 +162,9 @@ pub struct Zone {
     pub location: Location,
     /// Patch age, remediation, placement, neighbours and unknown MACs.
     pub endpoints: ZoneEndpoints,
+    /// What the zone gets when the rules cannot be loaded at start and nothing is in
+    /// force (see [`RuleSet::failure_rules`]).
+    pub on_rules_failure: crate::OnRulesFailure,
 }
 
 /// One `members:` entry: something that puts an end of a flow into a zone.
