@@ -45,7 +45,8 @@ use crate::{
     metrics::{self, Metrics},
     ports::{PortSelector, PortWatcher},
     rule_names::RuleNames,
-    rule_sync::{LoadedRules, RuleSync, RulesStatus},
+    last_good::LastGood,
+    rule_sync::{LoadedRules, RuleSync, RulesStatus, StartRules},
 };
 
 /// How often the kernel flow table is read.
@@ -103,6 +104,15 @@ pub enum AgentError {
     BadRules(#[source] RulesError),
     #[error(transparent)]
     Rules(RulesError),
+    #[error(
+        "cannot start: {error}\nno rule set is in force to keep and the last good copy cannot be used ({why}): \
+         nothing could be enforced"
+    )]
+    NothingToEnforce {
+        #[source]
+        error: Box<RulesError>,
+        why: String,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] io::Error),
     #[error("invalid node name {0:?}: it names a directory under the pin root")]
@@ -384,21 +394,40 @@ fn validate_node(node: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Puts the rules read at start in force, if there are any.
+/// Puts the rules of the start in force, if there are any.
 fn start_rules(
     path: Option<&std::path::Path>,
-    loaded: Option<LoadedRules>,
+    start: Option<StartRules>,
     datapath: &Arc<Mutex<Datapath>>,
     rule_names: &Arc<RuleNames>,
     endpoints: &Arc<Endpoints>,
+    last_good: LastGood,
 ) -> Result<Option<Arc<RuleSync>>, AgentError> {
-    if let (Some(path), Some(loaded)) = (path, loaded) {
-        let sync = RuleSync::start(path, loaded, Arc::clone(datapath), Arc::clone(rule_names), Arc::clone(endpoints))
-            .map_err(AgentError::Rules)?;
+    if let (Some(path), Some(start)) = (path, start) {
+        let sync =
+            RuleSync::start(path, start, Arc::clone(datapath), Arc::clone(rule_names), Arc::clone(endpoints), last_good)
+                .map_err(AgentError::Rules)?;
         return Ok(Some(sync));
     }
     log::info!("no --rules: observing only (every flow passes with the verdict `observed`)");
     Ok(None)
+}
+
+/// What goes in force at start when the rule files do not load: the generation a
+/// previous agent left in force; else the last good copy under each zone's
+/// `on_rules_failure`; else nothing can be enforced and the start ends.
+fn rules_after_failure(
+    error: RulesError,
+    inherited: Option<u32>,
+    last_good: &LastGood,
+) -> Result<StartRules, AgentError> {
+    if let Some(generation) = inherited {
+        return Ok(StartRules::Inherited { error, generation });
+    }
+    match last_good.load() {
+        Ok((copy, meta)) => Ok(StartRules::FailureMode { error, copy, meta }),
+        Err(why) => Err(AgentError::NothingToEnforce { error: Box::new(error), why }),
+    }
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -424,19 +453,25 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     dp_opts.validate()?;
     // The rules are read before anything is loaded or attached: a rule set with errors
     // ends the start here.
-    let loaded_rules = match &opts.rules {
-        Some(path) => Some(LoadedRules::load(path).map_err(AgentError::BadRules)?),
-        None => None,
-    };
+    let loaded_rules = opts.rules.as_deref().map(LoadedRules::load);
+    let last_good = LastGood::new(&opts.state_dir);
     let clock = Clock::measure();
     let etcd = if opts.etcd.is_empty() { None } else { Some(Etcd::new(&opts.etcd)?) };
 
     datapath::ensure_bpffs()?;
-    datapath::prepare_pin_dir(&opts.pin_dir)?;
     // A previous agent's maps are reused (flows, counters and the rules in force carry
     // on) if their layout fits; its links stay attached, running its programs, until
     // this agent's programs replace them in place once the rules are in force.
     let pins = datapath::check_pins(DATAPATH_OBJECT, &dp_opts)?;
+    let inherited = datapath::pinned_config(&opts.pin_dir).filter(|c| pins.adopting() && c.flags & CONFIG_ENFORCE != 0);
+    // Rule files that do not load keep what is in force, or put the last good copy in
+    // force under each zone's on_rules_failure; with neither, the start ends here.
+    let start_rules_with = match loaded_rules {
+        None => None,
+        Some(Ok(loaded)) => Some(StartRules::Loaded(loaded)),
+        Some(Err(error)) => Some(rules_after_failure(error, inherited.map(|c| c.generation), &last_good)?),
+    };
+    datapath::prepare_pin_dir(&opts.pin_dir)?;
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, &dp_opts)?;
     let ids = dp.program_ids();
     log::info!(
@@ -447,7 +482,6 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         opts.pin_dir.display()
     );
     let adopting = pins.adopting();
-    let inherited = if adopting { dp.config().ok().filter(|c| c.flags & CONFIG_ENFORCE != 0) } else { None };
     if adopting {
         let ports = dp.adopt_links(|name| selector.role(name));
         log::info!(
@@ -514,7 +548,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         flows.route_announcements(announce_tx);
         tasks.push(tokio::spawn(Arc::clone(&endpoints).follow_announcements(announce_rx)));
         // The rules go in force before any port is attached: no packet passes unjudged.
-        let rules = start_rules(opts.rules.as_deref(), loaded_rules, &datapath, &rule_names, &endpoints)?;
+        let rules = start_rules(opts.rules.as_deref(), start_rules_with, &datapath, &rule_names, &endpoints, last_good)?;
         if rules.is_none() {
             endpoints.sync_kernel();
         }

@@ -930,6 +930,24 @@ fn render_rules(o: &mut String, s: &Status) {
         r.zones,
         r.policies
     );
+    match r.in_force_from.as_str() {
+        "previous_agent" => {
+            let _ = writeln!(o, "  KEPT:        the generation a previous agent left in force (the rules did not load at start)");
+        }
+        "failure_mode" => {
+            let _ = writeln!(
+                o,
+                "  FAILURE MODE: the rules did not load at start; the last good copy is in force with on_rules_failure: \
+                 closed [{}], open [{}]",
+                r.failure_closed.join(","),
+                r.failure_open.join(",")
+            );
+        }
+        _ => {}
+    }
+    if let Some(copy) = &r.last_good_copy {
+        let _ = writeln!(o, "  last good:   {copy}");
+    }
     let _ = writeln!(o, "  reloads:     {} put in force, {} rejected", r.reloads_ok, r.reloads_rejected);
     if !r.last_error.is_empty() {
         let _ = writeln!(
@@ -1188,6 +1206,7 @@ mod tests {
                 reloads_rejected: 1,
                 last_error: vec!["broken.yaml:4:9: unknown zone \"nowhere\" in to".into()],
                 last_error_at: Some(rfc3339_ms(1000)),
+                ..crate::rule_sync::RulesStatus::default()
             },
             zone_pairs: vec![crate::agent::ZonePairStatus {
                 src_zone: "db".into(),
@@ -1204,5 +1223,16 @@ mod tests {
         assert!(out.contains("1 put in force, 1 rejected"), "{out}");
         assert!(out.contains("    broken.yaml:4:9: unknown zone"), "{out}");
         assert!(out.contains("db->web  denied  default_inter_zone   3 packets, 222 bytes"), "{out}");
+        assert!(!out.contains("FAILURE MODE") && !out.contains("KEPT"), "{out}");
+        let mut failing = status.clone();
+        failing.rules.in_force_from = "failure_mode".into();
+        failing.rules.failure_closed = vec!["world".into(), "web".into()];
+        failing.rules.failure_open = vec!["db".into()];
+        failing.rules.last_good_copy = Some("/var/lib/backplane/hv1/rules.last-good".into());
+        let out = render_status(&failing);
+        assert!(out.contains("FAILURE MODE") && out.contains("closed [world,web], open [db]"), "{out}");
+        assert!(out.contains("last good:   /var/lib/backplane/hv1/rules.last-good"), "{out}");
+        failing.rules.in_force_from = "previous_agent".into();
+        assert!(render_status(&failing).contains("KEPT:"), "{out}");
     }
 }

@@ -333,6 +333,15 @@ pub fn check_pins(object: &[u8], opts: &DatapathOptions) -> Result<PinCheck, Dat
     Ok(check)
 }
 
+/// The configuration a previous agent left in the pinned `CONFIG` map, if there is one
+/// of the right layout.
+#[must_use]
+pub fn pinned_config(pin_dir: &Path) -> Option<DatapathConfig> {
+    let data = MapData::from_pin(pin_dir.join(CONFIG)).ok()?;
+    let array: Array<MapData, DatapathConfig> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    array.get(&CONFIG_INDEX, 0).ok()
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
     ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
 }
@@ -837,6 +846,12 @@ impl Datapath {
         let generation = rule_tables::activate(&mut self.config, staged.slot, &staged.compiled)?;
         self.rules = Some(staged.compiled);
         Ok(generation)
+    }
+
+    /// Takes `compiled` as the rule set in force without writing it: the rule set a
+    /// previous agent left in the tables (ports are placed by name with it).
+    pub fn know_rules(&mut self, compiled: Arc<CompiledRules>) {
+        self.rules = Some(compiled);
     }
 
     /// The half of the rule tables the data path reads now (0 while observing only).

@@ -10,6 +10,7 @@
 //! - [`rule_sync`]: the rules in force: load, put in force, follow their files
 //! - [`rule_tables`]: writing compiled rule sets into the kernel's tables
 //! - [`rule_watch`]: noticing that rule files changed
+//! - [`last_good`]: the copy of the last good rule files in the state directory
 //! - [`rule_names`]: names of the zone and policy ids in flows and counters
 //! - [`explain`]: the verdict a rule set gives a flow, and why
 //! - [`metrics`]: Prometheus metrics on `/metrics`
@@ -39,6 +40,7 @@ pub mod flows;
 pub mod ifnames;
 pub mod inspect;
 pub mod ipfix;
+pub mod last_good;
 pub mod map_batch;
 pub mod metrics;
 pub mod paths;

@@ -10,6 +10,13 @@
 //! A rule set with any error is rejected whole and the last good one stays in force; so
 //! does it when the rules directory disappears. Every rejection is logged with all its
 //! errors and kept in `status` until a good rule set replaces it.
+//!
+//! Every rule set put in force from the files is saved as the last good copy in the
+//! state directory (see [`crate::last_good`]). At start, rule files that do not load
+//! leave in force what a previous agent left in the kernel ([`StartRules::Inherited`]);
+//! with nothing in force, the last good copy goes in force under each zone's
+//! `on_rules_failure` ([`StartRules::FailureMode`]). Either way the files are watched and
+//! a good rule set replaces it as soon as there is one.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,7 +24,7 @@ use std::{
     time::SystemTime,
 };
 
-use backplane_rules::{RuleSet, WORLD, ZoneIds, compile, load_rules};
+use backplane_rules::{OnRulesFailure, RuleError, RuleSet, WORLD, ZoneIds, compile, load_rules, parse_rules};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -26,15 +33,40 @@ use crate::{
     endpoints::Endpoints,
     error::{ExplainError, RulesError, report},
     explain::{ExplainQuery, ExplainReply, explain_packet},
+    last_good::{self, LastGood},
     rule_names::RuleNames,
-    rule_watch::{ChangeDetector, Fingerprint, POLL_PERIOD},
+    rule_watch::{ChangeDetector, Fingerprint, POLL_PERIOD, rule_files},
 };
+
+/// Rule files as read: (path, contents), in load order.
+pub type Sources = Vec<(PathBuf, String)>;
 
 /// A rule set read from its files, not yet in force.
 pub struct LoadedRules {
     pub rules: RuleSet,
     /// The files as they were when read.
     pub fingerprint: Fingerprint,
+    /// Their contents as parsed (for the last good copy).
+    pub sources: Sources,
+}
+
+/// Reads and parses the rule files of `path`, keeping what was read. Errors are those of
+/// `backplane_rules::load_rules` (`file:line:column`, or whole-file problems).
+pub fn read_rules(path: &Path) -> Result<(RuleSet, Sources), Vec<RuleError>> {
+    let fallback = || load_rules(path).map(|rules| (rules, Vec::new()));
+    let Ok(files) = rule_files(path) else { return fallback() };
+    if files.is_empty() {
+        return fallback();
+    }
+    let mut sources = Vec::with_capacity(files.len());
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => sources.push((file, text)),
+            Err(_) => return fallback(),
+        }
+    }
+    let rules = parse_rules(sources.iter().map(|(p, t)| (p.as_path(), t.as_str())))?;
+    Ok((rules, sources))
 }
 
 impl LoadedRules {
@@ -44,8 +76,9 @@ impl LoadedRules {
         // Fingerprint first: if the files change while they are read, the watcher sees
         // a fingerprint that differs from this one and reads them again.
         let fingerprint = Fingerprint::of(path);
-        let rules = load_rules(path).map_err(|errors| RulesError::Invalid { path: path.to_owned(), errors })?;
-        Ok(Self { rules, fingerprint })
+        let (rules, sources) =
+            read_rules(path).map_err(|errors| RulesError::Invalid { path: path.to_owned(), errors })?;
+        Ok(Self { rules, fingerprint, sources })
     }
 
     #[must_use]
@@ -98,6 +131,55 @@ pub struct RulesStatus {
     /// rule set is put in force.
     pub last_error: Vec<String>,
     pub last_error_at: Option<String>,
+    /// Where the rules in force come from: `files` (the rules path), `previous_agent`
+    /// (the generation a previous agent left in force, kept because the files did not
+    /// load at start) or `failure_mode` (the last good copy under each zone's
+    /// `on_rules_failure`, because the files did not load and nothing was in force).
+    #[serde(default)]
+    pub in_force_from: String,
+    /// In failure mode: the zones whose traffic is denied and those whose traffic passes.
+    #[serde(default)]
+    pub failure_closed: Vec<String>,
+    #[serde(default)]
+    pub failure_open: Vec<String>,
+    /// The last good copy of the rule files (in the state directory), if there is one.
+    #[serde(default)]
+    pub last_good_copy: Option<String>,
+}
+
+/// Where the rules in force come from (see [`RulesStatus::in_force_from`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum InForceFrom {
+    #[default]
+    Files,
+    PreviousAgent,
+    FailureMode {
+        closed: Vec<String>,
+        open: Vec<String>,
+    },
+}
+
+impl InForceFrom {
+    #[must_use]
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Files => "files",
+            Self::PreviousAgent => "previous_agent",
+            Self::FailureMode { .. } => "failure_mode",
+        }
+    }
+}
+
+/// What the agent puts in force at start.
+pub enum StartRules {
+    /// The rule files loaded.
+    Loaded(LoadedRules),
+    /// The files did not load; the generation a previous agent left in the kernel stays
+    /// in force, untouched.
+    Inherited { error: RulesError, generation: u32 },
+    /// The files did not load and nothing was in force: the failure rule set of the last
+    /// good copy.
+    FailureMode { error: RulesError, copy: RuleSet, meta: last_good::Meta },
 }
 
 /// The rule set in force.
@@ -111,6 +193,7 @@ struct InForce {
 #[derive(Default)]
 struct RuleState {
     in_force: Option<InForce>,
+    from: InForceFrom,
     /// The zone ids of the rule sets put in force so far; the next is compiled against them.
     zone_ids: ZoneIds,
     reloads_ok: u64,
@@ -136,35 +219,121 @@ pub struct RuleSync {
     detector: Mutex<ChangeDetector>,
     /// The endpoints the agent adds to every rule set it writes.
     endpoints: Arc<Endpoints>,
+    /// The last good copy, saved whenever the files' rules go in force.
+    last_good: LastGood,
 }
 
 impl RuleSync {
-    /// Puts the rule set loaded at start in force. Fails, leaving the data path observing
-    /// only, if the rule tables cannot be written.
+    /// Puts the rules of the start in force (see [`StartRules`]). Fails if the rule
+    /// tables cannot be written.
     pub fn start(
         path: &Path,
-        loaded: LoadedRules,
+        start: StartRules,
         datapath: Arc<Mutex<Datapath>>,
         names: Arc<RuleNames>,
         endpoints: Arc<Endpoints>,
+        last_good: LastGood,
     ) -> Result<Arc<Self>, RulesError> {
+        // Zone ids carry on across restarts: flows judged before keep their zone names.
+        let zone_ids = last_good.meta().map(|m| m.zone_ids).unwrap_or_default();
+        let fingerprint = match &start {
+            StartRules::Loaded(loaded) => loaded.fingerprint.clone(),
+            _ => Fingerprint::of(path),
+        };
         let sync = Arc::new(Self {
             path: path.to_owned(),
             was_dir: path.is_dir(),
             datapath,
             names,
-            state: Mutex::new(RuleState::default()),
-            detector: Mutex::new(ChangeDetector::new(loaded.fingerprint.clone())),
+            state: Mutex::new(RuleState { zone_ids, ..RuleState::default() }),
+            detector: Mutex::new(ChangeDetector::new(fingerprint)),
             endpoints,
+            last_good,
         });
-        let counts = loaded.counts();
-        let generation = sync.put_in_force(loaded.rules, counts)?;
-        log::info!("rules generation {generation} in force ({counts}) from {}", path.display());
+        match start {
+            StartRules::Loaded(loaded) => {
+                let counts = loaded.counts();
+                let generation = sync.put_in_force(loaded.rules, counts, &InForceFrom::Files, &loaded.sources)?;
+                log::info!("rules generation {generation} in force ({counts}) from {}", path.display());
+            }
+            StartRules::Inherited { error, generation } => {
+                sync.record_error(&error, &format!("the generation {generation} a previous agent left in force stays"));
+                sync.keep_inherited(generation);
+            }
+            StartRules::FailureMode { error, copy, meta } => {
+                let failure = copy.failure_rules();
+                let (closed, open): (Vec<String>, Vec<String>) = {
+                    let names: Vec<String> = failure.zone_names().map(str::to_owned).collect();
+                    names.into_iter().partition(|z| copy.on_rules_failure(z) == OnRulesFailure::Closed)
+                };
+                let counts = RuleCounts::of(&failure, meta.files.len());
+                let from = InForceFrom::FailureMode { closed: closed.clone(), open: open.clone() };
+                let generation = sync.put_in_force(failure, counts, &from, &[])?;
+                sync.record_error(
+                    &error,
+                    &format!(
+                        "nothing was in force: generation {generation} is the last good copy ({}) under on_rules_failure: \
+                         closed [{}], open [{}]",
+                        sync.last_good.dir().display(),
+                        closed.join(","),
+                        open.join(",")
+                    ),
+                );
+            }
+        }
         Ok(sync)
     }
 
-    /// Compiles a rule set and puts it in force; returns its generation.
-    fn put_in_force(&self, rules: RuleSet, counts: RuleCounts) -> Result<u32, RulesError> {
+    /// Leaves the generation a previous agent left in force as it is. If the last good
+    /// copy is that generation, it names its zones and policies, places ports by name
+    /// and answers `explain`, without a write to the tables.
+    fn keep_inherited(&self, generation: u32) {
+        let copy = self.last_good.load().ok().filter(|(_, meta)| meta.generation == generation);
+        let mut state = self.state.lock().expect("rule state lock");
+        state.from = InForceFrom::PreviousAgent;
+        let Some((rules, meta)) = copy else {
+            log::warn!(
+                "the rules of generation {generation} are not known (no matching copy in {}): zone and policy names, \
+                 explain and interface members wait for a good rule set",
+                self.last_good.dir().display()
+            );
+            return;
+        };
+        let compiled = Arc::new(compile(&rules, &meta.zone_ids));
+        let rules = Arc::new(rules);
+        let counts = RuleCounts::of(&rules, meta.files.len());
+        state.zone_ids = compiled.zone_ids.clone();
+        state.in_force = Some(InForce { rules: Arc::clone(&rules), generation, loaded_at_ms: meta.saved_at_ms, counts });
+        drop(state);
+        let mut datapath = self.datapath.lock().expect("datapath lock");
+        datapath.know_rules(Arc::clone(&compiled));
+        self.names.write().publish(generation, &compiled);
+        drop(datapath);
+        self.endpoints.rules_in_force(rules, compiled);
+        log::info!("generation {generation} in force is the last good copy of {}: its names are known", meta.source);
+    }
+
+    /// Records a rule set that could not be put in force at start (not a reload).
+    fn record_error(&self, error: &RulesError, kept: &str) {
+        let lines = error.lines();
+        log::error!("rules at {} cannot be loaded; {kept}:", self.path.display());
+        for line in &lines {
+            log::error!("  {line}");
+        }
+        let mut state = self.state.lock().expect("rule state lock");
+        state.last_error = lines;
+        state.last_error_at_ms = Some(now_unix_ms());
+    }
+
+    /// Compiles a rule set and puts it in force; returns its generation. A rule set from
+    /// the files (`sources` not empty) becomes the last good copy.
+    fn put_in_force(
+        &self,
+        rules: RuleSet,
+        counts: RuleCounts,
+        from: &InForceFrom,
+        sources: &[(PathBuf, String)],
+    ) -> Result<u32, RulesError> {
         let zone_ids = self.state.lock().expect("rule state lock").zone_ids.clone();
         let compiled = Arc::new(compile(&rules, &zone_ids));
         let rules = Arc::new(rules);
@@ -187,8 +356,21 @@ impl RuleSync {
             let mut state = self.state.lock().expect("rule state lock");
             state.zone_ids = compiled.zone_ids.clone();
             state.in_force = Some(InForce { rules: Arc::clone(&rules), generation, loaded_at_ms: now_unix_ms(), counts });
+            state.from = from.clone();
             state.last_error.clear();
             state.last_error_at_ms = None;
+        }
+        if !sources.is_empty() {
+            let meta = last_good::Meta {
+                generation,
+                source: self.path.display().to_string(),
+                saved_at_ms: now_unix_ms(),
+                zone_ids: compiled.zone_ids.clone(),
+                files: Vec::new(),
+            };
+            if let Err(e) = self.last_good.save(sources, &meta) {
+                log::error!("cannot save the last good rules in {}: {e}", self.last_good.dir().display());
+            }
         }
         self.endpoints.rules_in_force(rules, compiled);
         Ok(generation)
@@ -202,11 +384,11 @@ impl RuleSync {
         let result = match changed {
             Fingerprint::Gone => Err(RulesError::Gone { path: self.path.clone(), was_dir: self.was_dir }),
             Fingerprint::Unreadable(reason) => Err(RulesError::Unreadable { path: self.path.clone(), reason }),
-            files @ Fingerprint::Files(_) => load_rules(&self.path)
+            files @ Fingerprint::Files(_) => read_rules(&self.path)
                 .map_err(|errors| RulesError::Invalid { path: self.path.clone(), errors })
-                .and_then(|rules| {
+                .and_then(|(rules, sources)| {
                     let counts = RuleCounts::of(&rules, files.files());
-                    self.put_in_force(rules, counts).map(|generation| (generation, counts))
+                    self.put_in_force(rules, counts, &InForceFrom::Files, &sources).map(|generation| (generation, counts))
                 }),
         };
         match result {
@@ -265,6 +447,16 @@ impl RuleSync {
             reloads_rejected: state.reloads_rejected,
             last_error: state.last_error.clone(),
             last_error_at: state.last_error_at_ms.map(rfc3339_ms),
+            in_force_from: state.from.as_str().into(),
+            failure_closed: match &state.from {
+                InForceFrom::FailureMode { closed, .. } => closed.clone(),
+                _ => Vec::new(),
+            },
+            failure_open: match &state.from {
+                InForceFrom::FailureMode { open, .. } => open.clone(),
+                _ => Vec::new(),
+            },
+            last_good_copy: self.last_good.meta().map(|_| self.last_good.dir().display().to_string()),
         }
     }
 
