@@ -215,6 +215,18 @@ fn rarp(vm: &Vm) -> Vec<u8> {
     arp_frame(0x8035, 3, vm.mac(), [0; 4])
 }
 
+/// QEMU's self-announcement after a live migration: five RARP frames, the first right
+/// away and the next ones 50, 150, 250 and 350 ms later (its defaults announce-initial
+/// 50 ms, announce-step 100 ms, announce-rounds 5). One frame can race the port's
+/// hand-over between the nodes' programs; the burst is what a real VM sends.
+fn announce_like_qemu(vm: &Vm) {
+    let frame = rarp(vm);
+    for delay_ms in [0, 50, 100, 100, 100] {
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        vm.send_raw_frames(std::slice::from_ref(&frame));
+    }
+}
+
 /// A gratuitous ARP, as a guest sends when its interface comes up.
 fn garp(vm: &Vm) -> Vec<u8> {
     arp_frame(0x0806, 1, vm.mac(), vm.ip().octets())
@@ -339,7 +351,7 @@ fn move_while_streaming(handover: bool) {
     b.wait_for(Duration::from_secs(10), "db's port attached on B", |b| {
         b.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == db.host_port()).then_some(())
     });
-    db.send_raw_frames(&[rarp(&db)]);
+    announce_like_qemu(&db);
     let record = b.wait_for(Duration::from_secs(5), "the move in B's audit log", |b| {
         b.audit().into_iter().find(|r| r["kind"] == "move" && r["endpoint"] == "db")
     });
@@ -418,7 +430,7 @@ fn migrate(c: &Cluster, vm: &Vm, from: &Node, to: &Node, dest: &NodeAgent) {
     dest.wait_for(Duration::from_secs(10), "the port attached on the destination", |b| {
         b.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == vm.host_port()).then_some(())
     });
-    vm.send_raw_frames(&[rarp(vm)]);
+    announce_like_qemu(vm);
     dest.wait_for(Duration::from_secs(5), "the move in the audit log", |b| {
         b.audit().into_iter().find(|r| r["kind"] == "move" && r["endpoint"] == vm.name())
     });

@@ -213,7 +213,12 @@ pub(crate) fn run(bin: &Path) -> Result<()> {
         say("moving db's port from hv1 to hv2 (same MAC and address), then db sends RARP as QEMU does");
         lab.move_vm(&db, &hv1, &hv2);
         wait_until("db's port attached on hv2", Duration::from_secs(10), || port_attached(bin, &a2, &db))?;
-        db.send_raw_frames(&[announce(&db, true)]);
+        // Five RARP frames over 350 ms, as QEMU announces a migrated VM.
+        let rarp = announce(&db, true);
+        for delay_ms in [0, 50, 100, 100, 100] {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            db.send_raw_frames(std::slice::from_ref(&rarp));
+        }
         wait_until("the move in hv2's audit log", Duration::from_secs(5), || {
             cli(bin, &a2, &["audit"]).is_ok_and(|s| s.contains(" move "))
         })?;
