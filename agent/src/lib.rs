@@ -21,6 +21,7 @@
 //! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
 //! - [`audit`]: the in-motion audit log
 //! - [`pins`]: what a previous agent pinned, and whether it can be adopted
+//! - [`privileges`]: the capabilities `backplane run` keeps
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
 pub mod agent;
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod paths;
 pub mod pins;
 pub mod ports;
+pub mod privileges;
 pub mod rule_names;
 pub mod rule_sync;
 pub mod rule_tables;
