@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::{
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    path::Path,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use backplane_lab::{Lab, Vm, host_run};
-use common::agent::{Agent, BACKPLANE};
+use common::{
+    agent::{Agent, BACKPLANE},
+    traffic::connects,
+};
 
 const ZONES: &str = "\
 zones:
@@ -34,15 +33,6 @@ policies:
 ";
 
 const BROKEN: &str = "policies:\n  - { name: bad, from: db, to: nowhere, allow: [] }\n";
-
-/// Whether a TCP connection from `from` to `to:port` opens within a second.
-fn connects(from: &Vm, to: &Vm, port: u16) -> bool {
-    let listener = to.in_netns(|| TcpListener::bind(("0.0.0.0", port))).expect("listen");
-    let dst = SocketAddr::new(IpAddr::V4(to.ip()), port);
-    let ok = from.in_netns(|| TcpStream::connect_timeout(&dst, Duration::from_secs(1))).is_ok();
-    drop(listener);
-    ok
-}
 
 fn write_rules(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();

@@ -7,7 +7,9 @@
 mod bench;
 mod demo;
 mod demo_migration;
+mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -61,6 +63,23 @@ enum Task {
         #[arg(last = true, value_name = "BENCH_ARGS")]
         bench_args: Vec<String>,
     },
+    /// Setup, install cargo-fuzz if missing, and run each fuzz target of agent/fuzz (the
+    /// rule parser, the flow event decoder, the payload sample decoder) for N seconds.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60, value_name = "N")]
+        seconds: u64,
+        /// One target only (`rules_parser`, `flow_event`, `payload_sample`).
+        #[arg(value_name = "TARGET")]
+        target: Option<String>,
+    },
+    /// Setup, then the soak lab for N minutes: VMs starting and stopping, rules reloaded
+    /// every second, traffic and verdicts checked throughout; no growth of kernel maps,
+    /// descriptors or memory at the end.
+    Soak {
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        minutes: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,6 +121,14 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { which, bench_args } => {
             setup::run()?;
             bench::run(&which, &bench_args)
+        }
+        Task::Fuzz { seconds, target } => {
+            setup::run()?;
+            fuzz::run(seconds, target.as_deref())
+        }
+        Task::Soak { minutes } => {
+            setup::run()?;
+            soak::run(minutes)
         }
     }
 }

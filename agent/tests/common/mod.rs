@@ -4,3 +4,4 @@
 pub mod agent;
 pub mod datapath;
 pub mod frames;
+pub mod traffic;
