@@ -91,6 +91,37 @@ pub struct RunOptions {
     pub flow_handover: bool,
 }
 
+impl RunOptions {
+    /// Checks every value that does not depend on the machine, before anything is
+    /// touched; each error names its argument (the CLI exits 2 with it).
+    pub fn validate(&self) -> Result<(), String> {
+        validate_node(&self.node).map_err(|e| format!("--node: {e}"))?;
+        if self.idle_timeout < Duration::from_secs(1) {
+            return Err(AgentError::BadIdleTimeout.to_string());
+        }
+        PortSelector::new(&self.interfaces, &[]).map_err(|e| format!("--interfaces: {e}"))?;
+        PortSelector::new(&[], &self.uplinks).map_err(|e| format!("--uplink: {e}"))?;
+        let dp = DatapathOptions {
+            pin_dir: self.pin_dir.clone(),
+            flow_table_size: self.flow_table_size,
+            ring_size: self.ring_size,
+            payload_ring_size: self.payload_ring_size,
+            xdp_mode: self.xdp_mode,
+        };
+        dp.validate().map_err(|e| match e {
+            DatapathError::InvalidOption(text) => text,
+            other => other.to_string(),
+        })?;
+        if !self.etcd.is_empty() {
+            Etcd::new(&self.etcd).map_err(|e| format!("--etcd: {e}"))?;
+        }
+        if self.flow_log.as_ref().is_some_and(|f| f.max_bytes == 0) {
+            return Err("--flow-log-max-bytes must be at least 1 byte".into());
+        }
+        Ok(())
+    }
+}
+
 /// Why the agent could not start.
 #[derive(Debug, Error)]
 pub enum AgentError {

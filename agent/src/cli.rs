@@ -139,15 +139,15 @@ pub struct RunArgs {
     pub node: Option<String>,
 
     /// Capacity of the kernel flow table (entries).
-    #[arg(long, default_value_t = 262_144, value_name = "N")]
+    #[arg(long, default_value_t = 262_144, value_name = "N", allow_negative_numbers = true)]
     pub flow_table_size: u32,
 
     /// Size of the flow event ring buffer in bytes (a power of two; K/M/G suffixes allowed).
-    #[arg(long, default_value = "4M", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value = "4M", value_parser = parse_size, value_name = "BYTES", allow_hyphen_values = true)]
     pub ring_size: u32,
 
     /// Seconds without packets after which a flow is removed (flows that saw FIN/RST: 5 s).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", allow_negative_numbers = true)]
     pub idle_timeout: u64,
 
     /// XDP mode on the ports. `skb` (generic) keeps GRO/TSO working on veth and tap
@@ -188,11 +188,11 @@ pub struct RunArgs {
     pub flow_log: Option<PathBuf>,
 
     /// Rotate the flow log when it would grow past this size (K/M/G suffixes allowed).
-    #[arg(long, default_value = "100M", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value = "100M", value_parser = parse_size, value_name = "BYTES", allow_hyphen_values = true)]
     pub flow_log_max_bytes: u32,
 
     /// Rotated flow log files to keep (PATH.1 ... PATH.N).
-    #[arg(long, default_value_t = 5, value_name = "N")]
+    #[arg(long, default_value_t = 5, value_name = "N", allow_negative_numbers = true)]
     pub flow_log_keep: usize,
 
     /// Export flow records as IPFIX (RFC 7011) over UDP to this collector.
@@ -200,15 +200,15 @@ pub struct RunArgs {
     pub ipfix: Option<std::net::SocketAddr>,
 
     /// Seconds between IPFIX records of a flow that lives on (its counters so far).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", allow_negative_numbers = true)]
     pub ipfix_active_timeout: u64,
 
     /// IPFIX observation domain id of this node.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N", allow_negative_numbers = true)]
     pub ipfix_domain: u32,
 
     /// Size of the payload sample ring buffer in bytes (a power of two; K/M/G suffixes).
-    #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "BYTES", allow_hyphen_values = true)]
     pub payload_ring_size: u32,
 
     /// This node's labels, for zone placement: KEY=VALUE, comma-separated.
@@ -387,8 +387,9 @@ impl RunArgs {
         let node = self.node.unwrap_or_else(hostname);
         let pin_dir = self.pin_dir.unwrap_or_else(|| default_pin_dir(&node));
         let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&node));
-        Ok(RunOptions {
-            labels: parse_labels(&self.labels).unwrap_or_default(),
+        let labels = parse_labels(&self.labels).map_err(|e| format!("--labels: {e}"))?;
+        let opts = RunOptions {
+            labels,
             etcd: self.etcd,
             state_dir,
             flow_handover: !self.no_flow_handover,
@@ -417,7 +418,9 @@ impl RunArgs {
                 active_timeout: Duration::from_secs(self.ipfix_active_timeout.max(1)),
                 domain: self.ipfix_domain,
             }),
-        })
+        };
+        opts.validate()?;
+        Ok(opts)
     }
 }
 
