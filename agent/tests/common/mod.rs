@@ -4,4 +4,5 @@
 pub mod agent;
 pub mod datapath;
 pub mod frames;
+pub mod hostile;
 pub mod traffic;
