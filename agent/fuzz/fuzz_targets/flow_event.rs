@@ -1,0 +1,8 @@
+//! Fuzz target: see `checks::flow_event_input`.
+#![no_main]
+
+#[allow(dead_code, reason = "each target uses one of the checks")]
+#[path = "../src/checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::flow_event_input(data));
