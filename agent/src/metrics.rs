@@ -399,10 +399,27 @@ impl Metrics {
 
         let override_counts = self.endpoint_override.lock().expect("endpoint override lock").clone();
         let counts = override_counts.unwrap_or_else(|| {
+            let here = &status.endpoints;
+            if here.total > 0 {
+                // The endpoints this node knows, by the state the endpoint manager gives
+                // them (inventory, runtime and unknown MACs).
+                let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                return BTreeMap::from([
+                    ("active".to_owned(), n(here.active)),
+                    ("quarantined".to_owned(), n(here.quarantined)),
+                    ("isolated".to_owned(), n(here.isolated)),
+                ]);
+            }
             let enforcing = status.config_flags & CONFIG_ENFORCE != 0;
             let slot = agent.active_slot();
             self.endpoints_from_kernel(enforcing.then_some(slot))
         });
+        // Moves handled by this node (arrivals from another node or port), as the
+        // endpoint manager counts them; the counter follows that count upwards.
+        let completed = self.migrations.with_label_values(&["completed"]);
+        if status.endpoints.moves > completed.get() {
+            completed.inc_by(status.endpoints.moves - completed.get());
+        }
         for (state, n) in counts {
             self.endpoints.with_label_values(&[&state]).set(n);
         }

@@ -365,6 +365,16 @@ fn move_while_streaming(handover: bool) {
     assert_eq!(record["to_labels"]["rack"], "r2", "{record:#}");
     assert_eq!(record["to_labels"]["jurisdiction"], "eu", "{record:#}");
     assert_eq!(b.status()["endpoints"]["moves"], 1);
+    // The metrics say so too (each agent serves them on its node's own loopback).
+    let metrics = backplane_lab::in_netns(c.b.netns(), || {
+        let mut conn = std::net::TcpStream::connect("127.0.0.1:9469").expect("metrics on node B");
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+        let mut text = String::new();
+        conn.read_to_string(&mut text).expect("response");
+        text
+    });
+    assert!(metrics.contains("backplane_migrations_total{outcome=\"completed\"} 1"), "{metrics}");
+    assert!(metrics.contains("backplane_endpoints{state=\"active\"}"), "{metrics}");
 
     std::thread::sleep(Duration::from_secs(1));
     let after = stream.progress(Duration::from_secs(3));
