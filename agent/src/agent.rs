@@ -503,6 +503,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         Some(Err(error)) => Some(rules_after_failure(error, inherited.map(|c| c.generation), &last_good)?),
     };
     datapath::prepare_pin_dir(&opts.pin_dir)?;
+    // Held until the agent is gone: one agent per pin directory.
+    let _pin_lock = datapath::lock_pin_dir(&opts.pin_dir)?;
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, &dp_opts)?;
     let ids = dp.program_ids();
     log::info!(

@@ -309,6 +309,23 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// Takes the pin directory's lock (`flock` on the directory) for as long as the returned
+/// file is open: a second agent on the same pins would adopt, and fight over, a live
+/// agent's links. The kernel releases the lock when the agent dies, even by `kill -9`.
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File, DatapathError> {
+    use std::os::fd::AsRawFd as _;
+    let dir = fs::File::open(pin_dir).map_err(|source| DatapathError::PinDir { path: pin_dir.to_owned(), source })?;
+    // SAFETY: flock takes a descriptor we own and plain flags.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let source = io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(DatapathError::PinDirInUse { path: pin_dir.to_owned() });
+        }
+        return Err(DatapathError::PinDir { path: pin_dir.to_owned(), source });
+    }
+    Ok(dir)
+}
+
 /// Checks the maps pinned under the pin directory against the layouts the object
 /// defines: a map of another layout would be misread by the new programs, so the start
 /// ends (nothing touched; a previous data path stays attached and in force).

@@ -47,6 +47,12 @@ pub enum DatapathError {
         source: io::Error,
     },
 
+    #[error(
+        "another agent is running on the pin directory {path} (it holds its lock): stop it first, or give this \
+         one its own --node, --pin-dir and --socket"
+    )]
+    PinDirInUse { path: PathBuf },
+
     #[error("pin directory {path} is not on bpffs (filesystem magic {magic:#x})")]
     NotBpffs { path: PathBuf, magic: i64 },
 

@@ -128,3 +128,29 @@ fn pinned_maps_of_another_layout_end_the_start_and_leave_everything_as_it_was() 
     let link = host_run(&["ip", "-d", "link", "show", "dev", a.host_port()]);
     assert!(!link.contains("xdp"), "nothing was attached: {link}");
 }
+
+#[test]
+fn a_second_agent_on_the_same_pins_is_refused_and_the_first_goes_on() {
+    let lab = Lab::new("bp");
+    let a = lab.add_veth_vm("a", "10.79.0.1/24", None, None);
+    let b = lab.add_veth_vm("b", "10.79.0.2/24", None, None);
+    let first = Agent::start(&lab, &[]);
+    let links_before = links(&first);
+    let out = std::process::Command::new(common::agent::BACKPLANE)
+        .args(["run", "--interfaces", &lab.port_glob(), "--pin-dir"])
+        .arg(lab.pin_dir())
+        .arg("--socket")
+        .arg(lab.work_dir().join("second.sock"))
+        .arg("--state-dir")
+        .arg(lab.work_dir().join("state2"))
+        .args(["--metrics-addr", "none"])
+        .output()
+        .expect("run a second agent");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("another agent is running on the pin directory"), "{text}");
+    assert_eq!(links(&first), links_before, "the first agent's links are untouched");
+    assert!(a.ping(b.ip(), 2), "and it goes on");
+    assert!(first.find_flow("icmp", "10.79.0.1", "10.79.0.2").is_some());
+    first.stop();
+}
