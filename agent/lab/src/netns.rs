@@ -35,10 +35,10 @@ pub fn enter_netns(netns: &str) -> io::Result<()> {
 /// Panics (with context) if the namespace cannot be entered, or if `f` panics.
 ///
 /// ```no_run
-/// # let vm: backplane_lab::Vm = unimplemented!();
-/// let listener = backplane_lab::in_netns(vm.netns(), || std::net::TcpListener::bind("0.0.0.0:5001"))
-///     .expect("bind");
-/// // `listener` keeps accepting connections inside the VM's namespace.
+/// fn listen_in(vm: &backplane_lab::Vm) -> std::net::TcpListener {
+///     // The listener keeps accepting connections inside the VM's namespace.
+///     backplane_lab::in_netns(vm.netns(), || std::net::TcpListener::bind("0.0.0.0:5001")).expect("bind")
+/// }
 /// ```
 pub fn in_netns<F, R>(netns: &str, f: F) -> R
 where
