@@ -265,26 +265,8 @@ impl Cluster {
 
     /// Reads where the endpoints are, their flows, and the shared definitions.
     async fn poll(&self) -> Result<(), EtcdError> {
-        let locations: Vec<(MacAddr, Location)> = self
-            .etcd
-            .get_prefix(&format!("{KEY_PREFIX}/endpoints/"))
-            .await?
-            .into_iter()
-            .filter_map(|kv| {
-                let mac = kv.key.rsplit('/').next()?.parse().ok()?;
-                Some((mac, serde_json::from_slice(&kv.value).ok()?))
-            })
-            .collect();
-        let flows: Vec<(MacAddr, HandoverSet)> = self
-            .etcd
-            .get_prefix(&format!("{KEY_PREFIX}/flows/"))
-            .await?
-            .into_iter()
-            .filter_map(|kv| {
-                let mac = kv.key.rsplit('/').next()?.parse().ok()?;
-                Some((mac, serde_json::from_slice(&kv.value).ok()?))
-            })
-            .collect();
+        let locations: Vec<(MacAddr, Location)> = self.get_by_mac("endpoints").await?;
+        let flows: Vec<(MacAddr, HandoverSet)> = self.get_by_mac("flows").await?;
         self.endpoints.merge_remote(locations, flows);
         let runtime: Vec<RuntimeEndpoint> = self
             .etcd
@@ -305,6 +287,27 @@ impl Cluster {
             .collect();
         self.endpoints.merge_shared(runtime, attested);
         Ok(())
+    }
+
+    /// The JSON values under `<prefix>/<dir>/<mac>`, by MAC. An entry whose key is not a
+    /// MAC or whose value does not decode is logged and left out, never taken as empty.
+    async fn get_by_mac<T: serde::de::DeserializeOwned>(&self, dir: &str) -> Result<Vec<(MacAddr, T)>, EtcdError> {
+        let entries = self.etcd.get_prefix(&format!("{KEY_PREFIX}/{dir}/")).await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|kv| {
+                let decoded = kv
+                    .key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|mac| mac.parse().ok())
+                    .zip(serde_json::from_slice(&kv.value).ok());
+                if decoded.is_none() {
+                    log::warn!("etcd key {} does not hold a MAC's {dir} entry this agent can read; ignored", kv.key);
+                }
+                decoded
+            })
+            .collect())
     }
 }
 

@@ -8,18 +8,13 @@ mod common;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use backplane_lab::{ChildGuard, MGMT_IP, Node, NodeLab, UPLINK_PORT, Vm};
-use common::agent::BACKPLANE;
+use common::{agent::BACKPLANE, traffic::Stream};
 use serde_json::Value;
 
 const WEB_MAC: &str = "02:00:00:30:00:01";
@@ -232,74 +227,6 @@ fn garp(vm: &Vm) -> Vec<u8> {
     arp_frame(0x0806, 1, vm.mac(), vm.ip().octets())
 }
 
-/// A TCP connection web -> db:5432 over which db streams to web; the bytes web received.
-struct Stream {
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Stream {
-    fn start(web: &Vm, db: &Vm) -> Stream {
-        let listener = db.in_netns(|| TcpListener::bind(("0.0.0.0", 5432))).expect("listen");
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicU64::new(0));
-        let s = Arc::clone(&stop);
-        let server = std::thread::spawn(move || {
-            let Ok((mut c, _)) = listener.accept() else { return };
-            // A write that cannot go on (a broken connection) gives up after a while so
-            // that the stream stops when asked.
-            c.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
-            let chunk = [7u8; 1000];
-            while !s.load(Ordering::Relaxed) {
-                match c.write(&chunk) {
-                    Ok(_) => {}
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                    Err(_) => return,
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        let dst = SocketAddr::new(IpAddr::V4(db.ip()), 5432);
-        let mut client =
-            web.in_netns(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3))).expect("connect web -> db");
-        client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let (s, r) = (Arc::clone(&stop), Arc::clone(&received));
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            while !s.load(Ordering::Relaxed) {
-                match client.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        r.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-        Stream { received, stop, threads: vec![server, reader] }
-    }
-
-    fn bytes(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    /// Bytes received during `d`.
-    fn progress(&self, d: Duration) -> u64 {
-        let before = self.bytes();
-        std::thread::sleep(d);
-        self.bytes() - before
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
 
 fn flow_of(agent: &NodeAgent, src: &str, dst: &str, dport: u16) -> Option<Value> {
     let flows = agent.json(&["flows", "--json"]);
@@ -338,7 +265,8 @@ fn move_while_streaming(handover: bool) {
             (a.endpoint(name)["here"] == true).then_some(())
         });
     }
-    let stream = Stream::start(&web, &db);
+    // db streams to web over web's connection to db:5432.
+    let stream = Stream::start(&web, &db, 5432);
     assert!(stream.progress(Duration::from_secs(2)) > 20_000, "db streams to web before the move");
     let on_a = a.wait_for(Duration::from_secs(5), "the flow on A", |a| flow_of(a, "10.30.0.1", "10.40.0.1", 5432));
     assert_eq!(on_a["verdict"], "allowed", "{on_a:#}");

@@ -12,7 +12,7 @@ pub const CONFIG: &str = "CONFIG";
 pub const PORTS: &str = "PORTS";
 /// Endpoints by MAC: `HASH<EndpointKey, EndpointValue>`.
 pub const ENDPOINTS: &str = "ENDPOINTS";
-/// Zone membership by address: `LPM_TRIE<AddrKey, ZoneValue-less u32 zone>`.
+/// Zone membership by address: `LPM_TRIE<AddrKey, u32>` (the zone id).
 pub const ZONE_CIDRS: &str = "ZONE_CIDRS";
 /// Per-zone settings: `HASH<ZoneKey, ZoneValue>`.
 pub const ZONES: &str = "ZONES";
