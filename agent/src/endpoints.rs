@@ -32,7 +32,7 @@ use backplane_common::{
     FlowEvent, FlowKey, FlowValue, Verdict,
     event::Announcement,
     flow::{FAMILY_IPV4, STATE_ENDED, STATE_INSTALLED},
-    policy::{ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointValue, ZONE_WORLD},
+    policy::{ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointValue, OwnerKey, OwnerValue, ZONE_WORLD},
     reason::Reason,
 };
 use backplane_rules::{CompiledRules, MacAddr, OnViolation, PatchDate, RuleSet, UnknownMacs, VpatchEntry};
@@ -44,7 +44,7 @@ use crate::{
     datapath::Datapath,
     error::report,
     flows::SharedFlows,
-    rule_tables::EndpointOverlay,
+    rule_tables::{EndpointOverlay, owner_key},
 };
 
 /// File name of the endpoint state in the state directory.
@@ -656,6 +656,10 @@ impl Endpoints {
                 }
             }
             st.written_vpatches = vwanted;
+            let owners = Self::address_owners(&wanted, &ips_of);
+            if let Err(e) = tables.set_owners(&owners) {
+                log::error!("cannot write the owners of endpoint addresses: {}", report(&e));
+            }
         }
         if !rejudge.is_empty() {
             let entries = self.flows.entries();
@@ -669,6 +673,33 @@ impl Endpoints {
                 self.flows.rejudge(&keys);
             }
         }
+    }
+
+    /// Which port each address of a bound endpoint belongs to: the data path drops frames
+    /// from other VM ports that send from (or claim) it. An address two bound endpoints
+    /// claim (runtime endpoints can, the rule files cannot) belongs to neither.
+    fn address_owners(
+        wanted: &HashMap<MacAddr, EndpointValue>,
+        ips_of: &HashMap<MacAddr, Vec<IpAddr>>,
+    ) -> HashMap<OwnerKey, OwnerValue> {
+        let mut owners: HashMap<OwnerKey, OwnerValue> = HashMap::new();
+        let mut disputed = HashSet::new();
+        for (mac, value) in wanted.iter().filter(|(_, v)| v.ifindex != 0) {
+            for ip in ips_of.get(mac).into_iter().flatten() {
+                let owner = OwnerValue { ifindex: value.ifindex, endpoint_id: value.endpoint_id };
+                match owners.insert(owner_key(*ip), owner) {
+                    Some(other) if other != owner => {
+                        disputed.insert(*ip);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for ip in disputed {
+            log::warn!("address {ip} is claimed by two endpoints bound here; no port owns it");
+            owners.remove(&owner_key(ip));
+        }
+        owners
     }
 
     /// The definition of the endpoint with this MAC.
@@ -1252,6 +1283,13 @@ impl Endpoints {
                     other.name,
                     other.mac,
                     if other.runtime { "known" } else { "in the inventory" }
+                ));
+            }
+            let others = Self::defs(&st).into_iter().filter(|d| !(d.runtime && d.name == r.name));
+            if let Some((other, ip)) = others.into_iter().find_map(|d| r.ips.iter().find(|ip| d.ips.contains(ip)).map(|ip| (d.clone(), *ip))) {
+                return Err(format!(
+                    "address {ip} is already endpoint \"{}\"'s ({}); an address belongs to one endpoint",
+                    other.name, other.mac
                 ));
             }
             let mut r = r;

@@ -27,7 +27,7 @@ use aya::maps::MapData;
 use backplane_common::{
     Counter,
     config::CONFIG_ENFORCE,
-    maps::{ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS, ZONES},
+    maps::{ADDR_OWNERS, ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS, ZONES},
     policy::{ENDPOINT_ISOLATED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue},
 };
 use bytes::Bytes;
@@ -60,6 +60,7 @@ pub const EXPORTERS: &[&str] = &["flow_log", "ipfix"];
 /// rather than from a verdict: (label, counter).
 const COUNTER_DROP_REASONS: &[(&str, Counter)] = &[
     ("spoofed", Counter::Spoofed),
+    ("spoofed_address", Counter::SpoofedAddress),
     ("tagged_from_vm_port", Counter::TaggedFromVmPort),
     ("unjudged", Counter::UnjudgedDropped),
     ("router_advert_from_vm", Counter::RouterAdvertFromVm),
@@ -77,6 +78,7 @@ const WALKED_MAPS: &[(&str, &str)] = &[
     (FRAGMENTS, "fragments"),
     (VPATCHES, "vpatches"),
     (ANNOUNCES, "announces"),
+    (ADDR_OWNERS, "addr_owners"),
 ];
 
 /// Raises a counter to `total` (never lowers it).

@@ -14,8 +14,8 @@ use aya::{
 use backplane_common::{
     DatapathConfig, PortInfo,
     config::{CONFIG_ENFORCE, CONFIG_INDEX},
-    maps::{CONFIG, ENDPOINTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONES},
-    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZoneValue},
+    maps::{ADDR_OWNERS, CONFIG, ENDPOINTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONES},
+    policy::{AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZoneValue},
 };
 use backplane_rules::{CompiledRules, MacAddr, VpatchEntry};
 
@@ -70,6 +70,9 @@ pub struct RuleTables {
     policies: LpmTrie<MapData, PolicyKey, PolicyValue>,
     vpatches: LpmTrie<MapData, VpatchKey, VpatchValue>,
     slots: [SlotKeys; 2],
+    /// `ADDR_OWNERS` (not double-buffered) and what it holds.
+    owners: HashMap<MapData, OwnerKey, OwnerValue>,
+    owners_held: std::collections::HashMap<OwnerKey, OwnerValue>,
 }
 
 fn take(ebpf: &mut Ebpf, map: &'static str) -> Result<aya::maps::Map, TableError> {
@@ -87,6 +90,8 @@ impl RuleTables {
             policies: LpmTrie::try_from(take(ebpf, POLICIES)?).map_err(map_err(POLICIES))?,
             vpatches: LpmTrie::try_from(take(ebpf, VPATCHES)?).map_err(map_err(VPATCHES))?,
             slots: [SlotKeys::default(), SlotKeys::default()],
+            owners: HashMap::try_from(take(ebpf, ADDR_OWNERS)?).map_err(map_err(ADDR_OWNERS))?,
+            owners_held: std::collections::HashMap::new(),
         };
         tables.scan()?;
         Ok(tables)
@@ -115,6 +120,10 @@ impl RuleTables {
             let key = key.map_err(map_err(VPATCHES))?;
             let data = key.data();
             self.slots[usize::from(data.slot & 1)].vpatches.push((key.prefix_len(), data));
+        }
+        for entry in self.owners.iter() {
+            let (key, value) = entry.map_err(map_err(ADDR_OWNERS))?;
+            self.owners_held.insert(key, value);
         }
         Ok(())
     }
@@ -253,6 +262,47 @@ impl RuleTables {
         self.slots[usize::from(slot & 1)].vpatches.retain(|x| *x != (len, k));
         Ok(())
     }
+
+    /// Makes `ADDR_OWNERS` hold exactly `wanted`: writes what is new or changed, removes
+    /// what is no longer wanted (entries left by an agent before a restart included).
+    /// Every entry is tried; the first failure is returned.
+    pub fn set_owners(&mut self, wanted: &std::collections::HashMap<OwnerKey, OwnerValue>) -> Result<usize, TableError> {
+        let mut changed = 0;
+        let mut first_error = None;
+        for (key, value) in wanted {
+            if self.owners_held.get(key) == Some(value) {
+                continue;
+            }
+            match self.owners.insert(key, value, 0) {
+                Ok(()) => {
+                    self.owners_held.insert(*key, *value);
+                    changed += 1;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(TableError::Map { map: ADDR_OWNERS, source: e });
+                }
+            }
+        }
+        let gone: Vec<OwnerKey> = self.owners_held.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in gone {
+            match self.owners.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {
+                    self.owners_held.remove(&key);
+                    changed += 1;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(TableError::Map { map: ADDR_OWNERS, source: e });
+                }
+            }
+        }
+        first_error.map_or(Ok(changed), Err)
+    }
+
+    /// What `ADDR_OWNERS` holds.
+    #[must_use]
+    pub fn owners(&self) -> &std::collections::HashMap<OwnerKey, OwnerValue> {
+        &self.owners_held
+    }
 }
 
 /// Sets each attached port's zone for `slot` from the rule set's interface members.
@@ -292,4 +342,21 @@ pub fn activate(config: &mut Array<MapData, DatapathConfig>, slot: u8, rules: &C
 #[must_use]
 pub fn next_slot(config: &DatapathConfig) -> u8 {
     if config.flags & CONFIG_ENFORCE == 0 { 0 } else { (config.active_slot & 1) ^ 1 }
+}
+
+/// The `ADDR_OWNERS` key of an address.
+#[must_use]
+pub fn owner_key(ip: std::net::IpAddr) -> OwnerKey {
+    let mut addr = [0u8; 16];
+    let family = match ip {
+        std::net::IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            backplane_common::flow::FAMILY_IPV4
+        }
+        std::net::IpAddr::V6(v6) => {
+            addr = v6.octets();
+            backplane_common::flow::FAMILY_IPV6
+        }
+    };
+    OwnerKey { family, _pad: [0; 3], addr }
 }

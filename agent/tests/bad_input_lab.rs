@@ -1,6 +1,6 @@
 //! Bad input while the agent runs: an etcd that cannot be reached from the start, a
-//! rules directory that disappears and comes back, and an endpoint added with a MAC
-//! that is already another's. Each is reported clearly and enforcement goes on.
+//! rules directory that disappears and comes back, and an endpoint added with a MAC or
+//! an address that is already another's. Each is reported clearly and enforcement goes on.
 
 mod common;
 
@@ -64,7 +64,7 @@ fn a_rules_directory_that_disappears_keeps_the_last_good_rules_and_says_so() {
 }
 
 #[test]
-fn an_endpoint_with_a_mac_already_known_is_refused() {
+fn an_endpoint_with_a_mac_or_address_already_known_is_refused() {
     let lab = Lab::new("bp");
     let _web = lab.add_veth_vm("web", "10.30.0.1/8", None, None);
     let rules = copy_example_rules(&lab, "three-zones");
@@ -77,6 +77,11 @@ fn an_endpoint_with_a_mac_already_known_is_refused() {
     let text = String::from_utf8_lossy(&again.stderr);
     assert!(!again.status.success(), "a second endpoint with the same MAC is refused");
     assert!(text.contains("db-7") && text.contains("52:54:00:40:00:07") && text.contains("already"), "{text}");
+    // Another MAC with the same address: an address belongs to one endpoint.
+    let same_ip = add("db-10", "52:54:00:40:00:10");
+    let text = String::from_utf8_lossy(&same_ip.stderr);
+    assert!(!same_ip.status.success(), "a second endpoint with the same address is refused");
+    assert!(text.contains("address 10.30.0.9 is already endpoint \"db-7\"'s"), "{text}");
     let bad = add("db-9", "52:54:00:40:00");
     assert!(!bad.status.success(), "a malformed MAC is refused: {}", String::from_utf8_lossy(&bad.stdout));
     let list = agent.cli_json(&["endpoint", "list", "--json"]);

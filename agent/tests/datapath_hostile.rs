@@ -3,25 +3,27 @@
 //! abort or return anything but pass or drop; every flow a frame creates carries the
 //! verdict `backplane_rules::evaluate` gives it, and from a VM port a denied flow's first
 //! frame is dropped. Frames claiming the MAC of an endpoint bound to another port are
-//! dropped and counted, and pass once the endpoint is bound to the sending port.
+//! dropped and counted, and pass once the endpoint is bound to the sending port; so are
+//! frames that send from or claim (ARP, neighbour discovery) the victim's IP addresses
+//! with the sender's own MAC.
 
 mod common;
 
-use std::{net::IpAddr, path::Path};
+use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, MapData};
-use backplane::rule_tables::{RuleTables, activate, write_port_zones};
+use backplane::rule_tables::{RuleTables, activate, owner_key, write_port_zones};
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole, Verdict,
     flow::{FAMILY_IPV4, FragmentKey, FragmentPorts},
     maps::{CONFIG, FLOWS, FRAGMENTS, PORTS},
-    policy::EndpointValue,
+    policy::{EndpointValue, OwnerValue},
     reason::Counter,
 };
 use backplane_rules::{MacAddr, PacketView, RuleSet, ZoneIds, compile, evaluate, parse_rules};
 use common::{
     datapath::TestDatapath,
-    hostile::{self, Hostile, VICTIM_MAC},
+    hostile::{self, Hostile, VICTIM_IP4, VICTIM_IP6_LAST, VICTIM_MAC, a6},
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -58,9 +60,20 @@ fn setup(enforce: bool, role: PortRole, victim_port: u32) -> Setup {
         let zone_a = compiled.zone_ids.id("a").expect("zone a");
         let victim = EndpointValue { zone: zone_a, ifindex: victim_port, ..EndpointValue::default() };
         tables.write_endpoint(0, MacAddr(VICTIM_MAC), victim).unwrap();
+        give_victim_addresses(&mut tables, victim_port);
         rules
     });
     Setup { dp, tables, rules }
+}
+
+/// The victim's IPv4 and IPv6 addresses belong to `port`.
+fn give_victim_addresses(tables: &mut RuleTables, port: u32) {
+    let owner = OwnerValue { ifindex: port, endpoint_id: 7 };
+    let owners: StdHashMap<_, _> = [IpAddr::from(VICTIM_IP4), IpAddr::from(a6(VICTIM_IP6_LAST))]
+        .into_iter()
+        .map(|ip| (owner_key(ip), owner))
+        .collect();
+    tables.set_owners(&owners).expect("write ADDR_OWNERS");
 }
 
 impl Setup {
@@ -122,6 +135,7 @@ fn run_corpus(setup: &mut Setup, corpus: &[Hostile], egress: bool, vm_port: bool
         for (i, frame) in seq.frames.iter().enumerate() {
             let before: Vec<FlowKey> = setup.flow_keys().into_iter().map(|(k, _)| k).collect();
             let spoofed_before = setup.dp.counter(Counter::Spoofed);
+            let spoofed_address_before = setup.dp.counter(Counter::SpoofedAddress);
             let what = format!("{} (frame {i} of {}, {} bytes)", seq.label, seq.frames.len(), frame.len());
             tally.frames += 1;
             let dropped = if egress {
@@ -155,6 +169,13 @@ fn run_corpus(setup: &mut Setup, corpus: &[Hostile], egress: bool, vm_port: bool
             if seq.spoofs_victim && enforcing_here && vm_port {
                 assert!(dropped, "{what}: a frame claiming the victim's MAC from another port passed");
                 assert_eq!(setup.dp.counter(Counter::Spoofed), spoofed_before + 1, "{what}: counted as spoofed");
+                assert!(created.is_empty(), "{what}: a spoofed frame made a flow");
+                continue;
+            }
+            if seq.spoofs_victim_address && enforcing_here {
+                assert!(dropped, "{what}: a frame claiming the victim's address from another port passed");
+                let counted = setup.dp.counter(Counter::SpoofedAddress) - spoofed_address_before;
+                assert_eq!(counted, 1, "{what}: counted as spoofed_address");
                 assert!(created.is_empty(), "{what}: a spoofed frame made a flow");
                 continue;
             }
@@ -214,6 +235,7 @@ fn spoofed_frames_are_dropped_and_counted_unless_the_port_owns_the_mac() {
     };
     let owner = EndpointValue { zone: zone_a, ifindex: LOOPBACK_IFINDEX, ..EndpointValue::default() };
     setup.tables.write_endpoint(0, MacAddr(VICTIM_MAC), owner).unwrap();
+    give_victim_addresses(&mut setup.tables, LOOPBACK_IFINDEX);
     for seq in &spoofs {
         setup.clear();
         for frame in &seq.frames {
@@ -221,4 +243,52 @@ fn spoofed_frames_are_dropped_and_counted_unless_the_port_owns_the_mac() {
         }
     }
     assert_eq!(setup.dp.counter(Counter::Spoofed), spoofs.len() as u64, "no more counted as spoofed");
+}
+
+#[test]
+fn frames_from_another_endpoints_address_are_dropped_and_counted_unless_the_port_owns_it() {
+    let spoofs: Vec<Hostile> = hostile::corpus(SEED, 0).into_iter().filter(|s| s.spoofs_victim_address).collect();
+    assert!(spoofs.len() >= 8, "{spoofs:?}");
+    let mut setup = setup(true, PortRole::Vm, OTHER_PORT);
+    let tally = run_corpus(&mut setup, &spoofs, false, true);
+    assert_eq!(tally.dropped, spoofs.len(), "{tally:?}");
+    assert_eq!(setup.dp.counter(Counter::SpoofedAddress), spoofs.len() as u64);
+    assert_eq!(setup.dp.counter(Counter::Spoofed), 0, "not a MAC spoof");
+
+    // A flow the victim started from its own port (OTHER_PORT); then the same flow's
+    // packets from this port (a hijack of the established flow) are dropped.
+    give_victim_addresses(&mut setup.tables, LOOPBACK_IFINDEX);
+    let tcp = spoofs.iter().find(|s| s.label == "tcp from the victim's address").expect("the tcp spoof");
+    setup.clear();
+    assert_eq!(setup.dp.from_port(&tcp.frames[0]), XDP_PASS, "the owner's own flow");
+    let (key, mut value) = setup.dp.flows().pop().expect("the flow");
+    let d = usize::from(value.initiator & 1);
+    assert_eq!(value.ifindex[d], LOOPBACK_IFINDEX);
+    value.ifindex[d] = OTHER_PORT;
+    let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(setup.dp.ebpf.map_mut(FLOWS).unwrap()).unwrap();
+    flows.insert(key, value, 0).unwrap();
+    give_victim_addresses(&mut setup.tables, OTHER_PORT);
+    let before = setup.dp.counter(Counter::SpoofedAddress);
+    assert_eq!(setup.dp.from_port(&tcp.frames[0]), XDP_DROP, "the same flow from a port that does not own the address");
+    assert_eq!(setup.dp.counter(Counter::SpoofedAddress), before + 1);
+    let (_, value) = setup.dp.flows().pop().unwrap();
+    assert_eq!(value.packets.iter().sum::<u64>(), 1, "the hijacking packet is not counted on the flow");
+
+    // Owned by the port they come from, the same frames are the victim's own.
+    give_victim_addresses(&mut setup.tables, LOOPBACK_IFINDEX);
+    let before = setup.dp.counter(Counter::SpoofedAddress);
+    for seq in &spoofs {
+        setup.clear();
+        for frame in &seq.frames {
+            assert_eq!(setup.dp.from_port(frame), XDP_PASS, "{}: the owner's own frame", seq.label);
+        }
+    }
+    assert_eq!(setup.dp.counter(Counter::SpoofedAddress), before, "no more counted as spoofed");
+    // Nobody owns them: anyone may use them (as before an endpoint is bound).
+    setup.tables.set_owners(&StdHashMap::new()).unwrap();
+    for seq in &spoofs {
+        setup.clear();
+        assert_eq!(setup.dp.from_port(&seq.frames[0]), XDP_PASS, "{}: an address nobody owns", seq.label);
+    }
+    assert_eq!(setup.dp.counter(Counter::SpoofedAddress), before);
 }

@@ -1,7 +1,8 @@
 //! The hostile corpus on the wire: a VM writes every frame of it to its port while the
 //! agent enforces the three-zones rules. The agent survives and goes on judging; frames
 //! that claim the MAC of an endpoint bound to another port are dropped before the
-//! bridge (none reaches another VM) and counted as spoofed.
+//! bridge (none reaches another VM) and counted as spoofed; so are frames that send
+//! from or claim (ARP, neighbour discovery) its IP addresses with the sender's own MAC.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules},
-    frames::arp,
+    frames::{TCP_SYN, arp, eth, icmp_echo, ipv4, ipv6, tcp},
     hostile::{self, VICTIM_MAC},
 };
 
@@ -38,7 +39,7 @@ fn the_agent_survives_the_corpus_and_drops_what_spoofs_a_bound_endpoint() {
 
     // The victim is a known endpoint, bound to its port once it announces itself.
     let mac = victim.mac_string();
-    let added = agent.cli(&["endpoint", "add", "victim", "--mac", &mac, "--ip", "10.30.0.2"]);
+    let added = agent.cli(&["endpoint", "add", "victim", "--mac", &mac, "--ip", "10.30.0.2", "--ip", "fd00:30::2"]);
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
     victim.send_raw_frames(&[arp(0x0806, 1, victim.mac(), [10, 30, 0, 2], [10, 30, 0, 2])]);
     let port = victim.host_port().to_owned();
@@ -82,5 +83,51 @@ fn the_agent_survives_the_corpus_and_drops_what_spoofs_a_bound_endpoint() {
     // And it goes on judging.
     assert!(victim.ping(db.ip(), 2), "web -> db icmp is allowed");
     assert!(!db.ping(victim.ip(), 1), "db -> web is denied");
+
+    // The attacker's own MAC with the victim's addresses: ARP poisoning, neighbour
+    // advertisement, and traffic from the victim's address that the rules would allow
+    // (web -> db icmp and tcp/5432). None reaches db; each is counted once.
+    let (att, victim_ip, db_ip) = (attacker.mac(), [10, 30, 0, 2], db.ip().octets());
+    let mut claim = arp(0x0806, 2, att, victim_ip, db_ip);
+    claim[0..6].copy_from_slice(&db.mac());
+    let victim6: [u8; 16] = "fd00:30::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let mut advert = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    advert.extend_from_slice(&victim6);
+    let mut all_nodes = [0u8; 16];
+    all_nodes[..2].copy_from_slice(&[0xff, 0x02]);
+    all_nodes[15] = 1;
+    let mut advert = eth([0x33, 0x33, 0, 0, 0, 1], att, &[], 0x86dd, &ipv6(victim6, all_nodes, 58, &advert));
+    advert[21] = 255;
+    let spoofing = vec![
+        claim,
+        arp(0x0806, 1, att, victim_ip, victim_ip),
+        eth(db.mac(), att, &[], 0x0800, &ipv4(victim_ip, db_ip, 1, &icmp_echo(8, 0x77, 1))),
+        eth(db.mac(), att, &[], 0x0800, &ipv4(victim_ip, db_ip, 6, &tcp(40000, 5432, TCP_SYN, &[]))),
+        advert,
+    ];
+    // The attacker's own address (web zone) to db: allowed, shows the capture works.
+    let honest = eth(db.mac(), att, &[], 0x0800, &ipv4(attacker.ip().octets(), db_ip, 1, &icmp_echo(8, 0x78, 1)));
+    let before = agent.status()["counters"]["spoofed_address"].as_u64().unwrap();
+    let filter = format!("ether src {} and (ip or arp or ip6)", attacker.mac_string());
+    let at_db = Capture::start_filtered(db.host_port(), &filter);
+    attacker.send_raw_frames(&spoofing);
+    attacker.send_raw_frames(&[honest]);
+    std::thread::sleep(Duration::from_millis(500));
+    let at_db = at_db.stop();
+    let counted = agent.status()["counters"]["spoofed_address"].as_u64().unwrap() - before;
+    assert_eq!(counted, spoofing.len() as u64, "every frame with the victim's address is counted as spoofed_address");
+    let from_victim_ip: Vec<_> = at_db
+        .iter()
+        .filter(|p| {
+            let f = &p.data;
+            let arp_claim = f.len() >= 32 && f[12..14] == [0x08, 0x06] && f[28..32] == victim_ip;
+            let ip_from = f.len() >= 30 && f[12..14] == [0x08, 0x00] && f[26..30] == victim_ip;
+            let nd_claim = f.len() >= 78 && f[12..14] == [0x86, 0xdd] && f[54] == 136 && f[62..78] == victim6;
+            arp_claim || ip_from || nd_claim
+        })
+        .collect();
+    assert!(from_victim_ip.is_empty(), "{} frame(s) with the victim's address reached db", from_victim_ip.len());
+    let honest_seen = at_db.iter().filter(|p| p.data.len() >= 34 && p.data[26..30] == attacker.ip().octets()).count();
+    assert_eq!(honest_seen, 1, "the attacker's frame from its own address reached db (the capture works)");
     agent.stop();
 }

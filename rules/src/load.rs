@@ -114,6 +114,8 @@ struct Loader {
     /// Index in `endpoints` by name, and by MAC.
     endpoint_index: HashMap<String, usize>,
     endpoint_macs: HashMap<MacAddr, usize>,
+    /// Index in `endpoints` by IP address.
+    endpoint_addrs: HashMap<IpAddr, usize>,
     neighbours: Vec<PendingNeighbour>,
     virtual_patches: Vec<VirtualPatch>,
 }
@@ -583,6 +585,9 @@ impl Loader {
             }
             self.endpoint_index.insert(name.to_owned(), self.endpoints.len());
             self.endpoint_macs.insert(mac, self.endpoints.len());
+            for ip in &pending.endpoint.ips {
+                self.endpoint_addrs.insert(*ip, self.endpoints.len());
+            }
             self.endpoints.push(pending);
         }
     }
@@ -601,6 +606,14 @@ impl Loader {
                 let Some(text) = self.scalar(item, "an IP address") else { continue };
                 match text.parse::<IpAddr>() {
                     Ok(ip) if ips.contains(&ip) => self.error(item.pos, format!("address {ip} is listed twice")),
+                    Ok(ip) if self.endpoint_addrs.contains_key(&ip) => {
+                        let other = &self.endpoints[self.endpoint_addrs[&ip]].endpoint;
+                        let msg = format!(
+                            "address {ip} of endpoint \"{name}\" is already endpoint \"{}\"'s ({}); an address belongs to one endpoint, whose port alone may send from it",
+                            other.name, other.location
+                        );
+                        self.error(item.pos, msg);
+                    }
                     Ok(ip) => ips.push(ip),
                     Err(_) => self.error(item.pos, format!("\"{text}\" is not an IP address; expected an IPv4 or IPv6 address like 10.30.0.5")),
                 }

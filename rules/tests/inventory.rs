@@ -169,3 +169,16 @@ fn an_endpoint_zone_must_agree_with_a_mac_member() {
     assert_eq!(e.len(), 1, "{e:#?}");
     assert!(e[0].starts_with("r.yaml:11:11:") && e[0].contains("is a member of zone \"mgmt\""), "{e:#?}");
 }
+
+#[test]
+fn an_address_belongs_to_one_endpoint() {
+    let e = errors(&format!(
+        "{ZONES}endpoints:\n  x:\n    mac: \"52:54:00:00:00:01\"\n    ips: [10.30.0.5, \"fd00::5\"]\n  \
+         y:\n    mac: \"52:54:00:00:00:02\"\n    ips: [10.30.0.6, \"fd00::5\"]\n"
+    ));
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(
+        e[0].starts_with("r.yaml:12:22:") && e[0].contains("address fd00::5 of endpoint \"y\" is already endpoint \"x\"'s (r.yaml:7:3)"),
+        "{e:#?}"
+    );
+}

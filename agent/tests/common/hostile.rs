@@ -57,16 +57,32 @@ pub struct Hostile {
     /// sender of an ARP/RARP): a data path that binds the victim to another port drops
     /// them while enforcing.
     pub spoofs_victim: bool,
+    /// Frames that send from (or claim, in ARP or neighbour discovery) the victim's IP
+    /// address with the sender's own MAC: a data path that gives the victim's addresses
+    /// to another port drops them while enforcing.
+    pub spoofs_victim_address: bool,
 }
 
 impl Hostile {
     fn one(label: impl Into<String>, frame: Vec<u8>) -> Self {
-        Self { label: label.into(), frames: vec![frame], spoofs_victim: false }
+        Self { label: label.into(), frames: vec![frame], spoofs_victim: false, spoofs_victim_address: false }
+    }
+
+    fn spoofing_mac(label: &str, frame: Vec<u8>) -> Self {
+        Self { spoofs_victim: true, ..Self::one(label, frame) }
+    }
+
+    fn spoofing_address(label: &str, frame: Vec<u8>) -> Self {
+        Self { spoofs_victim_address: true, ..Self::one(label, frame) }
     }
 }
 
 /// The MAC of the endpoint that spoofed frames pretend to be.
 pub const VICTIM_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x76];
+/// The victim's IPv4 address (in zone `a`); its IPv6 address is `a6(76)`.
+pub const VICTIM_IP4: [u8; 4] = [10, 1, 0, 76];
+/// The last byte of the victim's IPv6 address `a6(VICTIM_IP6_LAST)`.
+pub const VICTIM_IP6_LAST: u8 = 76;
 
 /// Addresses of the corpus: zone `a` is 10.1.0.0/16 (`fd00:1::/32`), zone `b` 10.2.0.0/16
 /// (`fd00:2::/32`); anything else is `world`.
@@ -237,11 +253,13 @@ fn fragments(rng: &mut Rng, out: &mut Vec<Hostile>) {
             label: format!("proto {proto} fragments in order"),
             frames: vec![first.clone(), second.clone()],
             spoofs_victim: false,
+            spoofs_victim_address: false,
         });
         out.push(Hostile {
             label: format!("proto {proto} fragments reversed"),
             frames: vec![second.clone(), first.clone()],
             spoofs_victim: false,
+            spoofs_victim_address: false,
         });
         out.push(Hostile::one(format!("proto {proto} later fragment alone"), second));
         // A tiny first fragment: 8 bytes, no room for a TCP header's flags.
@@ -252,6 +270,7 @@ fn fragments(rng: &mut Rng, out: &mut Vec<Hostile>) {
             label: format!("proto {proto} fragment overlapping the header"),
             frames: vec![first.clone(), overlap],
             spoofs_victim: false,
+            spoofs_victim_address: false,
         });
         // A second "first fragment" of the same datagram with other ports.
         let other = if proto == 6 { tcp(43001, 22, TCP_SYN, &[0; 16]) } else { udp(43001, 5353, &[0; 24]) };
@@ -260,6 +279,7 @@ fn fragments(rng: &mut Rng, out: &mut Vec<Hostile>) {
             label: format!("proto {proto} first fragment twice"),
             frames: vec![first.clone(), refirst],
             spoofs_victim: false,
+            spoofs_victim_address: false,
         });
         // From a denied direction (b -> a), its later fragment must not pass alone.
         let denied_first = frag(B4, proto, MF, ident + 20, &l4[..16]);
@@ -318,44 +338,46 @@ fn ipv6_chains(rng: &mut Rng, out: &mut Vec<Hostile>) {
         let mut body = vec![icmp_type, 0, 0, 0];
         body.extend(rng.bytes(20));
         let mut frame = v6(a6(7), b6(7), 58, &body);
-        frame[22] = 255; // hop limit, as neighbour discovery requires
+        frame[21] = 255; // hop limit, as neighbour discovery requires
         out.push(Hostile::one(format!("icmpv6 type {icmp_type}"), frame));
     }
 }
 
-/// ARP and RARP, honest and lying: the victim's MAC as Ethernet source or as sender.
+/// ARP and RARP, honest and lying: the victim's MAC as Ethernet source or as sender;
+/// our own MAC with the victim's address (in ARP, neighbour discovery, IPv4 and IPv6).
 fn arp_spoofing(rng: &mut Rng, out: &mut Vec<Hostile>) {
-    let victim_ip = [10, 1, 0, 76];
+    let victim_ip = VICTIM_IP4;
+    let victim_ip6 = a6(VICTIM_IP6_LAST);
     out.push(Hostile::one("gratuitous arp of our own", arp(0x0806, 1, MAC_A, A4, A4)));
-    out.push(Hostile {
-        label: "arp claiming the victim's mac".into(),
-        frames: vec![arp(0x0806, 2, VICTIM_MAC, victim_ip, B4)],
-        spoofs_victim: true,
-    });
-    out.push(Hostile {
-        label: "gratuitous arp with the victim's mac".into(),
-        frames: vec![arp(0x0806, 1, VICTIM_MAC, victim_ip, victim_ip)],
-        spoofs_victim: true,
-    });
-    out.push(Hostile {
-        label: "rarp with the victim's mac".into(),
-        frames: vec![arp(0x8035, 3, VICTIM_MAC, [0; 4], [0; 4])],
-        spoofs_victim: true,
-    });
+    out.push(Hostile::spoofing_mac("arp claiming the victim's mac", arp(0x0806, 2, VICTIM_MAC, victim_ip, B4)));
+    out.push(Hostile::spoofing_mac("gratuitous arp with the victim's mac", arp(0x0806, 1, VICTIM_MAC, victim_ip, victim_ip)));
+    out.push(Hostile::spoofing_mac("rarp with the victim's mac", arp(0x8035, 3, VICTIM_MAC, [0; 4], [0; 4])));
     // Our Ethernet source, the victim as ARP sender.
     let mut lying = arp(0x0806, 2, VICTIM_MAC, victim_ip, B4);
     lying[6..12].copy_from_slice(&MAC_A);
-    out.push(Hostile {
-        label: "arp sender is the victim, ethernet source is ours".into(),
-        frames: vec![lying],
-        spoofs_victim: true,
-    });
+    out.push(Hostile::spoofing_mac("arp sender is the victim, ethernet source is ours", lying));
     // The victim's MAC as Ethernet source of ordinary traffic.
     let mut tcp_frame = v4(victim_ip, B4, 6, &tcp(45000, 80, TCP_SYN, &[]));
     tcp_frame[6..12].copy_from_slice(&VICTIM_MAC);
-    out.push(Hostile { label: "tcp from the victim's mac".into(), frames: vec![tcp_frame], spoofs_victim: true });
-    // Our MAC claiming the victim's address (not a MAC spoof; passes unless bound by address).
-    out.push(Hostile::one("arp claiming the victim's address with our mac", arp(0x0806, 2, MAC_A, victim_ip, B4)));
+    out.push(Hostile::spoofing_mac("tcp from the victim's mac", tcp_frame));
+    // Our MAC, the victim's address: ARP cache poisoning and source address spoofing.
+    out.push(Hostile::spoofing_address("arp reply claiming the victim's address", arp(0x0806, 2, MAC_A, victim_ip, B4)));
+    out.push(Hostile::spoofing_address("gratuitous arp of the victim's address", arp(0x0806, 1, MAC_A, victim_ip, victim_ip)));
+    out.push(Hostile::spoofing_address("arp request from the victim's address", arp(0x0806, 1, MAC_A, victim_ip, B4)));
+    out.push(Hostile::spoofing_address("tcp from the victim's address", v4(victim_ip, B4, 6, &tcp(45001, 80, TCP_SYN, &[]))));
+    out.push(Hostile::spoofing_address("udp from the victim's address", v4(victim_ip, B4, 17, &udp(45002, 53, b"q"))));
+    out.push(Hostile::spoofing_address("icmp from the victim's address", v4(victim_ip, B4, 1, &icmp_echo(8, 9, 1))));
+    out.push(Hostile::spoofing_address("tcp from the victim's ipv6 address", v6(victim_ip6, b6(1), 6, &tcp(45003, 80, TCP_SYN, &[]))));
+    for (icmp_type, label) in [(136u8, "neighbour advertisement of the victim's address"), (135, "neighbour solicitation from the victim's address")] {
+        // Type, code, checksum, flags/reserved, target address.
+        let mut body = vec![icmp_type, 0, 0, 0, 0x20, 0, 0, 0];
+        let (src, target) = if icmp_type == 136 { (a6(7), victim_ip6) } else { (victim_ip6, b6(1)) };
+        body.extend_from_slice(&target);
+        let all_nodes = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let mut frame = eth(MAC_B, MAC_A, &[], 0x86dd, &ipv6(src, all_nodes, 58, &body));
+        frame[21] = 255; // hop limit, as neighbour discovery requires
+        out.push(Hostile::spoofing_address(label, frame));
+    }
     // Broken ARP: wrong hardware and protocol lengths, truncated bodies.
     for (hlen, plen) in [(0u8, 4u8), (6, 16), (255, 255), (6, 0)] {
         let mut a = arp(0x0806, 1, MAC_A, A4, B4);

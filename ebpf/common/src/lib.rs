@@ -46,6 +46,8 @@ user_pod!(
     policy::ZoneKey,
     policy::ZoneValue,
     policy::AddrKey,
+    policy::OwnerKey,
+    policy::OwnerValue,
     policy::ZonePairKey,
     policy::ZonePairStats,
     policy::VpatchKey,

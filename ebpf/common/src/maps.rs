@@ -31,6 +31,10 @@ pub const VPATCHES: &str = "VPATCHES";
 /// burst: `LRU_HASH<AnnounceKey, u64>`.
 pub const ANNOUNCES: &str = "ANNOUNCES";
 
+/// Which port each IP address of a bound endpoint belongs to:
+/// `HASH<OwnerKey, OwnerValue>`, kept by the agent's endpoint manager.
+pub const ADDR_OWNERS: &str = "ADDR_OWNERS";
+
 /// Payload samples of the first packets of flows: `RINGBUF` of
 /// [`crate::sample::PayloadSample`], apart from `FLOW_EVENTS` so that samples never crowd
 /// out flow events.
@@ -62,6 +66,7 @@ pub const PINNED_MAPS: &[&str] = &[
     FRAGMENTS,
     VPATCHES,
     ANNOUNCES,
+    ADDR_OWNERS,
     PAYLOAD_SAMPLES,
     SAMPLE_BUDGET,
 ];

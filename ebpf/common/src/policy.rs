@@ -87,6 +87,28 @@ pub struct AddrKey {
 /// Bits of an [`AddrKey`] before its address.
 pub const ADDR_KEY_HEADER_BITS: u32 = 32;
 
+/// `ADDR_OWNERS` key: one IP address of a bound endpoint. Not double-buffered: where an
+/// address lives is a fact about ports, like `PORTS`, not part of a rule set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OwnerKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+
+/// `ADDR_OWNERS` value: the port the address belongs to. A VM port other than this one
+/// that sends with this source address (or claims it in ARP or neighbour discovery)
+/// spoofs it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerValue {
+    pub ifindex: u32,
+    /// The owning endpoint (`EndpointValue::endpoint_id`), for the agent's bookkeeping.
+    pub endpoint_id: u32,
+}
+
 /// `ZONES` key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -165,6 +187,8 @@ const _: () = assert!(core::mem::size_of::<EndpointValue>() == 16);
 const _: () = assert!(core::mem::size_of::<VpatchKey>() == 10);
 const _: () = assert!(core::mem::size_of::<VpatchValue>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<OwnerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<OwnerValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ZoneKey>() == 4);
 const _: () = assert!(core::mem::size_of::<ZoneValue>() == 4);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 8);

@@ -178,6 +178,9 @@ pub enum Counter {
     UnjudgedDropped,
     /// Frames whose source MAC belongs to an endpoint bound to another port.
     Spoofed,
+    /// Frames from a VM port with a source IP address (or an address claimed in ARP or
+    /// neighbour discovery) that belongs to an endpoint bound to another port.
+    SpoofedAddress,
     /// IPv6 router advertisements and redirects from VM ports, dropped while a rule set
     /// is in force (a VM is not the segment's router).
     RouterAdvertFromVm,
@@ -228,6 +231,7 @@ impl Counter {
         Self::TaggedFromVmPort,
         Self::UnjudgedDropped,
         Self::Spoofed,
+        Self::SpoofedAddress,
         Self::RouterAdvertFromVm,
         Self::OverlappingFragment,
         Self::Announcements,
@@ -268,6 +272,7 @@ impl Counter {
             Self::TaggedFromVmPort => "tagged_from_vm_port",
             Self::UnjudgedDropped => "unjudged_dropped",
             Self::Spoofed => "spoofed",
+            Self::SpoofedAddress => "spoofed_address",
             Self::RouterAdvertFromVm => "router_advert_from_vm",
             Self::OverlappingFragment => "overlapping_fragment",
             Self::Announcements => "announcements",

@@ -92,9 +92,13 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
         Hook::FromPort => {
             if flow.ifindex[d] != ifindex {
                 // First frame of this direction, or its sender now sends from another
-                // port: a VM that moved, or one that spoofs another's MAC.
+                // port: a VM that moved, or one that spoofs another's MAC or address.
                 if policy::is_spoofed(cfg, &packet.src_mac, ifindex) {
                     counters::inc(Counter::Spoofed);
+                    return Action::Drop;
+                }
+                if policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex) {
+                    counters::inc(Counter::SpoofedAddress);
                     return Action::Drop;
                 }
                 flow.ifindex[d] = ifindex;
@@ -207,6 +211,10 @@ fn create<F: Frame>(
         // No entry for a spoofed frame: it must not decide the fate of the real
         // endpoint's flow.
         counters::inc(Counter::Spoofed);
+        return Action::Drop;
+    }
+    if hook == Hook::FromPort && policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex) {
+        counters::inc(Counter::SpoofedAddress);
         return Action::Drop;
     }
     let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);

@@ -81,14 +81,18 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             if hook == Hook::FromPort {
                 counters::inc(if announce.rarp { Counter::Rarp } else { Counter::Arp });
             }
+            let ip = announce.sender_ip;
+            let addr = [ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
             if enforcing && (policy::is_spoofed(&cfg, &packet.src_mac, ifindex) || policy::is_spoofed(&cfg, &announce.sender_mac, ifindex)) {
                 counters::inc(Counter::Spoofed);
+                Action::Drop
+            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex) {
+                // The sender's own MAC, another endpoint's address: ARP cache poisoning.
+                counters::inc(Counter::SpoofedAddress);
                 Action::Drop
             } else {
                 if hook == Hook::FromPort && (announce.rarp || announce.gratuitous) {
                     let kind = if announce.rarp { Announcement::Rarp } else { Announcement::GratuitousArp };
-                    let ip = announce.sender_ip;
-                    let addr = [ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
                     events::announce(kind, &announce.sender_mac, &addr, FAMILY_IPV4, announce.vlan, ifindex, now());
                 }
                 Action::Pass
@@ -100,6 +104,9 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
                 Action::Drop
             } else if enforcing && policy::is_spoofed(&cfg, &packet.src_mac, ifindex) {
                 counters::inc(Counter::Spoofed);
+                Action::Drop
+            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex) {
+                counters::inc(Counter::SpoofedAddress);
                 Action::Drop
             } else {
                 if hook == Hook::FromPort && announce {

@@ -9,7 +9,7 @@ use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
     flow::{FragmentKey, FragmentPorts},
     event::AnnounceKey,
-    policy::{AddrKey, EndpointKey, EndpointValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
+    policy::{AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
     reason::Counter,
     sample::SampleBudget,
 };
@@ -63,6 +63,11 @@ pub static VPATCHES: LpmTrie<VpatchKey, VpatchValue> = LpmTrie::pinned(262_144, 
 
 #[map(name = "ANNOUNCES")]
 pub static ANNOUNCES: LruHashMap<AnnounceKey, u64> = LruHashMap::pinned(16_384, 0);
+
+/// Read only when a flow starts, when a direction of a flow shows up on a new port, and
+/// for ARP / neighbour discovery from VM ports.
+#[map(name = "ADDR_OWNERS")]
+pub static ADDR_OWNERS: HashMap<OwnerKey, OwnerValue> = HashMap::pinned(262_144, NO_PREALLOC);
 
 #[map(name = "PAYLOAD_SAMPLES")]
 pub static PAYLOAD_SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_DEFAULT, 0);

@@ -83,9 +83,9 @@ pub enum Parsed {
     /// A later fragment: `packet` has addresses, protocol and `frag_id`, not the ports.
     Fragment,
     /// IPv6 neighbour discovery or multicast listener control (ICMPv6 130-137, 143):
-    /// link-local plumbing like ARP, not a flow. For an unsolicited neighbour
-    /// advertisement (to ff02::1) `announce` is set and `packet.src` holds its target
-    /// address, the address the sender announces.
+    /// link-local plumbing like ARP, not a flow. `packet.src` holds the address the
+    /// sender claims: a neighbour advertisement's target address, else the source
+    /// address. For an unsolicited advertisement (to ff02::1) `announce` is set.
     Neighbor { icmp_type: u8, announce: bool },
     Announce(Announce),
     /// Not a flow: the counter says why (not IP, truncated, ...).
@@ -279,7 +279,7 @@ fn parse_l4<F: Frame>(frame: &F, l4: usize, packet: &mut Packet) -> Result<Parse
             if packet.proto == IPPROTO_ICMPV6 && matches!(icmp_type, 130..=137 | 143) {
                 let all_nodes = packet.dst[0] == 0xff && packet.dst[1] == 0x02 && packet.dst[15] == 1 && packet.dst[2..15] == [0; 13];
                 let announce = icmp_type == ICMPV6_NEIGHBOR_ADVERT && all_nodes;
-                if announce {
+                if icmp_type == ICMPV6_NEIGHBOR_ADVERT {
                     packet.src = frame.load::<[u8; 16]>(l4 + 8).ok_or(Counter::ParseTruncatedL4)?;
                 }
                 return Ok(Parsed::Neighbor { icmp_type, announce });

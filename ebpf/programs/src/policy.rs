@@ -7,14 +7,14 @@ use backplane_common::{
     DatapathConfig, Verdict,
     config::CONFIG_ENFORCE,
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, OwnerKey, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT,
         PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS,
         PolicyKey, VPATCH_KEY_BITS, VpatchKey, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
     },
     reason::Reason,
 };
 
-use crate::maps::{ENDPOINTS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
+use crate::maps::{ADDR_OWNERS, ENDPOINTS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
 
 /// One end of a flow, as the judge sees it.
 pub struct End<'a> {
@@ -160,6 +160,22 @@ pub fn is_spoofed(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> bool {
     match ENDPOINTS.get_ptr(EndpointKey { slot: cfg.active_slot & 1, _pad: 0, mac: *mac }) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         Some(ep) => unsafe { (*ep).ifindex != 0 && (*ep).ifindex != ifindex },
+        None => false,
+    }
+}
+
+/// Whether a frame entering through port `ifindex` that sends from (or claims) the
+/// IP address `addr` spoofs it: while a rule set is in force, the address belongs to an
+/// endpoint bound to another port. Addresses nobody owns are anyone's (DHCP, link-local,
+/// endpoints outside the inventory).
+#[inline(always)]
+pub fn is_spoofed_addr(cfg: &DatapathConfig, family: u8, addr: &[u8; 16], ifindex: u32) -> bool {
+    if cfg.flags & CONFIG_ENFORCE == 0 {
+        return false;
+    }
+    match ADDR_OWNERS.get_ptr(&OwnerKey { family, _pad: [0; 3], addr: *addr }) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(owner) => unsafe { (*owner).ifindex != 0 && (*owner).ifindex != ifindex },
         None => false,
     }
 }
