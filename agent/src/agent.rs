@@ -30,7 +30,7 @@ use crate::{
     DATAPATH_OBJECT,
     clock::Clock,
     control,
-    datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, ProgramStats, XdpAttachMode},
+    datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, ProgramStats, IngressHook},
     cluster::Cluster,
     endpoints::{EndpointOptions, Endpoints, EndpointsStatus},
     etcd::Etcd,
@@ -63,7 +63,9 @@ pub struct RunOptions {
     pub flow_table_size: u32,
     pub ring_size: u32,
     pub idle_timeout: Duration,
-    pub xdp_mode: XdpAttachMode,
+    /// Where `from_port` runs on VM ports and on uplinks (`--ingress`, `--uplink-ingress`).
+    pub ingress: IngressHook,
+    pub uplink_ingress: IngressHook,
     pub detach_on_exit: bool,
     /// The rule set (a directory of `*.yaml` files, or one file), followed for changes;
     /// `None`: observe only.
@@ -106,7 +108,8 @@ impl RunOptions {
             flow_table_size: self.flow_table_size,
             ring_size: self.ring_size,
             payload_ring_size: self.payload_ring_size,
-            xdp_mode: self.xdp_mode,
+            ingress: self.ingress,
+            uplink_ingress: self.uplink_ingress,
         };
         dp.validate().map_err(|e| match e {
             DatapathError::InvalidOption(text) => text,
@@ -195,7 +198,10 @@ pub struct Status {
     pub node: String,
     pub pin_dir: String,
     pub socket: String,
-    pub xdp_mode: String,
+    /// Where `from_port` runs on new VM ports and new uplinks (`tc`, `xdp-skb`,
+    /// `xdp-native`); each port in `ports` says what it has.
+    pub ingress: String,
+    pub uplink_ingress: String,
     pub idle_timeout_secs: u64,
     pub detach_on_exit: bool,
     pub program_ids: ProgramIds,
@@ -295,7 +301,7 @@ impl Agent {
 
     /// Kernel run statistics of the data path's programs.
     #[must_use]
-    pub fn program_stats(&self) -> [(&'static str, ProgramStats); 2] {
+    pub fn program_stats(&self) -> [(&'static str, ProgramStats); 3] {
         self.datapath.lock().expect("datapath lock").program_stats()
     }
 
@@ -366,7 +372,8 @@ impl Agent {
             node: self.opts.node.clone(),
             pin_dir: datapath.pin_dir().display().to_string(),
             socket: self.opts.socket.display().to_string(),
-            xdp_mode: datapath.xdp_mode().as_str().into(),
+            ingress: datapath.ingress_hooks().0.as_str().into(),
+            uplink_ingress: datapath.ingress_hooks().1.as_str().into(),
             idle_timeout_secs: self.opts.idle_timeout.as_secs(),
             detach_on_exit: self.opts.detach_on_exit,
             program_ids: datapath.program_ids(),
@@ -479,7 +486,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         flow_table_size: opts.flow_table_size,
         ring_size: opts.ring_size,
         payload_ring_size: opts.payload_ring_size,
-        xdp_mode: opts.xdp_mode,
+        ingress: opts.ingress,
+        uplink_ingress: opts.uplink_ingress,
     };
     dp_opts.validate()?;
     // The rules are read before anything is loaded or attached: a rule set with errors
@@ -508,10 +516,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, &dp_opts)?;
     let ids = dp.program_ids();
     log::info!(
-        "data path loaded: from_port (XDP, {}) id {}, to_port (TCX egress) id {}; maps pinned in {}",
-        opts.xdp_mode.as_str(),
+        "data path loaded: from_port (XDP) id {}, from_port_tc (TCX ingress) id {}, to_port (TCX egress) id {}; \
+         from_port at {} on VM ports, {} on uplinks; maps pinned in {}",
         ids.from_port,
+        ids.from_port_tc,
         ids.to_port,
+        opts.ingress.as_str(),
+        opts.uplink_ingress.as_str(),
         opts.pin_dir.display()
     );
     let adopting = pins.adopting();
@@ -622,14 +633,16 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
 
         let refresh_flows = Arc::clone(&flows);
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REFRESH_PERIOD);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let started = std::time::Instant::now();
                 let f = Arc::clone(&refresh_flows);
                 if let Err(e) = tokio::task::spawn_blocking(move || f.refresh()).await {
                     log::error!("flow refresh failed: {e}");
                 }
+                // A big table takes long to read: at most half of the time goes to it,
+                // the rest to events, exports and clients.
+                let took = started.elapsed();
+                tokio::time::sleep(REFRESH_PERIOD.saturating_sub(took).max(took)).await;
             }
         }));
 

@@ -9,7 +9,7 @@ use crate::{
     agent::{self, RunOptions, Status},
     clock::rfc3339_ms,
     control::{Client, Request},
-    datapath::XdpAttachMode,
+    datapath::IngressHook,
     error::ControlError,
     explain::{ExplainQuery, ExplainReply, explain_packet},
     flow_log::FlowLogOptions,
@@ -150,12 +150,16 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 60, value_name = "SECS", allow_negative_numbers = true)]
     pub idle_timeout: u64,
 
-    /// XDP mode on the ports. `skb` (generic) keeps GRO/TSO working on veth and tap
-    /// ports; `native` runs in the driver, but on a veth it disables GRO/TSO and cut
-    /// TCP throughput from 8.3 to 1.6 Gbit/s in our measurements: use it for physical
-    /// uplinks with XDP-capable drivers.
-    #[arg(long, value_enum, default_value_t = XdpAttachMode::Skb)]
-    pub xdp_mode: XdpAttachMode,
+    /// Where the data path sees what VM ports send: `tc` (TC ingress, TCX link),
+    /// `xdp-skb` (generic XDP) or `xdp-native` (driver XDP). On veth ports TC keeps
+    /// GRO/TSO super-frames whole and measured fastest; native XDP on a veth disables
+    /// GRO/TSO (TCP 8.3 -> 1.6 Gbit/s in our measurements). See benches/README.md.
+    #[arg(long, value_enum, default_value_t = IngressHook::Tc, value_name = "HOOK")]
+    pub ingress: IngressHook,
+
+    /// The same for uplinks: `xdp-native` suits a physical NIC whose driver supports XDP.
+    #[arg(long, value_enum, default_value_t = IngressHook::Tc, value_name = "HOOK")]
+    pub uplink_ingress: IngressHook,
 
     /// On SIGINT/SIGTERM detach from every port and remove all pins. Without it the
     /// programs stay attached through their pinned links and the maps stay pinned, so
@@ -401,7 +405,8 @@ impl RunArgs {
             flow_table_size: self.flow_table_size,
             ring_size: self.ring_size,
             idle_timeout: Duration::from_secs(self.idle_timeout),
-            xdp_mode: self.xdp_mode,
+            ingress: self.ingress,
+            uplink_ingress: self.uplink_ingress,
             detach_on_exit: self.detach_on_exit,
             rules: self.rules,
             payload_ring_size: self.payload_ring_size,
@@ -825,9 +830,10 @@ pub fn render_status(s: &Status) -> String {
     let _ = writeln!(o, "socket:        {}", s.socket);
     let _ = writeln!(
         o,
-        "programs:      from_port id {} (XDP, {}), to_port id {} (TCX egress)",
-        s.program_ids.from_port, s.xdp_mode, s.program_ids.to_port
+        "programs:      from_port_tc id {} (TCX ingress), from_port id {} (XDP), to_port id {} (TCX egress)",
+        s.program_ids.from_port_tc, s.program_ids.from_port, s.program_ids.to_port
     );
+    let _ = writeln!(o, "ingress hook:  {} on VM ports, {} on uplinks", s.ingress, s.uplink_ingress);
     let mode = if s.config_flags & backplane_common::config::CONFIG_ENFORCE != 0 { "enforce" } else { "observe" };
     let _ = writeln!(o, "config:        generation {}, {mode}", s.config_generation);
     let _ =
@@ -839,11 +845,11 @@ pub fn render_status(s: &Status) -> String {
     for p in &s.ports {
         let _ = writeln!(
             o,
-            "  {:<16} ifindex {:<5} {:<7} xdp {:<6} from_port {} to_port {}{}",
+            "  {:<16} ifindex {:<5} {:<7} ingress {:<10} from_port {} to_port {}{}",
             p.name,
             p.ifindex,
             p.role,
-            p.xdp_mode,
+            p.ingress,
             p.from_port_id,
             p.to_port_id,
             if p.pinned { "" } else { "  (not pinned)" }
@@ -998,7 +1004,7 @@ mod tests {
         assert_eq!(o.flow_table_size, 262_144);
         assert_eq!(o.ring_size, 4 << 20);
         assert_eq!(o.idle_timeout, Duration::from_secs(60));
-        assert_eq!(o.xdp_mode, XdpAttachMode::Skb);
+        assert_eq!((o.ingress, o.uplink_ingress), (IngressHook::Tc, IngressHook::Tc));
         assert!(!o.detach_on_exit);
     }
 
@@ -1013,8 +1019,10 @@ mod tests {
             "eth0,eth1",
             "--ring-size",
             "1M",
-            "--xdp-mode",
-            "native",
+            "--ingress",
+            "xdp-skb",
+            "--uplink-ingress",
+            "xdp-native",
             "--detach-on-exit",
             "--pin-dir",
             "/sys/fs/bpf/x",
@@ -1027,7 +1035,7 @@ mod tests {
         assert_eq!(o.interfaces, vec!["bpvx*", "veth*"]);
         assert_eq!(o.uplinks, vec!["eth0", "eth1"]);
         assert_eq!(o.ring_size, 1 << 20);
-        assert_eq!(o.xdp_mode, XdpAttachMode::Native);
+        assert_eq!((o.ingress, o.uplink_ingress), (IngressHook::XdpSkb, IngressHook::XdpNative));
         assert!(o.detach_on_exit);
         assert_eq!(o.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
     }

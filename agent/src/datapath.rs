@@ -3,7 +3,7 @@
 //! reading its counters.
 //!
 //! Maps are pinned under the pin directory (`<pin-dir>/<MAP>`) and each port's two
-//! links under `<pin-dir>/links/<ifname>:xdp` and `:tc`, so the programs stay attached
+//! links under `<pin-dir>/links/<ifname>:tcin` (or `:xdp`) and `:tc`, so the programs stay attached
 //! and the maps keep their state when the agent exits without `--detach-on-exit`.
 //! (bpffs forbids dots in names, hence `:` rather than `.`; see [`crate::paths`].)
 
@@ -27,9 +27,10 @@ use aya::{
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
     config::CONFIG_INDEX,
+    config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_TO_PORT,
-        ZONE_PAIR_STATS,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC,
+        PROG_TO_PORT, ZONE_PAIR_STATS,
     },
     policy::{ZonePairKey, ZonePairStats},
 };
@@ -39,7 +40,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{DatapathError, PortError, report},
     ifnames::{index_to_name, name_to_index},
-    paths::{BPF_PIN_ROOT, BPFFS_ROOT, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path, links_dir},
+    paths::{
+        BPF_PIN_ROOT, BPFFS_ROOT, TC_INGRESS_LINK_SUFFIX, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path,
+        links_dir,
+    },
     pins::{self, PinCheck},
     rule_tables::{self, EndpointOverlay, RuleTables, TableError},
 };
@@ -47,34 +51,58 @@ use crate::{
 /// `statfs(2)` magic number of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// How XDP runs on the ports.
+/// Where `from_port` runs on a port (`--ingress`, `--uplink-ingress`).
 ///
-/// `skb` (generic) runs after the kernel built an skb: slower per packet than native
-/// XDP, but it leaves GRO/TSO alone. Native XDP on a veth disables GRO and TSO for the
-/// pair, which cut TCP throughput between two veth "VMs" from 8.3 to 1.6 Gbit/s on this
-/// project's machines, so `skb` is the default; `native` suits physical uplinks whose
-/// driver supports XDP.
+/// Measured on this project's machines (benches/results/throughput.md): on veth ports
+/// TC ingress keeps TCP bulk at 98% of the unfiltered rate where generic XDP keeps 91%
+/// (generic XDP must give every frame a linear buffer with XDP headroom, which copies
+/// GRO/TSO super-frames), and native XDP on a veth disables GRO/TSO for the pair (8.3 to
+/// 1.6 Gbit/s); on tap ports TC and generic XDP are within noise. Hence `tc` by default
+/// for both roles; `xdp-native` suits physical uplinks whose driver supports XDP.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpAttachMode {
+#[serde(rename_all = "kebab-case")]
+pub enum IngressHook {
+    /// `from_port_tc` on a TCX ingress link.
     #[default]
-    Skb,
-    Native,
+    Tc,
+    /// `from_port` as generic (skb) XDP.
+    XdpSkb,
+    /// `from_port` as native (driver) XDP.
+    XdpNative,
 }
 
-impl XdpAttachMode {
+impl IngressHook {
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Skb => "skb",
-            Self::Native => "native",
+            Self::Tc => "tc",
+            Self::XdpSkb => "xdp-skb",
+            Self::XdpNative => "xdp-native",
         }
     }
 
-    fn aya(self) -> XdpMode {
+    /// The kind of the port's link pin (`<ifname>:<kind>`).
+    fn link_kind(self) -> &'static str {
+        if self == Self::Tc { TC_INGRESS_LINK_SUFFIX } else { XDP_LINK_SUFFIX }
+    }
+
+    /// [`PortInfo::ingress`] value.
+    fn port_info(self) -> u8 {
         match self {
-            Self::Skb => XdpMode::Skb,
-            Self::Native => XdpMode::Driver,
+            Self::Tc => PORT_INGRESS_TC,
+            Self::XdpSkb => PORT_INGRESS_XDP_SKB,
+            Self::XdpNative => PORT_INGRESS_XDP_NATIVE,
+        }
+    }
+
+    /// The hook of an adopted link of `kind`, with what `PORTS` recorded for it.
+    fn of_link(kind: &str, recorded: u8) -> Self {
+        match (kind, recorded) {
+            (TC_INGRESS_LINK_SUFFIX, _) => Self::Tc,
+            (_, PORT_INGRESS_XDP_NATIVE) => Self::XdpNative,
+            // PORT_INGRESS_XDP_SKB, or PORT_INGRESS_UNKNOWN: agents before PORTS recorded
+            // hooks attached generic XDP only.
+            _ => Self::XdpSkb,
         }
     }
 }
@@ -96,7 +124,9 @@ pub struct DatapathOptions {
     pub ring_size: u32,
     /// Size in bytes of the payload sample ring buffer (`PAYLOAD_SAMPLES`).
     pub payload_ring_size: u32,
-    pub xdp_mode: XdpAttachMode,
+    /// Where `from_port` runs on VM ports and on uplinks.
+    pub ingress: IngressHook,
+    pub uplink_ingress: IngressHook,
 }
 
 impl DatapathOptions {
@@ -124,7 +154,17 @@ impl DatapathOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgramIds {
     pub from_port: u32,
+    #[serde(default)]
+    pub from_port_tc: u32,
     pub to_port: u32,
+}
+
+impl ProgramIds {
+    /// The id of the program `hook` runs.
+    #[must_use]
+    pub fn ingress(&self, hook: IngressHook) -> u32 {
+        if hook == IngressHook::Tc { self.from_port_tc } else { self.from_port }
+    }
 }
 
 /// One way a program is attached to a port.
@@ -192,7 +232,10 @@ impl Attachment {
 struct AttachedPort {
     name: String,
     role: PortRole,
-    xdp: Attachment,
+    /// Where `from_port` runs, and its link.
+    hook: IngressHook,
+    ingress: Attachment,
+    /// `to_port` (TCX egress).
     tc: Attachment,
 }
 
@@ -202,17 +245,18 @@ pub struct PortStatus {
     pub name: String,
     pub ifindex: u32,
     pub role: String,
-    pub xdp_mode: String,
-    /// Program id of `from_port` (XDP) on this port.
+    /// Where `from_port` runs: `tc`, `xdp-skb` or `xdp-native`.
+    pub ingress: String,
+    /// Program id of `from_port` (or `from_port_tc`) on this port.
     pub from_port_id: u32,
     /// Program id of `to_port` (TC egress, TCX) on this port.
     pub to_port_id: u32,
     /// Whether both links are pinned (survive the agent).
     pub pinned: bool,
-    /// Kernel ids of the port's XDP and TC links (0: not a pinned link). A restarted
-    /// agent adopts the same links: their ids stay, the programs on them change.
+    /// Kernel ids of the port's ingress and egress links (0: not a pinned link). A
+    /// restarted agent adopts the same links: their ids stay, the programs on them change.
     #[serde(default)]
-    pub xdp_link_id: u32,
+    pub ingress_link_id: u32,
     #[serde(default)]
     pub tc_link_id: u32,
 }
@@ -236,7 +280,8 @@ pub struct ProgramStats {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    xdp_mode: XdpAttachMode,
+    ingress: IngressHook,
+    uplink_ingress: IngressHook,
     flow_table_size: u32,
     program_ids: ProgramIds,
     ports_map: BpfHashMap<MapData, u32, PortInfo>,
@@ -387,13 +432,17 @@ impl Datapath {
         xdp.load().map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?;
         let from_port = xdp.info().map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?.id();
 
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TO_PORT)
-            .ok_or(DatapathError::MissingProgram(PROG_TO_PORT))?
-            .try_into()
-            .map_err(|e| DatapathError::program(PROG_TO_PORT, e))?;
-        tc.load().map_err(|e| DatapathError::program(PROG_TO_PORT, e))?;
-        let to_port = tc.info().map_err(|e| DatapathError::program(PROG_TO_PORT, e))?.id();
+        let mut load_classifier = |name: &'static str| -> Result<u32, DatapathError> {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|e| DatapathError::program(name, e))?;
+            tc.load().map_err(|e| DatapathError::program(name, e))?;
+            Ok(tc.info().map_err(|e| DatapathError::program(name, e))?.id())
+        };
+        let from_port_tc = load_classifier(PROG_FROM_PORT_TC)?;
+        let to_port = load_classifier(PROG_TO_PORT)?;
 
         let flows = BpfHashMap::try_from(take_map(&mut ebpf, FLOWS)?).map_err(DatapathError::map(FLOWS))?;
         let events = RingBuf::try_from(take_map(&mut ebpf, FLOW_EVENTS)?).map_err(DatapathError::map(FLOW_EVENTS))?;
@@ -415,9 +464,10 @@ impl Datapath {
         let datapath = Self {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
-            xdp_mode: opts.xdp_mode,
+            ingress: opts.ingress,
+            uplink_ingress: opts.uplink_ingress,
             flow_table_size,
-            program_ids: ProgramIds { from_port, to_port },
+            program_ids: ProgramIds { from_port, from_port_tc, to_port },
             ports_map,
             counters,
             config,
@@ -448,14 +498,20 @@ impl Datapath {
     /// that has only one of its two links gets the other attached now. `PORTS` entries of
     /// ports not adopted are removed. Returns the names of the adopted ports.
     pub fn adopt_links(&mut self, role_of: impl Fn(&str) -> Option<PortRole>) -> Vec<String> {
-        type Found = (Option<(FdLink, PathBuf)>, Option<(FdLink, PathBuf)>);
+        type Found = (Option<(FdLink, PathBuf, &'static str)>, Option<(FdLink, PathBuf)>);
         let mut found: BTreeMap<u32, Found> = BTreeMap::new();
         let entries = fs::read_dir(links_dir(&self.pin_dir)).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
         for entry in entries {
             let path = entry.path();
             let Some(kind) = path.file_name().and_then(|n| n.to_str()).and_then(link_pin_kind) else { continue };
-            let is_xdp = kind == XDP_LINK_SUFFIX;
-            let wanted_type = if is_xdp { pins::LINK_TYPE_XDP } else { pins::LINK_TYPE_TCX };
+            let kind: &'static str = if kind == XDP_LINK_SUFFIX {
+                XDP_LINK_SUFFIX
+            } else if kind == TC_INGRESS_LINK_SUFFIX {
+                TC_INGRESS_LINK_SUFFIX
+            } else {
+                TC_LINK_SUFFIX
+            };
+            let wanted_type = if kind == XDP_LINK_SUFFIX { pins::LINK_TYPE_XDP } else { pins::LINK_TYPE_TCX };
             let info = match pins::link_info(&path) {
                 Ok(info) if info.link_type == wanted_type => info,
                 Ok(info) => {
@@ -483,26 +539,30 @@ impl Datapath {
                 }
             };
             let slot = found.entry(info.ifindex).or_default();
-            let slot = if is_xdp { &mut slot.0 } else { &mut slot.1 };
-            if slot.is_some() {
+            let taken = if kind == TC_LINK_SUFFIX { slot.1.is_some() } else { slot.0.is_some() };
+            if taken {
                 log::warn!("{}: a second {kind} link of ifindex {}; removing the pin", path.display(), info.ifindex);
                 remove_stale_pin(&path);
                 continue;
             }
-            *slot = Some((link, path));
+            if kind == TC_LINK_SUFFIX {
+                slot.1 = Some((link, path));
+            } else {
+                slot.0 = Some((link, path, kind));
+            }
         }
         let mut adopted = Vec::new();
-        for (ifindex, (xdp, tc)) in found {
+        for (ifindex, (ingress, tc)) in found {
             let name = index_to_name(ifindex);
             let role = name.as_deref().and_then(&role_of);
             let (Some(name), Some(role)) = (name, role) else {
-                for (_, path) in xdp.iter().chain(tc.iter()) {
+                for path in ingress.iter().map(|(_, p, _)| p).chain(tc.iter().map(|(_, p)| p)) {
                     log::info!("{}: interface {ifindex} is no longer a port; detaching", path.display());
                     remove_stale_pin(path);
                 }
                 continue;
             };
-            match self.adopt_port(ifindex, &name, role, xdp, tc) {
+            match self.adopt_port(ifindex, &name, role, ingress, tc) {
                 Ok(()) => adopted.push(name),
                 Err(e) => log::error!("cannot adopt port {name}: {}; it is attached afresh", report(&e)),
             }
@@ -519,40 +579,48 @@ impl Datapath {
         ifindex: u32,
         name: &str,
         role: PortRole,
-        xdp: Option<(FdLink, PathBuf)>,
+        ingress: Option<(FdLink, PathBuf, &'static str)>,
         tc: Option<(FdLink, PathBuf)>,
     ) -> Result<(), PortError> {
-        let adopted = |(link, path): (FdLink, PathBuf), kind: &str| {
+        let adopted = |link: FdLink, path: PathBuf, kind: &str| {
             let mut a = Attachment::Adopted { link, path };
             // The interface may have been renamed while no agent ran.
             a.rename(link_pin_path(&self.pin_dir, name, kind));
             a
         };
-        let xdp = xdp.map(|x| adopted(x, XDP_LINK_SUFFIX));
-        let tc = tc.map(|t| adopted(t, TC_LINK_SUFFIX));
         let info = self.ports_map.get(&ifindex, 0).unwrap_or_default();
-        let info = PortInfo { role: role as u8, ..info };
+        // An adopted ingress link keeps its hook (changing it would open a gap or count
+        // twice); a missing one gets the hook configured for the role.
+        let ingress = ingress.map(|(link, path, kind)| (IngressHook::of_link(kind, info.ingress), adopted(link, path, kind)));
+        let tc = tc.map(|(link, path)| adopted(link, path, TC_LINK_SUFFIX));
+        let hook = ingress.as_ref().map_or_else(|| self.hook_for(role), |(hook, _)| *hook);
+        let info = PortInfo { role: role as u8, ingress: hook.port_info(), ..info };
         self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
             ifname: name.into(),
             ifindex,
             source,
         })?;
-        let xdp = match xdp {
-            Some(a) => a,
-            None => self.attach_xdp(ifindex, name)?,
+        let ingress = match ingress {
+            Some((_, a)) => a,
+            None => self.attach_ingress(ifindex, name, hook)?,
         };
         let tc = match tc {
             Some(a) => a,
-            None => match self.attach_tc(ifindex, name) {
+            None => match self.attach_tc(ifindex, name, PROG_TO_PORT, TcAttachType::Egress, TC_LINK_SUFFIX) {
                 Ok(a) => a,
                 Err(e) => {
-                    xdp.detach();
+                    ingress.detach();
                     return Err(e);
                 }
             },
         };
-        self.ports.insert(ifindex, AttachedPort { name: name.into(), role, xdp, tc });
+        self.ports.insert(ifindex, AttachedPort { name: name.into(), role, hook, ingress, tc });
         Ok(())
+    }
+
+    /// The hook `from_port` gets on a new port of `role`.
+    fn hook_for(&self, role: PortRole) -> IngressHook {
+        if role == PortRole::Uplink { self.uplink_ingress } else { self.ingress }
     }
 
     /// Puts this agent's programs on the adopted links, one `BPF_LINK_UPDATE` per link:
@@ -565,30 +633,34 @@ impl Datapath {
         let adopted: Vec<u32> = self
             .ports
             .iter()
-            .filter(|(_, p)| matches!(p.xdp, Attachment::Adopted { .. }) || matches!(p.tc, Attachment::Adopted { .. }))
+            .filter(|(_, p)| matches!(p.ingress, Attachment::Adopted { .. }) || matches!(p.tc, Attachment::Adopted { .. }))
             .map(|(&i, _)| i)
             .collect();
         for ifindex in adopted {
             let Some(mut port) = self.ports.remove(&ifindex) else { continue };
-            let xdp = self.upgrade_xdp(port.xdp);
-            let tc = if xdp.is_ok() {
-                self.upgrade_tc(port.tc)
+            let ingress = if port.hook == IngressHook::Tc {
+                self.upgrade_tc(port.ingress, PROG_FROM_PORT_TC)
+            } else {
+                self.upgrade_xdp(port.ingress)
+            };
+            let tc = if ingress.is_ok() {
+                self.upgrade_tc(port.tc, PROG_TO_PORT)
             } else {
                 port.tc.detach();
                 Err(String::new())
             };
-            match (xdp, tc) {
-                (Ok((xdp, a)), Ok((tc, b))) => {
+            match (ingress, tc) {
+                (Ok((ingress, a)), Ok((tc, b))) => {
                     updated += usize::from(a) + usize::from(b);
-                    port.xdp = xdp;
+                    port.ingress = ingress;
                     port.tc = tc;
                     self.ports.insert(ifindex, port);
                 }
-                (xdp, tc) => {
-                    let why = [xdp.as_ref().err(), tc.as_ref().err()].into_iter().flatten().filter(|e| !e.is_empty());
+                (ingress, tc) => {
+                    let why = [ingress.as_ref().err(), tc.as_ref().err()].into_iter().flatten().filter(|e| !e.is_empty());
                     let why: Vec<&String> = why.collect();
                     log::error!("{}: cannot put the new programs on its links ({why:?}); attaching afresh", port.name);
-                    for a in [xdp.ok(), tc.ok()].into_iter().flatten() {
+                    for a in [ingress.ok(), tc.ok()].into_iter().flatten() {
                         a.0.detach();
                     }
                     let _ = self.ports_map.remove(&ifindex);
@@ -617,10 +689,10 @@ impl Datapath {
         }
     }
 
-    /// [`Datapath::upgrade_xdp`] for the TCX egress link.
-    fn upgrade_tc(&mut self, attachment: Attachment) -> Result<(Attachment, bool), String> {
+    /// [`Datapath::upgrade_xdp`] for a TCX link running `program`.
+    fn upgrade_tc(&mut self, attachment: Attachment, program: &'static str) -> Result<(Attachment, bool), String> {
         let Attachment::Adopted { link, path } = attachment else { return Ok((attachment, false)) };
-        let prog = self.tc_program();
+        let prog = self.tc_program(program);
         let result = SchedClassifierLink::try_from(link)
             .map_err(|e| report(&e))
             .and_then(|link| prog.attach_to_link(link).map_err(|e| report(&e)))
@@ -640,9 +712,10 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// The hooks `from_port` gets on new VM ports and new uplinks.
     #[must_use]
-    pub fn xdp_mode(&self) -> XdpAttachMode {
-        self.xdp_mode
+    pub fn ingress_hooks(&self) -> (IngressHook, IngressHook) {
+        (self.ingress, self.uplink_ingress)
     }
 
     #[must_use]
@@ -655,10 +728,11 @@ impl Datapath {
         self.program_ids
     }
 
-    /// Run time and run count the kernel keeps for `from_port` and `to_port` (zero
-    /// unless BPF statistics are enabled; see [`crate::metrics::BpfStatsGuard`]).
+    /// Run time and run count the kernel keeps for `from_port`, `from_port_tc` and
+    /// `to_port` (zero unless BPF statistics are enabled; see
+    /// [`crate::metrics::BpfStatsGuard`]).
     #[must_use]
-    pub fn program_stats(&self) -> [(&'static str, ProgramStats); 2] {
+    pub fn program_stats(&self) -> [(&'static str, ProgramStats); 3] {
         let stats = |name: &'static str| {
             let info = self.ebpf.program(name).and_then(|p| p.info().ok());
             info.map_or_else(ProgramStats::default, |i| ProgramStats {
@@ -666,7 +740,11 @@ impl Datapath {
                 run_count: i.run_count(),
             })
         };
-        [(PROG_FROM_PORT, stats(PROG_FROM_PORT)), (PROG_TO_PORT, stats(PROG_TO_PORT))]
+        [
+            (PROG_FROM_PORT, stats(PROG_FROM_PORT)),
+            (PROG_FROM_PORT_TC, stats(PROG_FROM_PORT_TC)),
+            (PROG_TO_PORT, stats(PROG_TO_PORT)),
+        ]
     }
 
     /// The configuration in force (CONFIG[0]).
@@ -686,14 +764,21 @@ impl Datapath {
         self.ports.iter().map(|(&i, p)| (i, (p.name.clone(), p.role))).collect()
     }
 
+    /// Where `from_port` runs on the attached port of `ifindex`.
+    #[must_use]
+    pub fn port_hook(&self, ifindex: u32) -> Option<IngressHook> {
+        self.ports.get(&ifindex).map(|p| p.hook)
+    }
+
     /// Ifindexes of all attached ports.
     #[must_use]
     pub fn attached(&self) -> Vec<u32> {
         self.ports.keys().copied().collect()
     }
 
-    /// Attaches `from_port` (XDP) and `to_port` (TCX egress) to a port and registers it
-    /// in `PORTS`. On failure nothing of the port is left behind.
+    /// Attaches `from_port` (at the hook configured for `role`) and `to_port` (TCX
+    /// egress) to a port and registers it in `PORTS`. On failure nothing of the port is
+    /// left behind.
     pub fn attach_port(&mut self, ifindex: u32, name: &str, role: PortRole) -> Result<(), PortError> {
         if name_to_index(name) != Some(ifindex) {
             return Err(PortError::Vanished { ifname: name.into(), ifindex });
@@ -707,31 +792,32 @@ impl Datapath {
         // Both halves of the rule tables get the zone of the rules in force: the half not
         // in force is rewritten for every port before it is next put in force.
         let zone = self.port_zone(name);
-        let info = PortInfo { role: role as u8, zone: [zone, zone], ..PortInfo::default() };
+        let hook = self.hook_for(role);
+        let info = PortInfo { role: role as u8, zone: [zone, zone], ingress: hook.port_info(), ..PortInfo::default() };
         self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
             ifname: name.into(),
             ifindex,
             source,
         })?;
-        let xdp = match self.attach_xdp(ifindex, name) {
+        let ingress = match self.attach_ingress(ifindex, name, hook) {
             Ok(a) => a,
             Err(e) => {
                 let _ = self.ports_map.remove(&ifindex);
                 return Err(e);
             }
         };
-        let tc = match self.attach_tc(ifindex, name) {
+        let tc = match self.attach_tc(ifindex, name, PROG_TO_PORT, TcAttachType::Egress, TC_LINK_SUFFIX) {
             Ok(a) => a,
             Err(e) => {
-                xdp.detach();
+                ingress.detach();
                 let _ = self.ports_map.remove(&ifindex);
                 return Err(e);
             }
         };
-        if !(xdp.pinned() && tc.pinned()) {
+        if !(ingress.pinned() && tc.pinned()) {
             log::warn!("{name}: links could not be pinned; the port is inspected only while the agent runs");
         }
-        self.ports.insert(ifindex, AttachedPort { name: name.into(), role, xdp, tc });
+        self.ports.insert(ifindex, AttachedPort { name: name.into(), role, hook, ingress, tc });
         Ok(())
     }
 
@@ -750,15 +836,23 @@ impl Datapath {
             .expect("from_port was loaded as XDP")
     }
 
-    fn tc_program(&mut self) -> &mut SchedClassifier {
+    fn tc_program(&mut self, program: &'static str) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(PROG_TO_PORT)
+            .program_mut(program)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-            .expect("to_port was loaded as a classifier")
+            .expect("the classifiers were loaded at start")
     }
 
-    fn attach_xdp(&mut self, ifindex: u32, name: &str) -> Result<Attachment, PortError> {
-        let mode = self.xdp_mode.aya();
+    /// Attaches `from_port` at `hook`.
+    fn attach_ingress(&mut self, ifindex: u32, name: &str, hook: IngressHook) -> Result<Attachment, PortError> {
+        match hook {
+            IngressHook::Tc => self.attach_tc(ifindex, name, PROG_FROM_PORT_TC, TcAttachType::Ingress, TC_INGRESS_LINK_SUFFIX),
+            IngressHook::XdpSkb => self.attach_xdp(ifindex, name, XdpMode::Skb),
+            IngressHook::XdpNative => self.attach_xdp(ifindex, name, XdpMode::Driver),
+        }
+    }
+
+    fn attach_xdp(&mut self, ifindex: u32, name: &str, mode: XdpMode) -> Result<Attachment, PortError> {
         let path = link_pin_path(&self.pin_dir, name, XDP_LINK_SUFFIX);
         remove_stale_pin(&path);
         let prog = self.xdp_program();
@@ -781,16 +875,24 @@ impl Datapath {
         Ok(Attachment::Xdp(attach(self.xdp_program())?))
     }
 
-    fn attach_tc(&mut self, ifindex: u32, name: &str) -> Result<Attachment, PortError> {
-        let path = link_pin_path(&self.pin_dir, name, TC_LINK_SUFFIX);
+    /// Attaches the classifier `program` to a TCX link at `at`, pinned as `kind`.
+    fn attach_tc(
+        &mut self,
+        ifindex: u32,
+        name: &str,
+        program: &'static str,
+        at: TcAttachType,
+        kind: &str,
+    ) -> Result<Attachment, PortError> {
+        let path = link_pin_path(&self.pin_dir, name, kind);
         remove_stale_pin(&path);
         let attach = |prog: &mut SchedClassifier| -> Result<SchedClassifierLink, PortError> {
             let id = prog
-                .attach_with_options(name, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|e| Self::attach_error(ifindex, name, PROG_TO_PORT, e))?;
-            prog.take_link(id).map_err(|e| Self::attach_error(ifindex, name, PROG_TO_PORT, e))
+                .attach_with_options(name, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| Self::attach_error(ifindex, name, program, e))?;
+            prog.take_link(id).map_err(|e| Self::attach_error(ifindex, name, program, e))
         };
-        let link = attach(self.tc_program())?;
+        let link = attach(self.tc_program(program))?;
         match FdLink::try_from(link) {
             Ok(fd) => match fd.pin(&path) {
                 Ok(pinned) => return Ok(Attachment::Pinned { link: pinned.into(), path }),
@@ -798,7 +900,7 @@ impl Datapath {
             },
             Err(e) => log::warn!("{name}: TC attached through netlink, not a pinnable link: {e}"),
         }
-        Ok(Attachment::Tc(attach(self.tc_program())?))
+        Ok(Attachment::Tc(attach(self.tc_program(program))?))
     }
 
     /// Forgets a port: removes it from `PORTS` and detaches (unpins) its links. When
@@ -810,7 +912,7 @@ impl Datapath {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => log::warn!("{}: cannot remove PORTS entry: {}", port.name, report(&e)),
         }
-        port.xdp.detach();
+        port.ingress.detach();
         port.tc.detach();
         true
     }
@@ -821,7 +923,7 @@ impl Datapath {
         let pin_dir = self.pin_dir.clone();
         let zone = self.port_zone(new_name);
         if let Some(port) = self.ports.get_mut(&ifindex) {
-            port.xdp.rename(link_pin_path(&pin_dir, new_name, XDP_LINK_SUFFIX));
+            port.ingress.rename(link_pin_path(&pin_dir, new_name, port.hook.link_kind()));
             port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX));
             new_name.clone_into(&mut port.name);
             match self.ports_map.get(&ifindex, 0) {
@@ -934,17 +1036,18 @@ impl Datapath {
             .map(|(&ifindex, p)| {
                 // The program a pinned link runs, as the kernel says (an adopted link
                 // runs the previous agent's until it is upgraded).
-                let (xdp_link_id, from_port_id) = p.xdp.link_ids().unwrap_or((0, self.program_ids.from_port));
+                let (ingress_link_id, from_port_id) =
+                    p.ingress.link_ids().unwrap_or((0, self.program_ids.ingress(p.hook)));
                 let (tc_link_id, to_port_id) = p.tc.link_ids().unwrap_or((0, self.program_ids.to_port));
                 PortStatus {
                     name: p.name.clone(),
                     ifindex,
                     role: role_name(p.role).into(),
-                    xdp_mode: self.xdp_mode.as_str().into(),
+                    ingress: p.hook.as_str().into(),
                     from_port_id,
                     to_port_id,
-                    pinned: p.xdp.pinned() && p.tc.pinned(),
-                    xdp_link_id,
+                    pinned: p.ingress.pinned() && p.tc.pinned(),
+                    ingress_link_id,
                     tc_link_id,
                 }
             })
@@ -998,7 +1101,7 @@ impl Datapath {
     /// Leaves every port attached through its pinned links and every map pinned; links
     /// that could not be pinned are detached as the agent goes.
     pub fn leave_attached(&self) {
-        let pinned = self.ports.values().filter(|p| p.xdp.pinned() && p.tc.pinned()).count();
+        let pinned = self.ports.values().filter(|p| p.ingress.pinned() && p.tc.pinned()).count();
         log::info!("leaving the data path attached to {pinned} port(s) through pins in {}", self.pin_dir.display());
     }
 }
@@ -1022,7 +1125,8 @@ mod tests {
             flow_table_size: 262_144,
             ring_size: 4 << 20,
             payload_ring_size: 1 << 20,
-            xdp_mode: XdpAttachMode::Skb,
+            ingress: IngressHook::Tc,
+            uplink_ingress: IngressHook::Tc,
         };
         assert!(ok.validate().is_ok());
         assert!(DatapathOptions { ring_size: 3 << 20, ..ok.clone() }.validate().is_err());

@@ -296,6 +296,10 @@ pub struct FlowStats {
     pub without_start_event: u64,
     /// Kernel map reads done.
     pub refreshes: u64,
+    /// How long the last read and merge of the kernel map took, in milliseconds. The
+    /// next one starts a second after, or as long after as it took when that is more.
+    #[serde(default)]
+    pub last_refresh_ms: u64,
     /// Entries that could not be read or deleted during map reads.
     pub map_errors: u64,
 }
@@ -495,9 +499,30 @@ impl FlowTable {
         want_updates: bool,
     ) -> Merge {
         let mut merge = Merge::default();
-        self.stats.refreshes += 1;
+        let read = self.begin_merge();
         let read_entries = entries.len() as u64;
-        let read = self.stats.refreshes;
+        self.merge_part(read, entries, now_ns, want_updates, &mut merge);
+        self.finish_merge(read, read_entries, read_started_ns, &mut merge);
+        merge
+    }
+
+    /// Starts merging a read of the kernel map, which may come in parts
+    /// ([`FlowTable::merge_part`], then [`FlowTable::finish_merge`]) so that events are
+    /// applied between them. Returns the read's number.
+    pub fn begin_merge(&mut self) -> u64 {
+        self.stats.refreshes += 1;
+        self.stats.refreshes
+    }
+
+    /// Merges part of read `read`.
+    pub fn merge_part(
+        &mut self,
+        read: u64,
+        entries: impl IntoIterator<Item = (FlowKey, FlowValue)>,
+        now_ns: u64,
+        want_updates: bool,
+        merge: &mut Merge,
+    ) {
         for (key, value) in entries {
             let rec = self.records.entry(key).or_insert_with(|| FlowRecordState {
                 value: FlowValue::default(),
@@ -533,6 +558,11 @@ impl FlowTable {
                 ));
             }
         }
+    }
+
+    /// Ends read `read` of `read_entries` entries: records the read did not find (and
+    /// that saw no packet since it started) count a miss, and are evicted after enough.
+    pub fn finish_merge(&mut self, read: u64, read_entries: u64, read_started_ns: u64, merge: &mut Merge) {
         let missing: Vec<FlowKey> = self
             .records
             .iter_mut()
@@ -548,9 +578,8 @@ impl FlowTable {
             }
         }
         // What stays in the kernel map once the idle entries are deleted.
-        self.stats.kernel_entries = read_entries - merge.expired.len() as u64;
+        self.stats.kernel_entries = read_entries.saturating_sub(merge.expired.len() as u64);
         self.update_sizes();
-        merge
     }
 
     fn update_sizes(&mut self) {
@@ -618,6 +647,9 @@ impl FlowTable {
         out
     }
 }
+
+/// Entries of a kernel map read merged under one hold of the table's lock.
+const MERGE_PART: usize = 4096;
 
 /// The flow table shared by the event reader, the periodic refresh and the control
 /// socket, with the kernel map it mirrors.
@@ -719,17 +751,35 @@ impl SharedFlows {
 
     /// Reads the kernel map, refreshes the records, expires idle flows. Blocking: a
     /// full map read is one or two syscalls per entry; run it off the async workers.
+    /// The records are merged in parts of [`MERGE_PART`] entries, the table unlocked
+    /// between them, so that flow events never wait for a whole big table.
     pub fn refresh(&self) {
         let mut kernel = self.kernel.lock().expect("kernel flows lock");
         let Some(map) = kernel.as_mut() else { return };
         let started = monotonic_now_ns();
         let (entries, errors) = read_kernel_flows(map, &self.batch);
         let want_updates = self.follow.receiver_count() > 0;
-        let merge = {
+        let read_entries = entries.len() as u64;
+        let mut merge = Merge::default();
+        let read = {
             let mut table = self.table();
             table.count_map_errors(errors);
-            table.merge(entries, started, monotonic_now_ns(), want_updates)
+            table.begin_merge()
         };
+        let now = monotonic_now_ns();
+        let mut entries = entries.into_iter();
+        loop {
+            let part: Vec<(FlowKey, FlowValue)> = entries.by_ref().take(MERGE_PART).collect();
+            if part.is_empty() {
+                break;
+            }
+            self.table().merge_part(read, part, now, want_updates, &mut merge);
+        }
+        {
+            let mut table = self.table();
+            table.finish_merge(read, read_entries, started, &mut merge);
+            table.stats.last_refresh_ms = monotonic_now_ns().saturating_sub(started) / 1_000_000;
+        }
         let mut delete_errors = 0u64;
         for key in &merge.expired {
             match map.remove(key) {

@@ -29,6 +29,10 @@ pub const XDP_LINK_SUFFIX: &str = "xdp";
 /// Kind of a port's pinned TC (TCX egress) link (`links/<ifname>:tc`).
 pub const TC_LINK_SUFFIX: &str = "tc";
 
+/// Kind of a port's pinned TC ingress (TCX) link (`links/<ifname>:tcin`), the other
+/// place `from_port` can run.
+pub const TC_INGRESS_LINK_SUFFIX: &str = "tcin";
+
 /// Separates the interface name from the link kind in a link pin's file name.
 ///
 /// bpffs refuses names with a dot (`EPERM`: dots are reserved), so `<ifname>.xdp` cannot
@@ -55,11 +59,11 @@ pub fn link_pin_name(ifname: &str, kind: &str) -> String {
     format!("{}{LINK_KIND_SEPARATOR}{kind}", ifname.replace('.', ":"))
 }
 
-/// The kind (`xdp`, `tc`) of a link pin's file name, if it is one.
+/// The kind (`xdp`, `tcin`, `tc`) of a link pin's file name, if it is one.
 #[must_use]
 pub fn link_pin_kind(file_name: &str) -> Option<&str> {
     let (_, kind) = file_name.rsplit_once(LINK_KIND_SEPARATOR)?;
-    [XDP_LINK_SUFFIX, TC_LINK_SUFFIX].into_iter().find(|k| *k == kind)
+    [XDP_LINK_SUFFIX, TC_INGRESS_LINK_SUFFIX, TC_LINK_SUFFIX].into_iter().find(|k| *k == kind)
 }
 
 /// Pin path of one of a port's links.

@@ -27,6 +27,12 @@ use backplane_common::maps::PINNED_MAPS;
 const BPF_OBJ_GET: libc::c_long = 7;
 /// `BPF_OBJ_GET_INFO_BY_FD`.
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_LINK_GET_FD_BY_ID` and `BPF_LINK_GET_NEXT_ID`.
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+/// `enum bpf_attach_type`: `BPF_TCX_INGRESS`, `BPF_TCX_EGRESS`.
+pub const ATTACH_TCX_INGRESS: u32 = 46;
+pub const ATTACH_TCX_EGRESS: u32 = 47;
 /// `BPF_MAP_TYPE_ARRAY` and `BPF_MAP_TYPE_PERCPU_ARRAY`: their number of entries is
 /// part of their layout.
 const ARRAY_TYPES: [u32; 2] = [2, 6];
@@ -164,6 +170,8 @@ pub struct PinnedLinkInfo {
     pub prog_id: u32,
     /// The interface of an XDP or TCX link; 0 once the interface is gone.
     pub ifindex: u32,
+    /// Of a TCX link: [`ATTACH_TCX_INGRESS`] or [`ATTACH_TCX_EGRESS`]; else 0.
+    pub attach_type: u32,
 }
 
 fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
@@ -186,7 +194,40 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
 
 /// The type, id, program and interface of the link pinned at `path`.
 pub fn link_info(path: &Path) -> std::io::Result<PinnedLinkInfo> {
-    let fd = obj_get(path)?;
+    fd_link_info(&obj_get(path)?)
+}
+
+/// Every XDP and TCX link of the machine on interface `ifindex` (links that vanish while
+/// they are listed are skipped).
+pub fn links_on(ifindex: u32) -> std::io::Result<Vec<PinnedLinkInfo>> {
+    let mut out = Vec::new();
+    let mut id = 0u32;
+    loop {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(id);
+        match sys_bpf(BPF_LINK_GET_NEXT_ID, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        // bpf_attr { start_id, next_id, .. }: the next id is the second u32.
+        id = u32::try_from(attr[0] >> 32).unwrap_or(0);
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(id);
+        let Ok(fd) = sys_bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) else { continue };
+        let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+        // SAFETY: BPF_LINK_GET_FD_BY_ID returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Ok(info) = fd_link_info(&fd)
+            && info.ifindex == ifindex
+            && matches!(info.link_type, LINK_TYPE_XDP | LINK_TYPE_TCX)
+        {
+            out.push(info);
+        }
+    }
+}
+
+fn fd_link_info(fd: &OwnedFd) -> std::io::Result<PinnedLinkInfo> {
     // struct bpf_link_info: type, id, prog_id, then a union at offset 16 whose xdp and
     // tcx members start with the ifindex.
     let mut info = [0u32; 64];
@@ -196,7 +237,8 @@ pub fn link_info(path: &Path) -> std::io::Result<PinnedLinkInfo> {
     attr[1] = info.as_mut_ptr() as u64;
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let ifindex = if matches!(info[0], LINK_TYPE_XDP | LINK_TYPE_TCX) { info[4] } else { 0 };
-    Ok(PinnedLinkInfo { link_type: info[0], id: info[1], prog_id: info[2], ifindex })
+    let attach_type = if info[0] == LINK_TYPE_TCX { info[5] } else { 0 };
+    Ok(PinnedLinkInfo { link_type: info[0], id: info[1], prog_id: info[2], ifindex, attach_type })
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, MulticastGroup};
 
 use crate::{
-    datapath::{Datapath, role_name},
+    datapath::{Datapath, IngressHook, role_name},
     error::{PortError, WatchError, report},
     ifnames::IfNames,
 };
@@ -235,9 +235,9 @@ impl PortWatcher {
                         Ok(()) => {
                             self.failed.remove(&ifindex);
                             log::info!(
-                                "attached to port {name} (ifindex {ifindex}, role {}, xdp {})",
+                                "attached to port {name} (ifindex {ifindex}, role {}, ingress {})",
                                 role_name(role),
-                                datapath.xdp_mode().as_str()
+                                datapath.port_hook(ifindex).map_or("?", IngressHook::as_str)
                             );
                         }
                         Err(PortError::Vanished { .. }) => {

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backplane_lab::{Capture, Lab, host_run};
+use backplane_lab::{Capture, Lab};
 use common::agent::{Agent, field};
 
 fn src_ipv4(p: &backplane_lab::Packet) -> Option<Ipv4Addr> {
@@ -140,12 +140,8 @@ fn stopping_with_detach_on_exit_leaves_no_program_or_pin() {
     let agent = Agent::start(&lab, &[]);
     let pin_dir = lab.pin_dir();
     assert!(pin_dir.join("FLOWS").exists(), "maps are pinned under {}", pin_dir.display());
-    let link = host_run(&["ip", "-d", "link", "show", "dev", a.host_port()]);
-    assert!(link.contains("xdp"), "XDP attached to {}: {link}", a.host_port());
+    assert_eq!(common::links_on(a.host_port()), ["tc-egress", "tc-ingress"], "attached to {}", a.host_port());
     agent.stop();
     assert!(!pin_dir.exists(), "pin dir removed: {:?}", std::fs::read_dir(&pin_dir).map(|d| d.count()));
-    let link = host_run(&["ip", "-d", "link", "show", "dev", a.host_port()]);
-    assert!(!link.contains("xdp"), "XDP detached from {}: {link}", a.host_port());
-    let tc = host_run(&["bpftool", "net", "show", "dev", a.host_port()]);
-    assert!(!tc.contains("to_port"), "TC program detached: {tc}");
+    assert!(common::links_on(a.host_port()).is_empty(), "every link of {} detached", a.host_port());
 }

@@ -109,9 +109,9 @@ fn metrics_pass_promtool_and_a_real_prometheus_sees_the_drops_of_a_zone_pair() {
     assert_eq!(metric(&text, "backplane_rules_generation"), Some(1.0), "{text}");
     assert!(metric(&text, r#"backplane_map_capacity{map="flows"}"#) > Some(0.0), "{text}");
     assert!(metric(&text, r#"backplane_map_entries{map="ports"}"#) == Some(2.0), "{text}");
-    assert!(metric(&text, r#"backplane_program_runs_total{program="from_port"}"#) > Some(0.0), "BPF stats on: {text}");
+    assert!(metric(&text, r#"backplane_program_runs_total{program="from_port_tc"}"#) > Some(0.0), "BPF stats on: {text}");
     assert!(
-        metric(&text, r#"backplane_program_run_time_seconds_total{program="from_port"}"#) > Some(0.0),
+        metric(&text, r#"backplane_program_run_time_seconds_total{program="from_port_tc"}"#) > Some(0.0),
         "run time: {text}"
     );
 

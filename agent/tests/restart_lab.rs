@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use backplane_lab::{Capture, Lab, host_run};
+use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules, field},
     traffic::{Stream, connects, retransmits},
@@ -31,7 +31,7 @@ fn links(agent: &Agent) -> Vec<(String, u64, u64, u64, u64)> {
         .map(|p| {
             (
                 p["name"].as_str().unwrap().to_owned(),
-                p["xdp_link_id"].as_u64().unwrap(),
+                p["ingress_link_id"].as_u64().unwrap(),
                 p["tc_link_id"].as_u64().unwrap(),
                 p["from_port_id"].as_u64().unwrap(),
                 p["to_port_id"].as_u64().unwrap(),
@@ -70,8 +70,9 @@ fn a_killed_agent_is_adopted_without_a_gap() {
     let retrans_before = retransmits(&db);
     stream.reset_pause();
     first.kill_9();
-    let link = host_run(&["ip", "-d", "link", "show", "dev", web.host_port()]);
-    assert!(link.contains("xdp"), "XDP still attached while no agent runs: {link}");
+    for port in [web.host_port(), db.host_port()] {
+        assert_eq!(common::links_on(port), ["tc-egress", "tc-ingress"], "{port} still attached while no agent runs");
+    }
     let capture = Capture::start_filtered(web.host_port(), "tcp port 8081");
     assert!(!connects(&db, &web, 8081), "db -> web stays denied while no agent runs");
     assert!(capture.stop().is_empty(), "nothing of the denied connection reached web");
@@ -84,7 +85,7 @@ fn a_killed_agent_is_adopted_without_a_gap() {
     let programs = second.status()["program_ids"].clone();
     for (b, a) in links_before.iter().zip(&links_after) {
         assert_eq!((&b.0, b.1, b.2), (&a.0, a.1, a.2), "the same links, never detached");
-        assert_eq!((a.3, a.4), (programs["from_port"].as_u64().unwrap(), programs["to_port"].as_u64().unwrap()));
+        assert_eq!((a.3, a.4), (programs["from_port_tc"].as_u64().unwrap(), programs["to_port"].as_u64().unwrap()));
         assert_ne!((a.3, a.4), (b.3, b.4), "the links run the new agent's programs");
     }
     assert_ne!(programs, programs_before);
@@ -104,8 +105,7 @@ fn a_killed_agent_is_adopted_without_a_gap() {
     assert!(!connects(&db, &web, 8082), "db -> web is still denied");
     drop(stream);
     second.stop();
-    let link = host_run(&["ip", "-d", "link", "show", "dev", web.host_port()]);
-    assert!(!link.contains("xdp"), "--detach-on-exit still removes everything: {link}");
+    assert!(common::links_on(web.host_port()).is_empty(), "--detach-on-exit still removes everything");
     assert!(!lab.pin_dir().exists(), "and the pins");
 }
 
@@ -125,8 +125,7 @@ fn pinned_maps_of_another_layout_end_the_start_and_leave_everything_as_it_was() 
     assert!(text.contains("FLOWS: pinned type 1, key 32 bytes, value 64 bytes"), "names the map and layouts: {text}");
     assert!(text.contains("rm -r"), "says how to replace it: {text}");
     assert!(pin_dir.join("FLOWS").exists(), "the pinned map is left alone");
-    let link = host_run(&["ip", "-d", "link", "show", "dev", a.host_port()]);
-    assert!(!link.contains("xdp"), "nothing was attached: {link}");
+    assert!(common::links_on(a.host_port()).is_empty(), "nothing was attached");
 }
 
 #[test]
@@ -153,4 +152,45 @@ fn a_second_agent_on_the_same_pins_is_refused_and_the_first_goes_on() {
     assert!(a.ping(b.ip(), 2), "and it goes on");
     assert!(first.find_flow("icmp", "10.79.0.1", "10.79.0.2").is_some());
     first.stop();
+}
+
+#[test]
+fn an_adopted_port_keeps_its_ingress_hook_and_a_new_port_gets_the_configured_one() {
+    let lab = Lab::new("bp");
+    let a = lab.add_veth_vm("a", "10.78.0.1/24", None, None);
+    let b = lab.add_veth_vm("b", "10.78.0.2/24", None, None);
+    let first = Agent::start_keeping_pins(&lab, &["--ingress", "xdp-skb"]);
+    for port in [a.host_port(), b.host_port()] {
+        assert_eq!(common::links_on(port), ["tc-egress", "xdp"], "{port}: generic XDP as asked");
+    }
+    first.kill_9();
+
+    // The next agent is configured for TC: the adopted ports keep XDP, on the new program.
+    let second = Agent::start(&lab, &[]);
+    let status = second.status();
+    assert_eq!((&status["ingress"], &status["uplink_ingress"]), (&"tc".into(), &"tc".into()), "{status:#}");
+    for p in status["ports"].as_array().unwrap() {
+        assert_eq!(p["ingress"], "xdp-skb", "{p:#}");
+        assert_eq!(p["from_port_id"], status["program_ids"]["from_port"], "{p:#}");
+    }
+    let c = lab.add_veth_vm("c", "10.78.0.3/24", None, None);
+    let port_c = c.host_port().to_owned();
+    let p = second.wait_for(Duration::from_secs(2), "the new port attached", |agent| {
+        agent.status()["ports"].as_array()?.iter().find(|p| p["name"] == port_c.as_str()).cloned()
+    });
+    assert_eq!(p["ingress"], "tc", "{p:#}");
+    assert_eq!(p["from_port_id"], second.status()["program_ids"]["from_port_tc"], "{p:#}");
+    assert_eq!(common::links_on(&port_c), ["tc-egress", "tc-ingress"]);
+    assert_eq!(common::links_on(a.host_port()), ["tc-egress", "xdp"]);
+
+    // Each frame is counted once, whichever hook saw it enter.
+    assert!(a.ping(c.ip(), 3), "a -> c");
+    let flow = second.wait_for(Duration::from_secs(3), "the ping's flow", |agent| {
+        agent.find_flow("icmp", "10.78.0.1", "10.78.0.3").filter(|f| field(f, "rev_packets") == 3)
+    });
+    assert_eq!((field(&flow, "fwd_packets"), field(&flow, "rev_packets")), (3, 3), "{flow:#}");
+    second.stop();
+    for port in [a.host_port(), b.host_port(), &port_c] {
+        assert!(common::links_on(port).is_empty(), "{port}: detached on exit");
+    }
 }

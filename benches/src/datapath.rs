@@ -75,11 +75,12 @@ pub fn load(flow_capacity: u32, programs: &[&str]) -> anyhow::Result<Loaded> {
 /// How the data path is attached to a port, for comparing the choices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
-    /// `from_port` as generic (skb) XDP, `to_port` at TCX egress: the agent's default.
+    /// `from_port` as generic (skb) XDP, `to_port` at TCX egress (`--ingress xdp-skb`).
     XdpSkb,
-    /// `from_port` as native (driver) XDP, `to_port` at TCX egress (`--xdp-mode native`).
+    /// `from_port` as native (driver) XDP, `to_port` at TCX egress (`--ingress xdp-native`).
     XdpNative,
-    /// `to_port` at TCX ingress and egress: the same parse and flow work, no XDP.
+    /// `from_port_tc` at TCX ingress, `to_port` at TCX egress: the agent's default
+    /// (`--ingress tc`).
     TcOnly,
 }
 
@@ -89,7 +90,7 @@ impl AttachMode {
         match self {
             AttachMode::XdpSkb => "XDP generic (skb) + TC egress",
             AttachMode::XdpNative => "XDP native + TC egress",
-            AttachMode::TcOnly => "TC ingress + TC egress (no XDP)",
+            AttachMode::TcOnly => "TC ingress + TC egress (no XDP; the default)",
         }
     }
 }
@@ -99,7 +100,7 @@ impl AttachMode {
 /// set); nobody drains the event ring, so once it is full flow events are counted as
 /// lost, at no cost to the packets. Dropping the result detaches everything.
 pub fn attach(ports: &[(u32, String)], mode: AttachMode) -> anyhow::Result<Loaded> {
-    let mut loaded = load(65_536, &[maps::PROG_FROM_PORT, maps::PROG_TO_PORT])?;
+    let mut loaded = load(65_536, &[maps::PROG_FROM_PORT, maps::PROG_FROM_PORT_TC, maps::PROG_TO_PORT])?;
     {
         let mut ports_map: HashMap<&mut MapData, u32, PortInfo> =
             HashMap::try_from(loaded.ebpf.map_mut(maps::PORTS).context("PORTS")?)?;
@@ -116,7 +117,7 @@ pub fn attach(ports: &[(u32, String)], mode: AttachMode) -> anyhow::Result<Loade
             }
             AttachMode::TcOnly => {
                 let tc: &mut SchedClassifier =
-                    loaded.ebpf.program_mut(maps::PROG_TO_PORT).context("to_port")?.try_into()?;
+                    loaded.ebpf.program_mut(maps::PROG_FROM_PORT_TC).context("from_port_tc")?.try_into()?;
                 tc.attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
                     .with_context(|| format!("attach TC ingress to {name}"))?;
             }

@@ -115,6 +115,9 @@ enum Setup {
     Nothing,
     AgentObserve,
     AgentEnforce(usize),
+    /// The same with `from_port` as generic XDP (`--ingress xdp-skb`), the default
+    /// before TC ingress measured faster.
+    AgentEnforceXdp(usize),
     Nft(usize),
     Attach(AttachMode),
 }
@@ -125,6 +128,7 @@ impl Setup {
             Setup::Nothing => "nothing attached".into(),
             Setup::AgentObserve => "backplane, observe only".into(),
             Setup::AgentEnforce(n) => format!("backplane enforcing, {n} policies"),
+            Setup::AgentEnforceXdp(n) => format!("backplane enforcing, {n} policies, --ingress xdp-skb"),
             Setup::Nft(n) => format!("nftables + br_netfilter, {n} policies"),
             Setup::Attach(mode) => mode.label().into(),
         }
@@ -135,6 +139,7 @@ impl Setup {
             Setup::Nothing => "none".into(),
             Setup::AgentObserve => "bp observe".into(),
             Setup::AgentEnforce(n) => format!("bp {n}"),
+            Setup::AgentEnforceXdp(n) => format!("bp {n} xdp"),
             Setup::Nft(n) => format!("nft {n}"),
             Setup::Attach(AttachMode::XdpSkb) => "XDP skb".into(),
             Setup::Attach(AttachMode::XdpNative) => "XDP native".into(),
@@ -190,11 +195,12 @@ impl Bed {
         let active = match setup {
             Setup::Nothing => Active::Nothing,
             Setup::AgentObserve => Active::Agent(agent::start(&lab, agent_binary, &[], None)),
-            Setup::AgentEnforce(n) => {
+            Setup::AgentEnforce(n) | Setup::AgentEnforceXdp(n) => {
                 let dir = lab.work_dir().join(format!("rules-{n}"));
                 std::fs::create_dir_all(&dir)?;
                 std::fs::write(dir.join("zones.yaml"), rules(*n)?.to_yaml())?;
-                Active::Agent(agent::start(&lab, agent_binary, &[], agent_rules.then_some(dir.as_path())))
+                let extra: &[&str] = if matches!(setup, Setup::AgentEnforceXdp(_)) { &["--ingress", "xdp-skb"] } else { &[] };
+                Active::Agent(agent::start(&lab, agent_binary, extra, agent_rules.then_some(dir.as_path())))
             }
             Setup::Nft(n) => {
                 Active::Nft(NftTable::load("inet", NFT_TABLE, &rules(*n)?.to_nft(NFT_TABLE, lab.bridge_name()))?)
@@ -580,6 +586,7 @@ fn policy_setups(args: &Args) -> Vec<Setup> {
     [Setup::Nothing, Setup::AgentObserve]
         .into_iter()
         .chain(args.policies.iter().map(|&n| Setup::AgentEnforce(n)))
+        .chain(args.policies.first().map(|&n| Setup::AgentEnforceXdp(n)))
         .chain(args.policies.iter().map(|&n| Setup::Nft(n)))
         .collect()
 }
@@ -658,7 +665,7 @@ fn document(args: &Args, r: &Results) -> String {
         if r.agent_rules {
             let _ = writeln!(
                 doc,
-                "backplane: `backplane run --rules <dir> --detach-on-exit` (XDP generic + TC egress, the defaults), a generated rule set with the client \
+                "backplane: `backplane run --rules <dir> --detach-on-exit` (TC ingress + TC egress, the defaults; one row with `--ingress xdp-skb`), a generated rule set with the client \
                  in zone `web`, the server in zone `db` and the policy allowing the benchmark in the middle of the list; `default_inter_zone: deny`.\n"
             );
         } else {
@@ -675,7 +682,7 @@ fn document(args: &Args, r: &Results) -> String {
         let _ = writeln!(doc, "### Goals\n\n{}", goals(&r.samples, &args.policies));
     }
     if args.suites.contains(&Suite::Attach) {
-        let _ = writeln!(doc, "## Where to attach: XDP generic vs XDP native vs TC only\n");
+        let _ = writeln!(doc, "## Where to attach: XDP generic vs XDP native vs TC\n");
         let _ = writeln!(
             doc,
             "The data path loaded and attached by the benchmark itself (no agent, observe mode, nobody draining the event ring) to both VMs' \

@@ -50,7 +50,21 @@ pub struct PortInfo {
     pub flags: u8,
     /// Zone given to the port by `interface:` members, per rule-table half; 0 = none.
     pub zone: [u16; 2],
-    pub _pad: [u8; 2],
+    /// Where the agent attached `from_port` (a `PORT_INGRESS_*` value): kept here, in a
+    /// pinned map, so that an agent adopting the port's links knows. Not read by the
+    /// data path.
+    pub ingress: u8,
+    pub _pad: u8,
 }
+
+/// [`PortInfo::ingress`]: not recorded (ports attached by an agent that did not record
+/// it ran generic XDP).
+pub const PORT_INGRESS_UNKNOWN: u8 = 0;
+/// [`PortInfo::ingress`]: `from_port_tc` at TC ingress.
+pub const PORT_INGRESS_TC: u8 = 1;
+/// [`PortInfo::ingress`]: `from_port` as generic (skb) XDP.
+pub const PORT_INGRESS_XDP_SKB: u8 = 2;
+/// [`PortInfo::ingress`]: `from_port` as native (driver) XDP.
+pub const PORT_INGRESS_XDP_NATIVE: u8 = 3;
 
 const _: () = assert!(core::mem::size_of::<PortInfo>() == 8);

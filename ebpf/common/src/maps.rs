@@ -44,6 +44,8 @@ pub const SAMPLE_BUDGET: &str = "SAMPLE_BUDGET";
 
 /// XDP program on a port: what the VM (or the uplink's peer) sends into the switch.
 pub const PROG_FROM_PORT: &str = "from_port";
+/// The same at TC ingress (TCX), for ports where XDP costs more than TC.
+pub const PROG_FROM_PORT_TC: &str = "from_port_tc";
 /// TC egress program on a port: what the switch delivers to the VM (or the uplink).
 pub const PROG_TO_PORT: &str = "to_port";
 

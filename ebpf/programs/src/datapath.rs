@@ -133,6 +133,12 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
     action
 }
 
+/// Whether `ifindex` is an attached port (VM port or uplink).
+#[inline(always)]
+pub fn is_attached(ifindex: u32) -> bool {
+    PORTS.get_ptr(ifindex).is_some()
+}
+
 /// Whether `ifindex` is an attached VM port (not an uplink, not unknown).
 #[inline(always)]
 fn is_vm_port(ifindex: u32) -> bool {

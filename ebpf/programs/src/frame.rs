@@ -1,8 +1,9 @@
 //! Uniform, bounds-checked access to the bytes of a frame for both program types.
 //!
 //! XDP reads packet memory directly (every read checked against `data_end`); TC reads
-//! with `bpf_skb_load_bytes`, which also reaches the non-linear part of an skb (GSO
-//! super-frames written by a guest keep their headers there on some paths).
+//! the linear part of the skb the same way and the rest with `bpf_skb_load_bytes`,
+//! which also reaches the non-linear part (GSO super-frames written by a guest keep
+//! their headers there on some paths).
 
 use aya_ebpf::{
     helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
@@ -29,6 +30,10 @@ pub trait Frame {
     /// # Safety
     /// `dst` must be writable for `len` bytes.
     unsafe fn copy_prefix(&self, dst: *mut u8, len: u32) -> bool;
+    /// The TCI of an outer VLAN tag the kernel took out of the frame before the program
+    /// ran (TC: the receive path moves the first 802.1Q/802.1ad tag into the skb), so
+    /// that every hook sees the same tags.
+    fn offloaded_vlan(&self) -> Option<u16>;
 }
 
 impl Frame for XdpContext {
@@ -58,6 +63,12 @@ impl Frame for XdpContext {
         // bytes (the caller's promise); the helper checks the frame's bounds.
         unsafe { bpf_xdp_load_bytes(self.ctx, 0, dst.cast(), len) == 0 }
     }
+
+    #[inline(always)]
+    fn offloaded_vlan(&self) -> Option<u16> {
+        // Generic and native XDP see the frame as it came, tags included.
+        None
+    }
 }
 
 impl Frame for TcContext {
@@ -68,8 +79,17 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        const { assert!(core::mem::size_of::<T>() >= 2) };
         if offset > MAX_HEADER_OFFSET {
             return None;
+        }
+        // Headers are nearly always in the linear part: read them in place. What lies
+        // beyond it (a GSO frame's headers in a fragment) is copied by the helper.
+        let start = self.data() + offset;
+        if start + core::mem::size_of::<T>() <= self.data_end() {
+            // SAFETY: the range lies inside the skb's linear data, checked just above;
+            // T is plain old data read without alignment.
+            return Some(unsafe { core::ptr::read_unaligned(start as *const T) });
         }
         TcContext::load::<T>(self, offset).ok()
     }
@@ -78,6 +98,13 @@ impl Frame for TcContext {
     unsafe fn copy_prefix(&self, dst: *mut u8, len: u32) -> bool {
         // SAFETY: as for XDP: the kernel's skb, a writable destination, a checked copy.
         unsafe { bpf_skb_load_bytes(self.skb.skb as *const _, 0, dst.cast(), len) == 0 }
+    }
+
+    #[inline(always)]
+    fn offloaded_vlan(&self) -> Option<u16> {
+        // SAFETY: the context pointer is the skb the kernel handed to this program.
+        let skb = unsafe { &*self.skb.skb };
+        if skb.vlan_present != 0 { Some(skb.vlan_tci as u16) } else { None }
     }
 }
 

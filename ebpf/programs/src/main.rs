@@ -1,7 +1,8 @@
 //! backplane's data path.
 //!
-//! One XDP program (`from_port`) sees what enters the switch through a port: what a VM
-//! sends, or what arrives from another node on an uplink. One TC egress program
+//! One program sees what enters the switch through a port: what a VM sends, or what
+//! arrives from another node on an uplink; it runs at TC ingress (`from_port_tc`, the
+//! default) or XDP (`from_port`), as the agent is told per port role. One TC egress program
 //! (`to_port`) sees what the switch delivers through that port. Both parse the frame,
 //! find or create its flow in the kernel flow table, judge it and count it. Userspace
 //! never touches individual packets; it hears only of flow starts and ends.
@@ -35,10 +36,30 @@ pub fn from_port(ctx: XdpContext) -> u32 {
     }
 }
 
+/// `from_port` at TC ingress (TCX): the same data path for ports where XDP costs more
+/// than it saves. Generic XDP must give every frame a linear buffer with XDP headroom,
+/// which copies GRO/TSO super-frames; TC sees the skb as it is.
+#[classifier]
+pub fn from_port_tc(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is the skb the kernel handed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match datapath::handle(&ctx, ifindex, Hook::FromPort) {
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
+    }
+}
+
 #[classifier]
 pub fn to_port(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the skb the kernel handed to this program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (ifindex, came_in) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    // A frame that entered the switch through an attached port was counted and judged
+    // there, by `from_port`: nothing is left to do for it on the way out. What remains
+    // is what the host itself sends (received on no device) or routes in from ports
+    // that are not attached.
+    if came_in != 0 && datapath::is_attached(came_in) {
+        return TC_ACT_OK;
+    }
     match datapath::handle(&ctx, ifindex, Hook::ToPort) {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,

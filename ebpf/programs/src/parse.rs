@@ -135,8 +135,12 @@ fn parse_frame<F: Frame>(frame: &F, packet: &mut Packet) -> Result<Parsed, Count
     packet.src_mac = frame.load::<[u8; 6]>(6).ok_or(Counter::ParseTruncatedEthernet)?;
     let mut ethertype = load_be16(frame, 12).ok_or(Counter::ParseTruncatedEthernet)?;
     let mut offset = ETH_HDR_LEN;
+    if let Some(tci) = frame.offloaded_vlan() {
+        packet.vlan = tci & 0x0fff;
+        packet.vlan_tags = 1;
+    }
     for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD || usize::from(packet.vlan_tags) >= MAX_VLAN_TAGS {
             break;
         }
         let tci = load_be16(frame, offset).ok_or(Counter::ParseTruncatedVlan)?;
