@@ -9,6 +9,8 @@
 //! 2. Rule sets: a generated rule set of N policies and M MAC endpoints, timed through
 //!    `parse_rules`, `compile`, and the agent's `RuleTables::write_slot` + `activate` on
 //!    a loaded data path (first load, then a reload that clears the other half).
+//!    The same events also go through the agent's own decoder and flow table in this
+//!    process, without a kernel: what one core of the agent does per event.
 //! 3. Memory: the kernel's accounting (`memlock` in fdinfo; `bpftool map show`) of the
 //!    flow table at several capacities, empty and filled; the agent's resident memory
 //!    with 0 and N flows.
@@ -52,12 +54,26 @@ struct Args {
     /// Flow table capacities for the kernel memory test.
     #[arg(long, value_delimiter = ',', default_values_t = vec![65_536, 262_144, 1_048_576])]
     capacities: Vec<u32>,
+    /// Sections to run (a subset cannot be written to benches/results).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Part::Events, Part::Processing, Part::Rules, Part::Memory])]
+    sections: Vec<Part>,
+    /// Events of the in-process event processing test.
+    #[arg(long, default_value_t = 1_000_000)]
+    processed_events: u32,
     /// Flow counts at which the agent's memory is read.
     #[arg(long, value_delimiter = ',', default_values_t = vec![50_000, 200_000])]
     agent_flows: Vec<u32>,
     /// Write results to benches/results (otherwise print only).
     #[arg(long)]
     write: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Events,
+    Processing,
+    Rules,
+    Memory,
 }
 
 const UDP_PORT: u16 = 9000;
@@ -473,6 +489,82 @@ fn events_section(args: &Args, binary: &Path) -> anyhow::Result<Section> {
     Ok(Section { markdown: doc, json: serde_json::to_value(&events)?, bars })
 }
 
+/// Thread CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// Start events of `n` distinct UDP flows, as the ring buffer hands them to the agent.
+fn synthetic_events(n: u32) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut src = [0u8; 16];
+            src[..4].copy_from_slice(&[10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            let mut dst = [0u8; 16];
+            dst[..4].copy_from_slice(&[10, 40, 0, 10]);
+            let (key, direction) = FlowKey::canonical(&src, 1024 + (i % 60_000) as u16, &dst, UDP_PORT, 0, 17, FAMILY_IPV4);
+            let event = backplane_common::FlowEvent {
+                key,
+                ts_ns: u64::from(i),
+                ifindex: 3,
+                kind: backplane_common::FlowEventKind::Start as u8,
+                direction,
+                verdict: Verdict::Observed as u8,
+                tcp_flags: 0,
+            };
+            backplane::events::to_bytes(&event)
+        })
+        .collect()
+}
+
+/// One round of the in-process event test: decode and apply `events` in batches of
+/// `batch` (as the ring reader does), on a fresh flow table; returns the thread's CPU
+/// seconds.
+fn process_events(events: &[Vec<u8>], batch: usize) -> f64 {
+    use backplane::{clock::Clock, events::FlowEventDecode as _, flows, ifnames::IfNames, rule_names::RuleNames};
+    let table = flows::FlowTable::new(
+        Clock::measure(),
+        3600 * 1_000_000_000,
+        std::sync::Arc::new(IfNames::new()),
+        std::sync::Arc::new(RuleNames::new()),
+    );
+    let shared = flows::SharedFlows::new(table, None);
+    let started = thread_cpu();
+    for chunk in events.chunks(batch) {
+        let decoded = chunk.iter().map(|bytes| backplane_common::FlowEvent::from_bytes(bytes)).collect();
+        shared.apply_events(decoded);
+    }
+    let seconds = (thread_cpu() - started).as_secs_f64();
+    assert_eq!(shared.stats().start_events, events.len() as u64, "every event applied");
+    seconds
+}
+
+fn processing_section(args: &Args) -> Section {
+    const BATCH: usize = 4096;
+    let events = synthetic_events(args.processed_events);
+    let rounds: Vec<f64> = (0..args.rounds).map(|_| process_events(&events, BATCH)).collect();
+    let per_second = summarize(rounds.iter().map(|s| f64::from(args.processed_events) / s / 1e6));
+    let ns_per_event = summarize(rounds.iter().map(|s| s * 1e9 / f64::from(args.processed_events)));
+    let doc = format!(
+        "## Flow events processed by the agent's code, in process\n\n\
+         {} start events of distinct flows, encoded as the data path writes them, decoded with the agent's `FlowEvent::from_bytes` and applied \
+         with `SharedFlows::apply_events` (the ring reader's calls) in batches of {BATCH}, into an empty flow table, on one thread; timed with \
+         the thread's CPU clock. No kernel: this is the agent's own work per event, without ring wake-ups, other threads or table reads. \
+         {} rounds; medians (min-max).\n\n{}\n",
+        args.processed_events,
+        args.rounds,
+        report::markdown_table(
+            &["events", "million events per CPU-second", "ns per event"],
+            &[vec![args.processed_events.to_string(), per_second.cell(2), ns_per_event.cell(0)]]
+        )
+    );
+    let json = serde_json::json!({ "events": args.processed_events, "batch": BATCH, "cpu_seconds": rounds });
+    Section { markdown: doc, json, bars: vec![("in process".into(), per_second.median * 1e3)] }
+}
+
 fn compile_section(args: &Args) -> anyhow::Result<Section> {
     let mut rounds = Vec::new();
     for i in 0..args.rounds {
@@ -615,14 +707,32 @@ fn main() -> anyhow::Result<()> {
     isolation::enter_private_netns()?;
     let binary = agent::binary()?;
     let cmd = std::env::args().collect::<Vec<_>>().join(" ");
-    let events = events_section(&args, &binary)?;
+    if args.sections.len() < 4 {
+        if args.write {
+            bail!("--write needs every section");
+        }
+        for part in &args.sections {
+            let section = match part {
+                Part::Events => events_section(&args, &binary)?,
+                Part::Processing => processing_section(&args),
+                Part::Rules => compile_section(&args)?,
+                Part::Memory => memory_section(&args, &binary)?,
+            };
+            println!("{}", section.markdown);
+        }
+        return Ok(());
+    }
+    let processing = processing_section(&args);
+    let mut events = events_section(&args, &binary)?;
+    events.bars.extend(processing.bars.iter().cloned());
     let rules = compile_section(&args)?;
     let memory = memory_section(&args, &binary)?;
     let doc = format!(
-        "# Agent rates and memory\n\nMachine: {}  \nSource: {}  \nCommand: `cargo xtask bench agent` (ran `{cmd}`)\n\n{}{}{}",
+        "# Agent rates and memory\n\nMachine: {}  \nSource: {}  \nCommand: `cargo xtask bench agent` (ran `{cmd}`)\n\n{}{}{}{}",
         report::machine_line(),
         report::source_line(),
         events.markdown,
+        processing.markdown,
         rules.markdown,
         memory.markdown
     );
@@ -632,7 +742,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("agent-rates.md"), &doc)?;
         let json =
-            serde_json::json!({ "flow_events": events.json, "compile_and_apply": rules.json, "memory": memory.json });
+            serde_json::json!({ "flow_events": events.json, "processing": processing.json, "compile_and_apply": rules.json, "memory": memory.json });
         std::fs::write(dir.join("agent-rates.json"), serde_json::to_string_pretty(&json)?)?;
         report::bar_chart(
             &dir.join("agent-events.svg"),

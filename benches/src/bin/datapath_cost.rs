@@ -1,5 +1,6 @@
 //! Per-packet cost of the data path under `BPF_PROG_TEST_RUN`, beside an XDP program
-//! that only passes (`baseline_pass`), timed in the same run.
+//! that only passes (`baseline_pass`) and one that only looks the frame's flow key up in
+//! `FLOWS` (`baseline_lookup`), timed in the same run.
 //!
 //! Scenarios: the established-flow fast path (IPv4, IPv6), a denied flow whose verdict
 //! is cached, a new allowed flow and a new denied flow; at 0 (observe only), 10, 1,000
@@ -55,7 +56,7 @@ struct Args {
 }
 
 fn load(flow_capacity: u32) -> anyhow::Result<Loaded> {
-    datapath::load(flow_capacity, &[maps::PROG_FROM_PORT, maps::PROG_BASELINE_PASS])
+    datapath::load(flow_capacity, &[maps::PROG_FROM_PORT, maps::PROG_BASELINE_PASS, maps::PROG_BASELINE_LOOKUP])
 }
 
 fn run(ebpf: &mut Ebpf, prog: &str, frame: &[u8], repeat: u32) -> anyhow::Result<Duration> {
@@ -140,6 +141,8 @@ struct Row {
     scenario: &'static str,
     baseline_ns: f64,
     datapath_ns: f64,
+    /// `baseline_lookup` on the same frame (repeated scenarios only).
+    lookup_ns: Option<f64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -163,11 +166,14 @@ fn main() -> anyhow::Result<()> {
                 run(&mut l.ebpf, maps::PROG_FROM_PORT, frame, 1)?;
                 let mut base = Vec::new();
                 let mut dp = Vec::new();
+                let mut lookup = Vec::new();
                 for _ in 0..args.rounds {
                     base.push(ns(run(&mut l.ebpf, maps::PROG_BASELINE_PASS, frame, args.repeat)?));
                     dp.push(ns(run(&mut l.ebpf, maps::PROG_FROM_PORT, frame, args.repeat)?));
+                    lookup.push(ns(run(&mut l.ebpf, maps::PROG_BASELINE_LOOKUP, frame, args.repeat)?));
                 }
-                rows.push(Row { policies: n_policies, flows: n_flows, scenario, baseline_ns: median(base), datapath_ns: median(dp) });
+                let lookup_ns = (scenario != "established IPv6").then(|| median(lookup));
+                rows.push(Row { policies: n_policies, flows: n_flows, scenario, baseline_ns: median(base), datapath_ns: median(dp), lookup_ns });
             }
             // New flows: one run per distinct packet.
             for (scenario, dport) in [("new flow, allowed", 5432u16), ("new flow, denied", 9999)] {
@@ -182,7 +188,7 @@ fn main() -> anyhow::Result<()> {
                     dp.push(ns(run(&mut l.ebpf, maps::PROG_FROM_PORT, &f, 1)?));
                 }
                 let scenario = if n_policies == 0 { "new flow, observed" } else { scenario };
-                rows.push(Row { policies: n_policies, flows: n_flows, scenario, baseline_ns: median(base), datapath_ns: median(dp) });
+                rows.push(Row { policies: n_policies, flows: n_flows, scenario, baseline_ns: median(base), datapath_ns: median(dp), lookup_ns: None });
             }
             eprintln!("measured {n_policies} policies, {n_flows} flows");
         }
@@ -195,18 +201,23 @@ fn main() -> anyhow::Result<()> {
                 r.policies.to_string(),
                 r.scenario.to_owned(),
                 format!("{:.1}", r.baseline_ns),
+                r.lookup_ns.map_or_else(|| "-".into(), |l| format!("{l:.1}")),
                 format!("{:.1}", r.datapath_ns),
                 format!("{:.2}x", r.datapath_ns / r.baseline_ns),
             ]
         })
         .collect();
-    let md_table = report::markdown_table(&["flows in table", "policies", "scenario", "baseline_pass ns", "from_port ns", "ratio"], &table);
+    let md_table = report::markdown_table(&["flows in table", "policies", "scenario", "baseline_pass ns", "baseline_lookup ns", "from_port ns", "ratio"], &table);
     println!("{md_table}");
     // Goals: fast path at most 3x the baseline; unchanged (within 1.3x) from 10 to 100,000 policies.
     let mut summary = String::new();
     for scenario in ["established IPv4", "established IPv6"] {
         let worst = rows.iter().filter(|r| r.scenario == scenario).map(|r| r.datapath_ns / r.baseline_ns).fold(0.0, f64::max);
         let _ = writeln!(summary, "- {scenario}: worst ratio to baseline {worst:.2}x (goal <= 3x)");
+        let lookups: Vec<f64> = rows.iter().filter(|r| r.scenario == scenario).filter_map(|r| r.lookup_ns.map(|l| l / r.baseline_ns)).collect();
+        if let (Some(lo), Some(hi)) = (lookups.iter().copied().reduce(f64::min), lookups.iter().copied().reduce(f64::max)) {
+            let _ = writeln!(summary, "- {scenario}: one FLOWS lookup alone (baseline_lookup) costs {lo:.2}x-{hi:.2}x the baseline");
+        }
         for &f in &args.flows {
             let at = |p: u32| rows.iter().find(|r| r.scenario == scenario && r.policies == p && r.flows == f).map(|r| r.datapath_ns);
             if let (Some(lo), Some(hi)) = (at(10), at(100_000)) {

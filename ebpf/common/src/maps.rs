@@ -51,6 +51,9 @@ pub const PROG_TO_PORT: &str = "to_port";
 
 /// XDP program that only passes: the benchmarks' baseline, never attached.
 pub const PROG_BASELINE_PASS: &str = "baseline_pass";
+/// XDP program that does one `FLOWS` lookup and nothing else: the benchmarks' floor for
+/// a flow-table fast path, never attached.
+pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
 
 /// All maps that are pinned under the agent's pin directory, so that they survive
 /// a restart of the agent.

@@ -73,6 +73,21 @@ pub fn baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Never attached either: one lookup in `FLOWS` of the key of an IPv4 frame (addresses
+/// and ports read at fixed offsets, no parsing), timed by the benchmarks as the floor
+/// under any fast path that keeps its flows in a kernel hash table.
+#[xdp]
+pub fn baseline_lookup(ctx: XdpContext) -> u32 {
+    use frame::Frame as _;
+    let Some(a) = ctx.load::<[u8; 12]>(26) else { return xdp_action::XDP_PASS };
+    let mut key = backplane_common::FlowKey { proto: 6, family: backplane_common::flow::FAMILY_IPV4, ..Default::default() };
+    key.addr_lo[..4].copy_from_slice(&a[0..4]);
+    key.addr_hi[..4].copy_from_slice(&a[4..8]);
+    key.port_lo = u16::from_be_bytes([a[8], a[9]]);
+    key.port_hi = u16::from_be_bytes([a[10], a[11]]);
+    if maps::FLOWS.get_ptr(&key).is_some() { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
