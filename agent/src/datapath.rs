@@ -53,12 +53,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Where `from_port` runs on a port (`--ingress`, `--uplink-ingress`).
 ///
-/// Measured on this project's machines (benches/results/throughput.md): on veth ports
-/// TC ingress keeps TCP bulk at 98% of the unfiltered rate where generic XDP keeps 91%
-/// (generic XDP must give every frame a linear buffer with XDP headroom, which copies
-/// GRO/TSO super-frames), and native XDP on a veth disables GRO/TSO for the pair (8.3 to
-/// 1.6 Gbit/s); on tap ports TC and generic XDP are within noise. Hence `tc` by default
-/// for both roles; `xdp-native` suits physical uplinks whose driver supports XDP.
+/// Measured on this project's machines (benches/results/throughput.md): TC ingress keeps
+/// TCP bulk at 96% (veth) and 97% (tap) of the unfiltered rate where generic XDP keeps
+/// 86% and 87% (generic XDP must give every frame a linear buffer with XDP headroom,
+/// which copies GRO/TSO super-frames), and native XDP on a veth disables GRO/TSO for the
+/// pair (37%). Hence `tc` by default for both roles; `xdp-native` suits physical uplinks
+/// whose driver supports XDP.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum IngressHook {

@@ -438,7 +438,7 @@ fn events_section(args: &Args, binary: &Path) -> anyhow::Result<Section> {
          resumed (SIGCONT) after it, which shows what the ring alone absorbs.\n\n\
          \"consumed/s\" is start events over the time from the first frame to the last event consumed; \"per agent CPU-second\" divides them by the \
          agent's CPU time (user + system, all threads) over the same span: the rate one fully busy core would sustain. That CPU time includes the \
-         agent's read of the whole kernel flow table, once a second, so it grows with the flows already in the table (first column).\n\n",
+         agent's reads of the whole kernel flow table (every second, or as long after the last as it took), so it grows with the flows already in the table (first column).\n\n",
         args.new_flows, args.new_flows
     );
     let rows: Vec<Vec<String>> = events

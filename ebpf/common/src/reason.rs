@@ -201,6 +201,13 @@ pub enum Counter {
     Count,
 }
 
+/// Entries of the `COUNTERS` array: more than there are counters, so that a data path
+/// with new counters still fits the array an older agent pinned, and the next agent
+/// adopts it (a pinned array must keep its size).
+pub const COUNTER_SLOTS: u32 = 64;
+
+const _: () = assert!((Counter::Count as u32) <= COUNTER_SLOTS);
+
 impl Counter {
     pub const ALL: [Self; Self::Count as usize] = [
         Self::Packets,

@@ -10,7 +10,7 @@ use backplane_common::{
     flow::{FragmentKey, FragmentPorts},
     event::AnnounceKey,
     policy::{AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
-    reason::Counter,
+    reason::COUNTER_SLOTS,
     sample::SampleBudget,
 };
 
@@ -28,7 +28,7 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOWS_DEFA
 pub static FLOW_EVENTS: RingBuf = RingBuf::pinned(EVENTS_DEFAULT, 0);
 
 #[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::Count as u32, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
