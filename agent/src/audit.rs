@@ -63,7 +63,7 @@ impl AuditLog {
     #[must_use]
     pub fn new(state_dir: &Path) -> Self {
         let path = state_dir.join(AUDIT_FILE);
-        let existing = fs::File::open(&path).map(|f| io::BufReader::new(f).lines().count() as u64).unwrap_or(0);
+        let existing = fs::File::open(&path).map_or(0, |f| io::BufReader::new(f).lines().count() as u64);
         Self { path, lock: Mutex::new(existing) }
     }
 

@@ -987,7 +987,7 @@ impl Endpoints {
         }
         let (generation, compiled) = {
             let dp = self.datapath.lock().expect("datapath lock");
-            (dp.config().map(|c| c.generation).unwrap_or(0), self.lock().compiled.clone())
+            (dp.config().map_or(0, |c| c.generation), self.lock().compiled.clone())
         };
         let zone_id = |name: &str| compiled.as_ref().and_then(|c| c.zone_ids.id(name)).unwrap_or(ZONE_WORLD);
         let now = monotonic_now_ns();

@@ -121,7 +121,7 @@ impl RuleTables {
             let data = key.data();
             self.slots[usize::from(data.slot & 1)].vpatches.push((key.prefix_len(), data));
         }
-        for entry in self.owners.iter() {
+        for entry in &self.owners {
             let (key, value) = entry.map_err(map_err(ADDR_OWNERS))?;
             self.owners_held.insert(key, value);
         }

@@ -498,6 +498,7 @@ fn thread_cpu() -> Duration {
 }
 
 /// Start events of `n` distinct UDP flows, as the ring buffer hands them to the agent.
+#[expect(clippy::cast_possible_truncation, reason = "the bytes of a flow number become an address")]
 fn synthetic_events(n: u32) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
@@ -537,7 +538,7 @@ fn process_events(events: &[Vec<u8>], batch: usize) -> f64 {
         let decoded = chunk.iter().map(|bytes| backplane_common::FlowEvent::from_bytes(bytes)).collect();
         shared.apply_events(decoded);
     }
-    let seconds = (thread_cpu() - started).as_secs_f64();
+    let seconds = thread_cpu().saturating_sub(started).as_secs_f64();
     assert_eq!(shared.stats().start_events, events.len() as u64, "every event applied");
     seconds
 }
