@@ -33,10 +33,9 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// VLAN tags walked (an 802.1ad outer tag and an 802.1Q inner tag).
 pub const MAX_VLAN_TAGS: usize = 2;
 
+/// TCP flags that end a flow.
 pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 /// What a frame carries, as far as the data path needs to know.
 pub struct Packet {
