@@ -875,7 +875,9 @@ impl Datapath {
         Ok(Attachment::Xdp(attach(self.xdp_program())?))
     }
 
-    /// Attaches the classifier `program` to a TCX link at `at`, pinned as `kind`.
+    /// Attaches the classifier `program` to a TCX link at `at`, pinned as `kind`. It goes
+    /// first in the port's chain, so that no other program there can let a frame through
+    /// before it is judged; it hands what it passes on to the next program.
     fn attach_tc(
         &mut self,
         ifindex: u32,
@@ -888,7 +890,7 @@ impl Datapath {
         remove_stale_pin(&path);
         let attach = |prog: &mut SchedClassifier| -> Result<SchedClassifierLink, PortError> {
             let id = prog
-                .attach_with_options(name, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .attach_with_options(name, at, TcAttachOptions::TcxOrder(LinkOrder::first()))
                 .map_err(|e| Self::attach_error(ifindex, name, program, e))?;
             prog.take_link(id).map_err(|e| Self::attach_error(ifindex, name, program, e))
         };

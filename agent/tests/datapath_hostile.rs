@@ -29,7 +29,8 @@ use common::{
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const TC_ACT_OK: i32 = 0;
+/// `TC_ACT_UNSPEC`: the classifiers pass a frame by handing it to the next program.
+const TC_PASS: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 /// `BPF_PROG_TEST_RUN` runs programs as if on the loopback device.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -146,7 +147,7 @@ fn run_corpus(setup: &mut Setup, corpus: &[Hostile], egress: bool, vm_port: bool
                     tally.refused_by_kernel += 1;
                     continue;
                 };
-                assert!(action == TC_ACT_OK || action == TC_ACT_SHOT, "{what}: TC action {action}");
+                assert!(action == TC_PASS || action == TC_ACT_SHOT, "{what}: TC action {action}");
                 action == TC_ACT_SHOT
             } else {
                 match setup.dp.try_from_port(frame) {

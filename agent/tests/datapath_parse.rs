@@ -10,7 +10,8 @@ use backplane_common::{
 use common::{datapath::TestDatapath, frames::*};
 
 const XDP_PASS: u32 = 2;
-const TC_ACT_OK: i32 = 0;
+/// `TC_ACT_UNSPEC`: the classifiers pass a frame by handing it to the next program.
+const TC_PASS: i32 = -1;
 
 const A: [u8; 4] = [10, 0, 0, 1];
 const B: [u8; 4] = [10, 0, 0, 2];
@@ -58,8 +59,8 @@ fn egress_counts_only_what_no_ingress_program_saw() {
     let mut dp = TestDatapath::load(1024);
     let frame = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4(A, B, 17, &udp(5000, 53, b"hello")));
     // The host itself sends it (only the egress program sees it): counted once.
-    assert_eq!(dp.to_port(&frame), TC_ACT_OK);
-    assert_eq!(dp.to_port(&frame), TC_ACT_OK);
+    assert_eq!(dp.to_port(&frame), TC_PASS);
+    assert_eq!(dp.to_port(&frame), TC_PASS);
     let flows = dp.flows();
     assert_eq!(flows.len(), 1);
     let v = flows[0].1;
@@ -68,7 +69,7 @@ fn egress_counts_only_what_no_ingress_program_saw() {
     // Seen entering the switch: counted there, and no longer at egress.
     let mut dp = TestDatapath::load(1024);
     assert_eq!(dp.from_port(&frame), XDP_PASS);
-    assert_eq!(dp.to_port(&frame), TC_ACT_OK);
+    assert_eq!(dp.to_port(&frame), TC_PASS);
     let v = dp.flows()[0].1;
     assert_eq!(v.packets.iter().sum::<u64>(), 1);
     assert_eq!(dp.counter(Counter::EgressOnly), 0);
@@ -112,7 +113,7 @@ fn ipv6_with_extension_headers_and_vlan_tags() {
     assert_eq!(v.bytes[0], frame.len() as u64);
 }
 
-/// Every malformed frame passes (XDP_PASS / TC_ACT_OK) and is counted under its reason.
+/// Every malformed frame passes (XDP_PASS / TC_PASS) and is counted under its reason.
 #[test]
 fn malformed_frames_pass_and_are_counted_by_reason() {
     let good_tcp = ipv4(A, B, 6, &tcp(1, 2, TCP_SYN, &[]));
@@ -162,7 +163,7 @@ fn malformed_frames_pass_and_are_counted_by_reason() {
         // The kernel's skb test run refuses some truncated IP headers before running
         // the program; every frame it accepts must pass.
         match dp.try_to_port(frame) {
-            Ok(action) => assert_eq!(action, TC_ACT_OK, "{name}: to_port must pass"),
+            Ok(action) => assert_eq!(action, TC_PASS, "{name}: to_port must pass"),
             Err(_) => refused_by_skb_test_run.push(*name),
         }
         assert_eq!(dp.counter(*reason), 1, "{name}: counted as {}", reason.as_str());
@@ -197,7 +198,7 @@ fn truncation_at_every_offset_passes() {
         for cut in 14..=f.len() {
             assert_eq!(dp.from_port(&f[..cut]), XDP_PASS, "cut at {cut}");
             if let Ok(action) = dp.try_to_port(&f[..cut]) {
-                assert_eq!(action, TC_ACT_OK, "cut at {cut}");
+                assert_eq!(action, TC_PASS, "cut at {cut}");
             }
             runs += 1;
         }

@@ -19,7 +19,8 @@ use common::{datapath::TestDatapath, frames::*};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const TC_ACT_OK: i32 = 0;
+/// `TC_ACT_UNSPEC`: the classifiers pass a frame by handing it to the next program.
+const TC_PASS: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 /// `BPF_PROG_TEST_RUN` runs programs as if on the loopback device.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -234,7 +235,7 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
             let expected = evaluate(&rules, &probe.view);
             let dropped = if probe.egress {
                 let action = dp.to_port(&probe.frame);
-                assert!(action == TC_ACT_OK || action == TC_ACT_SHOT, "TC action {action}");
+                assert!(action == TC_PASS || action == TC_ACT_SHOT, "TC action {action}");
                 action == TC_ACT_SHOT
             } else {
                 let action = dp.from_port(&probe.frame);

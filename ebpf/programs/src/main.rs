@@ -22,7 +22,7 @@ mod policy;
 mod sample;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -36,6 +36,11 @@ pub fn from_port(ctx: XdpContext) -> u32 {
     }
 }
 
+/// What the classifiers return for a frame they let through: `TC_ACT_UNSPEC`, which TCX
+/// reads as "next": other programs on the same hook (another product's, an operator's)
+/// still run, and the frame passes when none is left. `TC_ACT_OK` would end the chain.
+const TC_PASS: i32 = TC_ACT_UNSPEC;
+
 /// `from_port` at TC ingress (TCX): the same data path for ports where XDP costs more
 /// than it saves. Generic XDP must give every frame a linear buffer with XDP headroom,
 /// which copies GRO/TSO super-frames; TC sees the skb as it is.
@@ -44,7 +49,7 @@ pub fn from_port_tc(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the skb the kernel handed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match datapath::handle(&ctx, ifindex, Hook::FromPort) {
-        Action::Pass => TC_ACT_OK,
+        Action::Pass => TC_PASS,
         Action::Drop => TC_ACT_SHOT,
     }
 }
@@ -58,10 +63,10 @@ pub fn to_port(ctx: TcContext) -> i32 {
     // is what the host itself sends (received on no device) or routes in from ports
     // that are not attached.
     if came_in != 0 && datapath::is_attached(came_in) {
-        return TC_ACT_OK;
+        return TC_PASS;
     }
     match datapath::handle(&ctx, ifindex, Hook::ToPort) {
-        Action::Pass => TC_ACT_OK,
+        Action::Pass => TC_PASS,
         Action::Drop => TC_ACT_SHOT,
     }
 }
