@@ -591,6 +591,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         let (announce_tx, announce_rx) = tokio::sync::mpsc::unbounded_channel();
         flows.route_announcements(announce_tx);
         tasks.push(tokio::spawn(Arc::clone(&endpoints).follow_announcements(announce_rx)));
+        // Endpoints last seen on adopted ports are bound before the first rule tables are
+        // written, so that those tables bind their MACs from the start.
+        endpoints.bind_last_locations();
         // The rules go in force before any port is attached: no packet passes unjudged.
         let rules = start_rules(opts.rules.as_deref(), start_rules_with, &datapath, &rule_names, &endpoints, last_good)?;
         if rules.is_none() {

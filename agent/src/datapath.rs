@@ -27,7 +27,7 @@ use aya::{
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
     config::CONFIG_INDEX,
-    config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
+    config::{PORT_INGRESS_LIVE, PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
         CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC,
         PROG_TO_PORT, ZONE_PAIR_STATS,
@@ -594,21 +594,38 @@ impl Datapath {
         let ingress = ingress.map(|(link, path, kind)| (IngressHook::of_link(kind, info.ingress), adopted(link, path, kind)));
         let tc = tc.map(|(link, path)| adopted(link, path, TC_LINK_SUFFIX));
         let hook = ingress.as_ref().map_or_else(|| self.hook_for(role), |(hook, _)| *hook);
-        let info = PortInfo { role: role as u8, ingress: hook.port_info(), ..info };
-        self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
-            ifname: name.into(),
-            ifindex,
-            source,
-        })?;
+        // An adopted ingress link is live; a missing one is not until attached below.
+        let flags = if ingress.is_some() { info.flags | PORT_INGRESS_LIVE } else { info.flags & !PORT_INGRESS_LIVE };
+        let info = PortInfo { role: role as u8, ingress: hook.port_info(), flags, ..info };
+        if let Err(source) = self.ports_map.insert(ifindex, info, 0) {
+            // Unpinned, so that the port is attached afresh without the old links.
+            for a in ingress.map(|(_, a)| a).into_iter().chain(tc) {
+                a.detach();
+            }
+            return Err(PortError::PortsMap { ifname: name.into(), ifindex, source });
+        }
         let ingress = match ingress {
             Some((_, a)) => a,
-            None => self.attach_ingress(ifindex, name, hook)?,
+            None => match self.attach_ingress(ifindex, name, hook) {
+                Ok(a) => {
+                    self.mark_ingress_live(ifindex, name);
+                    a
+                }
+                Err(e) => {
+                    if let Some(a) = tc {
+                        a.detach();
+                    }
+                    let _ = self.ports_map.remove(&ifindex);
+                    return Err(e);
+                }
+            },
         };
         let tc = match tc {
             Some(a) => a,
             None => match self.attach_tc(ifindex, name, PROG_TO_PORT, TcAttachType::Egress, TC_LINK_SUFFIX) {
                 Ok(a) => a,
                 Err(e) => {
+                    let _ = self.ports_map.remove(&ifindex);
                     ingress.detach();
                     return Err(e);
                 }
@@ -616,6 +633,19 @@ impl Datapath {
         };
         self.ports.insert(ifindex, AttachedPort { name: name.into(), role, hook, ingress, tc });
         Ok(())
+    }
+
+    /// Sets [`PORT_INGRESS_LIVE`] on a port whose ingress link now exists: from here on
+    /// `to_port` leaves alone what enters through it. Until then (or if this fails)
+    /// `to_port` judges those frames itself.
+    fn mark_ingress_live(&mut self, ifindex: u32, name: &str) {
+        let result = self
+            .ports_map
+            .get(&ifindex, 0)
+            .and_then(|info| self.ports_map.insert(ifindex, PortInfo { flags: info.flags | PORT_INGRESS_LIVE, ..info }, 0));
+        if let Err(e) = result {
+            log::warn!("{name}: cannot mark its ingress program live in PORTS: {}", report(&e));
+        }
     }
 
     /// The hook `from_port` gets on a new port of `role`.
@@ -660,10 +690,12 @@ impl Datapath {
                     let why = [ingress.as_ref().err(), tc.as_ref().err()].into_iter().flatten().filter(|e| !e.is_empty());
                     let why: Vec<&String> = why.collect();
                     log::error!("{}: cannot put the new programs on its links ({why:?}); attaching afresh", port.name);
+                    // PORTS first: `to_port` judges the port's frames again before its
+                    // ingress link goes.
+                    let _ = self.ports_map.remove(&ifindex);
                     for a in [ingress.ok(), tc.ok()].into_iter().flatten() {
                         a.0.detach();
                     }
-                    let _ = self.ports_map.remove(&ifindex);
                 }
             }
         }
@@ -800,7 +832,10 @@ impl Datapath {
             source,
         })?;
         let ingress = match self.attach_ingress(ifindex, name, hook) {
-            Ok(a) => a,
+            Ok(a) => {
+                self.mark_ingress_live(ifindex, name);
+                a
+            }
             Err(e) => {
                 let _ = self.ports_map.remove(&ifindex);
                 return Err(e);
@@ -843,8 +878,12 @@ impl Datapath {
             .expect("the classifiers were loaded at start")
     }
 
-    /// Attaches `from_port` at `hook`.
+    /// Attaches `from_port` at `hook`, after removing a stale pin of either ingress kind
+    /// under the port's name (an interface of the same name from before).
     fn attach_ingress(&mut self, ifindex: u32, name: &str, hook: IngressHook) -> Result<Attachment, PortError> {
+        for kind in [XDP_LINK_SUFFIX, TC_INGRESS_LINK_SUFFIX] {
+            remove_stale_pin(&link_pin_path(&self.pin_dir, name, kind));
+        }
         match hook {
             IngressHook::Tc => self.attach_tc(ifindex, name, PROG_FROM_PORT_TC, TcAttachType::Ingress, TC_INGRESS_LINK_SUFFIX),
             IngressHook::XdpSkb => self.attach_xdp(ifindex, name, XdpMode::Skb),

@@ -280,6 +280,9 @@ struct State {
     co_mingled: HashSet<(String, String)>,
     /// Runtime definitions and attestations changed locally and not yet in etcd.
     dirty_shared: bool,
+    /// Whether the bindings of a previous run were restored onto the attached ports:
+    /// until then `ADDR_OWNERS` keeps what the previous agent left in it.
+    bindings_restored: bool,
     etcd: EtcdStatus,
 }
 
@@ -603,6 +606,7 @@ impl Endpoints {
     /// flows of endpoints whose standing changed.
     pub fn sync_kernel(&self) {
         let mut rejudge: Vec<(Option<u32>, Vec<IpAddr>)> = Vec::new();
+        let mut moved_senders = None;
         {
             let mut dp = self.datapath.lock().expect("datapath lock");
             let slot = match dp.active_slot() {
@@ -656,10 +660,20 @@ impl Endpoints {
                 }
             }
             st.written_vpatches = vwanted;
-            let owners = Self::address_owners(&wanted, &ips_of);
-            if let Err(e) = tables.set_owners(&owners) {
-                log::error!("cannot write the owners of endpoint addresses: {}", report(&e));
+            if st.bindings_restored {
+                let owners = Self::address_owners(&wanted, &ips_of);
+                match tables.set_owners(&owners) {
+                    Ok(0) => {}
+                    Ok(_) => moved_senders = Some(owners),
+                    Err(e) => {
+                        log::error!("cannot write the owners of endpoint addresses: {}", report(&e));
+                        moved_senders = Some(owners);
+                    }
+                }
             }
+        }
+        if let Some(owners) = moved_senders {
+            self.recheck_senders(&owners);
         }
         if !rejudge.is_empty() {
             let entries = self.flows.entries();
@@ -673,6 +687,38 @@ impl Endpoints {
                 self.flows.rejudge(&keys);
             }
         }
+    }
+
+    /// After the owners of addresses changed: a flow direction whose sender address now
+    /// belongs to another port than the one the direction was seen on forgets that port,
+    /// so that its next frame is checked again (and dropped if it still comes from the
+    /// wrong port). Without this, a flow an attacker started from an address before its
+    /// owner was bound would go on.
+    fn recheck_senders(&self, owners: &HashMap<OwnerKey, OwnerValue>) {
+        let entries = self.flows.kernel_entries(|key, value| {
+            (0u8..2).any(|dir| {
+                let (addr, _) = key.sender(dir);
+                let port = value.ifindex[usize::from(dir)];
+                let owner = owners.get(&OwnerKey { family: key.family, _pad: [0; 3], addr: *addr });
+                port != 0 && owner.is_some_and(|o| o.ifindex != port)
+            })
+        });
+        if entries.is_empty() {
+            return;
+        }
+        let forget: Vec<(FlowKey, u8)> = entries
+            .iter()
+            .flat_map(|(key, value)| {
+                (0u8..2).filter_map(move |dir| {
+                    let (addr, _) = key.sender(dir);
+                    let port = value.ifindex[usize::from(dir)];
+                    let owner = owners.get(&OwnerKey { family: key.family, _pad: [0; 3], addr: *addr });
+                    (port != 0 && owner.is_some_and(|o| o.ifindex != port)).then_some((*key, dir))
+                })
+            })
+            .collect();
+        log::info!("{} flow direction(s) seen on another port than their sender address's owner: checked again", forget.len());
+        self.flows.forget_ports(&forget);
     }
 
     /// Which port each address of a bound endpoint belongs to: the data path drops frames
@@ -1507,26 +1553,33 @@ impl Endpoints {
         }
     }
 
-    /// At start: endpoints whose last location was a port of this node that still
-    /// exists are bound to it again.
-    pub fn restore_bindings(self: &Arc<Self>) {
+    /// Binds the endpoints last seen on this node's ports again, to the ports attached
+    /// now (without writing the kernel): called once the adopted ports are known, before
+    /// the rules go in force, so that the first rule tables already bind their MACs.
+    pub fn bind_last_locations(&self) -> usize {
         let ports: HashMap<String, u32> = {
             let dp = self.datapath.lock().expect("datapath lock");
             dp.attached_ports().into_iter().filter(|(i, _)| dp.is_vm_port(*i)).map(|(i, (n, _))| (n, i)).collect()
         };
-        let restored = {
-            let mut st = self.lock();
-            let mine: Vec<(MacAddr, Location)> =
-                st.locations.iter().filter(|(_, l)| l.node == self.opts.node).map(|(m, l)| (*m, l.clone())).collect();
-            let mut n = 0;
-            for (mac, loc) in mine {
-                if let Some(&ifindex) = ports.get(&loc.port) {
-                    st.bound.insert(mac, Bound { ifindex, port: loc.port.clone() });
-                    n += 1;
-                }
+        let mut st = self.lock();
+        let mine: Vec<(MacAddr, Location)> =
+            st.locations.iter().filter(|(_, l)| l.node == self.opts.node).map(|(m, l)| (*m, l.clone())).collect();
+        let mut n = 0;
+        for (mac, loc) in mine {
+            if let Some(&ifindex) = ports.get(&loc.port) {
+                st.bound.insert(mac, Bound { ifindex, port: loc.port.clone() });
+                n += 1;
             }
-            n
-        };
+        }
+        n
+    }
+
+    /// Binds the endpoints last seen here to their ports once every port is attached,
+    /// then writes the kernel: from here on `ADDR_OWNERS` follows this agent's bindings
+    /// (until then it keeps what a previous agent left in it).
+    pub fn restore_bindings(self: &Arc<Self>) {
+        let restored = self.bind_last_locations();
+        self.lock().bindings_restored = true;
         if restored > 0 {
             log::info!("{restored} endpoint(s) bound again to the ports they were last seen on");
         }

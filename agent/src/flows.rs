@@ -870,6 +870,21 @@ impl SharedFlows {
         }
     }
 
+    /// Makes the data path forget the port each `(key, direction)` was seen on, so that
+    /// the direction's next frame is checked as if it came from a new port. A packet
+    /// counted between the read and the write of an entry can be lost from its counters
+    /// (as with [`SharedFlows::rejudge`]); this runs only when address owners change.
+    pub fn forget_ports(&self, directions: &[(FlowKey, u8)]) {
+        let mut kernel = self.kernel.lock().expect("kernel flows lock");
+        let Some(map) = kernel.as_mut() else { return };
+        for (key, dir) in directions {
+            if let Ok(mut value) = map.get(key, 0) {
+                value.ifindex[usize::from(dir & 1)] = 0;
+                let _ = map.insert(key, value, 2 /* BPF_EXIST */);
+            }
+        }
+    }
+
     #[must_use]
     pub fn stats(&self) -> FlowStats {
         self.table().stats()

@@ -348,7 +348,8 @@ pub fn next_slot(config: &DatapathConfig) -> u8 {
 #[must_use]
 pub fn owner_key(ip: std::net::IpAddr) -> OwnerKey {
     let mut addr = [0u8; 16];
-    let family = match ip {
+    // An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address on the wire.
+    let family = match ip.to_canonical() {
         std::net::IpAddr::V4(v4) => {
             addr[..4].copy_from_slice(&v4.octets());
             backplane_common::flow::FAMILY_IPV4

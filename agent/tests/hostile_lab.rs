@@ -11,7 +11,7 @@ use std::time::Duration;
 use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules},
-    frames::{TCP_SYN, arp, eth, icmp_echo, ipv4, ipv6, tcp},
+    frames::{TCP_ACK, TCP_SYN, arp, eth, icmp_echo, ipv4, ipv6, tcp},
     hostile::{self, VICTIM_MAC},
 };
 
@@ -129,5 +129,45 @@ fn the_agent_survives_the_corpus_and_drops_what_spoofs_a_bound_endpoint() {
     assert!(from_victim_ip.is_empty(), "{} frame(s) with the victim's address reached db", from_victim_ip.len());
     let honest_seen = at_db.iter().filter(|p| p.data.len() >= 34 && p.data[26..30] == attacker.ip().octets()).count();
     assert_eq!(honest_seen, 1, "the attacker's frame from its own address reached db (the capture works)");
+    agent.stop();
+}
+
+#[test]
+fn a_flow_started_from_an_address_before_its_owner_bound_is_cut_once_it_binds() {
+    let lab = Lab::new("bp");
+    let attacker = lab.add_veth_vm("att", "10.30.0.66/8", None, None);
+    let victim = lab.add_veth_vm("victim", "10.30.0.2/8", None, None);
+    let db = lab.add_veth_vm("db", "10.40.0.1/8", None, None);
+    let rules = copy_example_rules(&lab, "three-zones");
+    let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap()]);
+    let added = agent.cli(&["endpoint", "add", "victim", "--mac", &victim.mac_string(), "--ip", "10.30.0.2"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+
+    // Not bound yet (it has not announced itself): its address is nobody's, and the
+    // attacker's connection from it to db:5432 (allowed for web) goes through.
+    let (att, victim_ip, db_ip) = (attacker.mac(), [10, 30, 0, 2], db.ip().octets());
+    let segment = |flags: u8| eth(db.mac(), att, &[], 0x0800, &ipv4(victim_ip, db_ip, 6, &tcp(40100, 5432, flags, b"x")));
+    let capture = Capture::start_filtered(db.host_port(), "tcp src port 40100");
+    attacker.send_raw_frames(&[segment(TCP_SYN)]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(capture.stop().len(), 1, "before the victim is bound, its address is anyone's");
+
+    // The victim announces itself and is bound to its port: its address is its port's.
+    victim.send_raw_frames(&[arp(0x0806, 1, victim.mac(), victim_ip, victim_ip)]);
+    let port = victim.host_port().to_owned();
+    agent.wait_for(Duration::from_secs(5), "the victim bound to its port", |a| {
+        let list = a.cli_json(&["endpoint", "list", "--json"]);
+        list.as_array()?.iter().find(|e| e["name"] == "victim" && e["port"] == port.as_str()).map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The attacker's flow does not go on from its port.
+    let before = agent.status()["counters"]["spoofed_address"].as_u64().unwrap();
+    let capture = Capture::start_filtered(db.host_port(), "tcp src port 40100");
+    attacker.send_raw_frames(&[segment(TCP_ACK), segment(TCP_ACK)]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(capture.stop().is_empty(), "the flow started from the victim's address is cut once the victim is bound");
+    let counted = agent.status()["counters"]["spoofed_address"].as_u64().unwrap() - before;
+    assert_eq!(counted, 2, "both segments counted as spoofed_address");
     agent.stop();
 }

@@ -40,6 +40,10 @@ pub enum PortRole {
 /// tags its own traffic). Without it, tagged frames from a VM port are dropped while a
 /// rule set is in force.
 pub const PORT_ALLOW_TAGGED: u8 = 1 << 0;
+/// [`PortInfo::flags`]: the port's ingress program is attached and judges what enters
+/// through it, so `to_port` leaves those frames alone. Set by the agent once the ingress
+/// link exists, cleared (with the entry) before it is detached.
+pub const PORT_INGRESS_LIVE: u8 = 1 << 1;
 
 /// `PORTS` map value, keyed by ifindex.
 #[repr(C)]

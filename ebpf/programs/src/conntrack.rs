@@ -97,7 +97,7 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
                     counters::inc(Counter::Spoofed);
                     return Action::Drop;
                 }
-                if policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex) {
+                if policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex) && crate::datapath::is_vm_port(ifindex) {
                     counters::inc(Counter::SpoofedAddress);
                     return Action::Drop;
                 }
@@ -213,7 +213,10 @@ fn create<F: Frame>(
         counters::inc(Counter::Spoofed);
         return Action::Drop;
     }
-    if hook == Hook::FromPort && policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex) {
+    if hook == Hook::FromPort
+        && policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex)
+        && crate::datapath::is_vm_port(ifindex)
+    {
         counters::inc(Counter::SpoofedAddress);
         return Action::Drop;
     }

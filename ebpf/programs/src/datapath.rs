@@ -9,7 +9,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use backplane_common::{
     DatapathConfig, PortRole,
-    config::{CONFIG_ENFORCE, CONFIG_INDEX, PORT_ALLOW_TAGGED},
+    config::{CONFIG_ENFORCE, CONFIG_INDEX, PORT_ALLOW_TAGGED, PORT_INGRESS_LIVE},
     event::Announcement,
     flow::{FAMILY_IPV4, FAMILY_IPV6, FragmentKey, FragmentPorts},
     reason::Counter,
@@ -86,7 +86,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             if enforcing && (policy::is_spoofed(&cfg, &packet.src_mac, ifindex) || policy::is_spoofed(&cfg, &announce.sender_mac, ifindex)) {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex) {
+            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex) && is_vm_port(ifindex) {
                 // The sender's own MAC, another endpoint's address: ARP cache poisoning.
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
@@ -105,7 +105,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             } else if enforcing && policy::is_spoofed(&cfg, &packet.src_mac, ifindex) {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex) {
+            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex) && is_vm_port(ifindex) {
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
             } else {
@@ -133,15 +133,20 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
     action
 }
 
-/// Whether `ifindex` is an attached port (VM port or uplink).
+/// Whether `ifindex` is an attached port whose ingress program runs (VM port or uplink):
+/// what enters through it has been counted and judged.
 #[inline(always)]
-pub fn is_attached(ifindex: u32) -> bool {
-    PORTS.get_ptr(ifindex).is_some()
+pub fn ingress_judged(ifindex: u32) -> bool {
+    match PORTS.get_ptr(ifindex) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(port) => unsafe { (*port).flags & PORT_INGRESS_LIVE != 0 },
+        None => false,
+    }
 }
 
 /// Whether `ifindex` is an attached VM port (not an uplink, not unknown).
 #[inline(always)]
-fn is_vm_port(ifindex: u32) -> bool {
+pub fn is_vm_port(ifindex: u32) -> bool {
     match PORTS.get_ptr(ifindex) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         Some(port) => unsafe { (*port).role == PortRole::Vm as u8 },

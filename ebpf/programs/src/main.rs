@@ -62,7 +62,7 @@ pub fn to_port(ctx: TcContext) -> i32 {
     // there, by `from_port`: nothing is left to do for it on the way out. What remains
     // is what the host itself sends (received on no device) or routes in from ports
     // that are not attached.
-    if came_in != 0 && datapath::is_attached(came_in) {
+    if came_in != 0 && datapath::ingress_judged(came_in) {
         return TC_PASS;
     }
     match datapath::handle(&ctx, ifindex, Hook::ToPort) {

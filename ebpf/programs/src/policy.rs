@@ -166,7 +166,8 @@ pub fn is_spoofed(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> bool {
 
 /// Whether a frame entering through port `ifindex` that sends from (or claims) the
 /// IP address `addr` spoofs it: while a rule set is in force, the address belongs to an
-/// endpoint bound to another port. Addresses nobody owns are anyone's (DHCP, link-local,
+/// endpoint bound to another port. Callers ask only for VM ports: an uplink carries
+/// routed and hairpinned frames with any source address. Addresses nobody owns are anyone's (DHCP, link-local,
 /// endpoints outside the inventory).
 #[inline(always)]
 pub fn is_spoofed_addr(cfg: &DatapathConfig, family: u8, addr: &[u8; 16], ifindex: u32) -> bool {
