@@ -32,7 +32,7 @@ use backplane_common::{
     FlowEvent, FlowKey, FlowValue, Verdict,
     event::Announcement,
     flow::{FAMILY_IPV4, STATE_ENDED, STATE_INSTALLED},
-    policy::{ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointValue, OwnerKey, OwnerValue, ZONE_WORLD},
+    policy::{ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointValue, OWNER_ELSEWHERE, OwnerKey, OwnerValue, ZONE_WORLD},
     reason::Reason,
 };
 use backplane_rules::{CompiledRules, MacAddr, OnViolation, PatchDate, RuleSet, UnknownMacs, VpatchEntry};
@@ -661,7 +661,14 @@ impl Endpoints {
             }
             st.written_vpatches = vwanted;
             if st.bindings_restored {
-                let owners = Self::address_owners(&wanted, &ips_of);
+                // Endpoints bound on another node (as etcd last said), not here.
+                let elsewhere: Vec<MacAddr> = st
+                    .locations
+                    .iter()
+                    .filter(|(m, l)| l.node != self.opts.node && !st.bound.contains_key(m))
+                    .map(|(m, _)| *m)
+                    .collect();
+                let owners = Self::address_owners(&wanted, &elsewhere, &ips_of);
                 match tables.set_owners(&owners) {
                     Ok(0) => {}
                     Ok(_) => moved_senders = Some(owners),
@@ -673,7 +680,11 @@ impl Endpoints {
             }
         }
         if let Some(owners) = moved_senders {
-            self.recheck_senders(&owners);
+            let vm_ports: HashSet<u32> = {
+                let dp = self.datapath.lock().expect("datapath lock");
+                dp.attached().into_iter().filter(|i| dp.is_vm_port(*i)).collect()
+            };
+            self.recheck_senders(&owners, &vm_ports);
         }
         if !rejudge.is_empty() {
             let entries = self.flows.entries();
@@ -689,50 +700,51 @@ impl Endpoints {
         }
     }
 
-    /// After the owners of addresses changed: a flow direction whose sender address now
-    /// belongs to another port than the one the direction was seen on forgets that port,
-    /// so that its next frame is checked again (and dropped if it still comes from the
-    /// wrong port). Without this, a flow an attacker started from an address before its
-    /// owner was bound would go on.
-    fn recheck_senders(&self, owners: &HashMap<OwnerKey, OwnerValue>) {
-        let entries = self.flows.kernel_entries(|key, value| {
-            (0u8..2).any(|dir| {
-                let (addr, _) = key.sender(dir);
-                let port = value.ifindex[usize::from(dir)];
-                let owner = owners.get(&OwnerKey { family: key.family, _pad: [0; 3], addr: *addr });
-                port != 0 && owner.is_some_and(|o| o.ifindex != port)
-            })
-        });
+    /// After the owners of addresses changed: a flow direction seen on a VM port whose
+    /// sender address now belongs to another port (or node) forgets that port, so that its
+    /// next frame is checked again (and dropped if it still comes from the wrong port).
+    /// Without this, a flow an attacker started from an address before its owner was
+    /// bound (or known) would go on.
+    fn recheck_senders(&self, owners: &HashMap<OwnerKey, OwnerValue>, vm_ports: &HashSet<u32>) {
+        let suspect = |key: &FlowKey, value: &FlowValue, dir: u8| {
+            let (addr, _) = key.sender(dir);
+            let port = value.ifindex[usize::from(dir)];
+            let owner = owners.get(&OwnerKey { family: key.family, _pad: [0; 3], addr: *addr });
+            vm_ports.contains(&port) && owner.is_some_and(|o| o.ifindex != port)
+        };
+        let entries = self.flows.kernel_entries(|key, value| (0u8..2).any(|dir| suspect(key, value, dir)));
         if entries.is_empty() {
             return;
         }
         let forget: Vec<(FlowKey, u8)> = entries
             .iter()
-            .flat_map(|(key, value)| {
-                (0u8..2).filter_map(move |dir| {
-                    let (addr, _) = key.sender(dir);
-                    let port = value.ifindex[usize::from(dir)];
-                    let owner = owners.get(&OwnerKey { family: key.family, _pad: [0; 3], addr: *addr });
-                    (port != 0 && owner.is_some_and(|o| o.ifindex != port)).then_some((*key, dir))
-                })
-            })
+            .flat_map(|(key, value)| (0u8..2).filter(|&dir| suspect(key, value, dir)).map(|dir| (*key, dir)))
             .collect();
         log::info!("{} flow direction(s) seen on another port than their sender address's owner: checked again", forget.len());
         self.flows.forget_ports(&forget);
     }
 
-    /// Which port each address of a bound endpoint belongs to: the data path drops frames
-    /// from other VM ports that send from (or claim) it. An address two bound endpoints
-    /// claim (runtime endpoints can, the rule files cannot) belongs to neither.
+    /// Which port each address of a bound endpoint belongs to, and which addresses belong
+    /// to endpoints bound on other nodes (`elsewhere`): the data path drops frames from
+    /// other VM ports that send from (or claim) them. An address two endpoints claim
+    /// (runtime endpoints can, the rule files cannot) belongs to neither.
     fn address_owners(
         wanted: &HashMap<MacAddr, EndpointValue>,
+        elsewhere: &[MacAddr],
         ips_of: &HashMap<MacAddr, Vec<IpAddr>>,
     ) -> HashMap<OwnerKey, OwnerValue> {
+        let here = wanted
+            .iter()
+            .filter(|(_, v)| v.ifindex != 0)
+            .map(|(mac, v)| (*mac, OwnerValue { ifindex: v.ifindex, endpoint_id: v.endpoint_id, mac: mac.0, _pad: [0; 2] }));
+        let there = elsewhere.iter().map(|mac| {
+            let endpoint_id = wanted.get(mac).map_or(0, |v| v.endpoint_id);
+            (*mac, OwnerValue { ifindex: OWNER_ELSEWHERE, endpoint_id, mac: mac.0, _pad: [0; 2] })
+        });
         let mut owners: HashMap<OwnerKey, OwnerValue> = HashMap::new();
         let mut disputed = HashSet::new();
-        for (mac, value) in wanted.iter().filter(|(_, v)| v.ifindex != 0) {
-            for ip in ips_of.get(mac).into_iter().flatten() {
-                let owner = OwnerValue { ifindex: value.ifindex, endpoint_id: value.endpoint_id };
+        for (mac, owner) in here.chain(there) {
+            for ip in ips_of.get(&mac).into_iter().flatten() {
                 match owners.insert(owner_key(*ip), owner) {
                     Some(other) if other != owner => {
                         disputed.insert(*ip);
@@ -742,7 +754,7 @@ impl Endpoints {
             }
         }
         for ip in disputed {
-            log::warn!("address {ip} is claimed by two endpoints bound here; no port owns it");
+            log::warn!("address {ip} is claimed by two endpoints; no port owns it");
             owners.remove(&owner_key(ip));
         }
         owners
@@ -1225,6 +1237,9 @@ impl Endpoints {
     /// An endpoint bound here that another node claims since later has left.
     pub(crate) fn merge_remote(&self, locations: Vec<(MacAddr, Location)>, flows: Vec<(MacAddr, HandoverSet)>) {
         let mut departed = Vec::new();
+        // Where an endpoint is bound elsewhere decides which addresses local VM ports may
+        // not use: a new node for a MAC is a change for `ADDR_OWNERS`.
+        let mut elsewhere_changed = false;
         {
             let mut st = self.lock();
             for (mac, loc) in locations {
@@ -1239,6 +1254,7 @@ impl Endpoints {
                         continue;
                     }
                 }
+                elsewhere_changed |= st.locations.get(&mac).is_none_or(|old| old.node != loc.node);
                 st.locations.insert(mac, loc);
             }
             st.remote_flows = flows.into_iter().filter(|(_, s)| s.node != self.opts.node).collect();
@@ -1263,7 +1279,7 @@ impl Endpoints {
                 self.persist(&st);
             }
         }
-        if !departed.is_empty() {
+        if !departed.is_empty() || elsewhere_changed {
             self.sync_kernel();
         }
     }
@@ -1626,6 +1642,31 @@ mod tests {
         assert_eq!(side_of(&key, &value, Some(9), &[]), Some(1));
         assert_eq!(side_of(&key, &value, Some(3), &[ip("10.0.0.1")]), Some(0));
         assert_eq!(side_of(&key, &value, None, &[ip("10.0.0.3")]), None);
+    }
+
+    #[test]
+    fn addresses_belong_to_the_port_or_node_of_their_endpoint_and_disputed_ones_to_nobody() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, c, d) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]), MacAddr([2, 0, 0, 0, 0, 3]), MacAddr([2, 0, 0, 0, 0, 4]));
+        let bound = |ifindex: u32, endpoint_id: u32| EndpointValue { ifindex, endpoint_id, ..EndpointValue::default() };
+        // a bound here on port 7, b on another node, c known but nowhere, d bound here and
+        // claiming b's address too.
+        let wanted = HashMap::from([(a, bound(7, 1)), (b, bound(0, 2)), (c, bound(0, 3)), (d, bound(8, 4))]);
+        let ips_of = HashMap::from([
+            (a, vec![ip("10.0.0.1"), ip("fd00::1")]),
+            (b, vec![ip("10.0.0.2"), ip("10.0.0.9")]),
+            (c, vec![ip("10.0.0.3")]),
+            (d, vec![ip("10.0.0.4"), ip("::ffff:10.0.0.9")]),
+        ]);
+        let owners = Endpoints::address_owners(&wanted, &[b], &ips_of);
+        let owner = |s: &str| owners.get(&owner_key(ip(s))).map(|o| (o.ifindex, o.mac));
+        assert_eq!(owner("10.0.0.1"), Some((7, a.0)));
+        assert_eq!(owner("fd00::1"), Some((7, a.0)));
+        assert_eq!(owner("10.0.0.2"), Some((OWNER_ELSEWHERE, b.0)));
+        assert_eq!(owner("10.0.0.3"), None, "an endpoint bound nowhere owns nothing");
+        assert_eq!(owner("10.0.0.4"), Some((8, d.0)));
+        assert_eq!(owner("10.0.0.9"), None, "claimed by b (elsewhere) and d (as IPv4-mapped): nobody's");
+        assert_eq!(owners.len(), 4);
     }
 
     #[test]

@@ -17,12 +17,13 @@ use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole, Verdict,
     flow::{FAMILY_IPV4, FragmentKey, FragmentPorts},
     maps::{CONFIG, FLOWS, FRAGMENTS, PORTS},
-    policy::{EndpointValue, OwnerValue},
+    policy::{EndpointValue, OWNER_ELSEWHERE, OwnerValue},
     reason::Counter,
 };
 use backplane_rules::{MacAddr, PacketView, RuleSet, ZoneIds, compile, evaluate, parse_rules};
 use common::{
     datapath::TestDatapath,
+    frames::MAC_A,
     hostile::{self, Hostile, VICTIM_IP4, VICTIM_IP6_LAST, VICTIM_MAC, a6},
 };
 
@@ -69,7 +70,7 @@ fn setup(enforce: bool, role: PortRole, victim_port: u32) -> Setup {
 
 /// The victim's IPv4 and IPv6 addresses belong to `port`.
 fn give_victim_addresses(tables: &mut RuleTables, port: u32) {
-    let owner = OwnerValue { ifindex: port, endpoint_id: 7 };
+    let owner = OwnerValue { ifindex: port, endpoint_id: 7, mac: VICTIM_MAC, _pad: [0; 2] };
     let owners: StdHashMap<_, _> = [IpAddr::from(VICTIM_IP4), IpAddr::from(a6(VICTIM_IP6_LAST))]
         .into_iter()
         .map(|ip| (owner_key(ip), owner))
@@ -301,5 +302,34 @@ fn frames_from_another_endpoints_address_are_dropped_and_counted_unless_the_port
         assert_eq!(uplink.dp.from_port(&seq.frames[0]), XDP_PASS, "{}: from an uplink", seq.label);
     }
     assert_eq!(uplink.dp.counter(Counter::SpoofedAddress), 0);
+
+    // Owned by an endpoint bound on another node: spoofed, unless the frame comes from
+    // the owner's own MAC (the endpoint arriving here before the agent binds it).
+    let zone_a = compile(setup.rules.as_ref().unwrap(), &ZoneIds::new()).zone_ids.id("a").unwrap();
+    let unbound = EndpointValue { zone: zone_a, ifindex: 0, ..EndpointValue::default() };
+    setup.tables.write_endpoint(0, MacAddr(VICTIM_MAC), unbound).unwrap();
+    give_victim_addresses(&mut setup.tables, OWNER_ELSEWHERE);
+    let before = setup.dp.counter(Counter::SpoofedAddress);
+    for seq in &spoofs {
+        setup.clear();
+        assert_eq!(setup.dp.from_port(&seq.frames[0]), XDP_DROP, "{}: owned on another node", seq.label);
+        let mut own = seq.frames[0].clone();
+        replace_bytes(&mut own, &MAC_A, &VICTIM_MAC);
+        assert_eq!(setup.dp.from_port(&own), XDP_PASS, "{}: from the owner's own MAC", seq.label);
+    }
+    assert_eq!(setup.dp.counter(Counter::SpoofedAddress), before + spoofs.len() as u64);
+}
+
+/// Replaces every occurrence of `from` in `frame` by `to`.
+fn replace_bytes(frame: &mut [u8], from: &[u8; 6], to: &[u8; 6]) {
+    let mut i = 0;
+    while i + 6 <= frame.len() {
+        if frame[i..i + 6] == *from {
+            frame[i..i + 6].copy_from_slice(to);
+            i += 6;
+        } else {
+            i += 1;
+        }
+    }
 }
 

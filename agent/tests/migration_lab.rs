@@ -486,3 +486,48 @@ fn enforcement_goes_on_without_etcd_and_agents_reconnect() {
     assert!(!ping(&db, &web), "denied after etcd returned");
     drop((web, db));
 }
+
+#[test]
+fn a_vm_on_another_node_cannot_claim_an_address_bound_elsewhere() {
+    let c = Cluster::new("", "");
+    let _etcd = c.etcd();
+    let a = c.agent(&c.a, "jurisdiction=eu,rack=r1", &[]);
+    let b = c.agent(&c.b, "jurisdiction=eu,rack=r2", &[]);
+    let web = c.lab.add_vm(&c.a, "web", "10.30.0.1/8", Some(WEB_MAC));
+    a.wait_for(Duration::from_secs(10), "web's port attached", |a| {
+        a.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == web.host_port()).then_some(())
+    });
+    web.send_raw_frames(&[garp(&web)]);
+    // Node B learns through etcd where web is bound.
+    b.wait_for(Duration::from_secs(10), "web located on node A", |b| (b.endpoint("web")["node"] == "nodea").then_some(()));
+    let attacker = c.lab.add_vm(&c.b, "att", "10.40.0.66/8", None);
+    b.wait_for(Duration::from_secs(10), "the attacker's port attached", |b| {
+        b.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == attacker.host_port()).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The attacker claims web's address (ARP) and sends from it, with its own MAC.
+    let web_ip = [10, 30, 0, 1];
+    let claim = arp_frame(0x0806, 2, attacker.mac(), web_ip);
+    let mut from_web = vec![0xff; 6];
+    from_web.extend_from_slice(&attacker.mac());
+    from_web.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&web_ip);
+    ip.extend_from_slice(&[10, 40, 0, 1]);
+    ip.extend_from_slice(&[0x9c, 0x40, 0x15, 0x38, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    from_web.extend_from_slice(&ip);
+    let before = b.status()["counters"]["spoofed_address"].as_u64().unwrap();
+    attacker.send_raw_frames(&[claim, from_web]);
+    let counted = b.wait_for(Duration::from_secs(3), "both frames counted", |b| {
+        let n = b.status()["counters"]["spoofed_address"].as_u64().unwrap() - before;
+        (n >= 2).then_some(n)
+    });
+    assert_eq!(counted, 2, "node B drops the frames that claim an address bound on node A");
+    // Its own address is its own.
+    attacker.send_raw_frames(&[garp(&attacker)]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.status()["counters"]["spoofed_address"].as_u64().unwrap() - before, 2, "its own address is no spoofing");
+    drop(attacker);
+    drop(web);
+}

@@ -100,14 +100,22 @@ pub struct OwnerKey {
 
 /// `ADDR_OWNERS` value: the port the address belongs to. A VM port other than this one
 /// that sends with this source address (or claims it in ARP or neighbour discovery)
-/// spoofs it.
+/// spoofs it; for an address owned [`OWNER_ELSEWHERE`], unless the frame comes from the
+/// owner's own MAC (the endpoint arriving here, before the agent has bound it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OwnerValue {
+    /// The owning port, or [`OWNER_ELSEWHERE`].
     pub ifindex: u32,
     /// The owning endpoint (`EndpointValue::endpoint_id`), for the agent's bookkeeping.
     pub endpoint_id: u32,
+    /// The owning endpoint's MAC.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
+
+/// [`OwnerValue::ifindex`]: the owner is bound on another node of the cluster.
+pub const OWNER_ELSEWHERE: u32 = u32::MAX;
 
 /// `ZONES` key.
 #[repr(C)]
@@ -188,7 +196,7 @@ const _: () = assert!(core::mem::size_of::<VpatchKey>() == 10);
 const _: () = assert!(core::mem::size_of::<VpatchValue>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<OwnerKey>() == 20);
-const _: () = assert!(core::mem::size_of::<OwnerValue>() == 8);
+const _: () = assert!(core::mem::size_of::<OwnerValue>() == 16);
 const _: () = assert!(core::mem::size_of::<ZoneKey>() == 4);
 const _: () = assert!(core::mem::size_of::<ZoneValue>() == 4);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 8);

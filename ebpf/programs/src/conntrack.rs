@@ -97,7 +97,9 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
                     counters::inc(Counter::Spoofed);
                     return Action::Drop;
                 }
-                if policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex) && crate::datapath::is_vm_port(ifindex) {
+                if policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex, &packet.src_mac)
+                    && crate::datapath::is_vm_port(ifindex)
+                {
                     counters::inc(Counter::SpoofedAddress);
                     return Action::Drop;
                 }
@@ -214,7 +216,7 @@ fn create<F: Frame>(
         return Action::Drop;
     }
     if hook == Hook::FromPort
-        && policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex)
+        && policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex, &packet.src_mac)
         && crate::datapath::is_vm_port(ifindex)
     {
         counters::inc(Counter::SpoofedAddress);

@@ -86,7 +86,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             if enforcing && (policy::is_spoofed(&cfg, &packet.src_mac, ifindex) || policy::is_spoofed(&cfg, &announce.sender_mac, ifindex)) {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex) && is_vm_port(ifindex) {
+            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex, &announce.sender_mac) && is_vm_port(ifindex) {
                 // The sender's own MAC, another endpoint's address: ARP cache poisoning.
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
@@ -105,7 +105,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             } else if enforcing && policy::is_spoofed(&cfg, &packet.src_mac, ifindex) {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex) && is_vm_port(ifindex) {
+            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex, &packet.src_mac) && is_vm_port(ifindex) {
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
             } else {

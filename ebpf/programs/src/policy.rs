@@ -7,7 +7,7 @@ use backplane_common::{
     DatapathConfig, Verdict,
     config::CONFIG_ENFORCE,
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, OwnerKey, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, OWNER_ELSEWHERE, OwnerKey, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT,
         PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS,
         PolicyKey, VPATCH_KEY_BITS, VpatchKey, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
     },
@@ -169,14 +169,19 @@ pub fn is_spoofed(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> bool {
 /// endpoint bound to another port. Callers ask only for VM ports: an uplink carries
 /// routed and hairpinned frames with any source address. Addresses nobody owns are anyone's (DHCP, link-local,
 /// endpoints outside the inventory).
+/// An address whose owner is bound on another node is spoofed by any other MAC: the
+/// owner itself may show up here (it migrates) before the agent binds it.
 #[inline(always)]
-pub fn is_spoofed_addr(cfg: &DatapathConfig, family: u8, addr: &[u8; 16], ifindex: u32) -> bool {
+pub fn is_spoofed_addr(cfg: &DatapathConfig, family: u8, addr: &[u8; 16], ifindex: u32, mac: &[u8; 6]) -> bool {
     if cfg.flags & CONFIG_ENFORCE == 0 {
         return false;
     }
     match ADDR_OWNERS.get_ptr(&OwnerKey { family, _pad: [0; 3], addr: *addr }) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(owner) => unsafe { (*owner).ifindex != 0 && (*owner).ifindex != ifindex },
+        Some(owner) => unsafe {
+            let owner = &*owner;
+            owner.ifindex != 0 && owner.ifindex != ifindex && !(owner.ifindex == OWNER_ELSEWHERE && owner.mac == *mac)
+        },
         None => false,
     }
 }
