@@ -23,7 +23,7 @@ use backplane_common::{
 use backplane_rules::{MacAddr, PacketView, RuleSet, ZoneIds, compile, evaluate, parse_rules};
 use common::{
     datapath::TestDatapath,
-    frames::MAC_A,
+    frames::{MAC_A, replace_mac},
     hostile::{self, Hostile, VICTIM_IP4, VICTIM_IP6_LAST, VICTIM_MAC, a6},
 };
 
@@ -314,22 +314,10 @@ fn frames_from_another_endpoints_address_are_dropped_and_counted_unless_the_port
         setup.clear();
         assert_eq!(setup.dp.from_port(&seq.frames[0]), XDP_DROP, "{}: owned on another node", seq.label);
         let mut own = seq.frames[0].clone();
-        replace_bytes(&mut own, &MAC_A, &VICTIM_MAC);
+        replace_mac(&mut own, MAC_A, VICTIM_MAC);
         assert_eq!(setup.dp.from_port(&own), XDP_PASS, "{}: from the owner's own MAC", seq.label);
     }
     assert_eq!(setup.dp.counter(Counter::SpoofedAddress), before + spoofs.len() as u64);
 }
 
-/// Replaces every occurrence of `from` in `frame` by `to`.
-fn replace_bytes(frame: &mut [u8], from: &[u8; 6], to: &[u8; 6]) {
-    let mut i = 0;
-    while i + 6 <= frame.len() {
-        if frame[i..i + 6] == *from {
-            frame[i..i + 6].copy_from_slice(to);
-            i += 6;
-        } else {
-            i += 1;
-        }
-    }
-}
 

@@ -11,22 +11,9 @@ use std::time::Duration;
 use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules},
-    frames::{TCP_ACK, TCP_SYN, arp, eth, icmp_echo, ipv4, ipv6, tcp},
+    frames::{TCP_ACK, TCP_SYN, arp, eth, icmp_echo, ipv4, ipv6, replace_mac, tcp},
     hostile::{self, VICTIM_MAC},
 };
-
-/// Replaces every occurrence of `from` in `frame` by `to`.
-fn replace_mac(frame: &mut [u8], from: [u8; 6], to: [u8; 6]) {
-    let mut i = 0;
-    while i + 6 <= frame.len() {
-        if frame[i..i + 6] == from {
-            frame[i..i + 6].copy_from_slice(&to);
-            i += 6;
-        } else {
-            i += 1;
-        }
-    }
-}
 
 #[test]
 fn the_agent_survives_the_corpus_and_drops_what_spoofs_a_bound_endpoint() {

@@ -161,3 +161,16 @@ pub fn v6(last: u8) -> [u8; 16] {
     a[15] = last;
     a
 }
+
+/// Replaces every occurrence of the MAC `from` in `frame` (Ethernet header, ARP body) by `to`.
+pub fn replace_mac(frame: &mut [u8], from: [u8; 6], to: [u8; 6]) {
+    let mut i = 0;
+    while i + 6 <= frame.len() {
+        if frame[i..i + 6] == from {
+            frame[i..i + 6].copy_from_slice(&to);
+            i += 6;
+        } else {
+            i += 1;
+        }
+    }
+}
