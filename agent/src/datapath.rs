@@ -712,13 +712,7 @@ impl Datapath {
             .and_then(|link| prog.attach_to_link(link).map_err(|e| report(&e)))
             .and_then(|id| prog.take_link(id).map_err(|e| report(&e)))
             .and_then(|link| FdLink::try_from(link).map_err(|e| report(&e)));
-        match result {
-            Ok(link) => Ok((Attachment::Pinned { link, path }, true)),
-            Err(e) => {
-                remove_stale_pin(&path);
-                Err(format!("XDP: {e}"))
-            }
-        }
+        upgraded(path, result, "XDP")
     }
 
     /// [`Datapath::upgrade_xdp`] for a TCX link running `program`.
@@ -730,13 +724,7 @@ impl Datapath {
             .and_then(|link| prog.attach_to_link(link).map_err(|e| report(&e)))
             .and_then(|id| prog.take_link(id).map_err(|e| report(&e)))
             .and_then(|link| FdLink::try_from(link).map_err(|e| report(&e)));
-        match result {
-            Ok(link) => Ok((Attachment::Pinned { link, path }, true)),
-            Err(e) => {
-                remove_stale_pin(&path);
-                Err(format!("TC: {e}"))
-            }
-        }
+        upgraded(path, result, "TC")
     }
 
     #[must_use]
@@ -1144,6 +1132,18 @@ impl Datapath {
     pub fn leave_attached(&self) {
         let pinned = self.ports.values().filter(|p| p.ingress.pinned() && p.tc.pinned()).count();
         log::info!("leaving the data path attached to {pinned} port(s) through pins in {}", self.pin_dir.display());
+    }
+}
+
+/// The end of a link upgrade: the link, pinned at `path` and now running this agent's
+/// program; or, on failure, the pin removed (the link detached) and the error.
+fn upgraded(path: PathBuf, result: Result<FdLink, String>, what: &str) -> Result<(Attachment, bool), String> {
+    match result {
+        Ok(link) => Ok((Attachment::Pinned { link, path }, true)),
+        Err(e) => {
+            remove_stale_pin(&path);
+            Err(format!("{what}: {e}"))
+        }
     }
 }
 
