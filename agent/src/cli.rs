@@ -771,16 +771,10 @@ pub fn render_follow(msg: &FollowMessage) -> Option<String> {
 #[must_use]
 pub fn render_follow_colored(msg: &FollowMessage, color: bool) -> Option<String> {
     use crate::top::paint;
-    let what = match msg.event {
-        FollowEvent::Start => "start",
-        FollowEvent::End => "end",
-        FollowEvent::Expired => "expired",
-        FollowEvent::Evicted => "evicted",
-        FollowEvent::Update => return None,
-        FollowEvent::Lagged => {
-            return Some(format!("-- too slow: missed {} message(s)", msg.missed.unwrap_or(0)));
-        }
-    };
+    if msg.event == FollowEvent::Lagged {
+        return Some(format!("-- too slow: missed {} message(s)", msg.missed.unwrap_or(0)));
+    }
+    let what = msg.event.flow_event_name()?;
     let r = msg.flow.as_ref()?;
     let when = match msg.event {
         FollowEvent::Start => r.first_seen_unix_ms,

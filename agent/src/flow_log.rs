@@ -132,17 +132,11 @@ fn now_ms() -> i64 {
 /// The line of one follow message, if it is one the log keeps.
 #[must_use]
 pub fn line_of(msg: &FollowMessage) -> Option<Vec<u8>> {
-    let event = match msg.event {
-        FollowEvent::Start => "start",
-        FollowEvent::End => "end",
-        FollowEvent::Expired => "expired",
-        FollowEvent::Evicted => "evicted",
-        FollowEvent::Update => return None,
-        FollowEvent::Lagged => {
-            let line = LaggedLine { time: rfc3339_ms(now_ms()), event: "lagged", missed: msg.missed.unwrap_or(0) };
-            return serde_json::to_vec(&line).ok();
-        }
-    };
+    if msg.event == FollowEvent::Lagged {
+        let line = LaggedLine { time: rfc3339_ms(now_ms()), event: "lagged", missed: msg.missed.unwrap_or(0) };
+        return serde_json::to_vec(&line).ok();
+    }
+    let event = msg.event.flow_event_name()?;
     let flow = msg.flow.as_ref()?;
     serde_json::to_vec(&Line { time: rfc3339_ms(now_ms()), event, flow }).ok()
 }

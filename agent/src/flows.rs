@@ -257,6 +257,21 @@ pub enum FollowEvent {
     Lagged,
 }
 
+impl FollowEvent {
+    /// The name of a flow's event, as the flow log and `flows --follow` print it; `None`
+    /// for `Update` and `Lagged`, which are not events of one flow's life.
+    #[must_use]
+    pub fn flow_event_name(self) -> Option<&'static str> {
+        match self {
+            Self::Start => Some("start"),
+            Self::End => Some("end"),
+            Self::Expired => Some("expired"),
+            Self::Evicted => Some("evicted"),
+            Self::Update | Self::Lagged => None,
+        }
+    }
+}
+
 /// One line of a `follow` stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FollowMessage {

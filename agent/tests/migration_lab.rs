@@ -120,31 +120,7 @@ impl Cluster {
     }
 
     fn etcd(&self) -> ChildGuard {
-        let data = self.lab.work_dir().join("etcd");
-        let client = format!("http://{MGMT_IP}:2379");
-        let mut etcd = self.lab.spawn_in_mgmt(&[
-            "etcd",
-            "--name",
-            "bp",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "bp=http://127.0.0.1:2380",
-        ]);
-        assert!(
-            etcd.wait_for_output("ready to serve client requests", Duration::from_secs(20)),
-            "etcd did not start:\n{}",
-            etcd.output()
-        );
-        etcd
+        self.lab.start_etcd().unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn agent(&self, node: &Node, labels: &str, extra: &[&str]) -> NodeAgent {

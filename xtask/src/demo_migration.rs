@@ -137,29 +137,7 @@ pub(crate) fn run(bin: &Path) -> Result<()> {
     let rules = lab.work_dir().join("rules.yaml");
     std::fs::write(&rules, RULES)?;
     say(&format!("etcd on the management network ({MGMT_IP}:2379)"));
-    let data = lab.work_dir().join("etcd");
-    let client = format!("http://{MGMT_IP}:2379");
-    let mut etcd = lab.spawn_in_mgmt(&[
-        "etcd",
-        "--name",
-        "demo",
-        "--data-dir",
-        &data.to_string_lossy(),
-        "--listen-client-urls",
-        &client,
-        "--advertise-client-urls",
-        &client,
-        "--listen-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-cluster",
-        "demo=http://127.0.0.1:2380",
-    ]);
-    if !etcd.wait_for_output("ready to serve client requests", Duration::from_secs(20)) {
-        println!("{}", etcd.output());
-        bail!("etcd did not start");
-    }
+    let mut etcd = lab.start_etcd().map_err(anyhow::Error::msg)?;
     say("agents: hv1 (jurisdiction=eu, rack=r1) and hv2 (jurisdiction=eu, rack=r2), each with ip netns exec");
     let a1 = start_agent(bin, &lab, &hv1, "jurisdiction=eu,rack=r1", &rules)?;
     let a2 = start_agent(bin, &lab, &hv2, "jurisdiction=eu,rack=r2", &rules)?;

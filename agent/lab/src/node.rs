@@ -100,6 +100,37 @@ impl NodeLab {
         ChildGuard::spawn(Command::new("ip").args(["netns", "exec", &self.mgmt]).args(args))
     }
 
+    /// Starts a one-member etcd on the management network (`http://MGMT_IP:2379`, data in
+    /// the lab's work directory) and waits until it serves clients; stopped when the guard
+    /// drops. The error carries etcd's output.
+    pub fn start_etcd(&self) -> Result<ChildGuard, String> {
+        let data = self.work_dir().join("etcd");
+        let client = format!("http://{MGMT_IP}:2379");
+        let data = data.to_string_lossy();
+        let mut etcd = self.spawn_in_mgmt(&[
+            "etcd",
+            "--name",
+            "lab",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "lab=http://127.0.0.1:2380",
+        ]);
+        if etcd.wait_for_output("ready to serve client requests", std::time::Duration::from_secs(20)) {
+            Ok(etcd)
+        } else {
+            Err(format!("etcd did not start:\n{}", etcd.output()))
+        }
+    }
+
     /// Adds a node: namespace `<prefix>-<suffix>-<name>` with bridge `br0` and `m0` on the
     /// management network.
     #[must_use]
