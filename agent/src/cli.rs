@@ -52,6 +52,20 @@ pub enum Command {
     Endpoint(EndpointArgs),
     /// Show the audit log: moves, boots, placement violations, co-mingling, quarantines.
     Audit(AuditArgs),
+    /// Show what the running kernel offers the data path (exit 1 if a required feature
+    /// is missing) and, with --programs, each program's verifier figures.
+    Kernel(KernelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KernelArgs {
+    /// Load every program (with maps of its own, removed at the end) and show the
+    /// instructions the verifier processed and the stack of its deepest call chain.
+    #[arg(long)]
+    pub programs: bool,
+    /// Print JSON: {kernel, programs}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +443,19 @@ impl RunArgs {
     }
 }
 
+/// `backplane kernel`: exit 1 when a required feature is missing or a program is refused.
+fn kernel_report(args: &KernelArgs) -> anyhow::Result<ExitCode> {
+    let report = crate::kernel::probe();
+    let programs = if args.programs { Some(crate::kernel::program_figures(crate::DATAPATH_OBJECT).map_err(anyhow::Error::msg)?) } else { None };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "kernel": report, "programs": programs }))?);
+    } else {
+        print!("{}", crate::kernel::render(&report, programs.as_deref()));
+    }
+    let refused = programs.iter().flatten().any(|p| p.load_error.is_some());
+    Ok(if report.missing().is_empty() && !refused { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 /// Runs a parsed command line; returns the exit status of a command that printed its
 /// own errors (invalid rules, invalid arguments).
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -459,6 +486,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Check(args) => return Ok(check(&args)),
+        Command::Kernel(args) => return kernel_report(&args),
         Command::Explain(args) => return explain(&args).await,
         Command::Endpoint(args) => endpoint_command(args).await?,
         Command::Audit(args) => {

@@ -20,6 +20,7 @@
 //! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
 //! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
 //! - [`audit`]: the in-motion audit log
+//! - [`kernel`]: what the running kernel offers the data path; the programs' verifier figures
 //! - [`pins`]: what a previous agent pinned, and whether it can be adopted
 //! - [`privileges`]: the capabilities `backplane run` keeps
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
@@ -40,6 +41,7 @@ pub mod flow_log;
 pub mod flows;
 pub mod ifnames;
 pub mod inspect;
+pub mod kernel;
 pub mod ipfix;
 pub mod last_good;
 pub mod map_batch;
