@@ -17,7 +17,7 @@ use backplane_common::{
 use crate::{
     counters, events,
     frame::Frame,
-    maps::{FLOWS, PORTS, ZONE_PAIR_STATS},
+    maps::{FLOWS, PORTS, SCRATCH, ZONE_PAIR_STATS},
     parse::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
     policy::{self, End},
     sample,
@@ -225,7 +225,16 @@ fn create<F: Frame>(
     let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);
     let j = policy::judge(cfg, packet.family, packet.proto, packet.dport, &src, &dst);
     let d = idx(dir);
-    let mut value = FlowValue {
+    // The new flow's value is built in this CPU's scratch entry (its `value`, beside the
+    // `packet` this run parsed): 80 bytes the stack cannot spare on kernels before 6.9.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        counters::inc(Counter::FlowInsertFailed);
+        return action(j.verdict as u8);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for this program run; only its
+    // `value` field is written here, and `packet` (the other field) is only read.
+    let value = unsafe { &mut *core::ptr::addr_of_mut!((*scratch).value) };
+    *value = FlowValue {
         packets: by_dir(dir, 1, 0),
         bytes: by_dir(dir, u64::from(len), 0),
         first_seen_ns: now,
@@ -251,7 +260,7 @@ fn create<F: Frame>(
     if sampled {
         value.samples = 1;
     }
-    if FLOWS.insert(key, &value, BPF_NOEXIST).is_err() {
+    if FLOWS.insert(key, &*value, BPF_NOEXIST).is_err() {
         // Another CPU created it first (then count on its entry), or the update failed.
         if let Some(flow) = FLOWS.get_ptr_mut(key) {
             // SAFETY: pointer from a map lookup, valid for this program run.
@@ -266,12 +275,12 @@ fn create<F: Frame>(
             return action(flow.verdict);
         }
         counters::inc(Counter::FlowInsertFailed);
-        count_by_zone_pair(&value, len);
+        count_by_zone_pair(&*value, len);
         return action(value.verdict);
     }
     counters::inc(Counter::FlowsCreated);
     counters::inc(Counter::FlowPackets);
-    count_by_zone_pair(&value, len);
+    count_by_zone_pair(&*value, len);
     events::emit(FlowEventKind::Start, key, now, ifindex, dir, value.verdict, packet.tcp_flags);
     if sampled {
         sample::send(frame, key, len, ifindex, sample::which(dir, 0));

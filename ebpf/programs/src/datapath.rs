@@ -19,7 +19,7 @@ use crate::{
     conntrack::{self, Action, Hook},
     counters, events,
     frame::Frame,
-    maps::{CONFIG, FRAGMENTS, PORTS},
+    maps::{CONFIG, FRAGMENTS, PORTS, SCRATCH},
     parse::{self, FRAG_FIRST, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_TCP, Packet, Parsed},
     policy,
 };
@@ -44,17 +44,27 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
     // Only frames entering the switch from a port are held to the rules here; what the
     // switch delivers was judged where it entered (or comes from the host itself).
     let enforcing = cfg.flags & CONFIG_ENFORCE != 0 && hook == Hook::FromPort;
-    let mut packet = Packet::new();
-    let action = match parse::parse(frame, &mut packet) {
+    // The parsed packet lives in this CPU's scratch entry rather than on the stack: the
+    // BPF stack is 512 bytes for the whole call chain, of which kernels before 6.9 give
+    // every frame in 32-byte steps. A per-CPU array lookup cannot fail for index 0.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return if enforcing { Action::Drop } else { Action::Pass };
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for this program run; a program
+    // run is not preempted by another on the same CPU (BPF programs run with migration
+    // and, at TC and XDP, bottom halves disabled).
+    let packet = unsafe { &mut (*scratch).packet };
+    *packet = Packet::new();
+    let action = match parse::parse(frame, packet) {
         Parsed::Flow => {
             if enforcing && packet.vlan_tags != 0 && !port_may_send_tagged(ifindex) {
                 counters::inc(Counter::TaggedFromVmPort);
                 Action::Drop
             } else {
                 if packet.frag == FRAG_FIRST {
-                    remember_fragment_ports(&packet);
+                    remember_fragment_ports(packet);
                 }
-                conntrack::track(frame, &cfg, &packet, len, ifindex, hook)
+                conntrack::track(frame, &cfg, packet, len, ifindex, hook)
             }
         }
         Parsed::Fragment => {
@@ -70,8 +80,8 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
                 // fragment was judged.
                 counters::inc(Counter::OverlappingFragment);
                 Action::Drop
-            } else if fill_fragment_ports(&mut packet) {
-                conntrack::track(frame, &cfg, &packet, len, ifindex, hook)
+            } else if fill_fragment_ports(packet) {
+                conntrack::track(frame, &cfg, packet, len, ifindex, hook)
             } else {
                 counters::inc(Counter::FragmentWithoutFirst);
                 if enforcing && is_vm_port(ifindex) { Action::Drop } else { Action::Pass }

@@ -28,7 +28,11 @@ use aya_ebpf::{
 };
 use conntrack::{Action, Hook};
 
+// Entry points are inlined into the function aya's macros wrap them in: a frame of their
+// own would cost 32 bytes of the 512-byte stack on kernels before 6.9, which round every
+// frame of a call chain up to 32.
 #[xdp]
+#[inline(always)]
 pub fn from_port(ctx: XdpContext) -> u32 {
     match datapath::handle(&ctx, ctx.ingress_ifindex() as u32, Hook::FromPort) {
         Action::Pass => xdp_action::XDP_PASS,
@@ -45,6 +49,7 @@ const TC_PASS: i32 = TC_ACT_UNSPEC;
 /// than it saves. Generic XDP must give every frame a linear buffer with XDP headroom,
 /// which copies GRO/TSO super-frames; TC sees the skb as it is.
 #[classifier]
+#[inline(always)]
 pub fn from_port_tc(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the skb the kernel handed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -55,6 +60,7 @@ pub fn from_port_tc(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[inline(always)]
 pub fn to_port(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the skb the kernel handed to this program.
     let (ifindex, came_in) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };

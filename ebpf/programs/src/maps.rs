@@ -74,3 +74,8 @@ pub static PAYLOAD_SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_DEFAULT, 0);
 
 #[map(name = "SAMPLE_BUDGET")]
 pub static SAMPLE_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::pinned(1, 0);
+
+/// Per-CPU working memory of one program run (the parsed packet, a new flow's value):
+/// kept off the 512-byte BPF stack. Not pinned: nothing in it outlives a run.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::parse::Scratch> = PerCpuArray::with_max_entries(1, 0);

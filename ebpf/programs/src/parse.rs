@@ -62,6 +62,13 @@ pub struct Packet {
     pub frag_offset: u16,
 }
 
+/// One program run's working memory, in the per-CPU `SCRATCH` map.
+pub struct Scratch {
+    pub packet: Packet,
+    /// A new flow's value, built before it is inserted into `FLOWS`.
+    pub value: backplane_common::FlowValue,
+}
+
 /// `Packet::frag`: the first fragment of a fragmented datagram (it has the ports).
 pub const FRAG_FIRST: u8 = 1;
 
