@@ -4,9 +4,12 @@
 //! mount bpffs if needed, prepare the pin directory, load the data path, put the rules
 //! in force, attach the ports that exist, start the event reader, the flow refresh, the
 //! interface watch and the rules watch, and only then create the control socket: the
-//! socket appearing means ready.
+//! socket appearing means ready. The port guard (an nftables table that blocks ports that
+//! cannot be attached while rules are in force) is taken over from a previous agent
+//! before the first port is looked at.
 //! Exit (SIGINT/SIGTERM): stop serving, remove the socket, and either leave the data
-//! path attached through its pins or, with `--detach-on-exit`, detach and unpin it all.
+//! path attached through its pins and the port guard in place or, with
+//! `--detach-on-exit`, detach and unpin it all and remove the port guard's table.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -30,6 +33,8 @@ use crate::{
     DATAPATH_OBJECT,
     clock::Clock,
     control,
+    kernel::{self, TcAttach, TcAttachChoice},
+    pin_layout,
     datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, ProgramStats, IngressHook},
     cluster::Cluster,
     endpoints::{EndpointOptions, Endpoints, EndpointsStatus},
@@ -43,6 +48,7 @@ use crate::{
     inspect::{self, SampleStats},
     ipfix::{self, IpfixOptions},
     metrics::{self, Metrics},
+    port_guard::{self, PortGuard, PortGuardStatus},
     ports::{PortSelector, PortWatcher},
     rule_names::RuleNames,
     last_good::LastGood,
@@ -66,6 +72,9 @@ pub struct RunOptions {
     /// Where `from_port` runs on VM ports and on uplinks (`--ingress`, `--uplink-ingress`).
     pub ingress: IngressHook,
     pub uplink_ingress: IngressHook,
+    /// How TC programs attach (`--tc-attach`): TCX links, legacy filters, or chosen by
+    /// probing the kernel.
+    pub tc_attach: TcAttachChoice,
     pub detach_on_exit: bool,
     /// The rule set (a directory of `*.yaml` files, or one file), followed for changes;
     /// `None`: observe only.
@@ -103,14 +112,7 @@ impl RunOptions {
         }
         PortSelector::new(&self.interfaces, &[]).map_err(|e| format!("--interfaces: {e}"))?;
         PortSelector::new(&[], &self.uplinks).map_err(|e| format!("--uplink: {e}"))?;
-        let dp = DatapathOptions {
-            pin_dir: self.pin_dir.clone(),
-            flow_table_size: self.flow_table_size,
-            ring_size: self.ring_size,
-            payload_ring_size: self.payload_ring_size,
-            ingress: self.ingress,
-            uplink_ingress: self.uplink_ingress,
-        };
+        let dp = self.datapath_options(TcAttach::Tcx);
         dp.validate().map_err(|e| match e {
             DatapathError::InvalidOption(text) => text,
             other => other.to_string(),
@@ -128,6 +130,10 @@ impl RunOptions {
 /// Why the agent could not start.
 #[derive(Debug, Error)]
 pub enum AgentError {
+    /// The kernel lacks a feature the data path needs, or the asked TC attachment.
+    #[error("{0}")]
+    Kernel(String),
+
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error(transparent)]
@@ -202,6 +208,10 @@ pub struct Status {
     /// `xdp-native`); each port in `ports` says what it has.
     pub ingress: String,
     pub uplink_ingress: String,
+    /// How TC programs attach to new ports: `tcx` or `legacy`; each port in `ports`
+    /// says what it has.
+    #[serde(default)]
+    pub tc_attach: String,
     pub idle_timeout_secs: u64,
     pub detach_on_exit: bool,
     pub program_ids: ProgramIds,
@@ -209,6 +219,10 @@ pub struct Status {
     pub config_generation: u32,
     pub config_flags: u8,
     pub ports: Vec<PortStatus>,
+    /// Ports that match but are not attached, and the nftables table that blocks them
+    /// while rules are in force.
+    #[serde(default)]
+    pub port_guard: PortGuardStatus,
     pub flows: FlowTableStatus,
     /// Start/end events the data path could not put in the ring buffer.
     pub events_lost: u64,
@@ -264,6 +278,7 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     sample_stats: Arc<SampleStats>,
     endpoints: Arc<Endpoints>,
+    port_guard: Arc<PortGuard>,
 }
 
 impl Agent {
@@ -374,12 +389,14 @@ impl Agent {
             socket: self.opts.socket.display().to_string(),
             ingress: datapath.ingress_hooks().0.as_str().into(),
             uplink_ingress: datapath.ingress_hooks().1.as_str().into(),
+            tc_attach: datapath.tc_attach().as_str().into(),
             idle_timeout_secs: self.opts.idle_timeout.as_secs(),
             detach_on_exit: self.opts.detach_on_exit,
             program_ids: datapath.program_ids(),
             config_generation: config.generation,
             config_flags: config.flags,
             ports: datapath.port_status(),
+            port_guard: self.port_guard.status(),
             flows: FlowTableStatus { entries: stats.kernel_entries, capacity: datapath.flow_table_size(), stats },
             events_lost: counters.iter().find(|(c, _)| *c == Counter::EventsLost).map_or(0, |(_, v)| *v),
             counters: counters.iter().map(|(c, v)| (c.as_str().to_owned(), *v)).collect(),
@@ -468,6 +485,41 @@ fn rules_after_failure(
     }
 }
 
+impl RunOptions {
+    /// The data path's options, with how TC programs attach once that is decided.
+    #[must_use]
+    pub fn datapath_options(&self, tc_attach: TcAttach) -> DatapathOptions {
+        DatapathOptions {
+            pin_dir: self.pin_dir.clone(),
+            flow_table_size: self.flow_table_size,
+            ring_size: self.ring_size,
+            payload_ring_size: self.payload_ring_size,
+            ingress: self.ingress,
+            uplink_ingress: self.uplink_ingress,
+            tc_attach,
+        }
+    }
+}
+
+/// Checks the kernel for what the data path needs (a missing feature ends the start,
+/// named) and decides how TC programs attach.
+fn check_kernel(choice: TcAttachChoice) -> Result<TcAttach, AgentError> {
+    let report = kernel::probe();
+    let missing = report.missing();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|f| format!("{} ({})", f.name, f.why)).collect();
+        return Err(AgentError::Kernel(format!("kernel {} lacks what the data path needs: {}", report.release, names.join("; "))));
+    }
+    let tc_attach = report.tc_attach(choice).map_err(AgentError::Kernel)?;
+    log::info!(
+        "kernel {}: TC programs attach as {} ({})",
+        report.release,
+        tc_attach,
+        if report.tcx { "TCX links available" } else { "no TCX links: clsact + cls_bpf filters" }
+    );
+    Ok(tc_attach)
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 #[expect(clippy::too_many_lines, reason = "the start, in order, reads best as one sequence")]
 pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
@@ -481,14 +533,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     }
     control::ensure_not_in_use(&opts.socket)?;
     let selector = PortSelector::new(&opts.interfaces, &opts.uplinks)?;
-    let dp_opts = DatapathOptions {
-        pin_dir: opts.pin_dir.clone(),
-        flow_table_size: opts.flow_table_size,
-        ring_size: opts.ring_size,
-        payload_ring_size: opts.payload_ring_size,
-        ingress: opts.ingress,
-        uplink_ingress: opts.uplink_ingress,
-    };
+    let dp_opts = opts.datapath_options(check_kernel(opts.tc_attach)?);
     dp_opts.validate()?;
     // The rules are read before anything is loaded or attached: a rule set with errors
     // ends the start here.
@@ -501,8 +546,14 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     // A previous agent's maps are reused (flows, counters and the rules in force carry
     // on) if their layout fits; its links stay attached, running its programs, until
     // this agent's programs replace them in place once the rules are in force.
-    let pins = datapath::check_pins(DATAPATH_OBJECT, &dp_opts)?;
-    let inherited = datapath::pinned_config(&opts.pin_dir).filter(|c| pins.adopting() && c.flags & CONFIG_ENFORCE != 0);
+    // An older pinned layout is upgraded (see `pin_layout`): its state is copied into this
+    // agent's maps, its ports switched to this agent's programs once the rules are in
+    // force. Its rule tables are not carried, so nothing of it counts as in force here.
+    let found = pin_layout::find(&opts.pin_dir);
+    let pins = datapath::check_pins(DATAPATH_OBJECT, &dp_opts, &found.dir(&opts.pin_dir))?;
+    let upgrading = matches!(found, pin_layout::Found::Older { .. });
+    let inherited = datapath::pinned_config(&found.dir(&opts.pin_dir))
+        .filter(|c| pins.adopting() && !upgrading && c.flags & CONFIG_ENFORCE != 0);
     // Rule files that do not load keep what is in force, or put the last good copy in
     // force under each zone's on_rules_failure; with neither, the start ends here.
     let start_rules_with = match loaded_rules {
@@ -511,20 +562,36 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         Some(Err(error)) => Some(rules_after_failure(error, inherited.map(|c| c.generation), &last_good)?),
     };
     datapath::prepare_pin_dir(&opts.pin_dir)?;
-    // Held until the agent is gone: one agent per pin directory.
+    // Held until the agent is gone: one agent per pin directory (and port guard table).
     let _pin_lock = datapath::lock_pin_dir(&opts.pin_dir)?;
+    let guard = Arc::new(PortGuard::new(port_guard::table_name(&opts.node, &opts.pin_dir)));
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, &dp_opts)?;
     let ids = dp.program_ids();
     log::info!(
-        "data path loaded: from_port (XDP) id {}, from_port_tc (TCX ingress) id {}, to_port (TCX egress) id {}; \
-         from_port at {} on VM ports, {} on uplinks; maps pinned in {}",
+        "data path loaded: from_port (XDP) id {}, from_port_tc (TC ingress) id {}, to_port (TC egress) id {}, \
+         attached as {}; from_port at {} on VM ports, {} on uplinks; maps pinned in {}",
         ids.from_port,
         ids.from_port_tc,
         ids.to_port,
+        dp_opts.tc_attach,
         opts.ingress.as_str(),
         opts.uplink_ingress.as_str(),
         opts.pin_dir.display()
     );
+    let mut migration = match &found {
+        pin_layout::Found::Older { version, dir } => {
+            let migration = dp.upgrade_from(*version, dir)?;
+            log::info!(
+                "upgrading the pinned layout {version} in {} to layout {} in {}: copied {}",
+                dir.display(),
+                backplane_common::maps::PIN_LAYOUT_VERSION,
+                migration.to.display(),
+                migration.copied.iter().map(|(m, n)| format!("{m} {n}")).collect::<Vec<_>>().join(", ")
+            );
+            Some(migration)
+        }
+        pin_layout::Found::Nothing | pin_layout::Found::Current => None,
+    };
     let adopting = pins.adopting();
     if adopting {
         let ports = dp.adopt_links(|name| selector.role(name));
@@ -545,6 +612,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     tasks.extend(start_ebpf_logger(&mut dp));
 
+    let maps_dir = dp.maps_dir().to_owned();
     let datapath = Arc::new(Mutex::new(dp));
     let ifnames = Arc::new(IfNames::new());
     let idle_ns = u64::try_from(opts.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
@@ -557,7 +625,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     // Kernel run statistics cost every BPF program two clock reads per run: on only
     // while metrics are served.
     let bpf_stats = opts.metrics_addr.filter(|_| opts.program_stats).and_then(|_| metrics::enable_bpf_stats());
-    let metrics = Arc::new(Metrics::new(Some(&opts.pin_dir), bpf_stats));
+    let metrics = Arc::new(Metrics::new(Some(&maps_dir), bpf_stats));
     let sample_stats = Arc::new(SampleStats::default());
 
     let endpoint_opts = EndpointOptions {
@@ -605,10 +673,23 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             let updated = datapath.lock().expect("datapath lock").upgrade_adopted();
             log::info!("replaced the programs of {updated} adopted link(s) in place (BPF_LINK_UPDATE)");
         }
+        if let Some(migration) = migration.take() {
+            // Every adopted port runs this agent's programs on this layout's maps now.
+            let version = migration.version;
+            let late = migration.finish();
+            log::info!("upgrade from layout {version} done: {late} flow(s) created meanwhile copied, old map pins removed");
+        }
+        // A previous agent's blocked ports stay blocked until the first look at the ports.
+        let enforcing = datapath.lock().expect("datapath lock").config().is_ok_and(|c| c.flags & CONFIG_ENFORCE != 0);
+        let taking_over = Arc::clone(&guard);
+        tokio::task::spawn_blocking(move || taking_over.take_over(enforcing))
+            .await
+            .unwrap_or_else(|e| log::error!("port guard: the take-over task failed: {e}"));
         log::info!("watching interfaces: {}", selector.describe());
         let removed = Arc::clone(&endpoints);
-        let mut watcher = PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames))?
-            .on_port_removed(move |ifindex| removed.port_removed(ifindex));
+        let mut watcher =
+            PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames), Arc::clone(&guard))?
+                .on_port_removed(move |ifindex| removed.port_removed(ifindex));
         watcher.reconcile(&HashSet::new()).await?;
         tasks.push(tokio::spawn(watcher.run()));
         endpoints.restore_bindings();
@@ -658,6 +739,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             metrics: Arc::clone(&metrics),
             sample_stats: Arc::clone(&sample_stats),
             endpoints,
+            port_guard: Arc::clone(&guard),
         });
         if let Some(addr) = opts.metrics_addr {
             match metrics::bind(addr).await {
@@ -683,17 +765,19 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         }
     }
 
-    shut_down(&opts, tasks, &datapath, result.is_ok(), adopting).await;
+    shut_down(&opts, tasks, &datapath, &guard, result.is_ok(), adopting).await;
     result
 }
 
 /// Stops the tasks, removes the control socket (if the start got that far) and either
-/// leaves the data path attached or detaches it (on `--detach-on-exit`, or after a
-/// failed start that adopted nothing: a data path adopted from a previous agent stays).
+/// leaves the data path attached and the port guard in place, or detaches the data path
+/// and removes the port guard's table (on `--detach-on-exit`, or after a failed start
+/// that adopted nothing: a data path adopted from a previous agent stays).
 async fn shut_down(
     opts: &RunOptions,
     tasks: Vec<JoinHandle<()>>,
     datapath: &Mutex<Datapath>,
+    guard: &PortGuard,
     started: bool,
     adopted: bool,
 ) {
@@ -716,8 +800,11 @@ async fn shut_down(
         let ports = dp.attached().len();
         dp.detach_all_and_unpin();
         log::info!("detached from {ports} port(s) and removed the pins in {}", opts.pin_dir.display());
+        drop(dp);
+        guard.remove();
     } else {
         dp.leave_attached();
+        guard.leave_in_place();
     }
 }
 

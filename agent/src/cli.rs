@@ -10,6 +10,7 @@ use crate::{
     clock::rfc3339_ms,
     control::{Client, Request},
     datapath::IngressHook,
+    kernel::TcAttachChoice,
     error::ControlError,
     explain::{ExplainQuery, ExplainReply, explain_packet},
     flow_log::FlowLogOptions,
@@ -174,6 +175,12 @@ pub struct RunArgs {
     /// The same for uplinks: `xdp-native` suits a physical NIC whose driver supports XDP.
     #[arg(long, value_enum, default_value_t = IngressHook::Tc, value_name = "HOOK")]
     pub uplink_ingress: IngressHook,
+
+    /// How TC programs attach to ports: `tcx` (bpf links, Linux 6.6+), `legacy` (a
+    /// clsact qdisc with cls_bpf filters at preference 1, any kernel) or `auto` (TCX
+    /// where the kernel has it). Ports a previous agent attached keep what they have.
+    #[arg(long, value_enum, default_value_t = TcAttachChoice::Auto, value_name = "MODE")]
+    pub tc_attach: TcAttachChoice,
 
     /// On SIGINT/SIGTERM detach from every port and remove all pins. Without it the
     /// programs stay attached through their pinned links and the maps stay pinned, so
@@ -421,6 +428,7 @@ impl RunArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout),
             ingress: self.ingress,
             uplink_ingress: self.uplink_ingress,
+            tc_attach: self.tc_attach,
             detach_on_exit: self.detach_on_exit,
             rules: self.rules,
             payload_ring_size: self.payload_ring_size,
@@ -856,6 +864,7 @@ pub fn render_status(s: &Status) -> String {
         s.program_ids.from_port_tc, s.program_ids.from_port, s.program_ids.to_port
     );
     let _ = writeln!(o, "ingress hook:  {} on VM ports, {} on uplinks", s.ingress, s.uplink_ingress);
+    let _ = writeln!(o, "tc attach:     {}", s.tc_attach);
     let mode = if s.config_flags & backplane_common::config::CONFIG_ENFORCE != 0 { "enforce" } else { "observe" };
     let _ = writeln!(o, "config:        generation {}, {mode}", s.config_generation);
     let _ =
@@ -877,6 +886,7 @@ pub fn render_status(s: &Status) -> String {
             if p.pinned { "" } else { "  (not pinned)" }
         );
     }
+    render_port_guard(&mut o, s);
     let f = &s.flows;
     #[expect(clippy::cast_precision_loss, reason = "a percentage for display")]
     let fill = if f.capacity == 0 { 0.0 } else { f.entries as f64 * 100.0 / f64::from(f.capacity) };
@@ -907,6 +917,31 @@ pub fn render_status(s: &Status) -> String {
     render_rules(&mut o, s);
     render_endpoint_status(&mut o, s);
     o
+}
+
+/// The ports that match but are not attached, and the port guard, in `backplane status`.
+fn render_port_guard(o: &mut String, s: &Status) {
+    let g = &s.port_guard;
+    if !g.unattached.is_empty() {
+        let _ = writeln!(o, "unattached ports ({}):", g.unattached.len());
+    }
+    for p in &g.unattached {
+        let state = if p.state == "blocked" {
+            "BLOCKED".to_owned()
+        } else {
+            format!("UNGUARDED ({})", p.reason.as_deref().unwrap_or("-"))
+        };
+        let _ = writeln!(o, "  {:<16} ifindex {:<5} {:<7} {state} since {}", p.name, p.ifindex, p.role, p.since);
+        let _ = writeln!(o, "    failing since {}: {}", p.failing_since, p.error);
+    }
+    let (blocked, _) = g.counts();
+    let table = if g.table.is_empty() { "-" } else { g.table.as_str() };
+    let state = match (&g.error, g.in_place) {
+        (Some(e), _) => format!("UNAVAILABLE since {}: {e}", g.error_since.as_deref().unwrap_or("-")),
+        (None, true) => format!("nft table {table}, {blocked} port(s) blocked"),
+        (None, false) => format!("nft table {table}, not made (no port needed blocking)"),
+    };
+    let _ = writeln!(o, "port guard:    {state}");
 }
 
 /// The `endpoints` part of `backplane status`.
@@ -1267,5 +1302,53 @@ mod tests {
         assert!(out.contains("last good:   /var/lib/backplane/hv1/rules.last-good"), "{out}");
         failing.rules.in_force_from = "previous_agent".into();
         assert!(render_status(&failing).contains("KEPT:"), "{out}");
+    }
+
+    #[test]
+    fn status_shows_unattached_ports_and_the_port_guard() {
+        use crate::port_guard::{PortGuardStatus, UnattachedPort};
+        let out = render_status(&Status::default());
+        assert!(!out.contains("unattached ports"), "{out}");
+        assert!(out.contains("port guard:    nft table -, not made"), "{out}");
+        let port = UnattachedPort {
+            name: "vnet7".into(),
+            ifindex: 12,
+            role: "vm".into(),
+            error: "interface vnet7 (ifindex 12): cannot attach from_port: busy".into(),
+            failing_since: rfc3339_ms(0),
+            state: "blocked".into(),
+            since: rfc3339_ms(2000),
+            reason: None,
+        };
+        let status = Status {
+            port_guard: PortGuardStatus {
+                table: "bridge backplane_hv1".into(),
+                in_place: true,
+                unattached: vec![
+                    port.clone(),
+                    UnattachedPort {
+                        name: "vnet8".into(),
+                        ifindex: 13,
+                        state: "unguarded".into(),
+                        reason: Some("observing only".into()),
+                        ..port
+                    },
+                ],
+                ..PortGuardStatus::default()
+            },
+            ..Status::default()
+        };
+        let out = render_status(&status);
+        assert!(out.contains("unattached ports (2):"), "{out}");
+        assert!(out.contains("vnet7            ifindex 12    vm      BLOCKED since 1970-01-01T00:00:02.000Z"), "{out}");
+        assert!(
+            out.contains("failing since 1970-01-01T00:00:00.000Z: interface vnet7 (ifindex 12): cannot attach"),
+            "{out}"
+        );
+        assert!(out.contains("vnet8") && out.contains("UNGUARDED (observing only)"), "{out}");
+        assert!(out.contains("port guard:    nft table bridge backplane_hv1, 1 port(s) blocked"), "{out}");
+        let mut broken = status;
+        broken.port_guard.error = Some("cannot run nft".into());
+        assert!(render_status(&broken).contains("port guard:    UNAVAILABLE since -: cannot run nft"));
     }
 }

@@ -20,16 +20,16 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
 };
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
-    config::CONFIG_INDEX,
+    config::{CONFIG_ENFORCE, CONFIG_INDEX},
     config::{PORT_INGRESS_LIVE, PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC,
         PROG_TO_PORT, ZONE_PAIR_STATS,
     },
     policy::{ZonePairKey, ZonePairStats},
@@ -44,7 +44,10 @@ use crate::{
         BPF_PIN_ROOT, BPFFS_ROOT, TC_INGRESS_LINK_SUFFIX, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path,
         links_dir,
     },
+    kernel::TcAttach,
+    pin_layout,
     pins::{self, PinCheck},
+    tc_legacy::{self, Direction},
     rule_tables::{self, EndpointOverlay, RuleTables, TableError},
 };
 
@@ -127,6 +130,9 @@ pub struct DatapathOptions {
     /// Where `from_port` runs on VM ports and on uplinks.
     pub ingress: IngressHook,
     pub uplink_ingress: IngressHook,
+    /// How TC programs attach to new ports (decided from the kernel and `--tc-attach`,
+    /// see [`crate::kernel`]); adopted ports keep the kind they have.
+    pub tc_attach: TcAttach,
 }
 
 impl DatapathOptions {
@@ -180,11 +186,29 @@ enum Attachment {
     Xdp(XdpLink),
     /// A TC link that could not be pinned: it lives as long as the agent.
     Tc(SchedClassifierLink),
+    /// A legacy `cls_bpf` filter at backplane's preference and handle ([`tc_legacy`]):
+    /// it stays in the port's `clsact` qdisc when the agent exits. `adopted`: a previous
+    /// agent's, running its program until [`Datapath::upgrade_adopted`].
+    Filter { ifname: String, at: TcAttachType, prog_id: u32, adopted: bool },
 }
 
 impl Attachment {
+    /// Whether it outlives the agent (a pinned link, or a legacy filter).
     fn pinned(&self) -> bool {
-        matches!(self, Self::Pinned { .. } | Self::Adopted { .. })
+        matches!(self, Self::Pinned { .. } | Self::Adopted { .. } | Self::Filter { .. })
+    }
+
+    /// How a TC program is attached: `tcx` or `legacy` (an XDP attachment: `xdp`).
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Filter { .. } => TcAttach::Legacy.as_str(),
+            Self::Xdp(_) => "xdp",
+            Self::Pinned { .. } | Self::Adopted { .. } | Self::Tc(_) => TcAttach::Tcx.as_str(),
+        }
+    }
+
+    fn adopted(&self) -> bool {
+        matches!(self, Self::Adopted { .. } | Self::Filter { adopted: true, .. })
     }
 
     /// The kernel's link id and the program on the link, for a pinned link.
@@ -193,6 +217,7 @@ impl Attachment {
             Self::Pinned { link, .. } | Self::Adopted { link, .. } => {
                 link.info().ok().map(|i| (i.id(), i.program_id()))
             }
+            Self::Filter { prog_id, .. } => Some((0, *prog_id)),
             Self::Xdp(_) | Self::Tc(_) => None,
         }
     }
@@ -210,11 +235,16 @@ impl Attachment {
             }
             Self::Xdp(link) => drop(link),
             Self::Tc(link) => drop(link),
+            Self::Filter { ifname, at, .. } => detach_filter(&ifname, at),
         }
     }
 
     /// Moves the pin after the interface was renamed.
-    fn rename(&mut self, new_path: PathBuf) {
+    fn rename(&mut self, new_path: PathBuf, new_name: &str) {
+        if let Self::Filter { ifname, .. } = self {
+            new_name.clone_into(ifname);
+            return;
+        }
         if let Self::Pinned { path, .. } | Self::Adopted { path, .. } = self {
             if *path == new_path {
                 return;
@@ -226,6 +256,10 @@ impl Attachment {
         }
     }
 }
+
+/// What a previous agent left on a port: its ingress attachment (with the kind of its
+/// pin, `None` for a legacy filter) and its egress attachment.
+type Found = (Option<(Option<&'static str>, Attachment)>, Option<Attachment>);
 
 /// A port the data path is attached to.
 #[derive(Debug)]
@@ -253,6 +287,10 @@ pub struct PortStatus {
     pub to_port_id: u32,
     /// Whether both links are pinned (survive the agent).
     pub pinned: bool,
+    /// How its TC programs are attached: `tcx` (bpf links) or `legacy` (`cls_bpf`
+    /// filters in a `clsact` qdisc).
+    #[serde(default)]
+    pub tc_attach: String,
     /// Kernel ids of the port's ingress and egress links (0: not a pinned link). A
     /// restarted agent adopts the same links: their ids stay, the programs on them change.
     #[serde(default)]
@@ -280,10 +318,19 @@ pub struct ProgramStats {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Where this layout's maps are pinned (`<pin-dir>/v<N>`, see [`pin_layout`]).
+    maps_dir: PathBuf,
+    /// The maps of an older layout this agent upgrades from, until the upgrade ends:
+    /// legacy filters whose programs use them are this data path's too.
+    previous_maps: Option<PathBuf>,
     ingress: IngressHook,
     uplink_ingress: IngressHook,
+    tc_attach: TcAttach,
     flow_table_size: u32,
     program_ids: ProgramIds,
+    /// Why `from_port` (XDP) could not be loaded, if it could not: only ports whose
+    /// ingress hook is XDP need it, and they are refused with this reason.
+    xdp_unavailable: Option<String>,
     ports_map: BpfHashMap<MapData, u32, PortInfo>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
@@ -349,8 +396,9 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     if magic != BPF_FS_MAGIC {
         return Err(DatapathError::NotBpffs { path: pin_dir.to_owned(), magic });
     }
-    let links = links_dir(pin_dir);
-    fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
+    for dir in [links_dir(pin_dir), pin_layout::maps_dir(pin_dir, PIN_LAYOUT_VERSION)] {
+        fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir, source })?;
+    }
     Ok(())
 }
 
@@ -371,18 +419,19 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File, DatapathError> {
     Ok(dir)
 }
 
-/// Checks the maps pinned under the pin directory against the layouts the object
-/// defines: a map of another layout would be misread by the new programs, so the start
-/// ends (nothing touched; a previous data path stays attached and in force).
-pub fn check_pins(object: &[u8], opts: &DatapathOptions) -> Result<PinCheck, DatapathError> {
+/// Checks the maps pinned in `maps_dir` (this agent's layout, or the older one it
+/// upgrades: see [`pin_layout`]) against the layouts the object defines: a map of
+/// another layout would be misread by the new programs, so the start ends (nothing
+/// touched; a previous data path stays attached and in force).
+pub fn check_pins(object: &[u8], opts: &DatapathOptions, maps_dir: &Path) -> Result<PinCheck, DatapathError> {
     let sizes = [
         (FLOWS, opts.flow_table_size),
         (FLOW_EVENTS, opts.ring_size),
         (PAYLOAD_SAMPLES, opts.payload_ring_size),
     ];
     let wanted = pins::object_layouts(object, &sizes).map_err(DatapathError::ObjectMaps)?;
-    let check = pins::check_pinned_maps(&opts.pin_dir, &wanted)
-        .map_err(|reason| DatapathError::PinnedMaps { path: opts.pin_dir.clone(), reason })?;
+    let check = pins::check_pinned_maps(maps_dir, &wanted)
+        .map_err(|reason| DatapathError::PinnedMaps { path: maps_dir.to_owned(), reason })?;
     if !check.mismatches.is_empty() {
         return Err(DatapathError::IncompatiblePins { path: opts.pin_dir.clone(), mismatches: check.mismatches });
     }
@@ -395,11 +444,11 @@ pub fn check_pins(object: &[u8], opts: &DatapathOptions) -> Result<PinCheck, Dat
     Ok(check)
 }
 
-/// The configuration a previous agent left in the pinned `CONFIG` map, if there is one
-/// of the right layout.
+/// The configuration a previous agent left in the `CONFIG` map pinned in `maps_dir`, if
+/// there is one of the right layout.
 #[must_use]
-pub fn pinned_config(pin_dir: &Path) -> Option<DatapathConfig> {
-    let data = MapData::from_pin(pin_dir.join(CONFIG)).ok()?;
+pub fn pinned_config(maps_dir: &Path) -> Option<DatapathConfig> {
+    let data = MapData::from_pin(maps_dir.join(CONFIG)).ok()?;
     let array: Array<MapData, DatapathConfig> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
     array.get(&CONFIG_INDEX, 0).ok()
 }
@@ -413,8 +462,9 @@ impl Datapath {
     /// initial configuration (observe only). Attaches nothing.
     pub fn load(object: &[u8], opts: &DatapathOptions) -> Result<(Self, DatapathMaps), DatapathError> {
         opts.validate()?;
+        let maps_dir = pin_layout::maps_dir(&opts.pin_dir, PIN_LAYOUT_VERSION);
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&opts.pin_dir)
+            .default_map_pin_directory(&maps_dir)
             .map_max_entries(FLOWS, opts.flow_table_size)
             .map_max_entries(FLOW_EVENTS, opts.ring_size)
             .map_max_entries(PAYLOAD_SAMPLES, opts.payload_ring_size)
@@ -429,8 +479,17 @@ impl Datapath {
             .ok_or(DatapathError::MissingProgram(PROG_FROM_PORT))?
             .try_into()
             .map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?;
-        xdp.load().map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?;
-        let from_port = xdp.info().map_err(|e| DatapathError::program(PROG_FROM_PORT, e))?.id();
+        // The XDP program serves only ports whose ingress hook is XDP: a kernel that
+        // refuses it fails those ports, not the start, unless the options ask for XDP.
+        let (from_port, xdp_unavailable) = match xdp.load().and_then(|()| xdp.info()) {
+            Ok(info) => (info.id(), None),
+            Err(e) if opts.ingress == IngressHook::Tc && opts.uplink_ingress == IngressHook::Tc => {
+                let why = report(&DatapathError::program(PROG_FROM_PORT, e));
+                log::warn!("{why}; ports with an XDP ingress hook cannot be attached");
+                (0, Some(why))
+            }
+            Err(e) => return Err(DatapathError::program(PROG_FROM_PORT, e)),
+        };
 
         let mut load_classifier = |name: &'static str| -> Result<u32, DatapathError> {
             let tc: &mut SchedClassifier = ebpf
@@ -455,7 +514,7 @@ impl Datapath {
         let config: Array<MapData, DatapathConfig> =
             Array::try_from(take_map(&mut ebpf, CONFIG)?).map_err(DatapathError::map(CONFIG))?;
         // The flow table pinned by a previous agent keeps its size.
-        let flow_table_size = aya::maps::MapInfo::from_pin(opts.pin_dir.join(FLOWS))
+        let flow_table_size = aya::maps::MapInfo::from_pin(maps_dir.join(FLOWS))
             .map_or(opts.flow_table_size, |i| i.max_entries());
         let rule_tables = RuleTables::from_ebpf(&mut ebpf).map_err(DatapathError::RuleTables)?;
         let zone_pair_stats = PerCpuHashMap::try_from(take_map(&mut ebpf, ZONE_PAIR_STATS)?)
@@ -464,10 +523,14 @@ impl Datapath {
         let datapath = Self {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
+            maps_dir,
+            previous_maps: None,
             ingress: opts.ingress,
             uplink_ingress: opts.uplink_ingress,
+            tc_attach: opts.tc_attach,
             flow_table_size,
             program_ids: ProgramIds { from_port, from_port_tc, to_port },
+            xdp_unavailable,
             ports_map,
             counters,
             config,
@@ -498,7 +561,6 @@ impl Datapath {
     /// that has only one of its two links gets the other attached now. `PORTS` entries of
     /// ports not adopted are removed. Returns the names of the adopted ports.
     pub fn adopt_links(&mut self, role_of: impl Fn(&str) -> Option<PortRole>) -> Vec<String> {
-        type Found = (Option<(FdLink, PathBuf, &'static str)>, Option<(FdLink, PathBuf)>);
         let mut found: BTreeMap<u32, Found> = BTreeMap::new();
         let entries = fs::read_dir(links_dir(&self.pin_dir)).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
         for entry in entries {
@@ -545,20 +607,22 @@ impl Datapath {
                 remove_stale_pin(&path);
                 continue;
             }
+            let adopted = Attachment::Adopted { link, path };
             if kind == TC_LINK_SUFFIX {
-                slot.1 = Some((link, path));
+                slot.1 = Some(adopted);
             } else {
-                slot.0 = Some((link, path, kind));
+                slot.0 = Some((Some(kind), adopted));
             }
         }
+        self.find_legacy_filters(&mut found);
         let mut adopted = Vec::new();
         for (ifindex, (ingress, tc)) in found {
             let name = index_to_name(ifindex);
             let role = name.as_deref().and_then(&role_of);
             let (Some(name), Some(role)) = (name, role) else {
-                for path in ingress.iter().map(|(_, p, _)| p).chain(tc.iter().map(|(_, p)| p)) {
-                    log::info!("{}: interface {ifindex} is no longer a port; detaching", path.display());
-                    remove_stale_pin(path);
+                for a in ingress.map(|(_, a)| a).into_iter().chain(tc) {
+                    log::info!("interface {ifindex} is no longer a port: detaching its {} attachment", a.kind());
+                    a.detach();
                 }
                 continue;
             };
@@ -574,31 +638,71 @@ impl Datapath {
         adopted
     }
 
+    /// Adds to `found` the legacy filters of this data path (see [`tc_legacy`]): filters
+    /// at backplane's preference and handle whose program reads the `CONFIG` map this
+    /// agent adopted. Filters of another agent's data path on the same machine read
+    /// another `CONFIG` and are left alone.
+    fn find_legacy_filters(&self, found: &mut BTreeMap<u32, Found>) {
+        let config_ids: Vec<u32> = [Some(&self.maps_dir), self.previous_maps.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|dir| aya::maps::MapInfo::from_pin(dir.join(CONFIG)).ok().map(|i| i.id()))
+            .collect();
+        for (ifindex, ifname) in tc_legacy::host_interfaces() {
+            for (direction, at) in [(Direction::Ingress, TcAttachType::Ingress), (Direction::Egress, TcAttachType::Egress)] {
+                let filter = match tc_legacy::find_filter(ifindex, direction) {
+                    Ok(Some(filter)) if config_ids.iter().any(|&id| tc_legacy::filter_uses_map(filter.prog_id, id)) => filter,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        log::warn!("{ifname}: {}", report(&e));
+                        continue;
+                    }
+                };
+                let slot = found.entry(ifindex).or_default();
+                let taken = if at == TcAttachType::Egress { slot.1.is_some() } else { slot.0.is_some() };
+                let attachment = Attachment::Filter { ifname: ifname.clone(), at, prog_id: filter.prog_id, adopted: true };
+                if taken {
+                    // A port with a TCX link and a filter would judge its frames twice.
+                    log::warn!("{ifname}: a legacy filter beside a pinned link; removing the filter ({filter})");
+                    attachment.detach();
+                } else if at == TcAttachType::Egress {
+                    slot.1 = Some(attachment);
+                } else {
+                    slot.0 = Some((None, attachment));
+                }
+            }
+        }
+    }
+
     fn adopt_port(
         &mut self,
         ifindex: u32,
         name: &str,
         role: PortRole,
-        ingress: Option<(FdLink, PathBuf, &'static str)>,
-        tc: Option<(FdLink, PathBuf)>,
+        ingress: Option<(Option<&'static str>, Attachment)>,
+        tc: Option<Attachment>,
     ) -> Result<(), PortError> {
-        let adopted = |link: FdLink, path: PathBuf, kind: &str| {
-            let mut a = Attachment::Adopted { link, path };
-            // The interface may have been renamed while no agent ran.
-            a.rename(link_pin_path(&self.pin_dir, name, kind));
+        let pin_dir = self.pin_dir.clone();
+        // The interface may have been renamed while no agent ran.
+        let renamed = |mut a: Attachment, kind: &str| {
+            a.rename(link_pin_path(&pin_dir, name, kind), name);
             a
         };
         let info = self.ports_map.get(&ifindex, 0).unwrap_or_default();
         // An adopted ingress link keeps its hook (changing it would open a gap or count
-        // twice); a missing one gets the hook configured for the role.
-        let ingress = ingress.map(|(link, path, kind)| (IngressHook::of_link(kind, info.ingress), adopted(link, path, kind)));
-        let tc = tc.map(|(link, path)| adopted(link, path, TC_LINK_SUFFIX));
+        // twice); a missing one gets the hook configured for the role. A legacy filter
+        // is a TC hook.
+        let ingress = ingress.map(|(kind, a)| match kind {
+            Some(kind) => (IngressHook::of_link(kind, info.ingress), renamed(a, kind)),
+            None => (IngressHook::Tc, renamed(a, TC_INGRESS_LINK_SUFFIX)),
+        });
+        let tc = tc.map(|a| renamed(a, TC_LINK_SUFFIX));
         let hook = ingress.as_ref().map_or_else(|| self.hook_for(role), |(hook, _)| *hook);
         // An adopted ingress link is live; a missing one is not until attached below.
         let flags = if ingress.is_some() { info.flags | PORT_INGRESS_LIVE } else { info.flags & !PORT_INGRESS_LIVE };
         let info = PortInfo { role: role as u8, ingress: hook.port_info(), flags, ..info };
         if let Err(source) = self.ports_map.insert(ifindex, info, 0) {
-            // Unpinned, so that the port is attached afresh without the old links.
+            // Detached, so that the port is attached afresh without the old links.
             for a in ingress.map(|(_, a)| a).into_iter().chain(tc) {
                 a.detach();
             }
@@ -663,7 +767,7 @@ impl Datapath {
         let adopted: Vec<u32> = self
             .ports
             .iter()
-            .filter(|(_, p)| matches!(p.ingress, Attachment::Adopted { .. }) || matches!(p.tc, Attachment::Adopted { .. }))
+            .filter(|(_, p)| p.ingress.adopted() || p.tc.adopted())
             .map(|(&i, _)| i)
             .collect();
         for ifindex in adopted {
@@ -715,8 +819,18 @@ impl Datapath {
         upgraded(path, result, "XDP")
     }
 
-    /// [`Datapath::upgrade_xdp`] for a TCX link running `program`.
+    /// [`Datapath::upgrade_xdp`] for a TCX link or a legacy filter running `program`.
     fn upgrade_tc(&mut self, attachment: Attachment, program: &'static str) -> Result<(Attachment, bool), String> {
+        if let Attachment::Filter { ifname, at, adopted: true, .. } = attachment {
+            let ifindex = name_to_index(&ifname).unwrap_or(0);
+            return match self.attach_filter(ifindex, &ifname, program, at) {
+                Ok(a) => Ok((a, true)),
+                Err(e) => {
+                    detach_filter(&ifname, at);
+                    Err(format!("legacy TC: {}", report(&e)))
+                }
+            };
+        }
         let Attachment::Adopted { link, path } = attachment else { return Ok((attachment, false)) };
         let prog = self.tc_program(program);
         let result = SchedClassifierLink::try_from(link)
@@ -732,10 +846,40 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// Where this layout's maps are pinned.
+    #[must_use]
+    pub fn maps_dir(&self) -> &Path {
+        &self.maps_dir
+    }
+
+    /// Copies the state of an older layout's maps into this data path's (see
+    /// [`pin_layout`]); its ports are then adopted and switched as any adopted port. The
+    /// copied configuration observes only until this agent puts its rules in force: the
+    /// rule tables are not carried.
+    pub fn upgrade_from(&mut self, version: u32, dir: &Path) -> Result<pin_layout::Migration, DatapathError> {
+        let migration = pin_layout::upgrade(version, dir, &self.maps_dir)
+            .map_err(|reason| DatapathError::PinnedMaps { path: dir.to_owned(), reason })?;
+        // The generation carries on (so that every copied flow is judged again under the
+        // rules this agent puts in force); enforcement waits for those rules.
+        let observing = self
+            .config
+            .get(&CONFIG_INDEX, 0)
+            .and_then(|c| self.config.set(CONFIG_INDEX, DatapathConfig { flags: c.flags & !CONFIG_ENFORCE, ..c }, 0));
+        observing.map_err(|e| DatapathError::Map { map: CONFIG, source: e })?;
+        self.previous_maps = Some(dir.to_owned());
+        Ok(migration)
+    }
+
     /// The hooks `from_port` gets on new VM ports and new uplinks.
     #[must_use]
     pub fn ingress_hooks(&self) -> (IngressHook, IngressHook) {
         (self.ingress, self.uplink_ingress)
+    }
+
+    /// How TC programs attach to new ports.
+    #[must_use]
+    pub fn tc_attach(&self) -> TcAttach {
+        self.tc_attach
     }
 
     #[must_use]
@@ -856,7 +1000,7 @@ impl Datapath {
         self.ebpf
             .program_mut(PROG_FROM_PORT)
             .and_then(|p| <&mut Xdp>::try_from(p).ok())
-            .expect("from_port was loaded as XDP")
+            .expect("from_port is in the object as XDP")
     }
 
     fn tc_program(&mut self, program: &'static str) -> &mut SchedClassifier {
@@ -880,6 +1024,9 @@ impl Datapath {
     }
 
     fn attach_xdp(&mut self, ifindex: u32, name: &str, mode: XdpMode) -> Result<Attachment, PortError> {
+        if let Some(why) = &self.xdp_unavailable {
+            return Err(PortError::XdpUnavailable { ifname: name.into(), ifindex, why: why.clone() });
+        }
         let path = link_pin_path(&self.pin_dir, name, XDP_LINK_SUFFIX);
         remove_stale_pin(&path);
         let prog = self.xdp_program();
@@ -915,6 +1062,9 @@ impl Datapath {
     ) -> Result<Attachment, PortError> {
         let path = link_pin_path(&self.pin_dir, name, kind);
         remove_stale_pin(&path);
+        if self.tc_attach == TcAttach::Legacy {
+            return self.attach_filter(ifindex, name, program, at);
+        }
         let attach = |prog: &mut SchedClassifier| -> Result<SchedClassifierLink, PortError> {
             let id = prog
                 .attach_with_options(name, at, TcAttachOptions::TcxOrder(LinkOrder::first()))
@@ -930,6 +1080,38 @@ impl Datapath {
             Err(e) => log::warn!("{name}: TC attached through netlink, not a pinnable link: {e}"),
         }
         Ok(Attachment::Tc(attach(self.tc_program(program))?))
+    }
+
+    /// Attaches the classifier `program` as a legacy `cls_bpf` filter at backplane's
+    /// preference and handle on the `at` hook of the port, adding the port's `clsact`
+    /// qdisc if it has none. A filter already there (a previous data path's) has its
+    /// program replaced in place. The filter stays when the agent exits: aya's handle of
+    /// it, which would detach it when dropped, is forgotten.
+    fn attach_filter(&mut self, ifindex: u32, name: &str, program: &'static str, at: TcAttachType) -> Result<Attachment, PortError> {
+        let legacy = |source: Box<dyn std::error::Error + Send + Sync>| PortError::Legacy { ifname: name.into(), ifindex, source };
+        tc_legacy::ensure_clsact(ifindex, name).map_err(legacy)?;
+        let direction = if at == TcAttachType::Egress { Direction::Egress } else { Direction::Ingress };
+        let existing = tc_legacy::find_filter(ifindex, direction).map_err(|e| legacy(Box::new(e)))?;
+        let prog = self.tc_program(program);
+        let id = match existing {
+            Some(filter) => {
+                log::info!("{name}: replacing the program of the legacy filter there ({filter})");
+                let link = SchedClassifierLink::attached(name, at, tc_legacy::PRIORITY, legacy_handle(), None)
+                    .map_err(|e| legacy(Box::new(e)))?;
+                prog.attach_to_link(link)
+            }
+            None => prog.attach_with_options(
+                name,
+                at,
+                TcAttachOptions::Netlink(NlOptions { priority: tc_legacy::PRIORITY, handle: legacy_handle(), classid: None }),
+            ),
+        }
+        .map_err(|e| Self::attach_error(ifindex, name, program, e))?;
+        let link = prog.take_link(id).map_err(|e| Self::attach_error(ifindex, name, program, e))?;
+        // The filter outlives the agent: the handle must not detach it when dropped.
+        std::mem::forget(link);
+        let prog_id = if program == PROG_TO_PORT { self.program_ids.to_port } else { self.program_ids.from_port_tc };
+        Ok(Attachment::Filter { ifname: name.into(), at, prog_id, adopted: false })
     }
 
     /// Forgets a port: removes it from `PORTS` and detaches (unpins) its links. When
@@ -952,8 +1134,8 @@ impl Datapath {
         let pin_dir = self.pin_dir.clone();
         let zone = self.port_zone(new_name);
         if let Some(port) = self.ports.get_mut(&ifindex) {
-            port.ingress.rename(link_pin_path(&pin_dir, new_name, port.hook.link_kind()));
-            port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX));
+            port.ingress.rename(link_pin_path(&pin_dir, new_name, port.hook.link_kind()), new_name);
+            port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX), new_name);
             new_name.clone_into(&mut port.name);
             match self.ports_map.get(&ifindex, 0) {
                 Ok(info) if info.zone != [zone, zone] => {
@@ -1076,6 +1258,7 @@ impl Datapath {
                     from_port_id,
                     to_port_id,
                     pinned: p.ingress.pinned() && p.tc.pinned(),
+                    tc_attach: p.tc.kind().into(),
                     ingress_link_id,
                     tc_link_id,
                 }
@@ -1107,14 +1290,14 @@ impl Datapath {
         }
         let pin_dir = self.pin_dir.clone();
         for name in PINNED_MAPS {
-            let path = pin_dir.join(name);
+            let path = self.maps_dir.join(name);
             if let Err(e) = fs::remove_file(&path)
                 && e.kind() != io::ErrorKind::NotFound
             {
                 log::warn!("cannot remove map pin {}: {e}", path.display());
             }
         }
-        for dir in [links_dir(&pin_dir), pin_dir.clone()] {
+        for dir in [links_dir(&pin_dir), self.maps_dir.clone(), pin_dir.clone()] {
             if let Err(e) = fs::remove_dir(&dir)
                 && e.kind() != io::ErrorKind::NotFound
             {
@@ -1147,6 +1330,21 @@ fn upgraded(path: PathBuf, result: Result<FdLink, String>, what: &str) -> Result
     }
 }
 
+/// backplane's legacy filter handle, as aya takes it.
+fn legacy_handle() -> TcHandle {
+    TcHandle::new((tc_legacy::HANDLE >> 16) as u16, (tc_legacy::HANDLE & 0xffff) as u16)
+}
+
+/// Removes backplane's legacy filter from the `at` hook of `ifname` (nothing to do when
+/// the interface is gone: its filters went with it).
+fn detach_filter(ifname: &str, at: TcAttachType) {
+    match SchedClassifierLink::attached(ifname, at, tc_legacy::PRIORITY, legacy_handle(), None) {
+        // Dropping the handle removes the filter.
+        Ok(link) => drop(link),
+        Err(e) => log::debug!("{ifname}: no legacy filter to remove ({e})"),
+    }
+}
+
 fn remove_stale_pin(path: &Path) {
     match fs::remove_file(path) {
         Ok(()) => log::debug!("removed stale link pin {}", path.display()),
@@ -1168,6 +1366,7 @@ mod tests {
             payload_ring_size: 1 << 20,
             ingress: IngressHook::Tc,
             uplink_ingress: IngressHook::Tc,
+            tc_attach: TcAttach::Tcx,
         };
         assert!(ok.validate().is_ok());
         assert!(DatapathOptions { ring_size: 3 << 20, ..ok.clone() }.validate().is_err());

@@ -174,6 +174,17 @@ pub enum PortError {
         source: io::Error,
     },
 
+    #[error("interface {ifname} (ifindex {ifindex}): legacy TC attachment: {source}")]
+    Legacy {
+        ifname: String,
+        ifindex: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    #[error("interface {ifname} (ifindex {ifindex}): its ingress hook is XDP, and this kernel refused the XDP program: {why}")]
+    XdpUnavailable { ifname: String, ifindex: u32, why: String },
+
     #[error("interface {ifname} (ifindex {ifindex}): PORTS map: {source}")]
     PortsMap {
         ifname: String,

@@ -109,9 +109,8 @@ impl KernelReport {
     /// missing when the choice cannot be honoured.
     pub fn tc_attach(&self, choice: TcAttachChoice) -> Result<TcAttach, String> {
         match choice {
-            TcAttachChoice::Auto if self.tcx => Ok(TcAttach::Tcx),
+            TcAttachChoice::Auto | TcAttachChoice::Tcx if self.tcx => Ok(TcAttach::Tcx),
             TcAttachChoice::Auto | TcAttachChoice::Legacy => Ok(TcAttach::Legacy),
-            TcAttachChoice::Tcx if self.tcx => Ok(TcAttach::Tcx),
             TcAttachChoice::Tcx => Err(format!(
                 "--tc-attach tcx: kernel {} has no TCX links (Linux 6.6); use --tc-attach legacy or auto",
                 self.release
@@ -279,33 +278,37 @@ fn deepest_chain(insns: &[aya_obj::generated::bpf_insn]) -> (Vec<u32>, usize) {
         }
         deepest.unsigned_abs()
     };
-    // Depth-first over the call graph (it has no cycles: BPF forbids recursion).
-    fn walk(
-        start: usize,
-        insns: &[aya_obj::generated::bpf_insn],
-        end_of: &dyn Fn(usize) -> usize,
-        depth: &dyn Fn(usize) -> u32,
-        seen: usize,
-    ) -> Vec<u32> {
-        let mut best: Vec<u32> = Vec::new();
-        if seen > 8 {
-            return vec![depth(start)];
-        }
+    (deepest_from(0, insns, &end_of, &depth, 0), insns.len())
+}
+
+/// A chain's stack as kernels before 6.9 count it (the larger of the two roundings).
+fn chain_depth(frames: &[u32]) -> u32 {
+    frames.iter().map(|f| (*f).max(1).div_ceil(32) * 32).sum()
+}
+
+/// The frames of the deepest chain of calls from the subprogram at `start`, depth-first
+/// (the call graph has no cycles: BPF forbids recursion; `level` bounds the walk anyway).
+fn deepest_from(
+    start: usize,
+    insns: &[aya_obj::generated::bpf_insn],
+    end_of: &dyn Fn(usize) -> usize,
+    depth: &dyn Fn(usize) -> u32,
+    level: usize,
+) -> Vec<u32> {
+    let mut deepest: Vec<u32> = Vec::new();
+    if level <= 8 {
         for i in start..end_of(start) {
             if let Some(target) = pseudo_call_target(insns, i) {
-                let chain = walk(target, insns, end_of, depth, seen + 1);
-                if chain.iter().map(|f| f.max(&1).div_ceil(32) * 32).sum::<u32>()
-                    > best.iter().map(|f| f.max(&1).div_ceil(32) * 32).sum::<u32>()
-                {
-                    best = chain;
+                let chain = deepest_from(target, insns, end_of, depth, level + 1);
+                if chain_depth(&chain) > chain_depth(&deepest) {
+                    deepest = chain;
                 }
             }
         }
-        let mut frames = vec![depth(start)];
-        frames.extend(best);
-        frames
     }
-    (walk(0, insns, &end_of, &depth, 0), insns.len())
+    let mut frames = vec![depth(start)];
+    frames.extend(deepest);
+    frames
 }
 
 /// Loads every program of `object` (with fresh, unpinned maps of small sizes) and adds
@@ -326,12 +329,12 @@ pub fn program_figures(object: &[u8]) -> Result<Vec<ProgramFigures>, String> {
     let mut ebpf = loader.load(object).map_err(|e| format!("cannot load the data path's maps: {}", crate::error::report(&e)))?;
     for name in PROGRAMS {
         let Some(entry) = figures.get_mut(name) else { continue };
-        let loaded = match ebpf.program_mut(name) {
+        let outcome = match ebpf.program_mut(name) {
             Some(aya::programs::Program::Xdp(p)) => load_xdp(p),
             Some(aya::programs::Program::SchedClassifier(p)) => load_tc(p),
             Some(_) | None => Err(format!("{name} is not in the object as an XDP or TC program")),
         };
-        match loaded {
+        match outcome {
             Ok(insns) => entry.verified_insns = insns,
             Err(e) => entry.load_error = Some(e),
         }

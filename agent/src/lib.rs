@@ -2,6 +2,7 @@
 //!
 //! - [`datapath`]: load the eBPF object, attach it to ports, read its counters
 //! - [`ports`]: which interfaces are ports; follow them through netlink
+//! - [`port_guard`]: the nftables table that blocks ports that cannot be attached
 //! - [`events`]: decode the ring buffer's flow start/end events
 //! - [`flows`]: the userspace flow table and the exported flow records
 //! - [`control`]: the control socket's protocol, server and client
@@ -21,7 +22,9 @@
 //! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
 //! - [`audit`]: the in-motion audit log
 //! - [`kernel`]: what the running kernel offers the data path; the programs' verifier figures
+//! - [`pin_layout`]: the pinned layout's version, and the upgrade of an older one
 //! - [`pins`]: what a previous agent pinned, and whether it can be adopted
+//! - [`tc_legacy`]: TC programs as `cls_bpf` filters in a `clsact` qdisc, where TCX is missing
 //! - [`privileges`]: the capabilities `backplane run` keeps
 //! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
 
@@ -47,13 +50,16 @@ pub mod last_good;
 pub mod map_batch;
 pub mod metrics;
 pub mod paths;
+pub mod pin_layout;
 pub mod pins;
+pub mod port_guard;
 pub mod ports;
 pub mod privileges;
 pub mod rule_names;
 pub mod rule_sync;
 pub mod rule_tables;
 pub mod rule_watch;
+pub mod tc_legacy;
 pub mod top;
 
 /// The compiled data path (eBPF object), embedded at build time.

@@ -53,6 +53,9 @@ pub const MIGRATION_OUTCOMES: &[&str] = &["completed", "failed", "aborted"];
 /// Endpoint states of `backplane_endpoints`.
 pub const ENDPOINT_STATES: &[&str] = &["active", "quarantined", "isolated"];
 
+/// Port states of `backplane_ports`.
+pub const PORT_STATES: &[&str] = &["attached", "blocked", "unguarded"];
+
 /// Exporters counted in `backplane_export_*`.
 pub const EXPORTERS: &[&str] = &["flow_log", "ipfix"];
 
@@ -109,6 +112,7 @@ pub struct Metrics {
     rule_reloads: IntCounterVec,
     rules_generation: IntGauge,
     endpoints: IntGaugeVec,
+    ports: IntGaugeVec,
     migrations: IntCounterVec,
     program_run_time: CounterVec,
     program_runs: IntCounterVec,
@@ -151,13 +155,13 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 impl Metrics {
-    /// Registers every metric. `pin_dir` holds the pinned maps whose fill is reported;
+    /// Registers every metric. `maps_dir` holds the pinned maps whose fill is reported;
     /// `bpf_stats` is the descriptor that keeps kernel program statistics on.
     #[must_use]
     #[expect(clippy::too_many_lines, reason = "one registration per metric")]
-    pub fn new(pin_dir: Option<&Path>, bpf_stats: Option<OwnedFd>) -> Self {
+    pub fn new(maps_dir: Option<&Path>, bpf_stats: Option<OwnedFd>) -> Self {
         let r = Registry::new();
-        let walked = pin_dir
+        let walked = maps_dir
             .map(|dir| {
                 WALKED_MAPS
                     .iter()
@@ -232,6 +236,13 @@ impl Metrics {
                 "Endpoints known to the rules in force, by state.",
                 &["state"],
             ),
+            ports: gauge_vec(
+                &r,
+                "backplane_ports",
+                "Ports that match --interfaces/--uplink, by state: attached, blocked (not attached, cut off by the \
+                 port guard while rules are in force), unguarded (not attached, passing unjudged).",
+                &["state"],
+            ),
             migrations: counter_vec(
                 &r,
                 "backplane_migrations_total",
@@ -283,7 +294,7 @@ impl Metrics {
             registry: r,
             endpoint_override: Mutex::new(None),
             walked,
-            endpoint_table: pin_dir.and_then(|dir| {
+            endpoint_table: maps_dir.and_then(|dir| {
                 let map = MapData::from_pin(dir.join(ENDPOINTS)).ok()?;
                 aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).ok()?).ok()
             }),
@@ -294,6 +305,9 @@ impl Metrics {
         }
         for state in ENDPOINT_STATES {
             m.endpoints.with_label_values(&[state]);
+        }
+        for state in PORT_STATES {
+            m.ports.with_label_values(&[state]);
         }
         for exporter in EXPORTERS {
             m.export_records.with_label_values(&[exporter]);
@@ -384,6 +398,12 @@ impl Metrics {
         for c in Counter::ALL.iter().filter(|c| c.is_parse_failure()) {
             raise(&self.parse_failures.with_label_values(&[c.as_str()]), get(*c));
         }
+
+        let (blocked, unguarded) = status.port_guard.counts();
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.ports.with_label_values(&["attached"]).set(n(status.ports.len()));
+        self.ports.with_label_values(&["blocked"]).set(n(blocked));
+        self.ports.with_label_values(&["unguarded"]).set(n(unguarded));
 
         raise(&self.rule_reloads.with_label_values(&["ok"]), status.rules.reloads_ok);
         raise(&self.rule_reloads.with_label_values(&["rejected"]), status.rules.reloads_rejected);
@@ -649,6 +669,9 @@ mod tests {
         );
         assert!(text.contains("backplane_migrations_total{outcome=\"completed\"} 1"), "{text}");
         assert!(text.contains("backplane_migrations_total{outcome=\"failed\"} 0"), "{text}");
+        for state in PORT_STATES {
+            assert!(text.contains(&format!("backplane_ports{{state=\"{state}\"}} 0")), "{text}");
+        }
         assert!(text.contains("backplane_program_run_time_seconds_total{program=\"from_port\"} 1.5"), "{text}");
         assert!(text.contains("# TYPE backplane_flows_active gauge"), "{text}");
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {

@@ -174,7 +174,7 @@ pub struct PinnedLinkInfo {
     pub attach_type: u32,
 }
 
-fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
+pub(crate) fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-padded bpf_attr of 128 bytes that lives through the call;
     // the kernel reads (and for info, writes through the pointer inside) only that.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
@@ -182,7 +182,7 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_l
 }
 
 /// Opens the object pinned at `path` (`BPF_OBJ_GET`).
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     let mut attr = [0u64; 16];
     attr[0] = c.as_ptr() as u64;

@@ -5,14 +5,21 @@
 //! full listing of the host's links that is compared with the attached ports. A link
 //! that appears down, or appears under one name and is renamed later, is attached as
 //! soon as it exists under a matching name; a deleted one is forgotten.
+//!
+//! A port that cannot be attached is tried again later, and handed to the port guard
+//! ([`crate::port_guard`]): while a rule set is in force it is blocked until it can be
+//! attached, so that no port passes unjudged; it is tried again every few seconds then,
+//! since its VM is cut off. A port that is only busy (another program is still on it, as
+//! a port that just arrived from another node's namespace is for a moment) is tried again
+//! within 200 ms and counts as failed once it has been busy for 2 s.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
-use backplane_common::PortRole;
+use backplane_common::{PortRole, config::CONFIG_ENFORCE};
 use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _, stream::BoxStream};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -25,6 +32,7 @@ use crate::{
     datapath::{Datapath, IngressHook, role_name},
     error::{PortError, WatchError, report},
     ifnames::IfNames,
+    port_guard::{Guarding, Left, PortGuard, Unattached},
 };
 
 /// Safety-net period of a full comparison when no link event arrives.
@@ -36,6 +44,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How long an interface that was busy (another program still attached, e.g. a port
 /// that just arrived from another node's namespace) is left alone.
 const RETRY_BUSY_AFTER: Duration = Duration::from_millis(200);
+/// How long a port that is blocked (cut off while it cannot be attached) is left alone.
+pub const RETRY_BLOCKED_AFTER: Duration = Duration::from_secs(3);
+/// How long a port may stay busy before it counts as failed (and is blocked while a rule
+/// set is in force).
+pub const BUSY_FAILS_AFTER: Duration = Duration::from_secs(2);
 
 /// Whether an error says the device is busy (`EBUSY`) somewhere in its chain.
 fn is_busy(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -47,6 +60,44 @@ fn is_busy(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// A port whose attachment failed, until it is attached, goes or stops matching.
+#[derive(Clone, Debug)]
+struct Failure {
+    name: String,
+    role: PortRole,
+    /// When the first try of this run of failures failed.
+    since: Instant,
+    since_wall: SystemTime,
+    last_try: Instant,
+    /// The pause after the last try (for a busy port: doubling from [`RETRY_BUSY_AFTER`]).
+    pause: Duration,
+    /// Whether the last try failed because the port was busy.
+    busy: bool,
+    /// The last error, for the log and `status`.
+    error: String,
+    /// Whether the port guard blocks it now.
+    blocked: bool,
+}
+
+impl Failure {
+    /// When to try again: sooner while blocked; for a busy port not blocked yet, at the
+    /// latest when it has been busy for [`BUSY_FAILS_AFTER`] (then it counts as failed).
+    fn next_try(&self) -> Instant {
+        let pause = if self.blocked { self.pause.min(RETRY_BLOCKED_AFTER) } else { self.pause };
+        let mut at = self.last_try + pause;
+        let fails_at = self.since + BUSY_FAILS_AFTER;
+        if self.busy && !self.blocked && fails_at > self.last_try {
+            at = at.min(fails_at);
+        }
+        at
+    }
+
+    /// Whether it counts as failed to attach: busy ports only once busy for long.
+    fn has_failed(&self) -> bool {
+        !self.busy || self.last_try.duration_since(self.since) >= BUSY_FAILS_AFTER
+    }
 }
 
 /// Interfaces the data path attaches to, by name.
@@ -173,9 +224,10 @@ pub struct PortWatcher {
     ifnames: Arc<IfNames>,
     handle: Handle,
     messages: BoxStream<'static, NetlinkMessage<RouteNetlinkMessage>>,
-    /// Interfaces whose attachment failed: name and when, to retry later without
-    /// repeating the error every few seconds.
-    failed: HashMap<u32, (String, Instant, Duration)>,
+    /// Ports whose attachment failed, by ifindex, to try again later.
+    failed: HashMap<u32, Failure>,
+    /// Blocks failed ports while a rule set is in force, and reports them.
+    guard: Arc<PortGuard>,
     /// Told the ifindex of every port that goes away.
     on_removed: Option<Box<dyn Fn(u32) + Send + Sync>>,
 }
@@ -186,12 +238,13 @@ impl PortWatcher {
         selector: PortSelector,
         datapath: Arc<Mutex<Datapath>>,
         ifnames: Arc<IfNames>,
+        guard: Arc<PortGuard>,
     ) -> Result<Self, WatchError> {
         let (connection, handle, messages) =
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(WatchError::Socket)?;
         tokio::spawn(connection);
         let messages = messages.map(|(msg, _addr)| msg).boxed();
-        Ok(Self { selector, datapath, ifnames, handle, messages, failed: HashMap::new(), on_removed: None })
+        Ok(Self { selector, datapath, ifnames, handle, messages, failed: HashMap::new(), guard, on_removed: None })
     }
 
     /// Calls `f` with the ifindex of each port that is removed (after it is forgotten).
@@ -208,10 +261,45 @@ impl PortWatcher {
             self.ifnames.remember(link.ifindex, &link.name);
         }
         let present: HashSet<u32> = links.iter().map(|l| l.ifindex).collect();
-        self.failed.retain(|idx, _| present.contains(idx));
+        // A failed port is followed while it exists under the same name and matches.
+        let matching: HashMap<u32, &str> = links
+            .iter()
+            .filter(|l| self.selector.role(&l.name).is_some())
+            .map(|l| (l.ifindex, l.name.as_str()))
+            .collect();
+        let mut left = Vec::new();
+        self.failed.retain(|&ifindex, f| {
+            let keep = !deleted.contains(&ifindex) && matching.get(&ifindex) == Some(&f.name.as_str());
+            if !keep {
+                left.push((ifindex, if present.contains(&ifindex) { Left::Unmatched } else { Left::Gone }));
+            }
+            keep
+        });
 
+        let (removed, enforcing) = self.apply_plan(&links, deleted, &present, &mut left);
+        self.guard_failed_ports(enforcing, left).await;
+        if let Some(f) = &self.on_removed {
+            for ifindex in removed {
+                f(ifindex);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches, detaches and renames ports (under the data path's lock). Returns the
+    /// ports removed and whether a rule set is in force.
+    fn apply_plan(
+        &mut self,
+        links: &[HostLink],
+        deleted: &HashSet<u32>,
+        present: &HashSet<u32>,
+        left: &mut Vec<(u32, Left)>,
+    ) -> (Vec<u32>, bool) {
         let mut removed = Vec::new();
         let mut datapath = self.datapath.lock().expect("datapath lock");
+        // A CONFIG that cannot be read counts as enforcing: a port is rather blocked than
+        // let through unjudged.
+        let enforcing = datapath.config().map_or(true, |c| c.flags & CONFIG_ENFORCE != 0);
         // A deleted ifindex may already be reused by a new link: forget the old port first.
         for &ifindex in deleted {
             if let Some(name) = datapath.attached_name(ifindex).map(str::to_owned)
@@ -222,42 +310,35 @@ impl PortWatcher {
             }
         }
         let attached: BTreeMap<u32, (String, PortRole)> = datapath.attached_ports();
-        for action in plan(&links, &attached, &self.selector) {
+        for action in plan(links, &attached, &self.selector) {
             match action {
                 PortAction::Attach { ifindex, name, role } => {
-                    if let Some((failed_name, at, after)) = self.failed.get(&ifindex)
-                        && *failed_name == name
-                        && at.elapsed() < *after
+                    if let Some(f) = self.failed.get(&ifindex)
+                        && f.name == name
+                        && Instant::now() < f.next_try()
                     {
                         continue;
                     }
                     match datapath.attach_port(ifindex, &name, role) {
                         Ok(()) => {
-                            self.failed.remove(&ifindex);
+                            let failed_for = self.failed.remove(&ifindex).map(|f| f.since.elapsed());
                             log::info!(
-                                "attached to port {name} (ifindex {ifindex}, role {}, ingress {})",
+                                "attached to port {name} (ifindex {ifindex}, role {}, ingress {}){}",
                                 role_name(role),
-                                datapath.port_hook(ifindex).map_or("?", IngressHook::as_str)
+                                datapath.port_hook(ifindex).map_or("?", IngressHook::as_str),
+                                failed_for.map_or_else(String::new, |d| format!(
+                                    " after {:.1}s of failed tries",
+                                    d.as_secs_f64()
+                                ))
                             );
+                            if failed_for.is_some() {
+                                left.push((ifindex, Left::Attached));
+                            }
                         }
                         Err(PortError::Vanished { .. }) => {
                             log::debug!("interface {name} (ifindex {ifindex}) went away before it could be attached");
                         }
-                        Err(e) if is_busy(&e) => {
-                            log::debug!("{}; trying again shortly", report(&e));
-                            // Busy for a moment (doubling up to the usual pause).
-                            let after = self.failed.get(&ifindex).map_or(RETRY_BUSY_AFTER, |f| (f.2 * 2).min(RETRY_AFTER));
-                            self.failed.insert(ifindex, (name.clone(), Instant::now(), after));
-                        }
-                        Err(e) => {
-                            let again = self.failed.insert(ifindex, (name.clone(), Instant::now(), RETRY_AFTER)).is_some();
-                            let e = report(&e);
-                            if again {
-                                log::debug!("still cannot attach: {e}");
-                            } else {
-                                log::error!("{e}; leaving it uninspected (next try in {}s)", RETRY_AFTER.as_secs());
-                            }
-                        }
+                        Err(e) => note_failure(&mut self.failed, ifindex, &name, role, &e),
                     }
                 }
                 PortAction::Detach { ifindex, name } => {
@@ -276,13 +357,35 @@ impl PortWatcher {
                 }
             }
         }
-        drop(datapath);
-        if let Some(f) = &self.on_removed {
-            for ifindex in removed {
-                f(ifindex);
+        (removed, enforcing)
+    }
+
+    /// Hands the failed ports to the port guard: blocked while a rule set is in force
+    /// (busy ones once busy for long), reported otherwise; `left` are the ports that are
+    /// no longer failed.
+    async fn guard_failed_ports(&mut self, enforcing: bool, left: Vec<(u32, Left)>) {
+        let ports: Vec<Unattached> = self
+            .failed
+            .iter()
+            .map(|(&ifindex, f)| Unattached {
+                ifindex,
+                name: f.name.clone(),
+                role: f.role,
+                error: f.error.clone(),
+                failing_since: f.since_wall,
+                guarding: if enforcing { Guarding::Block } else { Guarding::ReportOnly },
+                busy_briefly: !f.has_failed(),
+            })
+            .collect();
+        let guard = Arc::clone(&self.guard);
+        match tokio::task::spawn_blocking(move || guard.update(&ports, &left)).await {
+            Ok(blocked) => {
+                for (ifindex, f) in &mut self.failed {
+                    f.blocked = blocked.contains(ifindex);
+                }
             }
+            Err(e) => log::error!("port guard: the update task failed: {e}"),
         }
-        Ok(())
     }
 
     /// Follows link events until the task is dropped.
@@ -293,7 +396,7 @@ impl PortWatcher {
         let mut events_alive = true;
         loop {
             let mut deleted = HashSet::new();
-            let retry = self.failed.values().map(|(_, at, after)| *at + *after).min();
+            let retry = self.failed.values().map(Failure::next_try).min();
             let retry_sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(retry.unwrap_or_else(Instant::now)));
             tokio::select! {
                 () = retry_sleep, if retry.is_some() => {}
@@ -318,6 +421,43 @@ impl PortWatcher {
             if let Err(e) = self.reconcile(&deleted).await {
                 log::warn!("{}", report(&e));
             }
+        }
+    }
+}
+
+/// Records a failed try: the error (logged by the port guard when the port's state
+/// changes, here at debug level) and when to try again.
+fn note_failure(failed: &mut HashMap<u32, Failure>, ifindex: u32, name: &str, role: PortRole, e: &PortError) {
+    let busy = is_busy(e);
+    let error = report(e);
+    log::debug!("{error}");
+    let now = Instant::now();
+    match failed.get_mut(&ifindex) {
+        Some(f) if f.name == name => {
+            f.pause = match (busy, f.busy) {
+                // Busy for a moment: doubling up to the usual pause.
+                (true, true) => (f.pause * 2).min(RETRY_AFTER),
+                (true, false) => RETRY_BUSY_AFTER,
+                (false, _) => RETRY_AFTER,
+            };
+            f.last_try = now;
+            f.busy = busy;
+            f.error = error;
+            f.role = role;
+        }
+        _ => {
+            let failure = Failure {
+                name: name.to_owned(),
+                role,
+                since: now,
+                since_wall: SystemTime::now(),
+                last_try: now,
+                pause: if busy { RETRY_BUSY_AFTER } else { RETRY_AFTER },
+                busy,
+                error,
+                blocked: false,
+            };
+            failed.insert(ifindex, failure);
         }
     }
 }
@@ -407,6 +547,48 @@ mod tests {
                 PortAction::Attach { ifindex: 9, name: "up1".into(), role: PortRole::Uplink },
             ]
         );
+    }
+
+    fn failure(busy: bool) -> Failure {
+        let now = Instant::now();
+        Failure {
+            name: "tap0".into(),
+            role: PortRole::Vm,
+            since: now,
+            since_wall: SystemTime::now(),
+            last_try: now,
+            pause: if busy { RETRY_BUSY_AFTER } else { RETRY_AFTER },
+            busy,
+            error: "cannot attach".into(),
+            blocked: false,
+        }
+    }
+
+    #[test]
+    fn failed_ports_are_tried_again_sooner_while_blocked() {
+        // A failure: the usual pause, and it counts at once.
+        let mut f = failure(false);
+        assert!(f.has_failed());
+        assert_eq!(f.next_try() - f.last_try, RETRY_AFTER);
+        // Blocked (its VM is cut off): every few seconds.
+        f.blocked = true;
+        assert_eq!(f.next_try() - f.last_try, RETRY_BLOCKED_AFTER);
+
+        // Busy: 200 ms, doubling; it counts as failed only once busy for 2 s, and is
+        // tried again at that moment at the latest.
+        let mut f = failure(true);
+        assert!(!f.has_failed());
+        assert_eq!(f.next_try() - f.last_try, RETRY_BUSY_AFTER);
+        f.last_try = f.since + Duration::from_millis(1400);
+        f.pause = Duration::from_millis(1600);
+        assert_eq!(f.next_try(), f.since + BUSY_FAILS_AFTER);
+        assert!(!f.has_failed());
+        f.last_try = f.since + BUSY_FAILS_AFTER;
+        f.pause = Duration::from_millis(3200);
+        assert!(f.has_failed());
+        assert_eq!(f.next_try() - f.last_try, Duration::from_millis(3200));
+        f.blocked = true;
+        assert_eq!(f.next_try() - f.last_try, RETRY_BLOCKED_AFTER);
     }
 
     #[test]

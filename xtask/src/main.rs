@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod demo_migration;
 mod fuzz;
+mod previous;
 mod setup;
 mod soak;
 mod test;

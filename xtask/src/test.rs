@@ -51,6 +51,8 @@ pub(crate) fn run(cargo_args: &[String], test_args: &[String]) -> Result<()> {
         .arg("--test-threads=1")
         .args(test_args);
     cargo.env(RUN_MARKER, &marker);
+    // The upgrade test starts the previous release's agent before this one's.
+    cargo.env("BACKPLANE_PREVIOUS", crate::previous::binary()?);
     println!("test: {}", util::describe(&cargo));
     let status = util::status(&mut cargo)?;
 

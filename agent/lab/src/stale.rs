@@ -25,7 +25,20 @@ pub enum LeftoverKind {
     WorkDir,
     /// A log or capture file of the lab's guards.
     TempFile,
+    /// An agent's port guard, an nftables table in the `bridge` family (see
+    /// [`NFT_TABLE_MARK`]).
+    NftTable,
 }
+
+/// How an agent whose pin directory is a lab's (`<PIN_DIR_BASE>-<suffix>`) names its port
+/// guard's nftables table: `backplane_<node>_backplane-test-<suffix>` (the agent adds the
+/// pin directory's name to the node's when the pin directory is not the node's default).
+/// A table of the `bridge` family with this mark in its name belongs to the maker of
+/// the pin directory.
+pub const NFT_TABLE_MARK: &str = "_backplane-test-";
+
+/// The nftables family of the agents' port guard tables.
+const NFT_FAMILY: &str = "bridge";
 
 /// An object named like a lab's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +74,9 @@ impl Leftover {
             LeftoverKind::TempFile => {
                 let _ignored = std::fs::remove_file(&self.name);
             }
+            LeftoverKind::NftTable => {
+                run_quietly(&["nft", "delete", "table", NFT_FAMILY, &self.name]);
+            }
         }
     }
 }
@@ -73,6 +89,7 @@ impl fmt::Display for Leftover {
             LeftoverKind::PinDir => "pin directory",
             LeftoverKind::WorkDir => "work directory",
             LeftoverKind::TempFile => "file",
+            LeftoverKind::NftTable => "nft table bridge",
         };
         write!(f, "{kind} {}", self.name)?;
         match self.owner {
@@ -84,8 +101,9 @@ impl fmt::Display for Leftover {
 }
 
 /// Everything that looks like a lab's, whoever made it: namespaces named `<prefix>-*`,
-/// host links named `<prefix>*`, `/sys/fs/bpf/backplane-test*`, lab work directories and
-/// guard files. Namespaces come first, so that removing in order works.
+/// host links named `<prefix>*`, `/sys/fs/bpf/backplane-test*`, lab work directories,
+/// guard files and the port guard tables of agents with a lab's pin directory (see
+/// [`NFT_TABLE_MARK`]). Namespaces come first, so that removing in order works.
 pub fn leftovers(prefix: &str) -> Vec<Leftover> {
     names::check_prefix(prefix);
     let mut found = Vec::new();
@@ -163,8 +181,32 @@ pub fn leftovers(prefix: &str) -> Vec<Leftover> {
             }
         }
     }
+    found.extend(nft_tables());
     found.sort_by_key(|leftover| leftover.kind);
     found
+}
+
+/// The port guard tables of agents that ran with a lab's pin directory; none when nft is
+/// not installed.
+fn nft_tables() -> Vec<Leftover> {
+    let Ok(output) = std::process::Command::new("nft")
+        .args(["list", "tables", NFT_FAMILY])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.strip_prefix(&format!("table {NFT_FAMILY} ")))
+        .filter_map(|name| {
+            let (_, rest) = name.split_once(NFT_TABLE_MARK)?;
+            Some(Leftover {
+                kind: LeftoverKind::NftTable,
+                name: name.trim().to_owned(),
+                owner: pin_dir_owner(rest.trim()),
+            })
+        })
+        .collect()
 }
 
 /// Removes every leftover (see [`leftovers`]) whose maker is not a running process, and
@@ -253,6 +295,12 @@ mod tests {
         host_run(&["ip", "tuntap", "add", "dev", &live_link, "mode", "tap"]);
         let dead_dir = format!("{WORK_DIR_BASE}-{dead}");
         std::fs::create_dir_all(&dead_dir).unwrap();
+        // Port guard tables of agents with a dead and a live lab's pin directory.
+        let dead_table = format!("backplane_hv{NFT_TABLE_MARK}{dead}");
+        let live_table = format!("backplane_hv{NFT_TABLE_MARK}{live}");
+        for table in [&dead_table, &live_table] {
+            host_run(&["nft", "add", "table", NFT_FAMILY, table]);
+        }
 
         let removed: Vec<String> = cleanup_stale("bp")
             .into_iter()
@@ -275,12 +323,18 @@ mod tests {
             owner: None,
         }
         .remove();
+        Leftover {
+            kind: LeftoverKind::NftTable,
+            name: live_table.clone(),
+            owner: None,
+        }
+        .remove();
 
-        for name in [&dead_ns, &dead_link, &dead_dir] {
+        for name in [&dead_ns, &dead_link, &dead_dir, &dead_table] {
             assert!(removed.contains(name), "{name} not removed: {removed:?}");
             assert!(!found.contains(name), "{name} still there");
         }
-        for name in [&live_ns, &live_link] {
+        for name in [&live_ns, &live_link, &live_table] {
             assert!(found.contains(name), "{name} of a live process was removed");
         }
     }

@@ -36,7 +36,12 @@ impl Agent {
     /// The lab's agent; its state (endpoints, last good rules) goes to `<work>/state`
     /// unless `extra` names a `--state-dir`.
     fn start_with(lab: &Lab, extra: &[&str], detach_on_exit: bool) -> Agent {
-        let mut cmd = Command::new(BACKPLANE);
+        Self::start_binary(BACKPLANE, lab, extra, detach_on_exit)
+    }
+
+    /// [`Agent::start`] of another `backplane` binary (an earlier release, for upgrades).
+    pub fn start_binary(binary: &str, lab: &Lab, extra: &[&str], detach_on_exit: bool) -> Agent {
+        let mut cmd = Command::new(binary);
         cmd.arg("run").args(lab.agent_args());
         if detach_on_exit {
             cmd.arg("--detach-on-exit");

@@ -55,6 +55,13 @@ pub const PROG_BASELINE_PASS: &str = "baseline_pass";
 /// a flow-table fast path, never attached.
 pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
 
+/// Version of the pinned layout: which maps are pinned, with which key and value types.
+/// Raise it with every change of a pinned map's type, key, value or meaning; an agent that
+/// finds an older version upgrades it (the agent's `pin_layout` module says how).
+/// - 1: the maps directly under the pin directory (agents up to 2026-12-05).
+/// - 2: the maps under `<pin-dir>/v2/`, same types as 1.
+pub const PIN_LAYOUT_VERSION: u32 = 2;
+
 /// All maps that are pinned under the agent's pin directory, so that they survive
 /// a restart of the agent.
 pub const PINNED_MAPS: &[&str] = &[
