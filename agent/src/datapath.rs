@@ -47,7 +47,7 @@ use crate::{
     kernel::TcAttach,
     pin_layout,
     pins::{self, PinCheck},
-    tc_legacy::{self, Direction},
+    tc_legacy::{self, Direction, LegacyTcError},
     rule_tables::{self, EndpointOverlay, RuleTables, TableError},
 };
 
@@ -189,7 +189,7 @@ enum Attachment {
     /// A legacy `cls_bpf` filter at backplane's preference and handle ([`tc_legacy`]):
     /// it stays in the port's `clsact` qdisc when the agent exits. `adopted`: a previous
     /// agent's, running its program until [`Datapath::upgrade_adopted`].
-    Filter { ifname: String, at: TcAttachType, prog_id: u32, adopted: bool },
+    Filter { ifindex: u32, at: TcAttachType, prog_id: u32, adopted: bool },
 }
 
 impl Attachment {
@@ -235,16 +235,12 @@ impl Attachment {
             }
             Self::Xdp(link) => drop(link),
             Self::Tc(link) => drop(link),
-            Self::Filter { ifname, at, .. } => detach_filter(&ifname, at),
+            Self::Filter { ifindex, at, prog_id, .. } => detach_filter(ifindex, at, prog_id),
         }
     }
 
     /// Moves the pin after the interface was renamed.
-    fn rename(&mut self, new_path: PathBuf, new_name: &str) {
-        if let Self::Filter { ifname, .. } = self {
-            new_name.clone_into(ifname);
-            return;
-        }
+    fn rename(&mut self, new_path: PathBuf) {
         if let Self::Pinned { path, .. } | Self::Adopted { path, .. } = self {
             if *path == new_path {
                 return;
@@ -643,15 +639,10 @@ impl Datapath {
     /// agent adopted. Filters of another agent's data path on the same machine read
     /// another `CONFIG` and are left alone.
     fn find_legacy_filters(&self, found: &mut BTreeMap<u32, Found>) {
-        let config_ids: Vec<u32> = [Some(&self.maps_dir), self.previous_maps.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter_map(|dir| aya::maps::MapInfo::from_pin(dir.join(CONFIG)).ok().map(|i| i.id()))
-            .collect();
         for (ifindex, ifname) in tc_legacy::host_interfaces() {
             for (direction, at) in [(Direction::Ingress, TcAttachType::Ingress), (Direction::Egress, TcAttachType::Egress)] {
                 let filter = match tc_legacy::find_filter(ifindex, direction) {
-                    Ok(Some(filter)) if config_ids.iter().any(|&id| tc_legacy::filter_uses_map(filter.prog_id, id)) => filter,
+                    Ok(Some(filter)) if self.owns_filter(filter.prog_id) => filter,
                     Ok(_) => continue,
                     Err(e) => {
                         log::warn!("{ifname}: {}", report(&e));
@@ -660,7 +651,7 @@ impl Datapath {
                 };
                 let slot = found.entry(ifindex).or_default();
                 let taken = if at == TcAttachType::Egress { slot.1.is_some() } else { slot.0.is_some() };
-                let attachment = Attachment::Filter { ifname: ifname.clone(), at, prog_id: filter.prog_id, adopted: true };
+                let attachment = Attachment::Filter { ifindex, at, prog_id: filter.prog_id, adopted: true };
                 if taken {
                     // A port with a TCX link and a filter would judge its frames twice.
                     log::warn!("{ifname}: a legacy filter beside a pinned link; removing the filter ({filter})");
@@ -685,7 +676,7 @@ impl Datapath {
         let pin_dir = self.pin_dir.clone();
         // The interface may have been renamed while no agent ran.
         let renamed = |mut a: Attachment, kind: &str| {
-            a.rename(link_pin_path(&pin_dir, name, kind), name);
+            a.rename(link_pin_path(&pin_dir, name, kind));
             a
         };
         let info = self.ports_map.get(&ifindex, 0).unwrap_or_default();
@@ -777,28 +768,37 @@ impl Datapath {
             } else {
                 self.upgrade_xdp(port.ingress)
             };
-            let tc = if ingress.is_ok() {
-                self.upgrade_tc(port.tc, PROG_TO_PORT)
-            } else {
-                port.tc.detach();
-                Err(String::new())
+            let tc = self.upgrade_tc(port.tc, PROG_TO_PORT);
+            let mut why = Vec::new();
+            let mut kept = |result: Result<(Attachment, bool), Kept>| match result {
+                Ok((a, changed)) => {
+                    updated += usize::from(changed);
+                    Some(a)
+                }
+                Err(Kept { attachment, why: e }) => {
+                    why.push(e);
+                    attachment
+                }
             };
+            let (ingress, tc) = (kept(ingress), kept(tc));
+            if !why.is_empty() {
+                log::error!("{}: cannot put the new programs on it: {}", port.name, why.join("; "));
+            }
             match (ingress, tc) {
-                (Ok((ingress, a)), Ok((tc, b))) => {
-                    updated += usize::from(a) + usize::from(b);
+                (Some(ingress), Some(tc)) => {
+                    // A link whose update failed keeps the previous agent's program, which
+                    // goes on judging the port (status shows its program id).
                     port.ingress = ingress;
                     port.tc = tc;
                     self.ports.insert(ifindex, port);
                 }
                 (ingress, tc) => {
-                    let why = [ingress.as_ref().err(), tc.as_ref().err()].into_iter().flatten().filter(|e| !e.is_empty());
-                    let why: Vec<&String> = why.collect();
-                    log::error!("{}: cannot put the new programs on its links ({why:?}); attaching afresh", port.name);
+                    log::error!("{}: an attachment was lost; attaching the port afresh", port.name);
                     // PORTS first: `to_port` judges the port's frames again before its
                     // ingress link goes.
                     let _ = self.ports_map.remove(&ifindex);
-                    for a in [ingress.ok(), tc.ok()].into_iter().flatten() {
-                        a.0.detach();
+                    for a in [ingress, tc].into_iter().flatten() {
+                        a.detach();
                     }
                 }
             }
@@ -807,8 +807,8 @@ impl Datapath {
     }
 
     /// Replaces the program of an adopted XDP link; returns the attachment and whether
-    /// it was updated. On failure the link is unpinned (detached).
-    fn upgrade_xdp(&mut self, attachment: Attachment) -> Result<(Attachment, bool), String> {
+    /// it was updated. On failure the link keeps the previous program.
+    fn upgrade_xdp(&mut self, attachment: Attachment) -> Result<(Attachment, bool), Kept> {
         let Attachment::Adopted { link, path } = attachment else { return Ok((attachment, false)) };
         let prog = self.xdp_program();
         let result = XdpLink::try_from(link)
@@ -820,15 +820,15 @@ impl Datapath {
     }
 
     /// [`Datapath::upgrade_xdp`] for a TCX link or a legacy filter running `program`.
-    fn upgrade_tc(&mut self, attachment: Attachment, program: &'static str) -> Result<(Attachment, bool), String> {
-        if let Attachment::Filter { ifname, at, adopted: true, .. } = attachment {
-            let ifindex = name_to_index(&ifname).unwrap_or(0);
-            return match self.attach_filter(ifindex, &ifname, program, at) {
+    fn upgrade_tc(&mut self, attachment: Attachment, program: &'static str) -> Result<(Attachment, bool), Kept> {
+        if let Attachment::Filter { ifindex, at, prog_id, adopted: true } = attachment {
+            let name = index_to_name(ifindex).unwrap_or_default();
+            return match self.attach_filter(ifindex, &name, program, at) {
                 Ok(a) => Ok((a, true)),
-                Err(e) => {
-                    detach_filter(&ifname, at);
-                    Err(format!("legacy TC: {}", report(&e)))
-                }
+                Err(e) => Err(Kept {
+                    attachment: Some(Attachment::Filter { ifindex, at, prog_id, adopted: true }),
+                    why: format!("legacy TC {program}: {}", report(&e)),
+                }),
             };
         }
         let Attachment::Adopted { link, path } = attachment else { return Ok((attachment, false)) };
@@ -857,8 +857,16 @@ impl Datapath {
     /// copied configuration observes only until this agent puts its rules in force: the
     /// rule tables are not carried.
     pub fn upgrade_from(&mut self, version: u32, dir: &Path) -> Result<pin_layout::Migration, DatapathError> {
-        let migration = pin_layout::upgrade(version, dir, &self.maps_dir)
+        // A configuration of this layout that is not all zeros: an earlier agent began
+        // this upgrade, and ports it switched may be judged by these maps already.
+        let resume = self.config.get(&CONFIG_INDEX, 0).is_ok_and(|c| c != DatapathConfig::default());
+        let migration = pin_layout::upgrade(version, dir, &self.maps_dir, resume)
             .map_err(|reason| DatapathError::PinnedMaps { path: dir.to_owned(), reason })?;
+        self.previous_maps = Some(dir.to_owned());
+        if resume {
+            log::warn!("resuming an upgrade from layout {version} that an earlier agent began in {}", dir.display());
+            return Ok(migration);
+        }
         // The generation carries on (so that every copied flow is judged again under the
         // rules this agent puts in force); enforcement waits for those rules.
         let observing = self
@@ -866,7 +874,6 @@ impl Datapath {
             .get(&CONFIG_INDEX, 0)
             .and_then(|c| self.config.set(CONFIG_INDEX, DatapathConfig { flags: c.flags & !CONFIG_ENFORCE, ..c }, 0));
         observing.map_err(|e| DatapathError::Map { map: CONFIG, source: e })?;
-        self.previous_maps = Some(dir.to_owned());
         Ok(migration)
     }
 
@@ -1092,10 +1099,15 @@ impl Datapath {
         tc_legacy::ensure_clsact(ifindex, name).map_err(legacy)?;
         let direction = if at == TcAttachType::Egress { Direction::Egress } else { Direction::Ingress };
         let existing = tc_legacy::find_filter(ifindex, direction).map_err(|e| legacy(Box::new(e)))?;
+        if let Some(filter) = &existing
+            && !self.owns_filter(filter.prog_id)
+        {
+            return Err(legacy(Box::new(LegacyTcError::Foreign { filter: filter.clone(), direction })));
+        }
         let prog = self.tc_program(program);
         let id = match existing {
             Some(filter) => {
-                log::info!("{name}: replacing the program of the legacy filter there ({filter})");
+                log::info!("{name}: replacing the program of backplane's legacy filter there ({filter})");
                 let link = SchedClassifierLink::attached(name, at, tc_legacy::PRIORITY, legacy_handle(), None)
                     .map_err(|e| legacy(Box::new(e)))?;
                 prog.attach_to_link(link)
@@ -1111,7 +1123,56 @@ impl Datapath {
         // The filter outlives the agent: the handle must not detach it when dropped.
         std::mem::forget(link);
         let prog_id = if program == PROG_TO_PORT { self.program_ids.to_port } else { self.program_ids.from_port_tc };
-        Ok(Attachment::Filter { ifname: name.into(), at, prog_id, adopted: false })
+        Ok(Attachment::Filter { ifindex, at, prog_id, adopted: false })
+    }
+
+    /// Whether the program `prog_id` is this data path's: it reads this agent's `CONFIG`
+    /// map, or the one of the older layout it upgrades from.
+    fn owns_filter(&self, prog_id: u32) -> bool {
+        [Some(&self.maps_dir), self.previous_maps.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|dir| aya::maps::MapInfo::from_pin(dir.join(CONFIG)).ok().map(|i| i.id()))
+            .any(|config_id| tc_legacy::filter_uses_map(prog_id, config_id))
+    }
+
+    /// Checks that every port attached through legacy filters still has them, first on
+    /// both hooks and running the programs this agent put there: filters have no pins,
+    /// and `tc filter del`, a deleted `clsact` qdisc or another loader's filter at
+    /// preference 1 (which runs before ours) would take the port's judging away behind
+    /// the agent's back. Such a port is detached (its `PORTS` entry first, so that
+    /// `to_port` judges its frames meanwhile) and returned by name: the port watcher
+    /// attaches it again, or has the port guard cut it off.
+    pub fn check_legacy_filters(&mut self) -> Vec<String> {
+        let broken: Vec<u32> = self
+            .ports
+            .iter()
+            .filter(|(_, p)| {
+                [&p.ingress, &p.tc].into_iter().any(|a| match a {
+                    Attachment::Filter { ifindex, at, prog_id, .. } => {
+                        let direction = if *at == TcAttachType::Egress { Direction::Egress } else { Direction::Ingress };
+                        match tc_legacy::first_is_ours(*ifindex, direction, *prog_id) {
+                            Ok(ours) => !ours,
+                            Err(e) => {
+                                log::warn!("{}: cannot check its legacy filters: {}", p.name, report(&e));
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                })
+            })
+            .map(|(&i, _)| i)
+            .collect();
+        let mut names = Vec::new();
+        for ifindex in broken {
+            if let Some(name) = self.attached_name(ifindex).map(str::to_owned) {
+                log::error!("{name}: its legacy filter is gone or no longer first; attaching it again");
+                self.detach_port(ifindex);
+                names.push(name);
+            }
+        }
+        names
     }
 
     /// Forgets a port: removes it from `PORTS` and detaches (unpins) its links. When
@@ -1134,8 +1195,8 @@ impl Datapath {
         let pin_dir = self.pin_dir.clone();
         let zone = self.port_zone(new_name);
         if let Some(port) = self.ports.get_mut(&ifindex) {
-            port.ingress.rename(link_pin_path(&pin_dir, new_name, port.hook.link_kind()), new_name);
-            port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX), new_name);
+            port.ingress.rename(link_pin_path(&pin_dir, new_name, port.hook.link_kind()));
+            port.tc.rename(link_pin_path(&pin_dir, new_name, TC_LINK_SUFFIX));
             new_name.clone_into(&mut port.name);
             match self.ports_map.get(&ifindex, 0) {
                 Ok(info) if info.zone != [zone, zone] => {
@@ -1318,14 +1379,22 @@ impl Datapath {
     }
 }
 
+/// An attachment whose program could not be replaced: still attached, running the
+/// previous agent's program (`None` if it could not even be opened again), and why.
+struct Kept {
+    attachment: Option<Attachment>,
+    why: String,
+}
+
 /// The end of a link upgrade: the link, pinned at `path` and now running this agent's
-/// program; or, on failure, the pin removed (the link detached) and the error.
-fn upgraded(path: PathBuf, result: Result<FdLink, String>, what: &str) -> Result<(Attachment, bool), String> {
+/// program; or, on failure, the link as it was (still pinned, still attached, running
+/// the previous program: detaching it would leave the port unjudged) and the error.
+fn upgraded(path: PathBuf, result: Result<FdLink, String>, what: &str) -> Result<(Attachment, bool), Kept> {
     match result {
         Ok(link) => Ok((Attachment::Pinned { link, path }, true)),
         Err(e) => {
-            remove_stale_pin(&path);
-            Err(format!("{what}: {e}"))
+            let attachment = PinnedLink::from_pin(&path).ok().map(|link| Attachment::Adopted { link: link.into(), path });
+            Err(Kept { attachment, why: format!("{what}: {e}") })
         }
     }
 }
@@ -1335,10 +1404,25 @@ fn legacy_handle() -> TcHandle {
     TcHandle::new((tc_legacy::HANDLE >> 16) as u16, (tc_legacy::HANDLE & 0xffff) as u16)
 }
 
-/// Removes backplane's legacy filter from the `at` hook of `ifname` (nothing to do when
-/// the interface is gone: its filters went with it).
-fn detach_filter(ifname: &str, at: TcAttachType) {
-    match SchedClassifierLink::attached(ifname, at, tc_legacy::PRIORITY, legacy_handle(), None) {
+/// Removes backplane's legacy filter from the `at` hook of `ifindex`, if it still runs
+/// `prog_id` (a filter that runs another program is someone else's now and stays;
+/// nothing to do when the interface is gone: its filters went with it).
+fn detach_filter(ifindex: u32, at: TcAttachType, prog_id: u32) {
+    let direction = if at == TcAttachType::Egress { Direction::Egress } else { Direction::Ingress };
+    match tc_legacy::find_filter(ifindex, direction) {
+        Ok(Some(filter)) if filter.prog_id == prog_id => {}
+        Ok(Some(filter)) => {
+            log::warn!("ifindex {ifindex}: the legacy filter there runs a program that is not ours now ({filter}); left alone");
+            return;
+        }
+        Ok(None) => return,
+        Err(e) => {
+            log::warn!("ifindex {ifindex}: {}; its legacy filter is left alone", report(&e));
+            return;
+        }
+    }
+    let Some(ifname) = index_to_name(ifindex) else { return };
+    match SchedClassifierLink::attached(&ifname, at, tc_legacy::PRIORITY, legacy_handle(), None) {
         // Dropping the handle removes the filter.
         Ok(link) => drop(link),
         Err(e) => log::debug!("{ifname}: no legacy filter to remove ({e})"),

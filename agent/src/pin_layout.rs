@@ -36,7 +36,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use backplane_common::maps::{ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
+use backplane_common::maps::{CONFIG, ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
 
 use crate::pins::{obj_get, sys_bpf};
 
@@ -83,20 +83,24 @@ impl Found {
     }
 }
 
-/// The newest layout pinned under `pin_dir`: a directory that holds any of the data
-/// path's maps (a layout with maps of unexpected types is found too, and refused by
-/// `check_pins` with their names).
+/// What `pin_dir` holds. Maps of an older layout mean an upgrade to do, or to resume:
+/// an upgrade removes them only once it ended, so an agent that stopped half-way (this
+/// layout's maps created, the older one's still there) leaves the next agent to copy and
+/// switch again. A directory holds a layout when it holds any of the data path's maps (a
+/// layout with maps of unexpected types is found too, and refused by `check_pins` with
+/// their names).
 #[must_use]
 pub fn find(pin_dir: &Path) -> Found {
     let holds_maps = |dir: &Path| PINNED_MAPS.iter().any(|name| dir.join(name).exists());
-    if holds_maps(&maps_dir(pin_dir, PIN_LAYOUT_VERSION)) {
-        return Found::Current;
-    }
-    (1..PIN_LAYOUT_VERSION)
+    let older = (1..PIN_LAYOUT_VERSION)
         .rev()
         .map(|version| (version, maps_dir(pin_dir, version)))
-        .find(|(_, dir)| holds_maps(dir))
-        .map_or(Found::Nothing, |(version, dir)| Found::Older { version, dir })
+        .find(|(_, dir)| holds_maps(dir));
+    match older {
+        Some((version, dir)) => Found::Older { version, dir },
+        None if holds_maps(&maps_dir(pin_dir, PIN_LAYOUT_VERSION)) => Found::Current,
+        None => Found::Nothing,
+    }
 }
 
 /// An upgrade under way: the older layout's maps were copied into this agent's.
@@ -110,17 +114,22 @@ pub struct Migration {
 }
 
 /// Copies the pinned maps of the older layout in `from` (all but the rule tables) into
-/// the maps of the same names in `to` (this agent's, just created and still unused). A map that cannot be copied
+/// the maps of the same names in `to` (this agent's: just created, or left by an upgrade
+/// that stopped half-way, whose copy is simply made again). A map that cannot be copied
 /// ends the upgrade with its name: the caller ends the start before anything is
 /// attached, and the older data path stays in force.
-pub fn upgrade(version: u32, from: &Path, to: &Path) -> Result<Migration, String> {
+///
+/// `resume`: an earlier agent began this upgrade, and its maps in `to` may already serve
+/// ports it switched; then only what `to` lacks is copied (never the configuration, whose
+/// rules may be in force there), so nothing newer is overwritten by older state.
+pub fn upgrade(version: u32, from: &Path, to: &Path, resume: bool) -> Result<Migration, String> {
     let mut copied = Vec::new();
     for &name in PINNED_MAPS {
         let (old, new) = (from.join(name), to.join(name));
-        if !old.exists() || RULE_TABLES.contains(&name) {
+        if !old.exists() || RULE_TABLES.contains(&name) || (resume && name == CONFIG) {
             continue;
         }
-        let n = copy_map(&old, &new, BPF_ANY).map_err(|e| format!("copying {name} from {} to {}: {e}", old.display(), new.display()))?;
+        let n = copy_map(&old, &new, if resume { BPF_NOEXIST } else { BPF_ANY }).map_err(|e| format!("copying {name} from {} to {}: {e}", old.display(), new.display()))?;
         copied.push((name, n));
     }
     Ok(Migration { version, from: from.to_owned(), to: to.to_owned(), copied })
@@ -197,6 +206,7 @@ fn copy_map(from: &Path, to: &Path, flags: u64) -> io::Result<usize> {
         }
         match elem(&dst, BPF_MAP_UPDATE_ELEM, &key, &mut value, flags) {
             Ok(_) => copied += 1,
+            // Already there (arrays always are): left as it is.
             Err(e) if flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e),
         }

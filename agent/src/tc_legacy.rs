@@ -80,6 +80,12 @@ pub enum LegacyTcError {
          with TCX (Linux 6.6+) with --tc-attach tcx"
     )]
     IngressQdisc { kind: String },
+    #[error(
+        "a filter that is not backplane's holds backplane's preference and handle on the {direction:?} hook ({filter}); \
+         remove it (`tc filter del dev <port> {direction_lower} pref 1 handle 0xb9a bpf`) if it is a leftover",
+        direction_lower = format!("{direction:?}").to_lowercase()
+    )]
+    Foreign { filter: Filter, direction: Direction },
 }
 
 /// A `cls_bpf` filter at backplane's preference and handle.
@@ -177,12 +183,57 @@ pub fn ensure_clsact(ifindex: u32, ifname: &str) -> Result<(), Box<dyn std::erro
     }
 }
 
-/// backplane's filter on the `direction` hook of `ifindex`, if there is one.
-pub fn find_filter(ifindex: u32, direction: Direction) -> Result<Option<Filter>, LegacyTcError> {
+/// Whether the first filter a packet meets on the `direction` hook of `ifindex` is
+/// backplane's, running `prog_id`: false when it was removed (`tc filter del`, the
+/// `clsact` qdisc deleted) or another filter now comes first (one added at preference 1
+/// joins the head of the list `cls_bpf` walks).
+pub fn first_is_ours(ifindex: u32, direction: Direction, prog_id: u32) -> Result<bool, LegacyTcError> {
+    let filters = match hook_filters(ifindex, direction) {
+        Ok(filters) => filters,
+        Err(LegacyTcError::Netlink { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ENOENT | libc::EOPNOTSUPP)) =>
+        {
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    // The dump lists a hook's filters in the order they run: by preference, then in
+    // each classifier's own order. Entries without options (a classifier's header) are
+    // skipped.
+    let first = filters.iter().find(|tc| tc.attributes.iter().any(|a| matches!(a, TcAttribute::Options(_))));
+    Ok(first.is_some_and(|tc| {
+        (tc.header.info >> 16) as u16 == PRIORITY
+            && handle_u32(tc.header.handle) == HANDLE
+            && kind(tc) == Some("bpf")
+            && bpf_filter(tc).prog_id == prog_id
+    }))
+}
+
+fn hook_filters(ifindex: u32, direction: Direction) -> Result<Vec<TcMessage>, LegacyTcError> {
     let mut request = TcMessage::with_index(ifindex.cast_signed());
     let parent = direction.parent();
     request.header.parent = TcHandle { major: (parent >> 16) as u16, minor: (parent & 0xffff) as u16 };
-    let filters = match dump(ifindex, RouteNetlinkMessage::GetTrafficFilter(request)) {
+    dump(ifindex, RouteNetlinkMessage::GetTrafficFilter(request))
+}
+
+fn bpf_filter(tc: &TcMessage) -> Filter {
+    let mut filter = Filter { prog_id: 0, prog_name: String::new() };
+    for attr in &tc.attributes {
+        let TcAttribute::Options(options) = attr else { continue };
+        for option in options {
+            match option {
+                TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => filter.prog_id = *id,
+                TcOption::Bpf(TcFilterBpfOption::ProgName(name)) => filter.prog_name.clone_from(name),
+                _ => {}
+            }
+        }
+    }
+    filter
+}
+
+/// backplane's filter on the `direction` hook of `ifindex`, if there is one.
+pub fn find_filter(ifindex: u32, direction: Direction) -> Result<Option<Filter>, LegacyTcError> {
+    let filters = match hook_filters(ifindex, direction) {
         Ok(filters) => filters,
         // No clsact qdisc on the port: no filter either.
         Err(LegacyTcError::Netlink { source, .. })
@@ -192,25 +243,12 @@ pub fn find_filter(ifindex: u32, direction: Direction) -> Result<Option<Filter>,
         }
         Err(e) => return Err(e),
     };
-    for tc in filters {
-        let priority = (tc.header.info >> 16) as u16;
-        if priority != PRIORITY || handle_u32(tc.header.handle) != HANDLE || kind(&tc) != Some("bpf") {
-            continue;
-        }
-        let mut filter = Filter { prog_id: 0, prog_name: String::new() };
-        for attr in &tc.attributes {
-            let TcAttribute::Options(options) = attr else { continue };
-            for option in options {
-                match option {
-                    TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => filter.prog_id = *id,
-                    TcOption::Bpf(TcFilterBpfOption::ProgName(name)) => filter.prog_name.clone_from(name),
-                    _ => {}
-                }
-            }
-        }
-        return Ok(Some(filter));
-    }
-    Ok(None)
+    Ok(filters
+        .iter()
+        .find(|tc| {
+            (tc.header.info >> 16) as u16 == PRIORITY && handle_u32(tc.header.handle) == HANDLE && kind(tc) == Some("bpf")
+        })
+        .map(bpf_filter))
 }
 
 /// Whether the program of `prog_id` reads the map of `map_id`: how a new agent tells

@@ -158,3 +158,38 @@ fn a_port_with_an_ingress_qdisc_is_reported_and_the_others_are_attached() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("qdisc ingress"), "b's rate limit is left as it was");
     agent.stop();
 }
+
+#[test]
+fn a_filter_of_someone_else_at_our_preference_and_handle_is_neither_replaced_nor_removed() {
+    let lab = Lab::new("bp");
+    let a = lab.add_veth_vm("a", "10.77.1.1/24", None, None);
+    let b = lab.add_veth_vm("b", "10.77.1.2/24", None, None);
+    // Another loader's program (an observing copy of our data path, maps of its own) at
+    // exactly backplane's preference and handle on a's ingress.
+    aya::programs::tc::qdisc_add_clsact(a.host_port()).expect("add clsact");
+    let mut other = common::datapath::TestDatapath::load(1024);
+    let prog: &mut SchedClassifier = other.ebpf.program_mut(PROG_FROM_PORT_TC).unwrap().try_into().unwrap();
+    prog.load().expect("load the other program");
+    let handle = aya::programs::tc::TcHandle::new(0, 0x0b9a);
+    prog.attach_with_options(
+        a.host_port(),
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions { priority: 1, handle, classid: None }),
+    )
+    .expect("attach the other filter");
+    let foreign = ours(a.host_port(), "ingress").expect("the other filter");
+
+    let agent = Agent::start(&lab, &["--tc-attach", "legacy"]);
+    let log = agent.wait_for(Duration::from_secs(5), "the refusal of a's port", |agent| {
+        let log = agent.child.output();
+        log.contains("not backplane's").then_some(log)
+    });
+    assert!(log.contains(a.host_port()), "the log names the port: {log}");
+    let status = agent.status();
+    let ports: Vec<&str> = status["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(ports, [b.host_port()], "b is attached, a is not: {status:#}");
+    assert_eq!(ours(a.host_port(), "ingress"), Some(foreign.clone()), "the other filter was not replaced");
+    agent.stop();
+    assert_eq!(ours(a.host_port(), "ingress"), Some(foreign), "nor removed when the agent left");
+    drop(other);
+}

@@ -2,10 +2,11 @@
 //! upgrade test (`agent/tests/upgrade_lab.rs`): an agent of today must take over, under
 //! traffic, the data path an agent of the previous release left attached.
 //!
-//! The source is taken with `git archive` (no worktree is registered) into
-//! `<target>/previous/<commit>/src` and built with a target directory of its own, so that
-//! neither build disturbs the other's artifacts; the binary is kept at
-//! `<target>/previous/<commit>/backplane` and reused by later runs.
+//! The source is taken with `git archive` (no worktree is registered) into a directory of
+//! this run's own under `<target>/previous/<commit>/` and built with a target directory
+//! of its own, so that neither build disturbs the other's artifacts; the binary is put at
+//! `<target>/previous/<commit>/backplane` by a rename (never half-written) and reused by
+//! later runs. A lock serializes runs that would build it at the same time.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -25,23 +26,31 @@ pub(crate) fn binary() -> Result<PathBuf> {
     if binary.exists() {
         return Ok(binary);
     }
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let lock = std::fs::File::create(dir.join(".lock")).context("create the build lock")?;
+    // SAFETY: flock takes a descriptor this function owns; the lock goes when it closes.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!("cannot lock {}: {}", dir.join(".lock").display(), std::io::Error::last_os_error());
+    }
+    if binary.exists() {
+        // Another run built it while this one waited.
+        return Ok(binary);
+    }
     let root = util::workspace_root();
     let known = Command::new("git")
         .current_dir(&root)
         .args(["cat-file", "-e", &format!("{COMMIT}^{{commit}}")])
-        .stderr(Stdio::null())
-        .status()
+        .output()
         .context("cannot run git")?;
-    if !known.success() {
+    if !known.status.success() {
         bail!(
             "the upgrade test needs the previous release's source, commit {COMMIT}, from this repository's history, \
-             and this checkout does not have it (a shallow clone?): `git fetch --unshallow` brings it"
+             and git cannot give it ({}); a shallow clone lacks it (`git fetch --unshallow` brings it)",
+            String::from_utf8_lossy(&known.stderr).trim()
         );
     }
-    let src = dir.join("src");
-    if src.exists() {
-        std::fs::remove_dir_all(&src).with_context(|| format!("remove {}", src.display()))?;
-    }
+    let run = std::process::id();
+    let src = dir.join(format!("src-{run}"));
     std::fs::create_dir_all(&src).with_context(|| format!("create {}", src.display()))?;
     println!("test: building the previous release ({COMMIT}) for the upgrade test, once");
     let archive = Command::new("git")
@@ -63,15 +72,17 @@ pub(crate) fn binary() -> Result<PathBuf> {
     if !tar.wait().context("tar")?.success() {
         bail!("unpacking the previous release's source into {} failed", src.display());
     }
-    let target = dir.join("target");
+    let target = dir.join(format!("target-{run}"));
     let mut cargo = Command::new("cargo");
     cargo
         .current_dir(&src)
         .env("CARGO_TARGET_DIR", &target)
         .args(["build", "--quiet", "-p", "backplane-agent", "--bin", "backplane"]);
     util::run(&mut cargo)?;
-    std::fs::copy(target.join("debug").join("backplane"), &binary)
-        .with_context(|| format!("keep the previous release's binary at {}", binary.display()))?;
+    let partial = dir.join(format!("backplane.partial-{run}"));
+    std::fs::copy(target.join("debug").join("backplane"), &partial)
+        .with_context(|| format!("keep the previous release's binary at {}", partial.display()))?;
+    std::fs::rename(&partial, &binary).with_context(|| format!("rename {} to {}", partial.display(), binary.display()))?;
     // The build's own files are not needed again: only the binary is kept.
     let _ = std::fs::remove_dir_all(&target);
     let _ = std::fs::remove_dir_all(&src);
