@@ -100,6 +100,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// Install the established flows of arriving endpoints (off: `--no-flow-handover`).
     pub flow_handover: bool,
+    /// Block uplinks that cannot be attached while rules are in force (`--guard-uplinks`).
+    pub guard_uplinks: bool,
 }
 
 impl RunOptions {
@@ -671,7 +673,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         if adopting {
             // The rules are in force: this agent's programs take over the adopted links.
             let updated = datapath.lock().expect("datapath lock").upgrade_adopted();
-            log::info!("replaced the programs of {updated} adopted link(s) in place (BPF_LINK_UPDATE)");
+            log::info!("replaced the programs of {updated} adopted link(s) or filter(s) in place");
         }
         if let Some(migration) = migration.take() {
             // Every adopted port runs this agent's programs on this layout's maps now.
@@ -689,7 +691,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         let removed = Arc::clone(&endpoints);
         let mut watcher =
             PortWatcher::subscribe(selector, Arc::clone(&datapath), Arc::clone(&ifnames), Arc::clone(&guard))?
-                .on_port_removed(move |ifindex| removed.port_removed(ifindex));
+                .on_port_removed(move |ifindex| removed.port_removed(ifindex))
+                .guard_uplinks(opts.guard_uplinks);
         watcher.reconcile(&HashSet::new()).await?;
         tasks.push(tokio::spawn(watcher.run()));
         endpoints.restore_bindings();

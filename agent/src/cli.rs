@@ -132,6 +132,7 @@ pub struct AuditArgs {
 }
 
 #[derive(Debug, Args)]
+#[expect(clippy::struct_excessive_bools, reason = "each is an independent on/off flag of `run`")]
 pub struct RunArgs {
     /// VM-facing ports: shell patterns of interface names, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "tap*,vnet*", value_name = "GLOB[,GLOB]")]
@@ -165,7 +166,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 60, value_name = "SECS", allow_negative_numbers = true)]
     pub idle_timeout: u64,
 
-    /// Where the data path sees what VM ports send: `tc` (TC ingress, TCX link),
+    /// Where the data path sees what VM ports send: `tc` (TC ingress: a TCX link or a legacy filter),
     /// `xdp-skb` (generic XDP) or `xdp-native` (driver XDP). On veth ports TC keeps
     /// GRO/TSO super-frames whole and measured fastest; native XDP on a veth disables
     /// GRO/TSO (TCP 8.3 -> 1.6 Gbit/s in our measurements). See benches/README.md.
@@ -253,6 +254,12 @@ pub struct RunArgs {
     /// again as new flows).
     #[arg(long)]
     pub no_flow_handover: bool,
+
+    /// While rules are in force, also cut off an uplink that cannot be attached (nftables
+    /// drops its frames both ways). Without it such an uplink is only reported: what
+    /// enters through it is judged at the VM ports' egress, and the node stays reachable.
+    #[arg(long)]
+    pub guard_uplinks: bool,
 }
 
 #[derive(Debug, Args)]
@@ -418,6 +425,7 @@ impl RunArgs {
             etcd: self.etcd,
             state_dir,
             flow_handover: !self.no_flow_handover,
+            guard_uplinks: self.guard_uplinks,
             interfaces: self.interfaces,
             uplinks: self.uplink,
             socket: self.socket,
@@ -860,7 +868,7 @@ pub fn render_status(s: &Status) -> String {
     let _ = writeln!(o, "socket:        {}", s.socket);
     let _ = writeln!(
         o,
-        "programs:      from_port_tc id {} (TCX ingress), from_port id {} (XDP), to_port id {} (TCX egress)",
+        "programs:      from_port_tc id {} (TC ingress), from_port id {} (XDP), to_port id {} (TC egress)",
         s.program_ids.from_port_tc, s.program_ids.from_port, s.program_ids.to_port
     );
     let _ = writeln!(o, "ingress hook:  {} on VM ports, {} on uplinks", s.ingress, s.uplink_ingress);

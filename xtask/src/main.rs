@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod demo_migration;
 mod fuzz;
+mod kernel_guest;
 mod previous;
 mod setup;
 mod soak;
@@ -42,7 +43,8 @@ enum Task {
         release: bool,
     },
     /// Setup, then build and run every test of the workspace (privileged ones too), one
-    /// test at a time, and fail if anything is left behind.
+    /// test at a time, then (without arguments) `test-kernel`, and fail if anything is
+    /// left behind.
     Test {
         /// Arguments for `cargo test` (e.g. `-p backplane-lab`).
         #[arg(allow_hyphen_values = true, value_name = "CARGO_TEST_ARGS")]
@@ -50,6 +52,14 @@ enum Task {
         /// Arguments for the test binaries, after `--` (e.g. a test name filter).
         #[arg(last = true, value_name = "TEST_BINARY_ARGS")]
         test_args: Vec<String>,
+    },
+    /// Setup, then boot Debian 12's stock kernel (Linux 6.1) in a QEMU guest (TCG) and
+    /// check there that the agent loads, attaches, enforces zone rules on a lab of three
+    /// VMs, and that a second agent adopts the data path after a SIGKILL.
+    TestKernel {
+        /// Seconds the guest may run before QEMU is killed.
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        timeout: u64,
     },
     /// Setup, build the agent, and run it with the three-zones rules on a lab of three
     /// VMs (web, db, mgmt): flows allowed, denied and audited, each shown with the policy
@@ -113,6 +123,13 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             let (cargo_args, test_args) = split_test_args(cargo_args, test_args);
             test::run(&cargo_args, &test_args)
+        }
+        Task::TestKernel { timeout } => {
+            setup::run()?;
+            kernel_guest::run(&kernel_guest::Options {
+                timeout: std::time::Duration::from_secs(timeout),
+                ..Default::default()
+            })
         }
         Task::Demo => {
             setup::run()?;

@@ -24,6 +24,11 @@ pub(crate) const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "prometheus",
     "nfdump",
+    // `cargo xtask test-kernel`: a QEMU guest with a busybox initramfs; modinfo reads the
+    // guest kernel's module dependencies.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
 ];
 
 /// The toolchain that builds the eBPF crate (`-Z build-std=core`).

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: every test of the workspace, privileged ones included, one at a
-//! time, then a check that the run left nothing behind.
+//! time, then (on a full run, without arguments) `cargo xtask test-kernel`'s guest on
+//! Debian 12's stock kernel, then a check that the run left nothing behind.
 //!
 //! "Left behind" means, after the run: a namespace `bp-*`, a link `bp*`, a pin directory
 //! `/sys/fs/bpf/backplane-test*` or a lab directory that was not there before the run and
@@ -15,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use backplane_lab::{Leftover, PREFIX, cleanup_stale, leftovers};
 
-use crate::util;
+use crate::{kernel_guest, util};
 
 /// Environment variable set for the test run, with this process's pid as value: every
 /// process the tests start inherits it, which is how leftover processes are found.
@@ -56,15 +57,27 @@ pub(crate) fn run(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     println!("test: {}", util::describe(&cargo));
     let status = util::status(&mut cargo)?;
 
+    // A full run also boots Debian 12's stock kernel; QEMU carries the marker too.
+    let guest = if cargo_args.is_empty() && test_args.is_empty() {
+        kernel_guest::run(&kernel_guest::Options { env: vec![(RUN_MARKER, marker.clone())], ..Default::default() })
+    } else {
+        Ok(())
+    };
     let problems = check_nothing_left(&marker, &before);
-    match (status.success(), problems) {
-        (true, 0) => {
+    let failed = match (status.success(), guest) {
+        (true, Ok(())) => None,
+        (false, Ok(())) => Some(format!("tests failed ({status})")),
+        (true, Err(error)) => Some(format!("the kernel guest failed: {error:#}")),
+        (false, Err(error)) => Some(format!("tests failed ({status}), and the kernel guest failed: {error:#}")),
+    };
+    match (failed, problems) {
+        (None, 0) => {
             println!("test: all tests passed; nothing left behind");
             Ok(())
         }
-        (true, n) => bail!("the tests passed but left {n} thing(s) behind (removed now)"),
-        (false, 0) => bail!("tests failed ({status})"),
-        (false, n) => bail!("tests failed ({status}) and left {n} thing(s) behind (removed now)"),
+        (None, n) => bail!("the tests passed but left {n} thing(s) behind (removed now)"),
+        (Some(failed), 0) => bail!("{failed}"),
+        (Some(failed), n) => bail!("{failed}; and the run left {n} thing(s) behind (removed now)"),
     }
 }
 
