@@ -3,19 +3,33 @@
 //! A port that matches `--interfaces`/`--uplink` but cannot be attached (another
 //! product's XDP program holds it, its driver refuses, ...) would otherwise forward
 //! everything unjudged while `status` says a rule set is in force. So while one is (the
-//! failure rule set too), such a port's name goes into the set `blocked` of this agent's
-//! table in the `bridge` family, whose two base chains drop, and count, every frame that
-//! enters the switch from it (`prerouting`: `iifname @blocked`) and every frame the switch
-//! sends to it, forwarded or from the host (`postrouting`: `oifname @blocked`). The name
-//! leaves the set when the port is attached, goes away or stops matching. While observing
-//! only, nothing is blocked: the port is reported.
+//! failure rule set too), such a VM port's ifindex goes into the set `blocked` of this
+//! agent's table in the `bridge` family, whose two base chains drop, and count, every
+//! frame that enters the switch from it (`prerouting`: `iif @blocked`, in this family the
+//! bridge port the frame came in on) and every frame the switch sends to it, forwarded or
+//! from the host (`postrouting`: `oif @blocked`). It goes in at the first failed try, also
+//! when the port is only busy for a moment (the watcher then tries again within 200 ms),
+//! and leaves the set when the port is attached, goes away or stops matching. While
+//! observing only, nothing is blocked: the port is reported.
+//!
+//! Uplinks are reported, not blocked, unless the operator asks for it (`--guard-uplinks`):
+//! cutting off an uplink cuts the node off the fabric, its management traffic included,
+//! while what enters through an unattached uplink is still judged where it leaves the
+//! switch to a VM (`to_port` judges every frame whose ingress port has no live ingress
+//! program: `PORT_INGRESS_LIVE` in `PORTS`).
 //!
 //! Why the bridge hooks: they see every frame of every port of a Linux bridge, whatever
 //! else is attached to the port, and need nothing of the port itself. `bridge link set
 //! ... isolated on` only keeps isolated ports from each other, a port's STP state cannot
 //! be set while STP runs, and taking the port out of the bridge would undo the operator's
-//! setup. A set of interface names (type `ifname`) keeps the rules fixed and a port
-//! blocked by name, also across a re-creation of its device.
+//! setup. Why ifindexes (set type `iface_index`, matched by `meta iif`/`oif`) rather than
+//! interface names (`ifname`, `iifname`/`oifname`): an ifindex stays with its device
+//! through a rename, so a blocked port that is renamed stays blocked in the kernel without
+//! a moment in which it passes (a set of names lets it pass until the agent has put the
+//! new name in); and names are reused (libvirt gives `vnetN` to the next VM), so a set of
+//! names keeps blocking whatever device gets a blocked port's name, also while no agent
+//! runs. A device made again under the same name has another ifindex: it is a new port,
+//! tried and blocked as one. The rules stay fixed; only the set changes.
 //!
 //! How it talks to nftables: the `nft` binary (Debian package `nftables`, which the
 //! product's package depends on) through its JSON API (`nft -j`, libnftables-json(5)).
@@ -30,14 +44,16 @@
 //!   statements do not need its dependencies (schemars, strum, ...) nor its strict
 //!   parsing of whole rule sets.
 //!
-//! Interface names travel as JSON strings, so no name needs quoting. Every run has a time
-//! limit. A failure is logged once (and once when it works again), shown in `status`, and
+//! Ifindexes travel as JSON numbers; nft lists an element by its device's name while the
+//! ifindex has a device (its number otherwise), and the agent maps names back with
+//! `if_nametoindex` (which also reads the set of names an earlier agent left). Every run
+//! has a time limit. A failure is logged once (and once when it works again), shown in `status`, and
 //! the port is reported as unguarded; the agent goes on.
 //!
 //! One table per agent, named after the node, and after the pin directory when that is
 //! not the node's default (several agents on one machine, as in the tests). The table
 //! stays when the agent exits or dies, so enforcement stays closed; the next agent of the
-//! same pin directory reads its set and rebuilds the table with the same names blocked,
+//! same pin directory reads its set and rebuilds the table with the same ports blocked,
 //! then keeps only what it blocks itself once it has looked at the ports.
 //! `--detach-on-exit` deletes the table. The table is made only once a port needs it.
 
@@ -59,7 +75,7 @@ use crate::{clock::rfc3339_ms, datapath::role_name, paths::default_pin_dir};
 
 /// The nftables family of the table: the bridge hooks.
 pub const FAMILY: &str = "bridge";
-/// The set of blocked interface names.
+/// The set of blocked ports (ifindexes, type `iface_index`).
 pub const SET: &str = "blocked";
 /// The chain that drops what blocked ports send (hook prerouting).
 pub const CHAIN_FROM: &str = "from_blocked_ports";
@@ -74,8 +90,10 @@ const PRIORITY: i32 = -200;
 const NFT_PATHS: &[&str] = &["/usr/sbin/nft", "/sbin/nft"];
 /// Longest an nft run may take before it is killed.
 const NFT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A port busy for less than this is not blocked yet (see `ports`): the message says so.
+/// Why a port busy for a moment (see `ports`) and not blocked is unguarded.
 const BUSY_TEXT: &str = "busy (another program holds it) for a moment; trying again shortly";
+/// Why an unattached uplink is unguarded while rules are in force (without `--guard-uplinks`).
+pub const UPLINK_TEXT: &str = "uplink: judged at the VM ports' egress; not cut off";
 
 /// Why the port guard could not do its work.
 #[derive(Debug, Error)]
@@ -139,6 +157,9 @@ pub enum Guarding {
     Block,
     /// Observing only: reported, never blocked.
     ReportOnly,
+    /// A rule set is in force but the port is an uplink (and `--guard-uplinks` is off):
+    /// reported, not blocked; what enters through it is judged at the VM ports' egress.
+    ReportUplink,
 }
 
 /// A port that matches but is not attached, as the watcher hands it to the guard.
@@ -153,7 +174,7 @@ pub struct Unattached {
     pub failing_since: SystemTime,
     pub guarding: Guarding,
     /// Busy for a moment only (another program is still on it, as on a port that just
-    /// arrived): not blocked yet, but it stays blocked if it is.
+    /// arrived): blocked all the same when `guarding` says so, but logged quietly.
     pub busy_briefly: bool,
 }
 
@@ -215,8 +236,8 @@ impl PortGuardStatus {
 enum Kernel {
     /// No table (none was found at start and none was needed since).
     Absent,
-    /// The table is in place with these names blocked.
-    Known(BTreeSet<String>),
+    /// The table is in place with these ifindexes blocked.
+    Known(BTreeSet<u32>),
     /// A change failed: the next one rebuilds the table.
     Unknown,
 }
@@ -225,9 +246,19 @@ enum Kernel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StateKind {
     Blocked,
+    /// Blocked, busy for a moment only (as a port that just arrived from another node).
+    BlockedBusy,
     ObservingOnly,
+    /// Unguarded (observing only, or an uplink), busy for a moment only.
     Busy,
+    Uplink,
     GuardFailed,
+}
+
+impl StateKind {
+    fn blocked(self) -> bool {
+        matches!(self, StateKind::Blocked | StateKind::BlockedBusy)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -270,23 +301,20 @@ impl PortGuard {
     }
 
     /// At start: takes over the table a previous agent left, if any. It is rebuilt with
-    /// the names it blocks, which stay blocked until the first [`PortGuard::update`].
+    /// the ports it blocks, which stay blocked until the first [`PortGuard::update`].
     /// Failures are logged (as a warning when `enforcing`) and shown in `status`.
     pub fn take_over(&self, enforcing: bool) {
         let mut kernel = self.kernel.lock().expect("port guard lock");
         let outcome = match self.read() {
             Ok(None) => Ok(Kernel::Absent),
-            Ok(Some(names)) => self.run_batch(&self.rebuild_batch(&names)).map(|()| {
-                let blocked = if names.is_empty() {
+            Ok(Some(blocked)) => run_batch(&self.rebuild_batch(&blocked)).map(|()| {
+                let kept = if blocked.is_empty() {
                     String::new()
                 } else {
-                    format!(", keeping {} blocked until this agent has tried to attach them", join(&names))
+                    format!(", keeping {} blocked until this agent has tried to attach them", describe(&blocked))
                 };
-                log::info!(
-                    "port guard: took over the nft table {FAMILY} {} a previous agent left{blocked}",
-                    self.table
-                );
-                Kernel::Known(names)
+                log::info!("port guard: took over the nft table {FAMILY} {} a previous agent left{kept}", self.table);
+                Kernel::Known(blocked)
             }),
             Err(e) => Err(e),
         };
@@ -314,20 +342,9 @@ impl PortGuard {
     /// out, logs each port's change of state once, and returns the ifindexes blocked now.
     /// `left`: ports no longer unattached since the last call, and why. Blocking (runs nft).
     pub fn update(&self, ports: &[Unattached], left: &[(u32, Left)]) -> BTreeSet<u32> {
-        // Blocked now: what the set holds, and what was blocked before a failed change.
-        let mut current: BTreeSet<String> = {
-            let report = self.report.lock().expect("port guard report lock");
-            report.ports.values().filter(|s| s.kind == StateKind::Blocked).map(|s| s.name.clone()).collect()
-        };
+        // Busy ones too: a port busy "for a moment" would otherwise pass unjudged meanwhile.
+        let wanted: BTreeSet<u32> = ports.iter().filter(|p| p.guarding == Guarding::Block).map(|p| p.ifindex).collect();
         let mut kernel = self.kernel.lock().expect("port guard lock");
-        if let Kernel::Known(names) = &*kernel {
-            current.extend(names.iter().cloned());
-        }
-        let wanted: BTreeSet<String> = ports
-            .iter()
-            .filter(|p| p.guarding == Guarding::Block && (!p.busy_briefly || current.contains(&p.name)))
-            .map(|p| p.name.clone())
-            .collect();
         let result = self.sync(&mut kernel, &wanted);
         let in_place = matches!(&*kernel, Kernel::Known(_));
         drop(kernel);
@@ -355,24 +372,31 @@ impl PortGuard {
         let mut seen = BTreeSet::new();
         for p in ports {
             seen.insert(p.ifindex);
-            let kind = if result.is_ok() && wanted.contains(&p.name) {
+            let kind = if result.is_ok() && wanted.contains(&p.ifindex) {
                 blocked.insert(p.ifindex);
-                StateKind::Blocked
+                if p.busy_briefly { StateKind::BlockedBusy } else { StateKind::Blocked }
             } else if p.busy_briefly {
                 StateKind::Busy
-            } else if p.guarding == Guarding::ReportOnly {
-                StateKind::ObservingOnly
             } else {
-                StateKind::GuardFailed
+                match p.guarding {
+                    Guarding::ReportOnly => StateKind::ObservingOnly,
+                    Guarding::ReportUplink => StateKind::Uplink,
+                    Guarding::Block => StateKind::GuardFailed,
+                }
             };
             let previous = report.ports.get(&p.ifindex);
-            let changed = previous.is_none_or(|s| s.kind != kind || s.name != p.name);
+            let changed = previous.is_none_or(|s| s.kind != kind);
+            // Blocked, busy or not, is one state for `status`: since it went in.
             let since = match previous {
-                Some(s) if !changed => s.since,
+                Some(s) if !changed || (s.kind.blocked() && kind.blocked()) => s.since,
                 _ => now,
             };
             if changed {
                 self.log_state(p, kind, &guard_error);
+            } else if let Some(old) = previous.map(|s| &s.name).filter(|&old| *old != p.name) {
+                // The set holds ifindexes: a renamed port is in the same state as before.
+                let state = if kind.blocked() { "blocked" } else { "unguarded" };
+                log::info!("port {old} (ifindex {}) is now named {}: still {state}", p.ifindex, p.name);
             }
             report.ports.insert(
                 p.ifindex,
@@ -392,7 +416,7 @@ impl PortGuard {
                 return true;
             }
             let cause = why.get(ifindex).copied().unwrap_or(Left::Gone);
-            if s.kind == StateKind::Blocked {
+            if s.kind.blocked() {
                 let what = match cause {
                     Left::Attached => "is attached now: unblocked",
                     Left::Gone => "is gone: out of the port guard",
@@ -415,11 +439,22 @@ impl PortGuard {
                 p.error,
                 self.table
             ),
+            StateKind::BlockedBusy => log::info!(
+                "{port}: {}; busy for a moment: blocked while rules are in force (nft table {FAMILY} {}) until it \
+                 can be attached, trying again shortly",
+                p.error,
+                self.table
+            ),
             StateKind::ObservingOnly => log::warn!(
                 "{port}: {}; left uninspected: observing only (no rules in force), so it is reported, not blocked",
                 p.error
             ),
             StateKind::Busy => log::debug!("{port}: {}; {BUSY_TEXT}", p.error),
+            StateKind::Uplink => log::warn!(
+                "{port}: {}; left uninspected at its ingress while rules are in force: {UPLINK_TEXT} \
+                 (--guard-uplinks would block it)",
+                p.error
+            ),
             StateKind::GuardFailed => log::error!(
                 "{port}: {}; UNGUARDED: its traffic passes unjudged while rules are in force, because the port guard \
                  cannot block it: {guard_error}",
@@ -429,16 +464,16 @@ impl PortGuard {
     }
 
     /// Makes the kernel's set hold `wanted`. Returns whether nft ran (and worked).
-    fn sync(&self, kernel: &mut Kernel, wanted: &BTreeSet<String>) -> Result<bool, GuardError> {
+    fn sync(&self, kernel: &mut Kernel, wanted: &BTreeSet<u32>) -> Result<bool, GuardError> {
         let result = match &*kernel {
             Kernel::Absent if wanted.is_empty() => return Ok(false),
-            Kernel::Absent | Kernel::Unknown => self.run_batch(&self.rebuild_batch(wanted)),
-            Kernel::Known(names) if names != wanted => self.run_batch(&self.replace_batch(wanted)).or_else(|e| {
+            Kernel::Absent | Kernel::Unknown => run_batch(&self.rebuild_batch(wanted)),
+            Kernel::Known(blocked) if blocked != wanted => run_batch(&self.replace_batch(wanted)).or_else(|e| {
                 log::warn!("port guard: {e}; rebuilding the nft table {FAMILY} {}", self.table);
-                self.run_batch(&self.rebuild_batch(wanted))
+                run_batch(&self.rebuild_batch(wanted))
             }),
             Kernel::Known(_) if wanted.is_empty() => return Ok(false),
-            // Names are blocked: check that nobody removed them (a firewall reload that
+            // Ports are blocked: check that nobody removed them (a firewall reload that
             // flushes the whole rule set, an operator), and put them back if so.
             Kernel::Known(_) => match self.read() {
                 Ok(Some(found)) if found == *wanted => Ok(()),
@@ -446,9 +481,9 @@ impl PortGuard {
                     log::warn!(
                         "port guard: the nft table {FAMILY} {} was changed from outside (blocked: {}); rebuilding it",
                         self.table,
-                        found.as_ref().map_or_else(|| "no table".to_owned(), join)
+                        found.as_ref().map_or_else(|| "no table".to_owned(), describe)
                     );
-                    self.run_batch(&self.rebuild_batch(wanted))
+                    run_batch(&self.rebuild_batch(wanted))
                 }
                 Err(e) => Err(e),
             },
@@ -476,7 +511,7 @@ impl PortGuard {
             { "add": { "table": { "family": FAMILY, "name": self.table } } },
             { "delete": { "table": { "family": FAMILY, "name": self.table } } },
         ]});
-        match self.run_batch(&batch) {
+        match run_batch(&batch) {
             Ok(()) => {
                 log::info!("port guard: removed the nft table {FAMILY} {}", self.table);
                 *kernel = Kernel::Absent;
@@ -487,12 +522,12 @@ impl PortGuard {
 
     /// At exit without `--detach-on-exit`: the table stays, and says so if it blocks.
     pub fn leave_in_place(&self) {
-        if let Kernel::Known(names) = &*self.kernel.lock().expect("port guard lock")
-            && !names.is_empty()
+        if let Kernel::Known(blocked) = &*self.kernel.lock().expect("port guard lock")
+            && !blocked.is_empty()
         {
             log::info!(
                 "port guard: {} stay blocked by the nft table {FAMILY} {} until the next agent takes it over",
-                join(names),
+                describe(blocked),
                 self.table
             );
         }
@@ -508,7 +543,7 @@ impl PortGuard {
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
             )
         };
-        let guard_error = report.error.as_ref().map(|(e, _)| e.as_str()).unwrap_or("unknown");
+        let guard_error = report.error.as_ref().map_or("unknown", |(e, _)| e.as_str());
         PortGuardStatus {
             table: format!("{FAMILY} {}", self.table),
             in_place: report.in_place,
@@ -523,14 +558,15 @@ impl PortGuard {
                     role: role_name(s.role).into(),
                     error: s.error.clone(),
                     failing_since: ms(s.failing_since),
-                    state: if s.kind == StateKind::Blocked { "blocked" } else { "unguarded" }.into(),
+                    state: if s.kind.blocked() { "blocked" } else { "unguarded" }.into(),
                     since: ms(s.since),
                     reason: match s.kind {
-                        StateKind::Blocked => None,
+                        StateKind::Blocked | StateKind::BlockedBusy => None,
                         StateKind::ObservingOnly => {
                             Some("observing only (no rules in force): reported, not blocked".into())
                         }
                         StateKind::Busy => Some(BUSY_TEXT.into()),
+                        StateKind::Uplink => Some(UPLINK_TEXT.into()),
                         StateKind::GuardFailed => Some(format!("the port guard cannot block it: {guard_error}")),
                     },
                 })
@@ -538,20 +574,20 @@ impl PortGuard {
         }
     }
 
-    /// The names in the table's set; `None` when the table does not exist.
-    fn read(&self) -> Result<Option<BTreeSet<String>>, GuardError> {
+    /// The ifindexes in the table's set; `None` when the table does not exist.
+    fn read(&self) -> Result<Option<BTreeSet<u32>>, GuardError> {
         let tables = run_json(&["-j", "list", "tables", FAMILY])?;
         let exists = objects(&tables, "table").any(|t| t["name"].as_str() == Some(self.table.as_str()));
         if !exists {
             return Ok(None);
         }
         let table = run_json(&["-j", "list", "table", FAMILY, &self.table])?;
-        Ok(Some(set_names(&table)))
+        Ok(Some(set_members(&table)))
     }
 
-    /// Deletes and makes the table afresh with `names` in its set, in one transaction
+    /// Deletes and makes the table afresh with `blocked` in its set, in one transaction
     /// (the `add` first makes the `delete` work when there is no table yet).
-    fn rebuild_batch(&self, names: &BTreeSet<String>) -> Value {
+    fn rebuild_batch(&self, blocked: &BTreeSet<u32>) -> Value {
         let t = self.table.as_str();
         let chain = |name: &str, hook: &str| {
             json!({ "add": { "chain": {
@@ -570,39 +606,61 @@ impl PortGuard {
             json!({ "add": { "table": { "family": FAMILY, "name": t } } }),
             json!({ "delete": { "table": { "family": FAMILY, "name": t } } }),
             json!({ "add": { "table": { "family": FAMILY, "name": t } } }),
-            json!({ "add": { "set": { "family": FAMILY, "table": t, "name": SET, "type": "ifname" } } }),
+            json!({ "add": { "set": { "family": FAMILY, "table": t, "name": SET, "type": "iface_index" } } }),
             chain(CHAIN_FROM, "prerouting"),
             chain(CHAIN_TO, "postrouting"),
-            rule(CHAIN_FROM, "iifname"),
-            rule(CHAIN_TO, "oifname"),
+            rule(CHAIN_FROM, "iif"),
+            rule(CHAIN_TO, "oif"),
         ];
-        batch.extend(self.add_elements(names));
+        batch.extend(self.add_elements(blocked));
         json!({ "nftables": batch })
     }
 
-    /// Replaces the set's names with `names`, in one transaction.
-    fn replace_batch(&self, names: &BTreeSet<String>) -> Value {
+    /// Replaces the set's ports with `blocked`, in one transaction.
+    fn replace_batch(&self, blocked: &BTreeSet<u32>) -> Value {
         let mut batch = vec![json!({ "flush": { "set": { "family": FAMILY, "table": self.table, "name": SET } } })];
-        batch.extend(self.add_elements(names));
+        batch.extend(self.add_elements(blocked));
         json!({ "nftables": batch })
     }
 
-    fn add_elements(&self, names: &BTreeSet<String>) -> Option<Value> {
-        (!names.is_empty()).then(
-            || json!({ "add": { "element": { "family": FAMILY, "table": self.table, "name": SET, "elem": names } } }),
+    /// Ifindexes as JSON numbers: nft takes a string as a device name, to resolve.
+    fn add_elements(&self, blocked: &BTreeSet<u32>) -> Option<Value> {
+        (!blocked.is_empty()).then(
+            || json!({ "add": { "element": { "family": FAMILY, "table": self.table, "name": SET, "elem": blocked } } }),
         )
-    }
-
-    fn run_batch(&self, batch: &Value) -> Result<(), GuardError> {
-        run_nft(&["-j", "-f", "-"], Some(batch.to_string())).map(drop)
     }
 }
 
-fn join(names: &BTreeSet<String>) -> String {
-    if names.is_empty() {
+/// Runs `batch` as one `nft -j -f -` transaction.
+fn run_batch(batch: &Value) -> Result<(), GuardError> {
+    run_nft(&["-j", "-f", "-"], Some(batch.to_string())).map(drop)
+}
+
+/// Blocked ports for the log: `tap7 (ifindex 7)`, or `ifindex 9 (no such device)`.
+fn describe(blocked: &BTreeSet<u32>) -> String {
+    if blocked.is_empty() {
         return "none".into();
     }
-    names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+    let name = |ifindex: u32| {
+        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: buf has the IF_NAMESIZE bytes if_indextoname may write.
+        let found = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+        // SAFETY: when not null, if_indextoname wrote a NUL-terminated name into buf.
+        (!found.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    };
+    blocked
+        .iter()
+        .map(|&i| name(i).map_or_else(|| format!("ifindex {i} (no such device)"), |n| format!("{n} (ifindex {i})")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The ifindex of the device named `name`, if there is one.
+fn ifindex_of(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: name is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (ifindex != 0).then_some(ifindex)
 }
 
 /// The objects of kind `kind` (`table`, `set`, ...) in nft's JSON output.
@@ -610,13 +668,20 @@ fn objects<'a>(output: &'a Value, kind: &'a str) -> impl Iterator<Item = &'a Val
     output["nftables"].as_array().into_iter().flatten().filter_map(move |o| o.get(kind))
 }
 
-/// The names in the set [`SET`] of a listed table. An element is a string, or an object
-/// `{"elem": {"val": ...}}` when it carries a timeout or comment.
-fn set_names(table: &Value) -> BTreeSet<String> {
+/// The ifindexes in the set [`SET`] of a listed table. nft lists an element as its
+/// device's name while there is one, else as its number (a string, or a JSON number), or
+/// as an object `{"elem": {"val": ...}}` when it carries a timeout or comment. A name is
+/// mapped back to its ifindex, also from a set of names an earlier agent left; a name no
+/// device has is left out (there is nothing to block).
+fn set_members(table: &Value) -> BTreeSet<u32> {
     objects(table, "set")
         .filter(|s| s["name"].as_str() == Some(SET))
         .flat_map(|s| s["elem"].as_array().into_iter().flatten())
-        .filter_map(|e| e.as_str().or_else(|| e["elem"]["val"].as_str()).map(str::to_owned))
+        .filter_map(|e| match e.get("elem").map_or(e, |o| &o["val"]) {
+            Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            Value::String(s) => ifindex_of(s).or_else(|| s.parse().ok()),
+            _ => None,
+        })
         .collect()
 }
 
@@ -700,39 +765,51 @@ mod tests {
     #[test]
     fn batches_are_one_transaction_each() {
         let guard = PortGuard::new("backplane_t".into());
-        let names: BTreeSet<String> = ["tap0".to_owned(), "odd name".to_owned()].into();
-        let batch = guard.rebuild_batch(&names);
+        let blocked: BTreeSet<u32> = [12, 7].into();
+        let batch = guard.rebuild_batch(&blocked);
         let cmds = batch["nftables"].as_array().unwrap();
         assert_eq!(cmds[0]["add"]["table"]["name"], "backplane_t");
         assert!(cmds[1]["delete"]["table"].is_object(), "{batch}");
-        assert_eq!(cmds[3]["add"]["set"]["type"], "ifname");
+        // By ifindex: a renamed port stays blocked, a reused name does not block a new device.
+        assert_eq!(cmds[3]["add"]["set"]["type"], "iface_index");
         assert_eq!(cmds[4]["add"]["chain"]["hook"], "prerouting");
         assert_eq!(cmds[5]["add"]["chain"]["hook"], "postrouting");
-        assert_eq!(cmds[6]["add"]["rule"]["expr"][0]["match"]["left"]["meta"]["key"], "iifname");
-        assert_eq!(cmds[7]["add"]["rule"]["expr"][0]["match"]["left"]["meta"]["key"], "oifname");
+        assert_eq!(cmds[6]["add"]["rule"]["expr"][0]["match"]["left"]["meta"]["key"], "iif");
+        assert_eq!(cmds[7]["add"]["rule"]["expr"][0]["match"]["left"]["meta"]["key"], "oif");
         assert_eq!(cmds[7]["add"]["rule"]["expr"][2], json!({ "drop": null }));
-        assert_eq!(cmds[8]["add"]["element"]["elem"], json!(["odd name", "tap0"]));
+        // Numbers: nft would take strings for device names.
+        assert_eq!(cmds[8]["add"]["element"]["elem"], json!([7, 12]));
         let empty = guard.replace_batch(&BTreeSet::new());
         assert_eq!(empty["nftables"].as_array().unwrap().len(), 1, "only the flush: {empty}");
     }
 
     #[test]
-    fn set_names_are_read_from_a_listed_table() {
+    fn set_members_are_read_from_a_listed_table() {
+        // nft 1.0.6 lists an ifindex that has a device by its name ("lo" is 1 in every
+        // network namespace), one without as a number in a string.
         let listed: Value = serde_json::from_str(
             r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
                 {"table": {"family": "bridge", "name": "backplane_t", "handle": 1}},
-                {"set": {"family": "bridge", "name": "blocked", "table": "backplane_t", "type": "ifname",
-                         "handle": 1, "elem": ["tap9", {"elem": {"val": "tap7", "comment": "x"}}]}},
-                {"set": {"family": "bridge", "name": "other", "table": "backplane_t", "type": "ifname",
-                         "elem": ["nope"]}}]}"#,
+                {"set": {"family": "bridge", "name": "blocked", "table": "backplane_t", "type": "iface_index",
+                         "handle": 1, "elem": ["lo", "4000000", 9, {"elem": {"val": "77", "comment": "x"}}]}},
+                {"set": {"family": "bridge", "name": "other", "table": "backplane_t", "type": "iface_index",
+                         "elem": ["5"]}}]}"#,
         )
         .unwrap();
-        assert_eq!(set_names(&listed), ["tap7".to_owned(), "tap9".to_owned()].into());
+        assert_eq!(set_members(&listed), [1, 9, 77, 4_000_000].into());
+        // The set of names an earlier agent left: names of devices are mapped, others left out.
+        let names: Value = serde_json::from_str(
+            r#"{"nftables": [{"set": {"family": "bridge", "name": "blocked", "table": "t", "type": "ifname",
+                                      "elem": ["lo", "bp-no-such-dev"]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(set_members(&names), [1].into());
         let empty: Value = serde_json::from_str(
-            r#"{"nftables": [{"set": {"family": "bridge", "name": "blocked", "table": "t", "type": "ifname"}}]}"#,
+            r#"{"nftables": [{"set": {"family": "bridge", "name": "blocked", "table": "t", "type": "iface_index"}}]}"#,
         )
         .unwrap();
-        assert!(set_names(&empty).is_empty());
+        assert!(set_members(&empty).is_empty());
+        assert_eq!(describe(&[1, 4_000_000].into()), "lo (ifindex 1), ifindex 4000000 (no such device)");
     }
 
     #[test]
@@ -756,10 +833,19 @@ mod tests {
         assert!(status.unattached[0].reason.as_deref().unwrap().contains("observing only"));
         assert_eq!(status.unattached[0].failing_since, "1970-01-01T00:00:00.000Z");
         assert_eq!(status.counts(), (0, 1));
-        // Busy for a moment and not blocked before: not blocked yet.
-        let busy = Unattached { guarding: Guarding::Block, busy_briefly: true, ..port };
+        // Busy for a moment while observing: said so.
+        let busy = Unattached { busy_briefly: true, ..port.clone() };
         assert!(guard.update(std::slice::from_ref(&busy), &[]).is_empty());
         assert_eq!(guard.status().unattached[0].reason.as_deref(), Some(BUSY_TEXT));
+        // An uplink while rules are in force (without --guard-uplinks): reported, not cut off.
+        let uplink =
+            Unattached { name: "eth7".into(), role: PortRole::Uplink, guarding: Guarding::ReportUplink, ..port };
+        assert!(guard.update(std::slice::from_ref(&uplink), &[]).is_empty());
+        let status = guard.status();
+        assert!(!status.in_place, "{status:?}");
+        assert_eq!(status.unattached[0].name, "eth7", "renamed, the same port");
+        assert_eq!(status.unattached[0].reason.as_deref(), Some(UPLINK_TEXT));
+        assert_eq!(status.counts(), (0, 1));
         guard.update(&[], &[(7, Left::Attached)]);
         assert!(guard.status().unattached.is_empty());
         guard.remove();

@@ -7,11 +7,18 @@
 //! soon as it exists under a matching name; a deleted one is forgotten.
 //!
 //! A port that cannot be attached is tried again later, and handed to the port guard
-//! ([`crate::port_guard`]): while a rule set is in force it is blocked until it can be
-//! attached, so that no port passes unjudged; it is tried again every few seconds then,
-//! since its VM is cut off. A port that is only busy (another program is still on it, as
-//! a port that just arrived from another node's namespace is for a moment) is tried again
-//! within 200 ms and counts as failed once it has been busy for 2 s.
+//! ([`crate::port_guard`]) in the same step: while a rule set is in force a VM port is
+//! blocked from its first failed try until it can be attached, so that no port passes
+//! unjudged; it is tried again every few seconds then, since its VM is cut off. A port
+//! that is only busy (another program is still on it, as a port that just arrived from
+//! another node's namespace is for a moment) is blocked all the same, tried again within
+//! 200 ms (then doubling), and counts as failed (logged as an error) once it has been busy
+//! for 2 s. An uplink is blocked only with `--guard-uplinks`: otherwise it is reported,
+//! since what enters through it is still judged at the VM ports' egress.
+//!
+//! A failed port that is renamed (and still matches, in the same role) is followed under
+//! its new name in the step that sees the rename; the guard's set holds ifindexes, so the
+//! kernel goes on blocking it without a gap.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -46,8 +53,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(30);
 const RETRY_BUSY_AFTER: Duration = Duration::from_millis(200);
 /// How long a port that is blocked (cut off while it cannot be attached) is left alone.
 pub const RETRY_BLOCKED_AFTER: Duration = Duration::from_secs(3);
-/// How long a port may stay busy before it counts as failed (and is blocked while a rule
-/// set is in force).
+/// How long a port may stay busy before it counts as failed (it is blocked from the first
+/// failed try while a rule set is in force; this decides how loudly it is logged).
 pub const BUSY_FAILS_AFTER: Duration = Duration::from_secs(2);
 
 /// Whether an error says the device is busy (`EBUSY`) somewhere in its chain.
@@ -82,13 +89,13 @@ struct Failure {
 }
 
 impl Failure {
-    /// When to try again: sooner while blocked; for a busy port not blocked yet, at the
-    /// latest when it has been busy for [`BUSY_FAILS_AFTER`] (then it counts as failed).
+    /// When to try again: sooner while blocked; for a busy port, at the latest when it has
+    /// been busy for [`BUSY_FAILS_AFTER`] (then it counts as failed).
     fn next_try(&self) -> Instant {
         let pause = if self.blocked { self.pause.min(RETRY_BLOCKED_AFTER) } else { self.pause };
         let mut at = self.last_try + pause;
         let fails_at = self.since + BUSY_FAILS_AFTER;
-        if self.busy && !self.blocked && fails_at > self.last_try {
+        if self.busy && fails_at > self.last_try {
             at = at.min(fails_at);
         }
         at
@@ -228,6 +235,8 @@ pub struct PortWatcher {
     failed: HashMap<u32, Failure>,
     /// Blocks failed ports while a rule set is in force, and reports them.
     guard: Arc<PortGuard>,
+    /// Whether uplinks that cannot be attached are blocked too (`--guard-uplinks`).
+    guard_uplinks: bool,
     /// Told the ifindex of every port that goes away.
     on_removed: Option<Box<dyn Fn(u32) + Send + Sync>>,
 }
@@ -244,7 +253,25 @@ impl PortWatcher {
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(WatchError::Socket)?;
         tokio::spawn(connection);
         let messages = messages.map(|(msg, _addr)| msg).boxed();
-        Ok(Self { selector, datapath, ifnames, handle, messages, failed: HashMap::new(), guard, on_removed: None })
+        Ok(Self {
+            selector,
+            datapath,
+            ifnames,
+            handle,
+            messages,
+            failed: HashMap::new(),
+            guard,
+            guard_uplinks: false,
+            on_removed: None,
+        })
+    }
+
+    /// Blocks uplinks that cannot be attached while a rule set is in force, as VM ports
+    /// are (`--guard-uplinks`). Off by default: such an uplink is reported, not cut off.
+    #[must_use]
+    pub fn guard_uplinks(mut self, on: bool) -> Self {
+        self.guard_uplinks = on;
+        self
     }
 
     /// Calls `f` with the ifindex of each port that is removed (after it is forgotten).
@@ -256,24 +283,36 @@ impl PortWatcher {
 
     /// Lists the links and attaches, detaches or renames ports to match.
     pub async fn reconcile(&mut self, deleted: &HashSet<u32>) -> Result<(), WatchError> {
+        // Legacy filters have no link events: one removed or preceded behind the agent's
+        // back detaches its port here, and the comparison below attaches it again.
+        let reattach = self.datapath.lock().expect("datapath lock").check_legacy_filters();
+        if !reattach.is_empty() {
+            log::warn!("legacy filters missing or preceded on {}: attaching again", reattach.join(", "));
+        }
         let links = list_links(&self.handle).await?;
         for link in &links {
             self.ifnames.remember(link.ifindex, &link.name);
         }
         let present: HashSet<u32> = links.iter().map(|l| l.ifindex).collect();
-        // A failed port is followed while it exists under the same name and matches.
-        let matching: HashMap<u32, &str> = links
+        // A failed port is followed while it exists and matches in the same role, renamed
+        // or not: a blocked port that is renamed stays blocked (the guard's set holds
+        // ifindexes) and is listed under its new name from this step on.
+        let matching: HashMap<u32, (&str, PortRole)> = links
             .iter()
-            .filter(|l| self.selector.role(&l.name).is_some())
-            .map(|l| (l.ifindex, l.name.as_str()))
+            .filter_map(|l| self.selector.role(&l.name).map(|role| (l.ifindex, (l.name.as_str(), role))))
             .collect();
         let mut left = Vec::new();
-        self.failed.retain(|&ifindex, f| {
-            let keep = !deleted.contains(&ifindex) && matching.get(&ifindex) == Some(&f.name.as_str());
-            if !keep {
-                left.push((ifindex, if present.contains(&ifindex) { Left::Unmatched } else { Left::Gone }));
+        self.failed.retain(|&ifindex, f| match matching.get(&ifindex) {
+            Some(&(name, role)) if !deleted.contains(&ifindex) && role == f.role => {
+                if f.name != name {
+                    name.clone_into(&mut f.name);
+                }
+                true
             }
-            keep
+            _ => {
+                left.push((ifindex, if present.contains(&ifindex) { Left::Unmatched } else { Left::Gone }));
+                false
+            }
         });
 
         let (removed, enforcing) = self.apply_plan(&links, deleted, &present, &mut left);
@@ -361,9 +400,14 @@ impl PortWatcher {
     }
 
     /// Hands the failed ports to the port guard: blocked while a rule set is in force
-    /// (busy ones once busy for long), reported otherwise; `left` are the ports that are
-    /// no longer failed.
+    /// (busy ones too; uplinks only with `--guard-uplinks`), reported otherwise; `left` are
+    /// the ports that are no longer failed.
     async fn guard_failed_ports(&mut self, enforcing: bool, left: Vec<(u32, Left)>) {
+        let guarding = |role| match role {
+            _ if !enforcing => Guarding::ReportOnly,
+            PortRole::Uplink if !self.guard_uplinks => Guarding::ReportUplink,
+            PortRole::Vm | PortRole::Uplink => Guarding::Block,
+        };
         let ports: Vec<Unattached> = self
             .failed
             .iter()
@@ -373,7 +417,7 @@ impl PortWatcher {
                 role: f.role,
                 error: f.error.clone(),
                 failing_since: f.since_wall,
-                guarding: if enforcing { Guarding::Block } else { Guarding::ReportOnly },
+                guarding: guarding(f.role),
                 busy_briefly: !f.has_failed(),
             })
             .collect();
@@ -397,7 +441,8 @@ impl PortWatcher {
         loop {
             let mut deleted = HashSet::new();
             let retry = self.failed.values().map(Failure::next_try).min();
-            let retry_sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(retry.unwrap_or_else(Instant::now)));
+            let retry_sleep =
+                tokio::time::sleep_until(tokio::time::Instant::from_std(retry.unwrap_or_else(Instant::now)));
             tokio::select! {
                 () = retry_sleep, if retry.is_some() => {}
                 msg = self.messages.next(), if events_alive => {
@@ -583,6 +628,10 @@ mod tests {
         f.pause = Duration::from_millis(1600);
         assert_eq!(f.next_try(), f.since + BUSY_FAILS_AFTER);
         assert!(!f.has_failed());
+        // Blocked at once while rules are in force: tried again as soon, 2 s mark included.
+        f.blocked = true;
+        assert_eq!(f.next_try(), f.since + BUSY_FAILS_AFTER);
+        f.blocked = false;
         f.last_try = f.since + BUSY_FAILS_AFTER;
         f.pause = Duration::from_millis(3200);
         assert!(f.has_failed());

@@ -19,7 +19,8 @@ use common::{
     traffic::{Stream, connects, retransmits},
 };
 
-/// A `cls_bpf` filter as `tc filter show` prints it: (preference, program name, program id).
+/// The `cls_bpf` filters of a hook as `tc filter show` prints them, in the order a packet
+/// meets them: (preference, program name, program id).
 fn filters(port: &str, hook: &str) -> Vec<(u32, String, u64)> {
     let out = Command::new("tc").args(["filter", "show", "dev", port, hook]).output().expect("run tc");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -33,7 +34,7 @@ fn filters(port: &str, hook: &str) -> Vec<(u32, String, u64)> {
         let name = after(after("handle").expect("a handle")).unwrap_or_default().to_owned();
         found.push((pref, name, id));
     }
-    found.sort();
+    // In the order tc lists them: the order a packet meets them.
     found
 }
 
@@ -191,5 +192,50 @@ fn a_filter_of_someone_else_at_our_preference_and_handle_is_neither_replaced_nor
     assert_eq!(ours(a.host_port(), "ingress"), Some(foreign.clone()), "the other filter was not replaced");
     agent.stop();
     assert_eq!(ours(a.host_port(), "ingress"), Some(foreign), "nor removed when the agent left");
+    drop(other);
+}
+
+#[test]
+fn a_legacy_filter_removed_or_preceded_behind_the_agents_back_is_put_back_first() {
+    let lab = Lab::new("bp");
+    let web = lab.add_veth_vm("web", "10.30.0.1/8", None, None);
+    let db = lab.add_veth_vm("db", "10.40.0.1/8", None, None);
+    let rules = copy_example_rules(&lab, "three-zones");
+    let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap(), "--tc-attach", "legacy"]);
+    let ids = agent.status()["program_ids"].clone();
+    let from_port_tc = ids["from_port_tc"].as_u64().unwrap();
+    let first = |port: &str| filters(port, "ingress").into_iter().next();
+
+    // Removed: `tc filter del` of our ingress filter on web's port.
+    let out = Command::new("tc")
+        .args(["filter", "del", "dev", web.host_port(), "ingress", "pref", "1", "handle", "0xb9a", "bpf"])
+        .output()
+        .expect("run tc");
+    assert!(out.status.success(), "tc filter del: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ours(web.host_port(), "ingress"), None, "removed");
+    agent.wait_for(Duration::from_secs(8), "our filter back on web's ingress", |_| {
+        (first(web.host_port()) == Some((1, "from_port_tc".into(), from_port_tc))).then_some(())
+    });
+
+    // Preceded: another loader's filter at preference 1 (another handle) joins the head
+    // of the list cls_bpf walks, ahead of ours.
+    let mut other = common::datapath::TestDatapath::load(1024);
+    let prog: &mut SchedClassifier = other.ebpf.program_mut(PROG_FROM_PORT_TC).unwrap().try_into().unwrap();
+    prog.load().expect("load the other program");
+    prog.attach_with_options(
+        db.host_port(),
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions { priority: 1, handle: aya::programs::tc::TcHandle::new(0, 7), classid: None }),
+    )
+    .expect("attach the other filter");
+    assert_ne!(first(db.host_port()).map(|f| f.2), Some(from_port_tc), "the other filter came first");
+    agent.wait_for(Duration::from_secs(8), "our filter first again on db's ingress", |_| {
+        (first(db.host_port()).map(|f| f.2) == Some(from_port_tc)).then_some(())
+    });
+
+    // Enforcement holds after both: db -> web is denied, web -> db 5432 allowed.
+    assert!(!connects(&db, &web, 8080), "db -> web is denied");
+    assert!(connects(&web, &db, 5432), "web -> db 5432 is allowed");
+    agent.stop();
     drop(other);
 }

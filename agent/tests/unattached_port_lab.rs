@@ -1,11 +1,14 @@
 //! No port passes unjudged while rules are in force: a port that matches `--interfaces`
 //! but cannot be attached is cut off by the port guard (an nftables table in the bridge
-//! family) until the agent attaches it, and only reported while observing.
+//! family) from the first failed try until the agent attaches it, also across a rename,
+//! and only reported while observing. An uplink that cannot be attached is reported, not
+//! cut off (what enters through it is judged at the VM ports' egress), unless the agent
+//! runs with `--guard-uplinks`.
 //!
 //! The obstacle is real: another product's XDP program (the data path object's
 //! `baseline_pass`, loaded and attached by this test through a BPF link in generic mode)
-//! holds the VM's port, so the agent, running with `--ingress xdp-skb`, gets `EBUSY` on
-//! every try until the test detaches it.
+//! holds the port, so the agent, running with `--ingress xdp-skb` (`--uplink-ingress
+//! xdp-skb` for the uplink), gets `EBUSY` on every try until the test detaches it.
 
 mod common;
 
@@ -17,7 +20,7 @@ use std::{
 
 use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
 use backplane_common::maps::PROG_BASELINE_PASS;
-use backplane_lab::{Capture, Lab, Vm, host_exec};
+use backplane_lab::{Capture, Lab, Vm, host_exec, host_run};
 use common::{
     agent::{Agent, copy_example_rules},
     datapath::TestDatapath,
@@ -100,7 +103,12 @@ fn guard_table(table: &str) -> (Vec<String>, u64, u64) {
 
 /// Echo replies `from` gets to `count` pings of `to` (0.2 s apart, 1 s wait each).
 fn replies(from: &Vm, to: Ipv4Addr, count: u32) -> u32 {
-    let out = from.exec(&["ping", "-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "1", &to.to_string()]);
+    replies_every(from, to, count, "0.2")
+}
+
+/// Echo replies `from` gets to `count` pings of `to`, `interval` seconds apart.
+fn replies_every(from: &Vm, to: Ipv4Addr, count: u32, interval: &str) -> u32 {
+    let out = from.exec(&["ping", "-n", "-q", "-c", &count.to_string(), "-i", interval, "-W", "1", &to.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
     text.split(',')
         .find_map(|part| part.trim().strip_suffix(" received").and_then(|n| n.trim().parse().ok()))
@@ -120,7 +128,7 @@ fn free_tcp_port() -> u16 {
 }
 
 /// The value of `backplane_ports{state="<state>"}` on the agent's `/metrics`.
-fn ports_metric(port: u16, state: &str) -> f64 {
+fn ports_metric(port: u16, state: &str) -> u64 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect to metrics: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
@@ -148,6 +156,22 @@ fn wait_blocked(agent: &Agent, port: &str) -> Value {
     })
 }
 
+/// Renames a host link; on kernels before 6.2, which refuse to rename a link that is up
+/// (EBUSY), it is taken down for the rename and brought up again.
+fn rename_link(from: &str, to: &str) {
+    if !host_exec(&["ip", "link", "set", "dev", from, "name", to]).status.success() {
+        host_run(&["ip", "link", "set", "dev", from, "down"]);
+        host_run(&["ip", "link", "set", "dev", from, "name", to]);
+        host_run(&["ip", "link", "set", "dev", to, "up"]);
+    }
+}
+
+/// A static neighbour entry in `vm` for `peer`, so that pings are echo frames only (no ARP
+/// that a blocked port would hold up).
+fn know_neighbour(vm: &Vm, peer: &Vm) {
+    vm.run(&["ip", "neigh", "replace", &peer.ip().to_string(), "lladdr", &peer.mac_string(), "dev", "eth0"]);
+}
+
 #[test]
 fn an_unattached_port_is_cut_off_while_rules_are_in_force_until_it_is_attached() {
     let lab = Lab::new("bp");
@@ -163,8 +187,13 @@ fn an_unattached_port_is_cut_off_while_rules_are_in_force_until_it_is_attached()
     let first =
         Agent::start_keeping_pins(&lab, &["--rules", rules, "--ingress", "xdp-skb", "--metrics-addr", &metrics_addr]);
 
-    // The port is blocked (busy for more than 2 s counts as failed), the others attached.
-    let blocked = wait_blocked(&first, mgmt.host_port());
+    // The port is blocked from the first failed try, although only busy (EBUSY): the first
+    // `status` (the control socket answers once the agent has looked at the ports) shows
+    // it blocked, and nothing of its passes in the 2 s a busy port once had to pass
+    // unjudged; the others are attached.
+    let blocked = unattached(&first, mgmt.host_port()).expect("listed from the first look at the ports");
+    assert_eq!(blocked["state"], "blocked", "blocked at the first failed try, busy or not: {blocked:#}");
+    assert_eq!(replies(&mgmt, web.ip(), 3), 0, "nothing passes while the port is only busy");
     assert!(blocked["error"].as_str().unwrap().contains("busy"), "the error says why: {blocked:#}");
     assert!(blocked["since"].as_str().is_some_and(|s| s.ends_with('Z')), "{blocked:#}");
     assert!(blocked["failing_since"].as_str().is_some_and(|s| s.ends_with('Z')), "{blocked:#}");
@@ -178,9 +207,9 @@ fn an_unattached_port_is_cut_off_while_rules_are_in_force_until_it_is_attached()
     let text = String::from_utf8_lossy(&first.cli(&["status"]).stdout).into_owned();
     assert!(text.contains("unattached ports (1):") && text.contains("BLOCKED since"), "{text}");
     assert!(text.contains(&format!("port guard:    nft table bridge {table}, 1 port(s) blocked")), "{text}");
-    assert_eq!(ports_metric(metrics_port, "blocked"), 1.0);
-    assert_eq!(ports_metric(metrics_port, "attached"), 2.0);
-    assert_eq!(ports_metric(metrics_port, "unguarded"), 0.0);
+    assert_eq!(ports_metric(metrics_port, "blocked"), 1);
+    assert_eq!(ports_metric(metrics_port, "attached"), 2);
+    assert_eq!(ports_metric(metrics_port, "unguarded"), 0);
 
     // On the wire: nothing of mgmt's leaves its port, nothing reaches it; the other two
     // VMs still talk.
@@ -194,10 +223,37 @@ fn an_unattached_port_is_cut_off_while_rules_are_in_force_until_it_is_attached()
     assert!(from_after > from_before, "the guard dropped what mgmt sent ({from_before} -> {from_after})");
     assert!(to_after > to_before, "the guard dropped what went to mgmt ({to_before} -> {to_after})");
 
+    // Renamed (still matching --interfaces) while its VM pings every 10 ms: the set holds
+    // the ifindex, so nothing passes at any moment (a set of names would let frames through
+    // until the agent had put the new name in); `status` and the kernel's set follow the
+    // new name. On kernels that refuse a live rename the port is down for the rename.
+    let renamed = format!("{}x", mgmt.host_port());
+    know_neighbour(&mgmt, &web);
+    know_neighbour(&web, &mgmt);
+    let seen = frames_from(web.host_port(), &mgmt.mac_string(), || {
+        std::thread::scope(|s| {
+            let pings = s.spawn(|| replies_every(&mgmt, web.ip(), 300, "0.01"));
+            std::thread::sleep(Duration::from_secs(1));
+            rename_link(mgmt.host_port(), &renamed);
+            assert_eq!(pings.join().unwrap(), 0, "mgmt gets no reply while it is renamed");
+        });
+    });
+    assert_eq!(seen, 0, "nothing mgmt sent reached web's port across the rename");
+    let listed = wait_blocked(&first, &renamed);
+    assert_eq!(unattached(&first, mgmt.host_port()), None, "listed under its new name only");
+    assert_eq!(guard_table(&table).0, [renamed.as_str()], "the kernel's set shows the new name");
+    assert_eq!(replies(&web, mgmt.ip(), 3), 0, "web -> mgmt is still cut off under the new name");
+    assert_eq!(replies(&web, db.ip(), 3), 3, "web -> db (allowed) still passes");
+    assert_eq!(listed["since"], blocked["since"], "blocked all along: {listed:#}");
+    rename_link(&renamed, mgmt.host_port());
+    wait_blocked(&first, mgmt.host_port());
+    assert_eq!(replies(&mgmt, web.ip(), 2), 0, "still cut off under its first name");
+
     // Told once, not at every try (it has been tried every few seconds meanwhile).
     let log = first.child.output();
     let says = |needle: &str| log.lines().filter(|l| l.contains(mgmt.host_port()) && l.contains(needle)).count();
     assert_eq!(says("BLOCKED while rules are in force"), 1, "{log}");
+    assert!(log.contains(&format!("is now named {renamed}: still blocked")), "{log}");
 
     // The agent dies: the table stays and mgmt stays cut off.
     first.kill_9();
@@ -227,8 +283,8 @@ fn an_unattached_port_is_cut_off_while_rules_are_in_force_until_it_is_attached()
         flows.iter().any(|f| f["src_ip"] == "10.50.0.1" && f["dst_ip"] == "10.30.0.1" && f["verdict"] == "allowed"),
         "mgmt's traffic is judged now: {flows:#?}"
     );
-    assert_eq!(ports_metric(metrics_port, "blocked"), 0.0);
-    assert_eq!(ports_metric(metrics_port, "attached"), 3.0);
+    assert_eq!(ports_metric(metrics_port, "blocked"), 0);
+    assert_eq!(ports_metric(metrics_port, "attached"), 3);
     assert!(second.child.output().contains("is attached now: unblocked"), "{}", second.child.output());
 
     // --detach-on-exit removes the table.
@@ -264,4 +320,51 @@ fn an_unattached_port_is_only_reported_while_observing() {
         "{log}"
     );
     agent.stop();
+}
+
+#[test]
+fn an_unattached_uplink_is_reported_not_cut_off_unless_asked() {
+    let lab = Lab::new("bp");
+    let web = lab.add_veth_vm("web", "10.30.0.1/8", None, None);
+    // A host behind the uplink, in db's zone: web -> it is allowed (ICMP), it -> web denied.
+    let remote = lab.add_uplink("remote", "10.40.0.9/8", None, None);
+    let _foreign = ForeignXdp::attach(remote.host_port());
+    let rules = copy_example_rules(&lab, "three-zones");
+    let mut args =
+        vec!["--rules", rules.to_str().unwrap(), "--uplink", remote.host_port(), "--uplink-ingress", "xdp-skb"];
+    args.extend(["--metrics-addr", "none"]);
+    let agent = Agent::start(&lab, &args);
+
+    // Reported (once busy for 2 s it is said why it is not blocked), not cut off.
+    let port = agent.wait_for(Duration::from_secs(10), "the uplink reported", |a| {
+        unattached(a, remote.host_port())
+            .filter(|p| p["reason"] == "uplink: judged at the VM ports' egress; not cut off")
+    });
+    assert_eq!((port["state"].as_str(), port["role"].as_str()), (Some("unguarded"), Some("uplink")), "{port:#}");
+    assert!(attached(&agent, web.host_port()));
+    let table = agent.status()["port_guard"]["table"].as_str().unwrap().strip_prefix("bridge ").unwrap().to_owned();
+    let _table_guard = NftTableGuard(table.clone());
+    assert!(!bridge_tables().contains(&table), "nothing to block: no nft table");
+    assert_eq!(replies(&web, remote.ip(), 3), 3, "web -> db zone (allowed) crosses the unattached uplink");
+    // What enters through it is judged where it leaves the switch, at web's egress.
+    assert_eq!(replies(&remote, web.ip(), 3), 0, "db zone -> web (denied) is dropped at web's port");
+    let denied =
+        agent.wait_for(Duration::from_secs(5), "the denied flow", |a| a.find_flow("icmp", "10.40.0.9", "10.30.0.1"));
+    assert_eq!(denied["verdict"], "denied", "{denied:#}");
+    let text = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("UNGUARDED (uplink: judged at the VM ports' egress; not cut off)"), "{text}");
+    let log = agent.child.output();
+    let says = |needle: &str| log.lines().filter(|l| l.contains(remote.host_port()) && l.contains(needle)).count();
+    assert_eq!(says("left uninspected at its ingress while rules are in force"), 1, "{log}");
+    agent.stop();
+
+    // --guard-uplinks: cut off as a VM port is, from the first failed try.
+    args.push("--guard-uplinks");
+    let agent = Agent::start(&lab, &args);
+    let port = unattached(&agent, remote.host_port()).expect("listed from the first look at the ports");
+    assert_eq!(port["state"], "blocked", "{port:#}");
+    assert_eq!(guard_table(&table).0, [remote.host_port()], "the kernel's set holds the uplink");
+    assert_eq!(replies(&web, remote.ip(), 3), 0, "the uplink is cut off");
+    agent.stop();
+    assert!(!bridge_tables().contains(&table), "the agent removed its table on exit");
 }
