@@ -32,14 +32,12 @@ use tokio::{
 use crate::{
     DATAPATH_OBJECT,
     clock::Clock,
-    control,
-    kernel::{self, TcAttach, TcAttachChoice},
-    pin_layout,
-    datapath::{self, Datapath, DatapathOptions, PortStatus, ProgramIds, ProgramStats, IngressHook},
     cluster::Cluster,
+    control,
+    datapath::{self, Datapath, DatapathOptions, IngressHook, PortStatus, ProgramIds, ProgramStats},
     endpoints::{EndpointOptions, Endpoints, EndpointsStatus},
-    etcd::Etcd,
     error::{ControlError, DatapathError, ExplainError, RulesError, WatchError},
+    etcd::Etcd,
     events,
     explain::{ExplainQuery, ExplainReply},
     flow_log::{self, FlowLogOptions, RotatingFile},
@@ -47,11 +45,13 @@ use crate::{
     ifnames::IfNames,
     inspect::{self, SampleStats},
     ipfix::{self, IpfixOptions},
+    kernel::{self, TcAttach, TcAttachChoice},
+    last_good::LastGood,
     metrics::{self, Metrics},
+    pin_layout,
     port_guard::{self, PortGuard, PortGuardStatus},
     ports::{PortSelector, PortWatcher},
     rule_names::RuleNames,
-    last_good::LastGood,
     rule_sync::{LoadedRules, RuleSync, RulesStatus, StartRules},
 };
 
@@ -360,8 +360,7 @@ impl Agent {
                     bytes,
                 })
                 .collect::<Vec<_>>();
-            let pairs = 
-            datapath
+            let pairs = datapath
                 .zone_pair_stats()
                 .into_iter()
                 .map(|(k, v)| ZonePairStatus {
@@ -461,9 +460,15 @@ fn start_rules(
     last_good: LastGood,
 ) -> Result<Option<Arc<RuleSync>>, AgentError> {
     if let (Some(path), Some(start)) = (path, start) {
-        let sync =
-            RuleSync::start(path, start, Arc::clone(datapath), Arc::clone(rule_names), Arc::clone(endpoints), last_good)
-                .map_err(AgentError::Rules)?;
+        let sync = RuleSync::start(
+            path,
+            start,
+            Arc::clone(datapath),
+            Arc::clone(rule_names),
+            Arc::clone(endpoints),
+            last_good,
+        )
+        .map_err(AgentError::Rules)?;
         return Ok(Some(sync));
     }
     log::info!("no --rules: observing only (every flow passes with the verdict `observed`)");
@@ -510,7 +515,11 @@ fn check_kernel(choice: TcAttachChoice) -> Result<TcAttach, AgentError> {
     let missing = report.missing();
     if !missing.is_empty() {
         let names: Vec<String> = missing.iter().map(|f| format!("{} ({})", f.name, f.why)).collect();
-        return Err(AgentError::Kernel(format!("kernel {} lacks what the data path needs: {}", report.release, names.join("; "))));
+        return Err(AgentError::Kernel(format!(
+            "kernel {} lacks what the data path needs: {}",
+            report.release,
+            names.join("; ")
+        )));
     }
     let tc_attach = report.tc_attach(choice).map_err(AgentError::Kernel)?;
     log::info!(
@@ -604,7 +613,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             pins.reused.len(),
             ports.len(),
             ports.join(","),
-            inherited.map_or_else(|| "no rules in force".to_owned(), |c| format!("rule generation {} in force", c.generation))
+            inherited.map_or_else(
+                || "no rules in force".to_owned(),
+                |c| format!("rule generation {} in force", c.generation)
+            )
         );
     }
     if inherited.is_some() && opts.rules.is_none() {
@@ -665,7 +677,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         // written, so that those tables bind their MACs from the start.
         endpoints.bind_last_locations();
         // The rules go in force before any port is attached: no packet passes unjudged.
-        let rules = start_rules(opts.rules.as_deref(), start_rules_with, &datapath, &rule_names, &endpoints, last_good)?;
+        let rules =
+            start_rules(opts.rules.as_deref(), start_rules_with, &datapath, &rule_names, &endpoints, last_good)?;
         if rules.is_none() {
             endpoints.sync_kernel();
         }
@@ -679,7 +692,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             // Every adopted port runs this agent's programs on this layout's maps now.
             let version = migration.version;
             let late = migration.finish();
-            log::info!("upgrade from layout {version} done: {late} flow(s) created meanwhile copied, old map pins removed");
+            log::info!(
+                "upgrade from layout {version} done: {late} flow(s) created meanwhile copied, old map pins removed"
+            );
         }
         // A previous agent's blocked ports stay blocked until the first look at the ports.
         let enforcing = datapath.lock().expect("datapath lock").config().is_ok_and(|c| c.flags & CONFIG_ENFORCE != 0);

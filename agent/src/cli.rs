@@ -7,17 +7,17 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
 use crate::{
     agent::{self, RunOptions, Status},
+    audit::AuditRecord,
     clock::rfc3339_ms,
     control::{Client, Request},
     datapath::IngressHook,
-    kernel::TcAttachChoice,
+    endpoints::{EndpointInfo, RuntimeEndpoint, parse_labels},
     error::ControlError,
     explain::{ExplainQuery, ExplainReply, explain_packet},
     flow_log::FlowLogOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},
     ipfix::IpfixOptions,
-    audit::AuditRecord,
-    endpoints::{EndpointInfo, RuntimeEndpoint, parse_labels},
+    kernel::TcAttachChoice,
     paths::{DEFAULT_SOCKET, default_pin_dir, default_state_dir},
     rule_sync::LoadedRules,
 };
@@ -462,7 +462,11 @@ impl RunArgs {
 /// `backplane kernel`: exit 1 when a required feature is missing or a program is refused.
 fn kernel_report(args: &KernelArgs) -> anyhow::Result<ExitCode> {
     let report = crate::kernel::probe();
-    let programs = if args.programs { Some(crate::kernel::program_figures(crate::DATAPATH_OBJECT).map_err(anyhow::Error::msg)?) } else { None };
+    let programs = if args.programs {
+        Some(crate::kernel::program_figures(crate::DATAPATH_OBJECT).map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "kernel": report, "programs": programs }))?);
     } else {
@@ -574,13 +578,37 @@ pub fn render_endpoints(list: &[EndpointInfo]) -> String {
 #[must_use]
 pub fn render_audit(records: &[AuditRecord]) -> String {
     let labels = |l: &std::collections::BTreeMap<String, String>| {
-        if l.is_empty() { String::new() } else { format!(" [{}]", l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")) }
+        if l.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+        }
     };
     let mut out = String::new();
     for r in records {
-        let from = r.from_node.as_ref().map(|n| format!(" from {n}{}{}", r.from_port.as_ref().map(|p| format!(":{p}")).unwrap_or_default(), labels(&r.from_labels)));
-        let to = r.to_node.as_ref().map(|n| format!(" to {n}{}{}", r.to_port.as_ref().map(|p| format!(":{p}")).unwrap_or_default(), labels(&r.to_labels)));
-        let _ = write!(out, "{}  {:<19} {}{}{}", r.time, r.kind, r.endpoint, from.unwrap_or_default(), to.unwrap_or_default());
+        let from = r.from_node.as_ref().map(|n| {
+            format!(
+                " from {n}{}{}",
+                r.from_port.as_ref().map(|p| format!(":{p}")).unwrap_or_default(),
+                labels(&r.from_labels)
+            )
+        });
+        let to = r.to_node.as_ref().map(|n| {
+            format!(
+                " to {n}{}{}",
+                r.to_port.as_ref().map(|p| format!(":{p}")).unwrap_or_default(),
+                labels(&r.to_labels)
+            )
+        });
+        let _ = write!(
+            out,
+            "{}  {:<19} {}{}{}",
+            r.time,
+            r.kind,
+            r.endpoint,
+            from.unwrap_or_default(),
+            to.unwrap_or_default()
+        );
         if r.kind == "move" {
             let _ = write!(out, "  {} flow(s) carried", r.flows_carried);
             if let Some(ms) = r.handover_ms {
@@ -967,7 +995,11 @@ fn render_endpoint_status(o: &mut String, s: &Status) {
     let _ = writeln!(o, "audit log:     {} ({} records)", e.audit_log, e.audit_records);
     let etcd = &e.etcd;
     if etcd.configured {
-        let state = if etcd.connected { format!("connected, lease {:x}", etcd.lease_id) } else { "DISCONNECTED (working from local state)".into() };
+        let state = if etcd.connected {
+            format!("connected, lease {:x}", etcd.lease_id)
+        } else {
+            "DISCONNECTED (working from local state)".into()
+        };
         let _ = writeln!(
             o,
             "etcd:          {} {state} since {}; {} reconnect(s){}",
@@ -1006,7 +1038,10 @@ fn render_rules(o: &mut String, s: &Status) {
     );
     match r.in_force_from.as_str() {
         "previous_agent" => {
-            let _ = writeln!(o, "  KEPT:        the generation a previous agent left in force (the rules did not load at start)");
+            let _ = writeln!(
+                o,
+                "  KEPT:        the generation a previous agent left in force (the rules did not load at start)"
+            );
         }
         "failure_mode" => {
             let _ = writeln!(

@@ -25,8 +25,8 @@ use tokio::{
 
 use crate::{
     agent::Agent,
-    error::ControlError,
     endpoints::RuntimeEndpoint,
+    error::ControlError,
     explain::ExplainQuery,
     flows::{FollowEvent, FollowMessage},
 };
@@ -50,10 +50,15 @@ pub enum Request {
     EndpointAdd(RuntimeEndpoint),
     /// Removes a runtime endpoint.
     #[serde(rename = "endpoint_remove")]
-    EndpointRemove { name: String },
+    EndpointRemove {
+        name: String,
+    },
     /// Records that an endpoint was patched on a date (`YYYY-MM-DD`).
     #[serde(rename = "endpoint_attest")]
-    EndpointAttest { name: String, patched_at: String },
+    EndpointAttest {
+        name: String,
+        patched_at: String,
+    },
     /// Every endpoint with its standing and location.
     #[serde(rename = "endpoint_list")]
     EndpointList,

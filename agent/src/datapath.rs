@@ -29,8 +29,8 @@ use backplane_common::{
     config::{CONFIG_ENFORCE, CONFIG_INDEX},
     config::{PORT_INGRESS_LIVE, PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC,
-        PROG_TO_PORT, ZONE_PAIR_STATS,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT,
+        PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
     },
     policy::{ZonePairKey, ZonePairStats},
 };
@@ -40,15 +40,15 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{DatapathError, PortError, report},
     ifnames::{index_to_name, name_to_index},
-    paths::{
-        BPF_PIN_ROOT, BPFFS_ROOT, TC_INGRESS_LINK_SUFFIX, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind, link_pin_path,
-        links_dir,
-    },
     kernel::TcAttach,
+    paths::{
+        BPF_PIN_ROOT, BPFFS_ROOT, TC_INGRESS_LINK_SUFFIX, TC_LINK_SUFFIX, XDP_LINK_SUFFIX, link_pin_kind,
+        link_pin_path, links_dir,
+    },
     pin_layout,
     pins::{self, PinCheck},
-    tc_legacy::{self, Direction, LegacyTcError},
     rule_tables::{self, EndpointOverlay, RuleTables, TableError},
+    tc_legacy::{self, Direction, LegacyTcError},
 };
 
 /// `statfs(2)` magic number of bpffs.
@@ -420,11 +420,8 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File, DatapathError> {
 /// another layout would be misread by the new programs, so the start ends (nothing
 /// touched; a previous data path stays attached and in force).
 pub fn check_pins(object: &[u8], opts: &DatapathOptions, maps_dir: &Path) -> Result<PinCheck, DatapathError> {
-    let sizes = [
-        (FLOWS, opts.flow_table_size),
-        (FLOW_EVENTS, opts.ring_size),
-        (PAYLOAD_SAMPLES, opts.payload_ring_size),
-    ];
+    let sizes =
+        [(FLOWS, opts.flow_table_size), (FLOW_EVENTS, opts.ring_size), (PAYLOAD_SAMPLES, opts.payload_ring_size)];
     let wanted = pins::object_layouts(object, &sizes).map_err(DatapathError::ObjectMaps)?;
     let check = pins::check_pinned_maps(maps_dir, &wanted)
         .map_err(|reason| DatapathError::PinnedMaps { path: maps_dir.to_owned(), reason })?;
@@ -510,8 +507,8 @@ impl Datapath {
         let config: Array<MapData, DatapathConfig> =
             Array::try_from(take_map(&mut ebpf, CONFIG)?).map_err(DatapathError::map(CONFIG))?;
         // The flow table pinned by a previous agent keeps its size.
-        let flow_table_size = aya::maps::MapInfo::from_pin(maps_dir.join(FLOWS))
-            .map_or(opts.flow_table_size, |i| i.max_entries());
+        let flow_table_size =
+            aya::maps::MapInfo::from_pin(maps_dir.join(FLOWS)).map_or(opts.flow_table_size, |i| i.max_entries());
         let rule_tables = RuleTables::from_ebpf(&mut ebpf).map_err(DatapathError::RuleTables)?;
         let zone_pair_stats = PerCpuHashMap::try_from(take_map(&mut ebpf, ZONE_PAIR_STATS)?)
             .map_err(DatapathError::map(ZONE_PAIR_STATS))?;
@@ -558,7 +555,8 @@ impl Datapath {
     /// ports not adopted are removed. Returns the names of the adopted ports.
     pub fn adopt_links(&mut self, role_of: impl Fn(&str) -> Option<PortRole>) -> Vec<String> {
         let mut found: BTreeMap<u32, Found> = BTreeMap::new();
-        let entries = fs::read_dir(links_dir(&self.pin_dir)).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+        let entries =
+            fs::read_dir(links_dir(&self.pin_dir)).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
         for entry in entries {
             let path = entry.path();
             let Some(kind) = path.file_name().and_then(|n| n.to_str()).and_then(link_pin_kind) else { continue };
@@ -640,7 +638,9 @@ impl Datapath {
     /// another `CONFIG` and are left alone.
     fn find_legacy_filters(&self, found: &mut BTreeMap<u32, Found>) {
         for (ifindex, ifname) in tc_legacy::host_interfaces() {
-            for (direction, at) in [(Direction::Ingress, TcAttachType::Ingress), (Direction::Egress, TcAttachType::Egress)] {
+            for (direction, at) in
+                [(Direction::Ingress, TcAttachType::Ingress), (Direction::Egress, TcAttachType::Egress)]
+            {
                 let filter = match tc_legacy::find_filter(ifindex, direction) {
                     Ok(Some(filter)) if self.owns_filter(filter.prog_id) => filter,
                     Ok(_) => continue,
@@ -734,10 +734,9 @@ impl Datapath {
     /// `to_port` leaves alone what enters through it. Until then (or if this fails)
     /// `to_port` judges those frames itself.
     fn mark_ingress_live(&mut self, ifindex: u32, name: &str) {
-        let result = self
-            .ports_map
-            .get(&ifindex, 0)
-            .and_then(|info| self.ports_map.insert(ifindex, PortInfo { flags: info.flags | PORT_INGRESS_LIVE, ..info }, 0));
+        let result = self.ports_map.get(&ifindex, 0).and_then(|info| {
+            self.ports_map.insert(ifindex, PortInfo { flags: info.flags | PORT_INGRESS_LIVE, ..info }, 0)
+        });
         if let Err(e) = result {
             log::warn!("{name}: cannot mark its ingress program live in PORTS: {}", report(&e));
         }
@@ -755,12 +754,8 @@ impl Datapath {
     /// Returns the number of links updated.
     pub fn upgrade_adopted(&mut self) -> usize {
         let mut updated = 0;
-        let adopted: Vec<u32> = self
-            .ports
-            .iter()
-            .filter(|(_, p)| p.ingress.adopted() || p.tc.adopted())
-            .map(|(&i, _)| i)
-            .collect();
+        let adopted: Vec<u32> =
+            self.ports.iter().filter(|(_, p)| p.ingress.adopted() || p.tc.adopted()).map(|(&i, _)| i).collect();
         for ifindex in adopted {
             let Some(mut port) = self.ports.remove(&ifindex) else { continue };
             let ingress = if port.hook == IngressHook::Tc {
@@ -1024,7 +1019,9 @@ impl Datapath {
             remove_stale_pin(&link_pin_path(&self.pin_dir, name, kind));
         }
         match hook {
-            IngressHook::Tc => self.attach_tc(ifindex, name, PROG_FROM_PORT_TC, TcAttachType::Ingress, TC_INGRESS_LINK_SUFFIX),
+            IngressHook::Tc => {
+                self.attach_tc(ifindex, name, PROG_FROM_PORT_TC, TcAttachType::Ingress, TC_INGRESS_LINK_SUFFIX)
+            }
             IngressHook::XdpSkb => self.attach_xdp(ifindex, name, XdpMode::Skb),
             IngressHook::XdpNative => self.attach_xdp(ifindex, name, XdpMode::Driver),
         }
@@ -1094,8 +1091,18 @@ impl Datapath {
     /// qdisc if it has none. A filter already there (a previous data path's) has its
     /// program replaced in place. The filter stays when the agent exits: aya's handle of
     /// it, which would detach it when dropped, is forgotten.
-    fn attach_filter(&mut self, ifindex: u32, name: &str, program: &'static str, at: TcAttachType) -> Result<Attachment, PortError> {
-        let legacy = |source: Box<dyn std::error::Error + Send + Sync>| PortError::Legacy { ifname: name.into(), ifindex, source };
+    fn attach_filter(
+        &mut self,
+        ifindex: u32,
+        name: &str,
+        program: &'static str,
+        at: TcAttachType,
+    ) -> Result<Attachment, PortError> {
+        let legacy = |source: Box<dyn std::error::Error + Send + Sync>| PortError::Legacy {
+            ifname: name.into(),
+            ifindex,
+            source,
+        };
         tc_legacy::ensure_clsact(ifindex, name).map_err(legacy)?;
         let direction = if at == TcAttachType::Egress { Direction::Egress } else { Direction::Ingress };
         let existing = tc_legacy::find_filter(ifindex, direction).map_err(|e| legacy(Box::new(e)))?;
@@ -1115,7 +1122,11 @@ impl Datapath {
             None => prog.attach_with_options(
                 name,
                 at,
-                TcAttachOptions::Netlink(NlOptions { priority: tc_legacy::PRIORITY, handle: legacy_handle(), classid: None }),
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: tc_legacy::PRIORITY,
+                    handle: legacy_handle(),
+                    classid: None,
+                }),
             ),
         }
         .map_err(|e| Self::attach_error(ifindex, name, program, e))?;
@@ -1150,7 +1161,8 @@ impl Datapath {
             .filter(|(_, p)| {
                 [&p.ingress, &p.tc].into_iter().any(|a| match a {
                     Attachment::Filter { ifindex, at, prog_id, .. } => {
-                        let direction = if *at == TcAttachType::Egress { Direction::Egress } else { Direction::Ingress };
+                        let direction =
+                            if *at == TcAttachType::Egress { Direction::Egress } else { Direction::Ingress };
                         match tc_legacy::first_is_ours(*ifindex, direction, *prog_id) {
                             Ok(ours) => !ours,
                             Err(e) => {
@@ -1393,7 +1405,8 @@ fn upgraded(path: PathBuf, result: Result<FdLink, String>, what: &str) -> Result
     match result {
         Ok(link) => Ok((Attachment::Pinned { link, path }, true)),
         Err(e) => {
-            let attachment = PinnedLink::from_pin(&path).ok().map(|link| Attachment::Adopted { link: link.into(), path });
+            let attachment =
+                PinnedLink::from_pin(&path).ok().map(|link| Attachment::Adopted { link: link.into(), path });
             Err(Kept { attachment, why: format!("{what}: {e}") })
         }
     }
@@ -1412,7 +1425,9 @@ fn detach_filter(ifindex: u32, at: TcAttachType, prog_id: u32) {
     match tc_legacy::find_filter(ifindex, direction) {
         Ok(Some(filter)) if filter.prog_id == prog_id => {}
         Ok(Some(filter)) => {
-            log::warn!("ifindex {ifindex}: the legacy filter there runs a program that is not ours now ({filter}); left alone");
+            log::warn!(
+                "ifindex {ifindex}: the legacy filter there runs a program that is not ours now ({filter}); left alone"
+            );
             return;
         }
         Ok(None) => return,

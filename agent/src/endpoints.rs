@@ -32,7 +32,10 @@ use backplane_common::{
     FlowEvent, FlowKey, FlowValue, Verdict,
     event::Announcement,
     flow::{FAMILY_IPV4, STATE_ENDED, STATE_INSTALLED},
-    policy::{ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointValue, OWNER_ELSEWHERE, OwnerKey, OwnerValue, ZONE_WORLD},
+    policy::{
+        ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointValue, OWNER_ELSEWHERE, OwnerKey,
+        OwnerValue, ZONE_WORLD,
+    },
     reason::Reason,
 };
 use backplane_rules::{CompiledRules, MacAddr, OnViolation, PatchDate, RuleSet, UnknownMacs, VpatchEntry};
@@ -720,7 +723,10 @@ impl Endpoints {
             .iter()
             .flat_map(|(key, value)| (0u8..2).filter(|&dir| suspect(key, value, dir)).map(|dir| (*key, dir)))
             .collect();
-        log::info!("{} flow direction(s) seen on another port than their sender address's owner: checked again", forget.len());
+        log::info!(
+            "{} flow direction(s) seen on another port than their sender address's owner: checked again",
+            forget.len()
+        );
         self.flows.forget_ports(&forget);
     }
 
@@ -733,10 +739,9 @@ impl Endpoints {
         elsewhere: &[MacAddr],
         ips_of: &HashMap<MacAddr, Vec<IpAddr>>,
     ) -> HashMap<OwnerKey, OwnerValue> {
-        let here = wanted
-            .iter()
-            .filter(|(_, v)| v.ifindex != 0)
-            .map(|(mac, v)| (*mac, OwnerValue { ifindex: v.ifindex, endpoint_id: v.endpoint_id, mac: mac.0, _pad: [0; 2] }));
+        let here = wanted.iter().filter(|(_, v)| v.ifindex != 0).map(|(mac, v)| {
+            (*mac, OwnerValue { ifindex: v.ifindex, endpoint_id: v.endpoint_id, mac: mac.0, _pad: [0; 2] })
+        });
         let there = elsewhere.iter().map(|mac| {
             let endpoint_id = wanted.get(mac).map_or(0, |v| v.endpoint_id);
             (*mac, OwnerValue { ifindex: OWNER_ELSEWHERE, endpoint_id, mac: mac.0, _pad: [0; 2] })
@@ -1348,7 +1353,9 @@ impl Endpoints {
                 ));
             }
             let others = Self::defs(&st).into_iter().filter(|d| !(d.runtime && d.name == r.name));
-            if let Some((other, ip)) = others.into_iter().find_map(|d| r.ips.iter().find(|ip| d.ips.contains(ip)).map(|ip| (d.clone(), *ip))) {
+            if let Some((other, ip)) =
+                others.into_iter().find_map(|d| r.ips.iter().find(|ip| d.ips.contains(ip)).map(|ip| (d.clone(), *ip)))
+            {
                 return Err(format!(
                     "address {ip} is already endpoint \"{}\"'s ({}); an address belongs to one endpoint",
                     other.name, other.mac
@@ -1647,7 +1654,12 @@ mod tests {
     #[test]
     fn addresses_belong_to_the_port_or_node_of_their_endpoint_and_disputed_ones_to_nobody() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let (a, b, c, d) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]), MacAddr([2, 0, 0, 0, 0, 3]), MacAddr([2, 0, 0, 0, 0, 4]));
+        let (a, b, c, d) = (
+            MacAddr([2, 0, 0, 0, 0, 1]),
+            MacAddr([2, 0, 0, 0, 0, 2]),
+            MacAddr([2, 0, 0, 0, 0, 3]),
+            MacAddr([2, 0, 0, 0, 0, 4]),
+        );
         let bound = |ifindex: u32, endpoint_id: u32| EndpointValue { ifindex, endpoint_id, ..EndpointValue::default() };
         // a bound here on port 7, b on another node, c known but nowhere, d bound here and
         // claiming b's address too.

@@ -182,7 +182,9 @@ pub enum PortError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    #[error("interface {ifname} (ifindex {ifindex}): its ingress hook is XDP, and this kernel refused the XDP program: {why}")]
+    #[error(
+        "interface {ifname} (ifindex {ifindex}): its ingress hook is XDP, and this kernel refused the XDP program: {why}"
+    )]
     XdpUnavailable { ifname: String, ifindex: u32, why: String },
 
     #[error("interface {ifname} (ifindex {ifindex}): PORTS map: {source}")]

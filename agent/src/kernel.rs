@@ -25,7 +25,9 @@ use aya::{
     programs::{ProgramType, SchedClassifier, Xdp},
     sys::{is_map_supported, is_program_supported},
 };
-use backplane_common::maps::{PROG_BASELINE_LOOKUP, PROG_BASELINE_PASS, PROG_FROM_PORT, PROG_FROM_PORT_TC, PROG_TO_PORT};
+use backplane_common::maps::{
+    PROG_BASELINE_LOOKUP, PROG_BASELINE_PASS, PROG_FROM_PORT, PROG_FROM_PORT_TC, PROG_TO_PORT,
+};
 use serde::{Deserialize, Serialize};
 
 /// The verifier's budget of processed instructions (`BPF_COMPLEXITY_LIMIT_INSNS`).
@@ -218,7 +220,8 @@ pub struct ProgramFigures {
 }
 
 /// Programs the agent may attach, and the benchmarks' baselines.
-pub const PROGRAMS: [&str; 5] = [PROG_FROM_PORT_TC, PROG_TO_PORT, PROG_FROM_PORT, PROG_BASELINE_PASS, PROG_BASELINE_LOOKUP];
+pub const PROGRAMS: [&str; 5] =
+    [PROG_FROM_PORT_TC, PROG_TO_PORT, PROG_FROM_PORT, PROG_BASELINE_PASS, PROG_BASELINE_LOOKUP];
 
 /// The stack figures of every program of `object`, read from its instructions: the
 /// functions each program calls are linked as the loader links them, and each frame's
@@ -322,11 +325,16 @@ pub fn program_figures(object: &[u8]) -> Result<Vec<ProgramFigures>, String> {
     // The object pins its maps by name: they are created afresh in a directory of this
     // process's own (nothing is adopted), removed again at the end.
     crate::datapath::ensure_bpffs().map_err(|e| crate::error::report(&e))?;
-    let dir = std::path::PathBuf::from(format!("{}/backplane-kernel-report-{}", crate::paths::BPFFS_ROOT, std::process::id()));
+    let dir = std::path::PathBuf::from(format!(
+        "{}/backplane-kernel-report-{}",
+        crate::paths::BPFFS_ROOT,
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let _remove = RemoveDir(dir.clone());
     loader.default_map_pin_directory(&dir);
-    let mut ebpf = loader.load(object).map_err(|e| format!("cannot load the data path's maps: {}", crate::error::report(&e)))?;
+    let mut ebpf =
+        loader.load(object).map_err(|e| format!("cannot load the data path's maps: {}", crate::error::report(&e)))?;
     for name in PROGRAMS {
         let Some(entry) = figures.get_mut(name) else { continue };
         let outcome = match ebpf.program_mut(name) {
@@ -376,13 +384,21 @@ pub fn render(report: &KernelReport, programs: Option<&[ProgramFigures]>) -> Str
         };
         let _ = writeln!(out, "  {:<20} {:<8} {}", f.name, state, f.why);
     }
-    let _ = writeln!(out, "tc attach (auto): {}", report.tc_attach(TcAttachChoice::Auto).map_or_else(|e| e, |a| a.to_string()));
+    let _ = writeln!(
+        out,
+        "tc attach (auto): {}",
+        report.tc_attach(TcAttachChoice::Auto).map_or_else(|e| e, |a| a.to_string())
+    );
     if let Some(programs) = programs {
-        let _ = writeln!(out, "programs (verifier budget {VERIFIER_INSN_LIMIT} instructions, stack {STACK_LIMIT} bytes):");
+        let _ =
+            writeln!(out, "programs (verifier budget {VERIFIER_INSN_LIMIT} instructions, stack {STACK_LIMIT} bytes):");
         for p in programs {
             let insns = match (p.verified_insns, &p.load_error) {
                 (_, Some(e)) => format!("REJECTED: {e}"),
-                (Some(n), None) => format!("verified {n} insns ({:.1}% of the budget)", f64::from(n) * 100.0 / f64::from(VERIFIER_INSN_LIMIT)),
+                (Some(n), None) => format!(
+                    "verified {n} insns ({:.1}% of the budget)",
+                    f64::from(n) * 100.0 / f64::from(VERIFIER_INSN_LIMIT)
+                ),
                 (None, None) => "loaded (the kernel does not report verified instructions)".into(),
             };
             let frames = p.frames.iter().map(u32::to_string).collect::<Vec<_>>().join("+");
@@ -405,7 +421,12 @@ mod tests {
         let figures = stack_figures(crate::DATAPATH_OBJECT).unwrap();
         for name in PROGRAMS {
             let f = &figures[name];
-            assert!(f.stack_round32 <= STACK_LIMIT, "{name}: stack {:?} = {} > {STACK_LIMIT}", f.frames, f.stack_round32);
+            assert!(
+                f.stack_round32 <= STACK_LIMIT,
+                "{name}: stack {:?} = {} > {STACK_LIMIT}",
+                f.frames,
+                f.stack_round32
+            );
         }
     }
 

@@ -82,7 +82,8 @@ impl LastGood {
             // Names keep the load order (byte order of the names) whatever the source.
             let base = path.file_name().map_or_else(|| "rules.yaml".into(), |n| n.to_string_lossy().into_owned());
             let name = format!("{i:04}-{base}");
-            let name = if Path::new(&name).extension().is_some_and(|e| e == "yaml") { name } else { format!("{name}.yaml") };
+            let name =
+                if Path::new(&name).extension().is_some_and(|e| e == "yaml") { name } else { format!("{name}.yaml") };
             fs::write(new.join(&name), text)?;
             files.push(name);
         }

@@ -27,7 +27,9 @@ use aya::maps::MapData;
 use backplane_common::{
     Counter,
     config::CONFIG_ENFORCE,
-    maps::{ADDR_OWNERS, ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS, ZONES},
+    maps::{
+        ADDR_OWNERS, ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS, ZONES,
+    },
     policy::{ENDPOINT_ISOLATED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue},
 };
 use bytes::Bytes;

@@ -36,7 +36,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use backplane_common::maps::{CONFIG, ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
+use backplane_common::maps::{
+    CONFIG, ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES,
+};
 
 use crate::pins::{obj_get, sys_bpf};
 
@@ -129,7 +131,8 @@ pub fn upgrade(version: u32, from: &Path, to: &Path, resume: bool) -> Result<Mig
         if !old.exists() || RULE_TABLES.contains(&name) || (resume && name == CONFIG) {
             continue;
         }
-        let n = copy_map(&old, &new, if resume { BPF_NOEXIST } else { BPF_ANY }).map_err(|e| format!("copying {name} from {} to {}: {e}", old.display(), new.display()))?;
+        let n = copy_map(&old, &new, if resume { BPF_NOEXIST } else { BPF_ANY })
+            .map_err(|e| format!("copying {name} from {} to {}: {e}", old.display(), new.display()))?;
         copied.push((name, n));
     }
     Ok(Migration { version, from: from.to_owned(), to: to.to_owned(), copied })
@@ -186,7 +189,9 @@ fn copy_map(from: &Path, to: &Path, flags: u64) -> io::Result<usize> {
     if (to_type, to_key, to_value) != (map_type, key_size, value_size) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("type {map_type}, key {key_size}, value {value_size} bytes cannot go into type {to_type}, key {to_key}, value {to_value}"),
+            format!(
+                "type {map_type}, key {key_size}, value {value_size} bytes cannot go into type {to_type}, key {to_key}, value {to_value}"
+            ),
         ));
     }
     let (src, dst) = (obj_get(from)?, obj_get(to)?);

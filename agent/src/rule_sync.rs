@@ -303,7 +303,8 @@ impl RuleSync {
         let rules = Arc::new(rules);
         let counts = RuleCounts::of(&rules, meta.files.len());
         state.zone_ids = compiled.zone_ids.clone();
-        state.in_force = Some(InForce { rules: Arc::clone(&rules), generation, loaded_at_ms: meta.saved_at_ms, counts });
+        state.in_force =
+            Some(InForce { rules: Arc::clone(&rules), generation, loaded_at_ms: meta.saved_at_ms, counts });
         drop(state);
         let mut datapath = self.datapath.lock().expect("datapath lock");
         datapath.know_rules(Arc::clone(&compiled));
@@ -355,7 +356,8 @@ impl RuleSync {
         {
             let mut state = self.state.lock().expect("rule state lock");
             state.zone_ids = compiled.zone_ids.clone();
-            state.in_force = Some(InForce { rules: Arc::clone(&rules), generation, loaded_at_ms: now_unix_ms(), counts });
+            state.in_force =
+                Some(InForce { rules: Arc::clone(&rules), generation, loaded_at_ms: now_unix_ms(), counts });
             state.from = from.clone();
             state.last_error.clear();
             state.last_error_at_ms = None;
@@ -388,7 +390,8 @@ impl RuleSync {
                 .map_err(|errors| RulesError::Invalid { path: self.path.clone(), errors })
                 .and_then(|(rules, sources)| {
                     let counts = RuleCounts::of(&rules, files.files());
-                    self.put_in_force(rules, counts, &InForceFrom::Files, &sources).map(|generation| (generation, counts))
+                    self.put_in_force(rules, counts, &InForceFrom::Files, &sources)
+                        .map(|generation| (generation, counts))
                 }),
         };
         match result {

@@ -15,7 +15,10 @@ use backplane_common::{
     DatapathConfig, PortInfo,
     config::{CONFIG_ENFORCE, CONFIG_INDEX},
     maps::{ADDR_OWNERS, CONFIG, ENDPOINTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONES},
-    policy::{AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZoneValue},
+    policy::{
+        AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue,
+        ZoneKey, ZoneValue,
+    },
 };
 use backplane_rules::{CompiledRules, MacAddr, VpatchEntry};
 
@@ -142,16 +145,25 @@ impl RuleTables {
             self.endpoints.remove(k).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(ENDPOINTS))?;
         }
         for (len, k) in &keys.cidrs {
-            self.cidrs.remove(&Key::new(*len, *k)).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(ZONE_CIDRS))?;
+            self.cidrs
+                .remove(&Key::new(*len, *k))
+                .or_else(|e| if gone(&e) { Ok(()) } else { Err(e) })
+                .map_err(map_err(ZONE_CIDRS))?;
         }
         for k in &keys.zones {
             self.zones.remove(k).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(ZONES))?;
         }
         for (len, k) in &keys.policies {
-            self.policies.remove(&Key::new(*len, *k)).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(POLICIES))?;
+            self.policies
+                .remove(&Key::new(*len, *k))
+                .or_else(|e| if gone(&e) { Ok(()) } else { Err(e) })
+                .map_err(map_err(POLICIES))?;
         }
         for (len, k) in &keys.vpatches {
-            self.vpatches.remove(&Key::new(*len, *k)).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }).map_err(map_err(VPATCHES))?;
+            self.vpatches
+                .remove(&Key::new(*len, *k))
+                .or_else(|e| if gone(&e) { Ok(()) } else { Err(e) })
+                .map_err(map_err(VPATCHES))?;
         }
         Ok(())
     }
@@ -163,7 +175,12 @@ impl RuleTables {
     }
 
     /// [`RuleTables::write_slot`], then the agent's endpoint entries over the compiled ones.
-    pub fn write_slot_with(&mut self, slot: u8, rules: &CompiledRules, overlay: &EndpointOverlay) -> Result<(), TableError> {
+    pub fn write_slot_with(
+        &mut self,
+        slot: u8,
+        rules: &CompiledRules,
+        overlay: &EndpointOverlay,
+    ) -> Result<(), TableError> {
         self.clear_slot(slot)?;
         let result = self.write_entries(slot, rules).and_then(|()| self.write_overlay(slot, overlay));
         if result.is_err() {
@@ -266,7 +283,10 @@ impl RuleTables {
     /// Makes `ADDR_OWNERS` hold exactly `wanted`: writes what is new or changed, removes
     /// what is no longer wanted (entries left by an agent before a restart included).
     /// Every entry is tried; the first failure is returned.
-    pub fn set_owners(&mut self, wanted: &std::collections::HashMap<OwnerKey, OwnerValue>) -> Result<usize, TableError> {
+    pub fn set_owners(
+        &mut self,
+        wanted: &std::collections::HashMap<OwnerKey, OwnerValue>,
+    ) -> Result<usize, TableError> {
         let mut changed = 0;
         let mut first_error = None;
         for (key, value) in wanted {
@@ -323,7 +343,11 @@ pub fn write_port_zones<'a>(
 
 /// Puts `slot` in force: one write of `CONFIG` with the next generation, the slot, the
 /// enforcing flag and the rule set's default. Returns the new generation.
-pub fn activate(config: &mut Array<MapData, DatapathConfig>, slot: u8, rules: &CompiledRules) -> Result<u32, TableError> {
+pub fn activate(
+    config: &mut Array<MapData, DatapathConfig>,
+    slot: u8,
+    rules: &CompiledRules,
+) -> Result<u32, TableError> {
     let old = config.get(&CONFIG_INDEX, 0).map_err(map_err(CONFIG))?;
     let generation = old.generation.wrapping_add(1).max(1);
     let new = DatapathConfig {

@@ -246,7 +246,9 @@ pub fn find_filter(ifindex: u32, direction: Direction) -> Result<Option<Filter>,
     Ok(filters
         .iter()
         .find(|tc| {
-            (tc.header.info >> 16) as u16 == PRIORITY && handle_u32(tc.header.handle) == HANDLE && kind(tc) == Some("bpf")
+            (tc.header.info >> 16) as u16 == PRIORITY
+                && handle_u32(tc.header.handle) == HANDLE
+                && kind(tc) == Some("bpf")
         })
         .map(bpf_filter))
 }

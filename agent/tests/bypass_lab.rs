@@ -72,7 +72,6 @@ fn gso_tcp4_hdr(hdr_len: u16, gso_size: u16) -> [u8; 10] {
     h
 }
 
-
 #[test]
 fn gso_jumbo_and_tagged_frames_from_a_tap_are_judged() {
     let lab = Lab::new("bp");
@@ -90,7 +89,15 @@ fn gso_jumbo_and_tagged_frames_from_a_tap_are_judged() {
     let web_mac = [0x52, 0x54, 0x00, 0x30, 0x00, 0x09];
     let web_ip = [10, 30, 0, 9];
     let db_ip = db.ip().octets();
-    let super_frame = |dport: u16| eth(db.mac(), web_mac, &[], 0x0800, &ipv4(web_ip, db_ip, 6, &tcp(40000, dport, TCP_ACK, &vec![0x42; 10 * 1448])));
+    let super_frame = |dport: u16| {
+        eth(
+            db.mac(),
+            web_mac,
+            &[],
+            0x0800,
+            &ipv4(web_ip, db_ip, 6, &tcp(40000, dport, TCP_ACK, &vec![0x42; 10 * 1448])),
+        )
+    };
 
     // Allowed (web -> db 5432): the kernel takes the GSO path and db receives it.
     let capture = Capture::start_filtered(db.host_port(), "tcp dst port 5432");
@@ -103,10 +110,12 @@ fn gso_jumbo_and_tagged_frames_from_a_tap_are_judged() {
     let capture = Capture::start_filtered(db.host_port(), "tcp dst port 5433");
     tap.write(gso_tcp4_hdr(54, 1448), &super_frame(5433));
     // A jumbo frame without GSO, denied too.
-    let jumbo = eth(db.mac(), web_mac, &[], 0x0800, &ipv4(web_ip, db_ip, 6, &tcp(40001, 5433, TCP_ACK, &vec![0x43; 8900])));
+    let jumbo =
+        eth(db.mac(), web_mac, &[], 0x0800, &ipv4(web_ip, db_ip, 6, &tcp(40001, 5433, TCP_ACK, &vec![0x43; 8900])));
     tap.write([0u8; 10], &jumbo);
     // A VLAN-tagged frame from this VM port (which sends untagged), to an allowed port.
-    let tagged = eth(db.mac(), web_mac, &[(0x8100, 7)], 0x0800, &ipv4(web_ip, db_ip, 6, &tcp(40002, 5432, TCP_ACK, b"tagged")));
+    let tagged =
+        eth(db.mac(), web_mac, &[(0x8100, 7)], 0x0800, &ipv4(web_ip, db_ip, 6, &tcp(40002, 5432, TCP_ACK, b"tagged")));
     tap.write([0u8; 10], &tagged);
     std::thread::sleep(Duration::from_millis(300));
     assert!(capture.stop().is_empty(), "nothing of the denied frames reached db");
@@ -146,12 +155,21 @@ fn another_tcx_program_on_the_port_runs_after_ours_and_never_sees_what_we_drop()
     let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap()]);
 
     // web -> db tcp/5432 is allowed, tcp/5433 denied.
-    let syn = |dport: u16| eth(db.mac(), web.mac(), &[], 0x0800, &ipv4(web.ip().octets(), db.ip().octets(), 6, &tcp(41000, dport, TCP_SYN, &[])));
+    let syn = |dport: u16| {
+        eth(
+            db.mac(),
+            web.mac(),
+            &[],
+            0x0800,
+            &ipv4(web.ip().octets(), db.ip().octets(), 6, &tcp(41000, dport, TCP_SYN, &[])),
+        )
+    };
     let capture = Capture::start_filtered(db.host_port(), "tcp dst port 5433");
     web.send_raw_frames(&[syn(5432), syn(5433)]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(capture.stop().is_empty(), "the denied SYN never reached db");
-    let denied = agent.wait_for(Duration::from_secs(3), "the denied flow", |a| a.flows().into_iter().find(|f| f["dst_port"] == 5433));
+    let denied = agent
+        .wait_for(Duration::from_secs(3), "the denied flow", |a| a.flows().into_iter().find(|f| f["dst_port"] == 5433));
     assert_eq!(denied["verdict"], "denied", "{denied:#}");
 
     // The other program still ran after ours for what ours passed, and never saw what

@@ -30,12 +30,24 @@ fn enforcing_datapath() -> TestDatapath {
     let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
     ports.insert(LOOPBACK_IFINDEX, PortInfo { role: PortRole::Vm as u8, ..PortInfo::default() }, 0).unwrap();
     let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
-    config.set(0, DatapathConfig { generation: 1, flags: CONFIG_ENFORCE, default_inter_zone: Verdict::Allowed as u8, ..Default::default() }, 0).unwrap();
+    config
+        .set(
+            0,
+            DatapathConfig {
+                generation: 1,
+                flags: CONFIG_ENFORCE,
+                default_inter_zone: Verdict::Allowed as u8,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
     dp
 }
 
 fn endpoint(dp: &mut TestDatapath, mac: [u8; 6], value: EndpointValue) {
-    let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> = HashMap::try_from(dp.ebpf.map_mut(ENDPOINTS).unwrap()).unwrap();
+    let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
+        HashMap::try_from(dp.ebpf.map_mut(ENDPOINTS).unwrap()).unwrap();
     eps.insert(EndpointKey { slot: 0, _pad: 0, mac }, value, 0).unwrap();
 }
 
@@ -78,7 +90,10 @@ fn gratuitous_arp_and_unsolicited_neighbour_advertisements_announce_addresses() 
     let mut na = vec![136u8, 0, 0, 0, 0x20, 0, 0, 0];
     na.extend_from_slice(&v6(9));
     let all_nodes = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    assert_eq!(dp.from_port(&eth([0x33, 0x33, 0, 0, 0, 1], MAC_A, &[], 0x86dd, &ipv6(v6(9), all_nodes, 58, &na))), XDP_PASS);
+    assert_eq!(
+        dp.from_port(&eth([0x33, 0x33, 0, 0, 0, 1], MAC_A, &[], 0x86dd, &ipv6(v6(9), all_nodes, 58, &na))),
+        XDP_PASS
+    );
     let ann = announcements(&mut dp);
     assert_eq!(ann.len(), 2, "{ann:?}");
     assert_eq!(ann[0].key.proto, Announcement::GratuitousArp as u8);
@@ -106,13 +121,24 @@ fn a_mac_bound_to_another_port_is_spoofed_and_makes_no_flow() {
 fn quarantined_endpoints_reach_only_remediation_zones() {
     let mut dp = enforcing_datapath();
     // A (quarantined) in zone 1; B in zone 2, then zone 3 (remediation).
-    endpoint(&mut dp, MAC_A, EndpointValue { zone: 1, flags: ENDPOINT_QUARANTINED, endpoint_id: 1, ..EndpointValue::default() });
+    endpoint(
+        &mut dp,
+        MAC_A,
+        EndpointValue { zone: 1, flags: ENDPOINT_QUARANTINED, endpoint_id: 1, ..EndpointValue::default() },
+    );
     endpoint(&mut dp, MAC_B, EndpointValue { zone: 2, endpoint_id: 2, ..EndpointValue::default() });
     assert_eq!(dp.from_port(&tcp4(A, 1000, B, 80, TCP_SYN)), XDP_DROP);
     let v = dp.flows()[0].1;
     assert_eq!((v.verdict, v.reason), (Verdict::Denied as u8, Reason::Quarantined as u8));
-    let mut zones: HashMap<&mut MapData, ZoneKey, ZoneValue> = HashMap::try_from(dp.ebpf.map_mut(ZONES).unwrap()).unwrap();
-    zones.insert(ZoneKey { slot: 0, _pad: 0, zone: 3 }, ZoneValue { intra_zone: Verdict::Allowed as u8, flags: ZONE_REMEDIATION, _pad: [0; 2] }, 0).unwrap();
+    let mut zones: HashMap<&mut MapData, ZoneKey, ZoneValue> =
+        HashMap::try_from(dp.ebpf.map_mut(ZONES).unwrap()).unwrap();
+    zones
+        .insert(
+            ZoneKey { slot: 0, _pad: 0, zone: 3 },
+            ZoneValue { intra_zone: Verdict::Allowed as u8, flags: ZONE_REMEDIATION, _pad: [0; 2] },
+            0,
+        )
+        .unwrap();
     endpoint(&mut dp, MAC_B, EndpointValue { zone: 3, endpoint_id: 2, ..EndpointValue::default() });
     assert_eq!(dp.from_port(&tcp4(A, 1001, B, 80, TCP_SYN)), XDP_PASS);
     let v = dp.flows().into_iter().find(|(k, _)| k.port_lo == 80 && k.port_hi == 1001 || k.port_lo == 1001).unwrap().1;
@@ -122,9 +148,15 @@ fn quarantined_endpoints_reach_only_remediation_zones() {
 #[test]
 fn a_virtual_patch_denies_its_protocol_and_port_to_and_from_the_tagged_endpoint() {
     let mut dp = enforcing_datapath();
-    endpoint(&mut dp, MAC_B, EndpointValue { zone: 0, flags: ENDPOINT_PATCHED, endpoint_id: 7, ..EndpointValue::default() });
-    let mut patches: LpmTrie<&mut MapData, VpatchKey, VpatchValue> = LpmTrie::try_from(dp.ebpf.map_mut(VPATCHES).unwrap()).unwrap();
-    let key = VpatchKey { slot: 0, proto: 6, _pad: [0; 2], endpoint_id: 7u32.to_be_bytes(), port: 445u16.to_be_bytes() };
+    endpoint(
+        &mut dp,
+        MAC_B,
+        EndpointValue { zone: 0, flags: ENDPOINT_PATCHED, endpoint_id: 7, ..EndpointValue::default() },
+    );
+    let mut patches: LpmTrie<&mut MapData, VpatchKey, VpatchValue> =
+        LpmTrie::try_from(dp.ebpf.map_mut(VPATCHES).unwrap()).unwrap();
+    let key =
+        VpatchKey { slot: 0, proto: 6, _pad: [0; 2], endpoint_id: 7u32.to_be_bytes(), port: 445u16.to_be_bytes() };
     patches.insert(&Key::new(VPATCH_KEY_BITS, key), VpatchValue { patch_id: 3, _pad: [0; 4] }, 0).unwrap();
     assert_eq!(dp.from_port(&tcp4(A, 1000, B, 445, TCP_SYN)), XDP_DROP, "to the patched endpoint");
     assert_eq!(dp.from_port(&tcp4(A, 1000, B, 80, TCP_SYN)), XDP_PASS, "another port");
@@ -136,7 +168,13 @@ fn a_virtual_patch_denies_its_protocol_and_port_to_and_from_the_tagged_endpoint(
 
 #[test]
 fn router_advertisements_from_vm_ports_are_dropped_while_enforcing() {
-    let ra = eth([0x33, 0x33, 0, 0, 0, 1], MAC_A, &[], 0x86dd, &ipv6(v6(1), v6(2), 58, &[134, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    let ra = eth(
+        [0x33, 0x33, 0, 0, 0, 1],
+        MAC_A,
+        &[],
+        0x86dd,
+        &ipv6(v6(1), v6(2), 58, &[134, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    );
     let ns = eth([0x33, 0x33, 0, 0, 0, 1], MAC_A, &[], 0x86dd, &ipv6(v6(1), v6(2), 58, &[135, 0, 0, 0, 0, 0, 0, 0]));
     let mut dp = enforcing_datapath();
     assert_eq!(dp.from_port(&ra), XDP_DROP);

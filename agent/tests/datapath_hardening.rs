@@ -28,8 +28,20 @@ fn datapath(enforce: bool, role: PortRole, flags: u8) -> TestDatapath {
     let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
     ports.insert(LOOPBACK_IFINDEX, PortInfo { role: role as u8, flags, ..PortInfo::default() }, 0).unwrap();
     if enforce {
-        let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
-        config.set(0, DatapathConfig { generation: 1, flags: CONFIG_ENFORCE, default_inter_zone: Verdict::Allowed as u8, ..Default::default() }, 0).unwrap();
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
+        config
+            .set(
+                0,
+                DatapathConfig {
+                    generation: 1,
+                    flags: CONFIG_ENFORCE,
+                    default_inter_zone: Verdict::Allowed as u8,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
     }
     dp
 }
@@ -37,7 +49,8 @@ fn datapath(enforce: bool, role: PortRole, flags: u8) -> TestDatapath {
 fn udp_fragments(id_payload: usize) -> (Vec<u8>, Vec<u8>) {
     // A 2-fragment UDP datagram: the first carries the UDP header, the second (offset
     // 16 bytes = 2 units of 8) only data.
-    let first = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4_full(A, B, 17, &[], 0x2000, &udp(5000, 6000, &vec![1u8; id_payload])));
+    let first =
+        eth(MAC_B, MAC_A, &[], 0x0800, &ipv4_full(A, B, 17, &[], 0x2000, &udp(5000, 6000, &vec![1u8; id_payload])));
     let later = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4_full(A, B, 17, &[], 2, &[2u8; 40]));
     (first, later)
 }

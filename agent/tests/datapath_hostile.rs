@@ -267,7 +267,8 @@ fn frames_from_another_endpoints_address_are_dropped_and_counted_unless_the_port
     let d = usize::from(value.initiator & 1);
     assert_eq!(value.ifindex[d], LOOPBACK_IFINDEX);
     value.ifindex[d] = OTHER_PORT;
-    let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(setup.dp.ebpf.map_mut(FLOWS).unwrap()).unwrap();
+    let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+        HashMap::try_from(setup.dp.ebpf.map_mut(FLOWS).unwrap()).unwrap();
     flows.insert(key, value, 0).unwrap();
     give_victim_addresses(&mut setup.tables, OTHER_PORT);
     let before = setup.dp.counter(Counter::SpoofedAddress);
@@ -319,5 +320,3 @@ fn frames_from_another_endpoints_address_are_dropped_and_counted_unless_the_port
     }
     assert_eq!(setup.dp.counter(Counter::SpoofedAddress), before + spoofs.len() as u64);
 }
-
-

@@ -143,7 +143,11 @@ fn malformed_frames_pass_and_are_counted_by_reason() {
         ),
         ("tcp cut at 8 bytes", eth(MAC_B, MAC_A, &[], 0x0800, &ipv4(A, B, 6, &[0u8; 8])), Counter::ParseTruncatedL4),
         ("udp cut at 2 bytes", eth(MAC_B, MAC_A, &[], 0x0800, &ipv4(A, B, 17, &[0u8; 2])), Counter::ParseTruncatedL4),
-        ("ipv6 cut at 30 bytes", eth(MAC_B, MAC_A, &[], 0x86dd, &ipv6(v6(1), v6(2), 17, &[])[..30]), Counter::ParseTruncatedIpv6),
+        (
+            "ipv6 cut at 30 bytes",
+            eth(MAC_B, MAC_A, &[], 0x86dd, &ipv6(v6(1), v6(2), 17, &[])[..30]),
+            Counter::ParseTruncatedIpv6,
+        ),
         (
             "ipv6 extension chain longer than the walk",
             eth(MAC_B, MAC_A, &[], 0x86dd, &ipv6_ext(v6(1), v6(2), &deep_chain, 17, &udp(1, 2, &[]))),
@@ -183,7 +187,13 @@ fn truncation_at_every_offset_passes() {
     let mut dp = TestDatapath::load(1024);
     let exts = vec![(0u8, vec![0u8; 6]), (43u8, vec![0u8; 6])];
     let frames = [
-        eth(MAC_B, MAC_A, &[(0x8100, 5)], 0x0800, &ipv4_full(A, B, 6, &[1, 1, 1, 1, 1, 1, 1, 0], 0, &tcp(1, 2, TCP_SYN, b"abc"))),
+        eth(
+            MAC_B,
+            MAC_A,
+            &[(0x8100, 5)],
+            0x0800,
+            &ipv4_full(A, B, 6, &[1, 1, 1, 1, 1, 1, 1, 0], 0, &tcp(1, 2, TCP_SYN, b"abc")),
+        ),
         eth(MAC_B, MAC_A, &[], 0x86dd, &ipv6_ext(v6(1), v6(2), &exts, 6, &tcp(1, 2, TCP_SYN, b"abc"))),
         eth(MAC_B, MAC_A, &[], 0x0800, &ipv4(A, B, 1, &icmp_echo(8, 1, 1))),
         arp(0x8035, 3, MAC_A, A, A),

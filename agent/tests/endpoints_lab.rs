@@ -8,10 +8,7 @@ mod common;
 use std::time::Duration;
 
 use backplane_lab::{Lab, Vm};
-use common::{
-    agent::Agent,
-    frames::arp,
-};
+use common::{agent::Agent, frames::arp};
 use serde_json::Value;
 
 const RULES: &str = r#"
@@ -70,7 +67,16 @@ fn co_mingled_zones_raise_an_alert_and_an_unknown_mac_is_quarantined() {
     let state = lab.work_dir().join("state");
     let agent = Agent::start(
         &lab,
-        &["--rules", rules.to_str().unwrap(), "--node", "n1", "--state-dir", state.to_str().unwrap(), "--metrics-addr", "none"],
+        &[
+            "--rules",
+            rules.to_str().unwrap(),
+            "--node",
+            "n1",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--metrics-addr",
+            "none",
+        ],
     );
 
     announce(&db);
@@ -81,7 +87,10 @@ fn co_mingled_zones_raise_an_alert_and_an_unknown_mac_is_quarantined() {
     let detail = alert["detail"].as_str().unwrap_or_default();
     assert!(detail.contains("db") && detail.contains("dmz"), "names both zones: {alert:#}");
     let alerts = agent.status()["endpoints"]["alerts"].clone();
-    assert!(alerts.as_array().is_some_and(|a| a.iter().any(|t| t.as_str().is_some_and(|t| t.contains("co-mingling")))), "status shows the alert: {alerts:#}");
+    assert!(
+        alerts.as_array().is_some_and(|a| a.iter().any(|t| t.as_str().is_some_and(|t| t.contains("co-mingling")))),
+        "status shows the alert: {alerts:#}"
+    );
 
     // A MAC outside the inventory, in zone db (which has an inventory), is quarantined.
     announce(&stranger);

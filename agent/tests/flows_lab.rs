@@ -30,7 +30,8 @@ fn ten_pings_make_one_icmp_flow_with_ten_packets_each_way() {
     // 56 data bytes + 8 ICMP + 20 IPv4 + 14 Ethernet = 98 bytes per frame.
     assert_eq!(field(&flow, "fwd_bytes"), 10 * 98, "{flow:#}");
     assert_eq!(field(&flow, "rev_bytes"), 10 * 98, "{flow:#}");
-    let ifaces: Vec<&str> = flow["interfaces"].as_array().expect("interfaces").iter().filter_map(|v| v.as_str()).collect();
+    let ifaces: Vec<&str> =
+        flow["interfaces"].as_array().expect("interfaces").iter().filter_map(|v| v.as_str()).collect();
     assert!(ifaces.contains(&a.host_port()) && ifaces.contains(&b.host_port()), "seen on both ports: {ifaces:?}");
     assert_eq!(flow["verdict"], "observed");
     agent.stop();

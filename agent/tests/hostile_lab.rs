@@ -133,7 +133,8 @@ fn a_flow_started_from_an_address_before_its_owner_bound_is_cut_once_it_binds() 
     // Not bound yet (it has not announced itself): its address is nobody's, and the
     // attacker's connection from it to db:5432 (allowed for web) goes through.
     let (att, victim_ip, db_ip) = (attacker.mac(), [10, 30, 0, 2], db.ip().octets());
-    let segment = |flags: u8| eth(db.mac(), att, &[], 0x0800, &ipv4(victim_ip, db_ip, 6, &tcp(40100, 5432, flags, b"x")));
+    let segment =
+        |flags: u8| eth(db.mac(), att, &[], 0x0800, &ipv4(victim_ip, db_ip, 6, &tcp(40100, 5432, flags, b"x")));
     let capture = Capture::start_filtered(db.host_port(), "tcp src port 40100");
     attacker.send_raw_frames(&[segment(TCP_SYN)]);
     std::thread::sleep(Duration::from_millis(300));

@@ -10,7 +10,10 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use aya::programs::{SchedClassifier, TcAttachType, tc::{NlOptions, TcAttachOptions}};
+use aya::programs::{
+    SchedClassifier, TcAttachType,
+    tc::{NlOptions, TcAttachOptions},
+};
 use backplane_common::maps::PROG_FROM_PORT_TC;
 use backplane_lab::{Capture, Lab};
 use common::{
@@ -73,7 +76,11 @@ fn legacy_filters_go_first_enforce_without_an_agent_and_are_upgraded_in_place() 
     }
     for port in [web.host_port(), db.host_port()] {
         assert!(common::links_on(port).is_empty(), "{port}: no TCX link in legacy mode");
-        assert_eq!(ours(port, "ingress"), Some(("from_port_tc".into(), ids["from_port_tc"].as_u64().unwrap())), "{port}");
+        assert_eq!(
+            ours(port, "ingress"),
+            Some(("from_port_tc".into(), ids["from_port_tc"].as_u64().unwrap())),
+            "{port}"
+        );
         assert_eq!(ours(port, "egress"), Some(("to_port".into(), ids["to_port"].as_u64().unwrap())), "{port}");
     }
     let prefs: Vec<u32> = filters(web.host_port(), "ingress").iter().map(|f| f.0).collect();
@@ -82,7 +89,13 @@ fn legacy_filters_go_first_enforce_without_an_agent_and_are_upgraded_in_place() 
     // web -> db tcp/5432 is allowed, tcp/5433 and db -> web denied. The other filter runs
     // after ours for what ours passes and never sees what ours drops.
     let syn = |dport: u16| {
-        eth(db.mac(), web.mac(), &[], 0x0800, &ipv4(web.ip().octets(), db.ip().octets(), 6, &tcp(41000, dport, TCP_SYN, &[])))
+        eth(
+            db.mac(),
+            web.mac(),
+            &[],
+            0x0800,
+            &ipv4(web.ip().octets(), db.ip().octets(), 6, &tcp(41000, dport, TCP_SYN, &[])),
+        )
     };
     let capture = Capture::start_filtered(db.host_port(), "tcp dst port 5433");
     web.send_raw_frames(&[syn(5432), syn(5433)]);
@@ -115,9 +128,17 @@ fn legacy_filters_go_first_enforce_without_an_agent_and_are_upgraded_in_place() 
     let new_ids = status["program_ids"].clone();
     assert_ne!(new_ids, ids, "a new agent loads new programs");
     for port in [web.host_port(), db.host_port()] {
-        assert_eq!(ours(port, "ingress"), Some(("from_port_tc".into(), new_ids["from_port_tc"].as_u64().unwrap())), "{port}");
+        assert_eq!(
+            ours(port, "ingress"),
+            Some(("from_port_tc".into(), new_ids["from_port_tc"].as_u64().unwrap())),
+            "{port}"
+        );
         assert_eq!(ours(port, "egress"), Some(("to_port".into(), new_ids["to_port"].as_u64().unwrap())), "{port}");
-        assert_eq!(filters(port, "ingress").iter().filter(|f| f.0 == 1).count(), 1, "{port}: one filter of ours, replaced");
+        assert_eq!(
+            filters(port, "ingress").iter().filter(|f| f.0 == 1).count(),
+            1,
+            "{port}: one filter of ours, replaced"
+        );
     }
     assert!(stream.progress(Duration::from_millis(500)) > 0, "the allowed stream flows on");
     assert_eq!(retransmits(&db), retrans_before, "no segment of the stream was lost across the restart");
@@ -225,7 +246,11 @@ fn a_legacy_filter_removed_or_preceded_behind_the_agents_back_is_put_back_first(
     prog.attach_with_options(
         db.host_port(),
         TcAttachType::Ingress,
-        TcAttachOptions::Netlink(NlOptions { priority: 1, handle: aya::programs::tc::TcHandle::new(0, 7), classid: None }),
+        TcAttachOptions::Netlink(NlOptions {
+            priority: 1,
+            handle: aya::programs::tc::TcHandle::new(0, 7),
+            classid: None,
+        }),
     )
     .expect("attach the other filter");
     assert_ne!(first(db.host_port()).map(|f| f.2), Some(from_port_tc), "the other filter came first");

@@ -203,7 +203,6 @@ fn garp(vm: &Vm) -> Vec<u8> {
     arp_frame(0x0806, 1, vm.mac(), vm.ip().octets())
 }
 
-
 fn flow_of(agent: &NodeAgent, src: &str, dst: &str, dport: u16) -> Option<Value> {
     let flows = agent.json(&["flows", "--json"]);
     flows
@@ -475,7 +474,9 @@ fn a_vm_on_another_node_cannot_claim_an_address_bound_elsewhere() {
     });
     web.send_raw_frames(&[garp(&web)]);
     // Node B learns through etcd where web is bound.
-    b.wait_for(Duration::from_secs(10), "web located on node A", |b| (b.endpoint("web")["node"] == "nodea").then_some(()));
+    b.wait_for(Duration::from_secs(10), "web located on node A", |b| {
+        (b.endpoint("web")["node"] == "nodea").then_some(())
+    });
     let attacker = c.lab.add_vm(&c.b, "att", "10.40.0.66/8", None);
     b.wait_for(Duration::from_secs(10), "the attacker's port attached", |b| {
         b.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == attacker.host_port()).then_some(())
@@ -503,7 +504,11 @@ fn a_vm_on_another_node_cannot_claim_an_address_bound_elsewhere() {
     // Its own address is its own.
     attacker.send_raw_frames(&[garp(&attacker)]);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(b.status()["counters"]["spoofed_address"].as_u64().unwrap() - before, 2, "its own address is no spoofing");
+    assert_eq!(
+        b.status()["counters"]["spoofed_address"].as_u64().unwrap() - before,
+        2,
+        "its own address is no spoofing"
+    );
     drop(attacker);
     drop(web);
 }

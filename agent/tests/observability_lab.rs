@@ -49,7 +49,6 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
-
 fn ping(from: &Vm, to: Ipv4Addr, count: u32) -> bool {
     from.exec(&["ping", "-n", "-q", "-i", "0.2", "-c", &count.to_string(), "-W", "1", &to.to_string()]).status.success()
 }
@@ -109,7 +108,10 @@ fn metrics_pass_promtool_and_a_real_prometheus_sees_the_drops_of_a_zone_pair() {
     assert_eq!(metric(&text, "backplane_rules_generation"), Some(1.0), "{text}");
     assert!(metric(&text, r#"backplane_map_capacity{map="flows"}"#) > Some(0.0), "{text}");
     assert!(metric(&text, r#"backplane_map_entries{map="ports"}"#) == Some(2.0), "{text}");
-    assert!(metric(&text, r#"backplane_program_runs_total{program="from_port_tc"}"#) > Some(0.0), "BPF stats on: {text}");
+    assert!(
+        metric(&text, r#"backplane_program_runs_total{program="from_port_tc"}"#) > Some(0.0),
+        "BPF stats on: {text}"
+    );
     assert!(
         metric(&text, r#"backplane_program_run_time_seconds_total{program="from_port_tc"}"#) > Some(0.0),
         "run time: {text}"

@@ -33,7 +33,13 @@ fn link_ids(agent: &Agent) -> Vec<(String, u64, u64)> {
         .as_array()
         .expect("ports")
         .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["ingress_link_id"].as_u64().unwrap(), p["tc_link_id"].as_u64().unwrap()))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["ingress_link_id"].as_u64().unwrap(),
+                p["tc_link_id"].as_u64().unwrap(),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -108,7 +114,8 @@ fn the_previous_release_is_upgraded_in_place_under_traffic_and_denied_stays_deni
         a.flows().into_iter().find(|f| f["dst_port"] == 5432 && f["src_ip"] == "10.30.0.1")
     });
     assert!(
-        field(&after, "rev_packets") > field(&before, "rev_packets") && field(&after, "fwd_packets") >= field(&before, "fwd_packets"),
+        field(&after, "rev_packets") > field(&before, "rev_packets")
+            && field(&after, "fwd_packets") >= field(&before, "fwd_packets"),
         "the flow's counters carry on:\nbefore {before:#}\nafter {after:#}"
     );
     assert_eq!(after["first_seen"], before["first_seen"], "the same flow, carried, not made again:\n{after:#}");

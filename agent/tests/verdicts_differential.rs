@@ -131,12 +131,20 @@ fn random_rules(rng: &mut Rng, pool: &Pool) -> String {
                 _ => {
                     let a = 1 + rng.below(200);
                     let b = a + rng.below(60);
-                    allow.push(format!("{{ proto: {}, ports: [{}, \"{a}-{b}\"] }}", rng.pick(&["tcp", "udp", "sctp"]), 1 + rng.below(200)));
+                    allow.push(format!(
+                        "{{ proto: {}, ports: [{}, \"{a}-{b}\"] }}",
+                        rng.pick(&["tcp", "udp", "sctp"]),
+                        1 + rng.below(200)
+                    ));
                 }
             }
         }
         let mode = if rng.chance(25) { "audit" } else { "enforce" };
-        let _ = writeln!(y, "  - name: p{i}\n    from: {from}\n    to: {to}\n    mode: {mode}\n    allow: [{}]", allow.join(", "));
+        let _ = writeln!(
+            y,
+            "  - name: p{i}\n    from: {from}\n    to: {to}\n    mode: {mode}\n    allow: [{}]",
+            allow.join(", ")
+        );
     }
     if y.ends_with("policies:\n") {
         y.push_str("  []\n");
@@ -158,12 +166,17 @@ fn random_packet(rng: &mut Rng, pool: &Pool, serial: u16) -> Probe {
     let v6 = rng.chance(30);
     let host = |rng: &mut Rng| {
         let [a, b, c] = if rng.chance(85) { *rng.pick(&pool.v4_nets) } else { [192, 0, 2] };
-        (IpAddr::from([a, b, c, 1 + rng.below(250) as u8]), IpAddr::from([0xfd00, u16::from(c), 0, 0, 0, 0, 0, 1 + rng.below(250) as u16]))
+        (
+            IpAddr::from([a, b, c, 1 + rng.below(250) as u8]),
+            IpAddr::from([0xfd00, u16::from(c), 0, 0, 0, 0, 0, 1 + rng.below(250) as u16]),
+        )
     };
     let (s4, s6) = host(rng);
     let (d4, d6) = host(rng);
     let (src_ip, dst_ip) = if v6 { (s6, d6) } else { (s4, d4) };
-    let mac = |rng: &mut Rng| if rng.chance(60) { *rng.pick(&pool.macs) } else { [0x02, 0, 0, 0, 0x77, rng.below(200) as u8] };
+    let mac = |rng: &mut Rng| {
+        if rng.chance(60) { *rng.pick(&pool.macs) } else { [0x02, 0, 0, 0, 0x77, rng.below(200) as u8] }
+    };
     let (src_mac, dst_mac) = (mac(rng), mac(rng));
     let proto = *rng.pick(&[6u8, 17, 132, 47, if v6 { 58 } else { 1 }]);
     let dport = match proto {
@@ -242,7 +255,8 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
                 assert!(action == XDP_PASS || action == XDP_DROP, "XDP action {action}");
                 action == XDP_DROP
             };
-            let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(dp.ebpf.map_mut(FLOWS).unwrap()).unwrap();
+            let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+                HashMap::try_from(dp.ebpf.map_mut(FLOWS).unwrap()).unwrap();
             let entries: Vec<(FlowKey, FlowValue)> = flows.iter().map(Result::unwrap).collect();
             assert_eq!(entries.len(), 1, "one flow per probe");
             let (key, value) = entries[0];
@@ -250,8 +264,20 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
             let zone = |id: u16| compiled.zone_ids.name(id).unwrap_or("?").to_owned();
             let src_zone = zone(value.zone[usize::from(value.initiator)]);
             let dst_zone = zone(value.zone[usize::from(value.initiator ^ 1)]);
-            let got = (Verdict::from_u8(value.verdict).unwrap(), Reason::from_u8(value.reason).unwrap(), value.policy_id, src_zone, dst_zone);
-            let want = (expected.verdict, expected.reason, expected.policy_id, expected.src_zone.clone(), expected.dst_zone.clone());
+            let got = (
+                Verdict::from_u8(value.verdict).unwrap(),
+                Reason::from_u8(value.reason).unwrap(),
+                value.policy_id,
+                src_zone,
+                dst_zone,
+            );
+            let want = (
+                expected.verdict,
+                expected.reason,
+                expected.policy_id,
+                expected.src_zone.clone(),
+                expected.dst_zone.clone(),
+            );
             assert_eq!(
                 got, want,
                 "rule set {set}, packet {i} (seed {seed:#x}): kernel vs evaluator\npacket: {:?}\nrules:\n{text}",

@@ -13,7 +13,6 @@ use std::{
 use backplane_lab::{Capture, Lab, Vm};
 use common::agent::{Agent, copy_example_rules, field};
 
-
 /// Whether a TCP connection from `from` to `to:port` opens and carries 64 KiB both ways.
 fn tcp_works(from: &Vm, to: &Vm, port: u16) -> bool {
     let listener = to.in_netns(|| TcpListener::bind(("0.0.0.0", port))).expect("listen");
@@ -37,7 +36,9 @@ fn tcp_works(from: &Vm, to: &Vm, port: u16) -> bool {
     });
     if ok.is_none() {
         // Unblock the accept so the server thread ends.
-        let _ = to.in_netns(|| TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(to.ip()), port), Duration::from_millis(200)));
+        let _ = to.in_netns(|| {
+            TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(to.ip()), port), Duration::from_millis(200))
+        });
     }
     let answered = server.join().expect("server thread");
     ok.is_some() && answered.is_some()
@@ -62,7 +63,12 @@ fn flow(agent: &Agent, proto: &str, from: &Vm, to: &Vm, dport: u16) -> serde_jso
     agent
         .flows()
         .into_iter()
-        .find(|f| f["proto"] == proto && f["src_ip"] == src.as_str() && f["dst_ip"] == dst.as_str() && (dport == 0 || f["dst_port"] == dport))
+        .find(|f| {
+            f["proto"] == proto
+                && f["src_ip"] == src.as_str()
+                && f["dst_ip"] == dst.as_str()
+                && (dport == 0 || f["dst_port"] == dport)
+        })
         .unwrap_or_else(|| panic!("no {proto} flow {src} -> {dst}:{dport}"))
 }
 
@@ -91,7 +97,11 @@ fn three_zones_enforced_on_the_wire_with_hot_reload() {
     assert!(!tcp_works(&web, &db, 5433), "web -> db tcp/5433 is not in the policy");
     assert!(capture.stop().is_empty(), "no packet of the denied flow was delivered to db");
     let f = flow(&agent, "tcp", &web, &db, 5433);
-    assert_eq!((f["verdict"].as_str(), f["reason"].as_str(), f["policy"].as_str()), (Some("denied"), Some("policy_no_match"), Some("web-to-db")), "{f:#}");
+    assert_eq!(
+        (f["verdict"].as_str(), f["reason"].as_str(), f["policy"].as_str()),
+        (Some("denied"), Some("policy_no_match"), Some("web-to-db")),
+        "{f:#}"
+    );
     assert!(field(&f, "fwd_packets") >= 1, "the SYNs were counted: {f:#}");
 
     // UDP: web -> db is not allowed at all.
@@ -100,7 +110,11 @@ fn three_zones_enforced_on_the_wire_with_hot_reload() {
     // although replies db -> web of the allowed flow passed above.
     assert!(!tcp_works(&db, &web, 8080), "db -> web is denied as a new flow");
     let f = flow(&agent, "tcp", &db, &web, 8080);
-    assert_eq!((f["verdict"].as_str(), f["reason"].as_str(), f["policy"].as_str()), (Some("denied"), Some("default_inter_zone"), Some("default_inter_zone")), "{f:#}");
+    assert_eq!(
+        (f["verdict"].as_str(), f["reason"].as_str(), f["policy"].as_str()),
+        (Some("denied"), Some("default_inter_zone"), Some("default_inter_zone")),
+        "{f:#}"
+    );
     assert!(!ping_once(&db, &web), "db -> web icmp is denied");
 
     // Allowed UDP and audit: mgmt -> db allows tcp only; web -> mgmt is an audit policy.
@@ -111,7 +125,11 @@ fn three_zones_enforced_on_the_wire_with_hot_reload() {
 
     // Drops are counted per zone pair and reason.
     let drops = agent.status()["zone_pairs"].clone();
-    let db_web = drops.as_array().expect("zone_pairs").iter().find(|d| d["src_zone"] == "db" && d["dst_zone"] == "web" && d["verdict"] == "denied");
+    let db_web = drops
+        .as_array()
+        .expect("zone_pairs")
+        .iter()
+        .find(|d| d["src_zone"] == "db" && d["dst_zone"] == "web" && d["verdict"] == "denied");
     assert!(db_web.is_some_and(|d| d["packets"].as_u64() >= Some(2)), "db -> web drops counted: {drops:#}");
 
     // Hot reload: allow db -> web UDP 7000; in force within a second.
@@ -121,13 +139,19 @@ fn three_zones_enforced_on_the_wire_with_hot_reload() {
     )
     .unwrap();
     let written = Instant::now();
-    agent.wait_for(Duration::from_secs(1), "generation 2 in force", |a| (a.status()["rules"]["generation"] == 2).then_some(()));
+    agent.wait_for(Duration::from_secs(1), "generation 2 in force", |a| {
+        (a.status()["rules"]["generation"] == 2).then_some(())
+    });
     eprintln!("reload in force {:?} after the write", written.elapsed());
     assert!(udp_arrives(&db, &web, 7000), "db -> web udp/7000 allowed after the reload");
     assert!(!udp_arrives(&db, &web, 7001), "db -> web udp/7001 still denied");
 
     // A broken file changes nothing: the error is reported with file:line:column.
-    std::fs::write(rules.join("broken.yaml"), "policies:\n  - name: bad\n    from: db\n    to: nowhere\n    allow: []\n").unwrap();
+    std::fs::write(
+        rules.join("broken.yaml"),
+        "policies:\n  - name: bad\n    from: db\n    to: nowhere\n    allow: []\n",
+    )
+    .unwrap();
     let rejection = agent.wait_for(Duration::from_secs(2), "the rejection in status", |a| {
         let r = a.status()["rules"].clone();
         r["last_error"].as_array().filter(|e| !e.is_empty()).cloned()

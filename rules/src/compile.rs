@@ -13,9 +13,10 @@ use backplane_common::{
     Verdict,
     flow::{FAMILY_IPV4, FAMILY_IPV6},
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_PATCHED, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE, POLICY_ID_DEFAULT_INTER_ZONE,
-        POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, PolicyValue, VPATCH_KEY_PROTO_BITS, VpatchKey,
-        VpatchValue, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey, ZoneValue,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_PATCHED, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE,
+        POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS,
+        PolicyKey, PolicyValue, VPATCH_KEY_PROTO_BITS, VpatchKey, VpatchValue, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
+        ZoneValue,
     },
 };
 use globset::{GlobSet, GlobSetBuilder};
@@ -166,7 +167,10 @@ impl CidrEntry {
     /// The LPM trie key and its prefix length in bits (header included).
     #[must_use]
     pub fn key(&self, slot: u8) -> (u32, AddrKey) {
-        (ADDR_KEY_HEADER_BITS + u32::from(self.prefix_len), AddrKey { slot, family: self.family, _pad: [0; 2], addr: self.addr })
+        (
+            ADDR_KEY_HEADER_BITS + u32::from(self.prefix_len),
+            AddrKey { slot, family: self.family, _pad: [0; 2], addr: self.addr },
+        )
     }
 }
 
@@ -251,7 +255,13 @@ impl VpatchEntry {
     pub fn key(&self, slot: u8) -> (u32, VpatchKey) {
         (
             self.prefix_len,
-            VpatchKey { slot, proto: self.proto, _pad: [0; 2], endpoint_id: self.endpoint_id.to_be_bytes(), port: self.port.to_be_bytes() },
+            VpatchKey {
+                slot,
+                proto: self.proto,
+                _pad: [0; 2],
+                endpoint_id: self.endpoint_id.to_be_bytes(),
+                port: self.port.to_be_bytes(),
+            },
         )
     }
 
@@ -368,7 +378,10 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
                 MemberMatch::Mac(mac) => {
                     if macs.insert(*mac) {
                         let endpoint_id = u32::try_from(endpoints.len() + 1).expect("fewer than 2^32 endpoints");
-                        endpoints.push(EndpointEntry { mac: *mac, value: EndpointValue { zone: zid, endpoint_id, ..EndpointValue::default() } });
+                        endpoints.push(EndpointEntry {
+                            mac: *mac,
+                            value: EndpointValue { zone: zid, endpoint_id, ..EndpointValue::default() },
+                        });
                     }
                 }
                 MemberMatch::Cidr(c) => {
@@ -446,7 +459,12 @@ fn compile_patches(rules: &RuleSet) -> Vec<CompiledPatch> {
 
 /// Adds the inventory's endpoints to `endpoints` (or their flags to the entry of a
 /// `mac` member with the same MAC) and returns their `VPATCHES` entries.
-fn compile_inventory(rules: &RuleSet, zone_ids: &ZoneIds, patches: &[CompiledPatch], endpoints: &mut Vec<EndpointEntry>) -> Vec<VpatchEntry> {
+fn compile_inventory(
+    rules: &RuleSet,
+    zone_ids: &ZoneIds,
+    patches: &[CompiledPatch],
+    endpoints: &mut Vec<EndpointEntry>,
+) -> Vec<VpatchEntry> {
     let mut vpatches = Vec::new();
     for e in &rules.endpoints {
         let zone = rules.endpoint_zone(e).and_then(|z| zone_ids.id(z)).unwrap_or(ZONE_WORLD);
@@ -457,7 +475,10 @@ fn compile_inventory(rules: &RuleSet, zone_ids: &ZoneIds, patches: &[CompiledPat
             *member
         } else {
             let endpoint_id = u32::try_from(endpoints.len() + 1).expect("fewer than 2^32 endpoints");
-            let entry = EndpointEntry { mac: e.mac, value: EndpointValue { zone, flags, endpoint_id, ..EndpointValue::default() } };
+            let entry = EndpointEntry {
+                mac: e.mac,
+                value: EndpointValue { zone, flags, endpoint_id, ..EndpointValue::default() },
+            };
             endpoints.push(entry);
             entry
         };
@@ -475,7 +496,13 @@ fn compiled_vpatches(patches: &[CompiledPatch], endpoint_id: u32, tags: &[String
         let patch_id = u32::try_from(id).expect("fewer than 2^32 patches");
         for &(proto, port, bits) in &patch.denies {
             if seen.insert((proto, port, bits)) {
-                out.push(VpatchEntry { endpoint_id, proto, port, prefix_len: VPATCH_KEY_PROTO_BITS + u32::from(bits), patch_id });
+                out.push(VpatchEntry {
+                    endpoint_id,
+                    proto,
+                    port,
+                    prefix_len: VPATCH_KEY_PROTO_BITS + u32::from(bits),
+                    patch_id,
+                });
             }
         }
     }
@@ -646,7 +673,10 @@ mod tests {
         assert_eq!(p[0], (1, 16));
         assert_eq!(p[1], (2, 15));
         assert_eq!(p[15], (32768, 1));
-        assert_eq!(port_prefixes(1024, 65535), vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
+        assert_eq!(
+            port_prefixes(1024, 65535),
+            vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]
+        );
     }
 
     #[test]

@@ -126,7 +126,14 @@ pub fn explain(rules: &RuleSet, packet: &PacketView) -> Explanation {
     let (verdict, reason, policy_id, decided_by) = decide(rules, &src.zone, &dst.zone, packet.proto, packet.dport);
     let policy_name = usize::try_from(policy_id).ok().and_then(|i| rules.policies.get(i)).map(|p| p.name.clone());
     Explanation {
-        decision: Decision { verdict, reason, policy_id, policy_name, src_zone: src.zone.clone(), dst_zone: dst.zone.clone() },
+        decision: Decision {
+            verdict,
+            reason,
+            policy_id,
+            policy_name,
+            src_zone: src.zone.clone(),
+            dst_zone: dst.zone.clone(),
+        },
         src,
         dst,
         decided_by,
@@ -148,7 +155,9 @@ pub fn zone_of(rules: &RuleSet, mac: MacAddr, ip: IpAddr, interface: Option<&str
         let by = ZoneMatch::Endpoint { name: endpoint.name.clone(), at: endpoint.location.clone() };
         let zone = rules.endpoint_zone(endpoint).map(str::to_owned).or_else(|| {
             let ifname = interface?;
-            members().find_map(|(z, m)| matches!(&m.matcher, MemberMatch::Interface(g) if g.matches(ifname)).then(|| z.name.clone()))
+            members().find_map(|(z, m)| {
+                matches!(&m.matcher, MemberMatch::Interface(g) if g.matches(ifname)).then(|| z.name.clone())
+            })
         });
         return EndMatch { zone: zone.unwrap_or_else(|| WORLD.to_owned()), by };
     }
@@ -169,7 +178,11 @@ pub fn zone_of(rules: &RuleSet, mac: MacAddr, ip: IpAddr, interface: Option<&str
         members().find_map(|(z, m)| match &m.matcher {
             MemberMatch::Interface(g) if g.matches(ifname) => Some(EndMatch {
                 zone: z.name.clone(),
-                by: ZoneMatch::Interface { ifname: ifname.to_owned(), glob: g.pattern().to_owned(), at: m.location.clone() },
+                by: ZoneMatch::Interface {
+                    ifname: ifname.to_owned(),
+                    glob: g.pattern().to_owned(),
+                    at: m.location.clone(),
+                },
             }),
             _ => None,
         })
@@ -182,7 +195,12 @@ fn decide(rules: &RuleSet, src: &str, dst: &str, proto: u8, dport: u16) -> (Verd
         let setting = rules.intra_zone(src);
         let verdict = if setting == Access::Deny { Verdict::Denied } else { Verdict::Allowed };
         let at = rules.zone(src).map(|z| z.location.clone());
-        return (verdict, Reason::IntraZone, POLICY_ID_INTRA_ZONE, DecidedBy::IntraZone { zone: src.to_owned(), setting, at });
+        return (
+            verdict,
+            Reason::IntraZone,
+            POLICY_ID_INTRA_ZONE,
+            DecidedBy::IntraZone { zone: src.to_owned(), setting, at },
+        );
     }
     let pair: Vec<(u32, &crate::ruleset::Policy)> = rules
         .policies
@@ -221,7 +239,9 @@ impl fmt::Display for EndMatch {
             ZoneMatch::Interface { ifname, glob, at } => {
                 write!(f, "zone {} by interface {ifname} matching \"{glob}\" ({at})", self.zone)
             }
-            ZoneMatch::Endpoint { name, at } => write!(f, "zone {} by endpoint \"{name}\" of the inventory ({at})", self.zone),
+            ZoneMatch::Endpoint { name, at } => {
+                write!(f, "zone {} by endpoint \"{name}\" of the inventory ({at})", self.zone)
+            }
             ZoneMatch::World => write!(f, "zone world: no member matches"),
         }
     }
@@ -246,10 +266,20 @@ impl fmt::Display for Explanation {
             DecidedBy::PolicyNoMatch { policies, all_audit, at } => {
                 let names: Vec<String> = policies.iter().map(|p| format!("\"{p}\"")).collect();
                 let mode = if *all_audit { "all in audit mode" } else { "enforced" };
-                writeln!(f, "decided by:  no allow entry of policy {} matches ({mode}; first at {at})", names.join(", "))?;
+                writeln!(
+                    f,
+                    "decided by:  no allow entry of policy {} matches ({mode}; first at {at})",
+                    names.join(", ")
+                )?;
             }
             DecidedBy::DefaultInterZone { setting, at } => {
-                write!(f, "decided by:  no policy from {} to {}: default_inter_zone {}", d.src_zone, d.dst_zone, setting.as_str())?;
+                write!(
+                    f,
+                    "decided by:  no policy from {} to {}: default_inter_zone {}",
+                    d.src_zone,
+                    d.dst_zone,
+                    setting.as_str()
+                )?;
                 match at {
                     Some(at) => writeln!(f, " ({at})")?,
                     None => writeln!(f, " (the default)")?,

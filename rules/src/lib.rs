@@ -19,13 +19,18 @@ mod ruleset;
 mod yaml;
 
 pub use compile::{
-    CidrEntry, CompiledPatch, CompiledRules, EndpointEntry, InterfaceEntry, PAIR_MARKER_PROTO, PolicyEntry, VpatchEntry, ZoneEntry, ZoneIds, compile, port_prefixes,
+    CidrEntry, CompiledPatch, CompiledRules, EndpointEntry, InterfaceEntry, PAIR_MARKER_PROTO, PolicyEntry,
+    VpatchEntry, ZoneEntry, ZoneIds, compile, port_prefixes,
 };
 pub use error::RuleError;
-pub use failure::{FAILURE_POLICY_PREFIX, OnRulesFailure};
 pub use evaluate::{DecidedBy, Decision, EndMatch, Explanation, PacketView, ZoneMatch, evaluate, explain, zone_of};
-pub use inventory::{DenyEntry, check_endpoint_name, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints};
+pub use failure::{FAILURE_POLICY_PREFIX, OnRulesFailure};
+pub use inventory::{
+    DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints,
+    check_endpoint_name,
+};
 pub use load::{MAX_ZONES, load_rules, parse_rules};
 pub use ruleset::{
-    Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto, RuleSet, WORLD, Zone,
+    Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto,
+    RuleSet, WORLD, Zone,
 };

@@ -11,10 +11,12 @@ use std::{
 
 use crate::{
     RuleError,
-    inventory::{self, DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints},
+    inventory::{
+        self, DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints,
+    },
     ruleset::{
-        Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto, RuleSet, WORLD,
-        Zone,
+        Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange,
+        Proto, RuleSet, WORLD, Zone,
     },
     yaml::{self, Node, Pos, Value},
 };
@@ -49,7 +51,8 @@ pub fn load_rules(path: &Path) -> Result<RuleSet, Vec<RuleError>> {
 
 /// The `*.yaml` files of a directory, in byte order of their names.
 fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, Vec<RuleError>> {
-    let entries = fs::read_dir(dir).map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
+    let entries =
+        fs::read_dir(dir).map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
@@ -185,7 +188,10 @@ impl Loader {
     fn fields_with<'n>(&mut self, node: &'n Node, what: &str, allowed: &[&str], shown: usize) -> Option<Fields<'n>> {
         let Value::Map(entries) = &node.value else {
             let shown = &allowed[..shown.min(allowed.len())];
-            self.error(node.pos, format!("expected {what} (a mapping with {}), found {}", shown.join(", "), node.kind()));
+            self.error(
+                node.pos,
+                format!("expected {what} (a mapping with {}), found {}", shown.join(", "), node.kind()),
+            );
             return None;
         };
         let mut fields = Fields { pos: node.pos, found: Vec::new() };
@@ -195,7 +201,10 @@ impl Loader {
                 continue;
             };
             if !allowed.contains(&name) {
-                self.error(key.pos, format!("unknown field \"{name}\" in {what}; expected one of: {}", allowed.join(", ")));
+                self.error(
+                    key.pos,
+                    format!("unknown field \"{name}\" in {what}; expected one of: {}", allowed.join(", ")),
+                );
             } else if let Some(first) = fields.key_pos(name) {
                 self.error(key.pos, format!("field \"{name}\" is given twice (first at line {})", first.line));
             } else {
@@ -251,7 +260,8 @@ impl Loader {
             return;
         }
         let Value::Map(entries) = &node.value else {
-            return self.error(node.pos, format!("expected zones (a mapping of zone names to zones), found {}", node.kind()));
+            return self
+                .error(node.pos, format!("expected zones (a mapping of zone names to zones), found {}", node.kind()));
         };
         for (key, value) in entries {
             let Some(name) = self.scalar(key, "a zone name") else { continue };
@@ -314,7 +324,8 @@ impl Loader {
         let Some(items) = self.list(members, "members") else { return };
         if zone.name == WORLD && !items.is_empty() {
             let pos = fields.key_pos("members").unwrap_or(members.pos);
-            return self.error(pos, "the built-in zone world has no members: it holds every address outside the other zones");
+            return self
+                .error(pos, "the built-in zone world has no members: it holds every address outside the other zones");
         }
         for item in items {
             if let Some(member) = self.member(item) {
@@ -335,7 +346,9 @@ impl Loader {
             "mac" => text.parse::<MacAddr>().map(MemberMatch::Mac),
             "cidr" => text.parse::<Cidr>().map(MemberMatch::Cidr),
             _ if text.is_empty() => Err("an interface glob cannot be empty".to_owned()),
-            _ => InterfaceGlob::new(text).map(MemberMatch::Interface).map_err(|e| format!("bad interface glob \"{text}\": {e}")),
+            _ => InterfaceGlob::new(text)
+                .map(MemberMatch::Interface)
+                .map_err(|e| format!("bad interface glob \"{text}\": {e}")),
         };
         match parsed {
             Ok(matcher) => Some(Member { matcher, location: self.loc(value.pos) }),
@@ -361,7 +374,12 @@ impl Loader {
         let name = self.required(&fields, "name", "a policy", "");
         let from = self.required(&fields, "from", "a policy", "");
         let to = self.required(&fields, "to", "a policy", "");
-        let allow = self.required(&fields, "allow", "a policy", " (write `allow: []` to cover the zone pair and allow nothing)");
+        let allow = self.required(
+            &fields,
+            "allow",
+            "a policy",
+            " (write `allow: []` to cover the zone pair and allow nothing)",
+        );
         let mode = match fields.get("mode") {
             None => Mode::Enforce,
             Some(m) => match self.scalar(m, "a mode: enforce or audit") {
@@ -378,7 +396,8 @@ impl Loader {
             if s.trim().is_empty() || s.chars().any(char::is_control) {
                 self.error(n.pos, "a policy name must be non-empty and have no control characters");
             } else if let Some(&first) = self.policy_index.get(s) {
-                let msg = format!("policy \"{s}\" is defined twice (first at {})", self.policies[first].policy.location);
+                let msg =
+                    format!("policy \"{s}\" is defined twice (first at {})", self.policies[first].policy.location);
                 self.error(n.pos, msg);
             }
         }
@@ -427,7 +446,10 @@ impl Loader {
             if !proto.has_ports() {
                 let pos = fields.key_pos("ports").unwrap_or(ports_node.pos);
                 let name = proto.name().map_or_else(|| format!("protocol {}", proto.number()), str::to_owned);
-                self.error(pos, format!("{name} has no ports; remove ports (an entry without ports {verb} all {name})"));
+                self.error(
+                    pos,
+                    format!("{name} has no ports; remove ports (an entry without ports {verb} all {name})"),
+                );
                 return None;
             }
             let items = self.list(ports_node, "ports")?;
@@ -533,15 +555,23 @@ impl Loader {
                         self.error(key.pos, format!("placement names label \"{label}\" twice"));
                         continue;
                     }
-                    let allowed: Vec<String> = self.names(values, "placement values", "label value").into_iter().map(|(n, _)| n).collect();
-                    if allowed.is_empty() && values.is_null() || matches!(&values.value, Value::Seq(s) if s.is_empty()) {
-                        self.error(values.pos, format!("placement of label \"{label}\" allows no value; list the values nodes may have"));
+                    let allowed: Vec<String> =
+                        self.names(values, "placement values", "label value").into_iter().map(|(n, _)| n).collect();
+                    if allowed.is_empty() && values.is_null() || matches!(&values.value, Value::Seq(s) if s.is_empty())
+                    {
+                        self.error(
+                            values.pos,
+                            format!("placement of label \"{label}\" allows no value; list the values nodes may have"),
+                        );
                         continue;
                     }
                     settings.placement.insert(label.to_owned(), allowed);
                 }
             } else if !v.is_null() {
-                self.error(v.pos, format!("expected placement (a mapping of node labels to lists of values), found {}", v.kind()));
+                self.error(
+                    v.pos,
+                    format!("expected placement (a mapping of node labels to lists of values), found {}", v.kind()),
+                );
             }
         }
         if let Some(v) = fields.get("must_not_share_node_with") {
@@ -562,7 +592,10 @@ impl Loader {
             return;
         }
         let Value::Map(entries) = &node.value else {
-            return self.error(node.pos, format!("expected endpoints (a mapping of endpoint names to endpoints), found {}", node.kind()));
+            return self.error(
+                node.pos,
+                format!("expected endpoints (a mapping of endpoint names to endpoints), found {}", node.kind()),
+            );
         };
         for (key, value) in entries {
             let Some(name) = self.scalar(key, "an endpoint name") else { continue };
@@ -571,7 +604,10 @@ impl Loader {
                 continue;
             }
             if let Some(&first) = self.endpoint_index.get(name) {
-                let msg = format!("endpoint \"{name}\" is defined twice (first at {})", self.endpoints[first].endpoint.location);
+                let msg = format!(
+                    "endpoint \"{name}\" is defined twice (first at {})",
+                    self.endpoints[first].endpoint.location
+                );
                 self.error(key.pos, msg);
                 continue;
             }
@@ -579,7 +615,10 @@ impl Loader {
             let mac = pending.endpoint.mac;
             if let Some(&first) = self.endpoint_macs.get(&mac) {
                 let other = &self.endpoints[first].endpoint;
-                let msg = format!("MAC {mac} of endpoint \"{name}\" is already endpoint \"{}\"'s ({}); a MAC is one endpoint's identity", other.name, other.location);
+                let msg = format!(
+                    "MAC {mac} of endpoint \"{name}\" is already endpoint \"{}\"'s ({}); a MAC is one endpoint's identity",
+                    other.name, other.location
+                );
                 self.error(key.pos, msg);
                 continue;
             }
@@ -615,7 +654,10 @@ impl Loader {
                         self.error(item.pos, msg);
                     }
                     Ok(ip) => ips.push(ip),
-                    Err(_) => self.error(item.pos, format!("\"{text}\" is not an IP address; expected an IPv4 or IPv6 address like 10.30.0.5")),
+                    Err(_) => self.error(
+                        item.pos,
+                        format!("\"{text}\" is not an IP address; expected an IPv4 or IPv6 address like 10.30.0.5"),
+                    ),
                 }
             }
         }
@@ -644,7 +686,8 @@ impl Loader {
         for item in items {
             let Some(fields) = self.fields(item, "a virtual patch", &["name", "tag", "deny"]) else { continue };
             let name = self.required(&fields, "name", "a virtual patch", "");
-            let tag = self.required(&fields, "tag", "a virtual patch", " (the patch applies to endpoints with this tag)");
+            let tag =
+                self.required(&fields, "tag", "a virtual patch", " (the patch applies to endpoints with this tag)");
             let deny = self.required(&fields, "deny", "a virtual patch", "");
             let name = name.and_then(|n| Some((self.scalar(n, "a patch name")?, n.pos)));
             if let Some((text, pos)) = name {
@@ -684,12 +727,20 @@ impl Loader {
     /// in another zone, and the zones of `must_not_share_node_with`.
     fn finish_inventory(&mut self) -> Vec<Endpoint> {
         let names = || -> String {
-            std::iter::once(WORLD).chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD)).collect::<Vec<_>>().join(", ")
+            std::iter::once(WORLD)
+                .chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let mut errors = Vec::new();
         for n in &self.neighbours {
             if n.other != WORLD && !self.zone_index.contains_key(&n.other) {
-                errors.push(n.at.error(format!("unknown zone \"{}\" in must_not_share_node_with of zone \"{}\"; known zones: {}", n.other, n.zone, names())));
+                errors.push(n.at.error(format!(
+                    "unknown zone \"{}\" in must_not_share_node_with of zone \"{}\"; known zones: {}",
+                    n.other,
+                    n.zone,
+                    names()
+                )));
             }
         }
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
@@ -697,11 +748,18 @@ impl Loader {
             let e = &p.endpoint;
             if let (Some(zone), Some(at)) = (&e.zone, &p.zone_at) {
                 if zone != WORLD && !self.zone_index.contains_key(zone) {
-                    errors.push(at.error(format!("unknown zone \"{zone}\" for endpoint \"{}\"; known zones: {}", e.name, names())));
+                    errors.push(at.error(format!(
+                        "unknown zone \"{zone}\" for endpoint \"{}\"; known zones: {}",
+                        e.name,
+                        names()
+                    )));
                     endpoints.push(p.endpoint);
                     continue;
                 }
-                let member = self.zones.iter().find(|z| z.members.iter().any(|m| matches!(&m.matcher, MemberMatch::Mac(x) if *x == e.mac)));
+                let member = self
+                    .zones
+                    .iter()
+                    .find(|z| z.members.iter().any(|m| matches!(&m.matcher, MemberMatch::Mac(x) if *x == e.mac)));
                 if let Some(other) = member.filter(|z| z.name != *zone) {
                     errors.push(at.error(format!(
                         "endpoint \"{}\" is put in zone \"{zone}\" but its MAC {} is a member of zone \"{}\"; an address can be in one zone only",
@@ -736,9 +794,12 @@ impl Loader {
         for p in self.policies {
             for (name, at, field) in [(&p.policy.from, &p.from_at, "from"), (&p.policy.to, &p.to_at, "to")] {
                 if name != WORLD && !self.zone_index.contains_key(name.as_str()) {
-                    let names: Vec<&str> =
-                        std::iter::once(WORLD).chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD)).collect();
-                    self.errors.push(at.error(format!("unknown zone \"{name}\" in {field}; known zones: {}", names.join(", "))));
+                    let names: Vec<&str> = std::iter::once(WORLD)
+                        .chain(self.zones.iter().map(|z| z.name.as_str()).filter(|n| *n != WORLD))
+                        .collect();
+                    self.errors.push(
+                        at.error(format!("unknown zone \"{name}\" in {field}; known zones: {}", names.join(", "))),
+                    );
                 }
             }
             if p.policy.from == p.policy.to {
@@ -758,7 +819,14 @@ impl Loader {
             Some((a, at)) => (a, Some(at)),
             None => (Access::Deny, None),
         };
-        Ok(RuleSet { zones: self.zones, policies, default_inter_zone, default_inter_zone_at, endpoints, virtual_patches: self.virtual_patches })
+        Ok(RuleSet {
+            zones: self.zones,
+            policies,
+            default_inter_zone,
+            default_inter_zone_at,
+            endpoints,
+            virtual_patches: self.virtual_patches,
+        })
     }
 }
 
@@ -771,7 +839,9 @@ fn check_zone_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("\"{name}\" is not a valid zone name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"))
+        Err(format!(
+            "\"{name}\" is not a valid zone name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ))
     }
 }
 
@@ -779,15 +849,20 @@ fn check_zone_name(name: &str) -> Result<(), String> {
 /// two CIDRs of which one holds the other. Reported at the member read last.
 fn check_overlaps(zones: &[Zone], errors: &mut Vec<RuleError>) {
     // (reading order, zone, member)
-    let members: Vec<(usize, &Zone, &Member)> =
-        zones.iter().flat_map(|z| z.members.iter().map(move |m| (z, m))).enumerate().map(|(i, (z, m))| (i, z, m)).collect();
-    let conflict = |errors: &mut Vec<RuleError>, a: &(usize, &Zone, &Member), b: &(usize, &Zone, &Member), what: &str| {
-        let (first, later) = if a.0 < b.0 { (a, b) } else { (b, a) };
-        errors.push(later.2.location.error(format!(
-            "{} in zone \"{}\" {what} {} of zone \"{}\" ({}); an address can be in one zone only",
-            later.2.matcher, later.1.name, first.2.matcher, first.1.name, first.2.location
-        )));
-    };
+    let members: Vec<(usize, &Zone, &Member)> = zones
+        .iter()
+        .flat_map(|z| z.members.iter().map(move |m| (z, m)))
+        .enumerate()
+        .map(|(i, (z, m))| (i, z, m))
+        .collect();
+    let conflict =
+        |errors: &mut Vec<RuleError>, a: &(usize, &Zone, &Member), b: &(usize, &Zone, &Member), what: &str| {
+            let (first, later) = if a.0 < b.0 { (a, b) } else { (b, a) };
+            errors.push(later.2.location.error(format!(
+                "{} in zone \"{}\" {what} {} of zone \"{}\" ({}); an address can be in one zone only",
+                later.2.matcher, later.1.name, first.2.matcher, first.1.name, first.2.location
+            )));
+        };
 
     let mut macs: HashMap<MacAddr, &(usize, &Zone, &Member)> = HashMap::new();
     let mut globs: HashMap<&str, &(usize, &Zone, &Member)> = HashMap::new();

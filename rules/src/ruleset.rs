@@ -203,7 +203,8 @@ pub struct InterfaceGlob {
 
 impl InterfaceGlob {
     pub(crate) fn new(pattern: &str) -> Result<Self, String> {
-        let glob = globset::GlobBuilder::new(pattern).literal_separator(false).build().map_err(|e| e.kind().to_string())?;
+        let glob =
+            globset::GlobBuilder::new(pattern).literal_separator(false).build().map_err(|e| e.kind().to_string())?;
         Ok(Self { pattern: pattern.to_owned(), matcher: glob.compile_matcher() })
     }
 
@@ -504,16 +505,15 @@ impl FromStr for Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("\"{s}\" is not a CIDR; expected an IPv4 or IPv6 network like 10.30.0.0/24 or fd00:30::/64"))?;
-        let prefix_len =
-            match len {
-                None => max_prefix(addr),
-                Some(l) => l.parse::<u8>().ok().filter(|n| *n <= max_prefix(addr)).ok_or_else(|| {
-                    format!("\"{l}\" is not a prefix length of an {} address (0-{})", family_name(addr), max_prefix(addr))
-                })?,
-            };
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            format!("\"{s}\" is not a CIDR; expected an IPv4 or IPv6 network like 10.30.0.0/24 or fd00:30::/64")
+        })?;
+        let prefix_len = match len {
+            None => max_prefix(addr),
+            Some(l) => l.parse::<u8>().ok().filter(|n| *n <= max_prefix(addr)).ok_or_else(|| {
+                format!("\"{l}\" is not a prefix length of an {} address (0-{})", family_name(addr), max_prefix(addr))
+            })?,
+        };
         Self::new(addr, prefix_len)
     }
 }

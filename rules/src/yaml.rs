@@ -86,7 +86,10 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut docs = builder.docs.into_iter();
     let first = docs.next();
     if let Some(second) = docs.next() {
-        return Err(SyntaxError { pos: second.pos, message: "a rule file holds one YAML document; split it into files".into() });
+        return Err(SyntaxError {
+            pos: second.pos,
+            message: "a rule file holds one YAML document; split it into files".into(),
+        });
     }
     Ok(first)
 }
@@ -107,7 +110,10 @@ impl Builder {
         let pos = Pos::of(span);
         match event {
             Event::Scalar(text, style, anchor, _tag) => {
-                let node = Node { value: Value::Scalar { text: Cow::into_owned(text), plain: style == ScalarStyle::Plain }, pos };
+                let node = Node {
+                    value: Value::Scalar { text: Cow::into_owned(text), plain: style == ScalarStyle::Plain },
+                    pos,
+                };
                 self.remember(anchor, &node);
                 self.push(node);
             }

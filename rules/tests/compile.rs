@@ -6,9 +6,14 @@ use std::path::Path;
 use backplane_common::{
     Verdict,
     flow::{FAMILY_IPV4, FAMILY_IPV6},
-    policy::{MODE_AUDIT, MODE_ENFORCE, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_KEY_PROTO_BITS, PolicyValue},
+    policy::{
+        MODE_AUDIT, MODE_ENFORCE, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_KEY_PROTO_BITS,
+        PolicyValue,
+    },
 };
-use backplane_rules::{CompiledRules, PAIR_MARKER_PROTO, PolicyEntry, RuleSet, ZoneIds, compile, load_rules, parse_rules};
+use backplane_rules::{
+    CompiledRules, PAIR_MARKER_PROTO, PolicyEntry, RuleSet, ZoneIds, compile, load_rules, parse_rules,
+};
 
 fn example(name: &str) -> RuleSet {
     load_rules(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name)).unwrap_or_else(|e| panic!("{e:#?}"))
@@ -70,7 +75,10 @@ fn three_zones_tables() {
     );
     let e = c.policies.iter().find(|e| e.port == 9108).unwrap();
     let (bits, key) = e.key(1);
-    assert_eq!((bits, key.slot, key.proto, key.src_zone, key.dst_zone, key.port), (63, 1, 6, [0, 3], [0, 1], 9108u16.to_be_bytes()));
+    assert_eq!(
+        (bits, key.slot, key.proto, key.src_zone, key.dst_zone, key.port),
+        (63, 1, 6, [0, 3], [0, 1], 9108u16.to_be_bytes())
+    );
     assert_eq!(e.ports(), (9108, 9109));
 
     // One marker per covered pair; web-to-mgmt is audit with nothing allowed.
@@ -78,9 +86,19 @@ fn three_zones_tables() {
         c.pair_markers.iter().map(|m| (m.src_zone, m.dst_zone, m.value.policy_id, m.value.mode)).collect();
     assert_eq!(
         markers,
-        vec![(0, 1, 3, MODE_ENFORCE), (1, 2, 0, MODE_ENFORCE), (1, 3, 4, MODE_AUDIT), (3, 1, 1, MODE_ENFORCE), (3, 2, 2, MODE_ENFORCE)]
+        vec![
+            (0, 1, 3, MODE_ENFORCE),
+            (1, 2, 0, MODE_ENFORCE),
+            (1, 3, 4, MODE_AUDIT),
+            (3, 1, 1, MODE_ENFORCE),
+            (3, 2, 2, MODE_ENFORCE)
+        ]
     );
-    assert!(c.pair_markers.iter().all(|m| m.proto == PAIR_MARKER_PROTO && m.port == 0 && m.prefix_len == POLICY_KEY_PROTO_BITS));
+    assert!(
+        c.pair_markers
+            .iter()
+            .all(|m| m.proto == PAIR_MARKER_PROTO && m.port == 0 && m.prefix_len == POLICY_KEY_PROTO_BITS)
+    );
     assert!(entries(&c, 6, "web", "mgmt").is_empty());
 
     assert_eq!(c.policy_names, vec!["web-to-db", "mgmt-to-web", "mgmt-to-db", "world-to-web", "web-to-mgmt"]);
@@ -126,8 +144,16 @@ fn zone_ids_round_trip_through_serde() {
 #[test]
 fn hypervisor_endpoints_and_interfaces() {
     let c = compile(&example("hypervisor"), &ZoneIds::new());
-    let eps: Vec<(String, u16, u32)> = c.endpoints.iter().map(|e| (e.mac.to_string(), e.value.zone, e.value.endpoint_id)).collect();
-    assert_eq!(eps, vec![("52:54:00:a0:00:01".into(), 1, 1), ("52:54:00:a0:00:02".into(), 1, 2), ("52:54:00:b0:00:01".into(), 2, 3)]);
+    let eps: Vec<(String, u16, u32)> =
+        c.endpoints.iter().map(|e| (e.mac.to_string(), e.value.zone, e.value.endpoint_id)).collect();
+    assert_eq!(
+        eps,
+        vec![
+            ("52:54:00:a0:00:01".into(), 1, 1),
+            ("52:54:00:a0:00:02".into(), 1, 2),
+            ("52:54:00:b0:00:01".into(), 2, 3)
+        ]
+    );
     assert_eq!(c.endpoints[2].key(1).mac, [0x52, 0x54, 0, 0xb0, 0, 1]);
     assert!(c.endpoints.iter().all(|e| e.value.flags == 0));
     assert_eq!(c.zone_for_interface("vnet0"), Some(4));
@@ -217,8 +243,10 @@ fn several_policies_for_one_pair_first_wins() {
 
 #[test]
 fn all_audit_pair_marker_is_audit() {
-    let text = MULTI
-        .replace("    allow: [ { proto: tcp, ports: [5432, 7000] }", "    mode: audit\n    allow: [ { proto: tcp, ports: [5432, 7000] }");
+    let text = MULTI.replace(
+        "    allow: [ { proto: tcp, ports: [5432, 7000] }",
+        "    mode: audit\n    allow: [ { proto: tcp, ports: [5432, 7000] }",
+    );
     let c = compile(&inline(&text), &ZoneIds::new());
     assert_eq!(c.pair_markers[0].value.mode, MODE_AUDIT);
 }

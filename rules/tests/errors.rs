@@ -32,7 +32,8 @@ fn assert_error(error: &str, at: &str, needle: &str) {
     assert!(error.contains(needle), "{error} should say {needle:?}");
 }
 
-const ZONES: &str = "zones:\n  web:\n    members: [ { cidr: 10.30.0.0/24 } ]\n  db:\n    members: [ { cidr: 10.40.0.0/24 } ]\n";
+const ZONES: &str =
+    "zones:\n  web:\n    members: [ { cidr: 10.30.0.0/24 } ]\n  db:\n    members: [ { cidr: 10.40.0.0/24 } ]\n";
 
 #[test]
 fn yaml_syntax_error() {
@@ -49,7 +50,11 @@ fn one_document_per_file() {
 #[test]
 fn unknown_top_level_field() {
     let e = one_error("zones: {}\npolicys: []\n");
-    assert_error(&e, "2:1", "unknown field \"policys\" in a rule file; expected one of: zones, policies, default_inter_zone");
+    assert_error(
+        &e,
+        "2:1",
+        "unknown field \"policys\" in a rule file; expected one of: zones, policies, default_inter_zone",
+    );
 }
 
 #[test]
@@ -99,7 +104,9 @@ default_inter_zone: 1
 
 #[test]
 fn ports_must_be_a_list_of_ports() {
-    let text = format!("{ZONES}policies:\n  - name: p\n    from: web\n    to: db\n    allow:\n      - {{ proto: tcp, ports: 80 }}\n");
+    let text = format!(
+        "{ZONES}policies:\n  - name: p\n    from: web\n    to: db\n    allow:\n      - {{ proto: tcp, ports: 80 }}\n"
+    );
     assert_error(&one_error(&text), "11:30", "expected ports (a list), found a scalar");
 }
 
@@ -202,12 +209,17 @@ zones:
 
 #[test]
 fn nested_cidrs_in_one_zone_are_fine() {
-    valid(&[("r.yaml", "zones:\n  web:\n    members: [ { cidr: 10.30.0.0/16 }, { cidr: 10.30.1.0/24 }, { cidr: 10.30.1.0/24 } ]\n")]);
+    valid(&[(
+        "r.yaml",
+        "zones:\n  web:\n    members: [ { cidr: 10.30.0.0/16 }, { cidr: 10.30.1.0/24 }, { cidr: 10.30.1.0/24 } ]\n",
+    )]);
 }
 
 #[test]
 fn ipv6_overlap_across_zones() {
-    let e = one_error("zones:\n  web:\n    members: [ { cidr: \"fd00::/16\" } ]\n  db:\n    members: [ { cidr: \"fd00:40::/32\" } ]\n");
+    let e = one_error(
+        "zones:\n  web:\n    members: [ { cidr: \"fd00::/16\" } ]\n  db:\n    members: [ { cidr: \"fd00:40::/32\" } ]\n",
+    );
     assert_error(&e, "5:24", "cidr fd00:40::/32 in zone \"db\" overlaps cidr fd00::/16 of zone \"web\"");
 }
 
@@ -229,8 +241,13 @@ zones:
 
 #[test]
 fn same_interface_glob_in_two_zones() {
-    let text = "zones:\n  web:\n    members: [ { interface: \"tap-*\" } ]\n  db:\n    members: [ { interface: \"tap-*\" } ]\n";
-    assert_error(&one_error(text), "5:29", "interface \"tap-*\" in zone \"db\" is already interface \"tap-*\" of zone \"web\"");
+    let text =
+        "zones:\n  web:\n    members: [ { interface: \"tap-*\" } ]\n  db:\n    members: [ { interface: \"tap-*\" } ]\n";
+    assert_error(
+        &one_error(text),
+        "5:29",
+        "interface \"tap-*\" in zone \"db\" is already interface \"tap-*\" of zone \"web\"",
+    );
 }
 
 #[test]
@@ -290,7 +307,11 @@ fn ports_on_a_numbered_port_protocol_are_fine() {
 fn bad_protocol() {
     let e = errors(&[("r.yaml", &policy_with("{ proto: tpc }\n      - { proto: 255 }\n      - { ports: [80] }"))]);
     assert_eq!(e.len(), 3, "{e:#?}");
-    assert_error(&e[0], "11:18", "unknown protocol \"tpc\"; expected tcp, udp, icmp, icmpv6, sctp or a protocol number 0-254");
+    assert_error(
+        &e[0],
+        "11:18",
+        "unknown protocol \"tpc\"; expected tcp, udp, icmp, icmpv6, sctp or a protocol number 0-254",
+    );
     assert_error(&e[1], "12:18", "protocol 255 is reserved");
     assert_error(&e[2], "13:9", "missing field \"proto\" in an allow entry");
 }
@@ -303,7 +324,8 @@ fn bad_mode() {
 
 #[test]
 fn empty_allow_list_is_fine() {
-    let rules = valid(&[("r.yaml", &format!("{ZONES}policies:\n  - name: p\n    from: web\n    to: db\n    allow: []\n"))]);
+    let rules =
+        valid(&[("r.yaml", &format!("{ZONES}policies:\n  - name: p\n    from: web\n    to: db\n    allow: []\n"))]);
     assert!(rules.policies[0].allow.is_empty());
 }
 
@@ -390,7 +412,11 @@ fn loading_a_directory_or_a_file() {
     // A single file is a rule set too (here one whose policy names unknown zones).
     let e = load_rules(&dir.join("b-policies.yaml")).unwrap_err();
     assert_eq!(e.len(), 2, "{e:#?}");
-    assert!(e[0].to_string().ends_with("b-policies.yaml:2:22: unknown zone \"web\" in from; known zones: world"), "{}", e[0]);
+    assert!(
+        e[0].to_string().ends_with("b-policies.yaml:2:22: unknown zone \"web\" in from; known zones: world"),
+        "{}",
+        e[0]
+    );
 
     std::fs::write(dir.join("c.yaml"), "zones: {web2: {members: [{mac: x}]}}\n").unwrap();
     let e = load_rules(&dir).unwrap_err();
@@ -422,12 +448,20 @@ fn large_rule_sets_load_quickly() {
     let mut text = String::from("zones:\n");
     for z in 0..5000u32 {
         let (hi, lo) = (z / 256, z % 256);
-        writeln!(text, "  z{z}:\n    members:\n      - cidr: 10.{hi}.{lo}.0/24\n      - mac: \"52:54:00:00:{hi:02x}:{lo:02x}\"").unwrap();
+        writeln!(
+            text,
+            "  z{z}:\n    members:\n      - cidr: 10.{hi}.{lo}.0/24\n      - mac: \"52:54:00:00:{hi:02x}:{lo:02x}\""
+        )
+        .unwrap();
     }
     text.push_str("policies:\n");
     for p in 0..5000u32 {
-        writeln!(text, "  - {{ name: p{p}, from: z{p}, to: z{}, allow: [ {{ proto: tcp, ports: [\"1000-2000\"] }} ] }}", (p + 1) % 5000)
-            .unwrap();
+        writeln!(
+            text,
+            "  - {{ name: p{p}, from: z{p}, to: z{}, allow: [ {{ proto: tcp, ports: [\"1000-2000\"] }} ] }}",
+            (p + 1) % 5000
+        )
+        .unwrap();
     }
     let start = std::time::Instant::now();
     let rules = valid(&[("big.yaml", &text)]);

@@ -241,7 +241,12 @@ fn explanation_names_members_and_rules() {
     );
     p.dport = 80;
     let text = explain(&r, &p).to_string();
-    assert!(text.contains("decided by:  no allow entry of policy \"a-to-b\" matches (enforced; first at inline.yaml:10:11)"), "{text}");
+    assert!(
+        text.contains(
+            "decided by:  no allow entry of policy \"a-to-b\" matches (enforced; first at inline.yaml:10:11)"
+        ),
+        "{text}"
+    );
     assert!(text.ends_with("verdict:     denied (reason policy_no_match, policy 0 \"a-to-b\")"), "{text}");
     let text = explain(&r, &packet("192.0.2.1", "10.1.2.3", TCP, 80)).to_string();
     assert_eq!(

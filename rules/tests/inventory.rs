@@ -178,7 +178,8 @@ fn an_address_belongs_to_one_endpoint() {
     ));
     assert_eq!(e.len(), 1, "{e:#?}");
     assert!(
-        e[0].starts_with("r.yaml:12:22:") && e[0].contains("address fd00::5 of endpoint \"y\" is already endpoint \"x\"'s (r.yaml:7:3)"),
+        e[0].starts_with("r.yaml:12:22:")
+            && e[0].contains("address fd00::5 of endpoint \"y\" is already endpoint \"x\"'s (r.yaml:7:3)"),
         "{e:#?}"
     );
 }

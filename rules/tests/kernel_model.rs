@@ -65,7 +65,8 @@ fn judge(c: &CompiledRules, p: &PacketView) -> Judgement {
     let port_zone = |ifname: &Option<String>| ifname.as_deref().and_then(|i| c.zone_for_interface(i)).unwrap_or(0);
     let src_zone = resolve(c, p.src_mac, p.src_ip, port_zone(&p.src_interface));
     let dst_zone = resolve(c, p.dst_mac, p.dst_ip, port_zone(&p.dst_interface));
-    let mut j = Judgement { verdict: Verdict::Denied, reason: Reason::DefaultInterZone, policy_id: 0, src_zone, dst_zone };
+    let mut j =
+        Judgement { verdict: Verdict::Denied, reason: Reason::DefaultInterZone, policy_id: 0, src_zone, dst_zone };
     if src_zone == dst_zone {
         let intra = c.zones.iter().find(|z| z.zone == src_zone).map_or(Verdict::Allowed as u8, |z| z.value.intra_zone);
         j.verdict = if intra == Verdict::Denied as u8 { Verdict::Denied } else { Verdict::Allowed };
@@ -80,7 +81,9 @@ fn judge(c: &CompiledRules, p: &PacketView) -> Judgement {
             (len, [&[k.slot, k.proto][..], &k.src_zone, &k.dst_zone, &k.port].concat(), &e.value)
         })
     };
-    let key = |proto: u8, port: u16| [&[0, proto][..], &src_zone.to_be_bytes(), &dst_zone.to_be_bytes(), &port.to_be_bytes()].concat();
+    let key = |proto: u8, port: u16| {
+        [&[0, proto][..], &src_zone.to_be_bytes(), &dst_zone.to_be_bytes(), &port.to_be_bytes()].concat()
+    };
     if p.proto == PAIR_MARKER_PROTO {
         // The kernel skips the allow lookup for the marker's reserved protocol.
     } else if let Some(v) = lpm(trie(), &key(p.proto, p.dport), POLICY_KEY_BITS) {
@@ -211,7 +214,8 @@ fn compiled_tables_decide_as_the_evaluator() {
     let mut seen = std::collections::HashSet::new();
     for round in 0..300 {
         let g = generate(&mut rng);
-        let rules = parse_rules([(Path::new("gen.yaml"), g.yaml.as_str())]).unwrap_or_else(|e| panic!("{e:#?}\n{}", g.yaml));
+        let rules =
+            parse_rules([(Path::new("gen.yaml"), g.yaml.as_str())]).unwrap_or_else(|e| panic!("{e:#?}\n{}", g.yaml));
         // Compile against the ids of the previous round, as an agent reloading does.
         let compiled = compile(&rules, &ids);
         ids = compiled.zone_ids.clone();
@@ -224,8 +228,11 @@ fn compiled_tables_decide_as_the_evaluator() {
                     break ip;
                 }
             };
-            let (src_interface, dst_interface) =
-                if rng.chance(50) { (rng.pick(&g.ifnames).clone(), None) } else { (None, rng.pick(&g.ifnames).clone()) };
+            let (src_interface, dst_interface) = if rng.chance(50) {
+                (rng.pick(&g.ifnames).clone(), None)
+            } else {
+                (None, rng.pick(&g.ifnames).clone())
+            };
             let p = PacketView {
                 src_mac: *rng.pick(&g.macs),
                 dst_mac: *rng.pick(&g.macs),

@@ -17,17 +17,12 @@ use anyhow::{Result, bail};
 use crate::util::{self, target_dir};
 
 /// The benchmarks, their binaries and what `all` runs, in order.
-pub(crate) const BENCHES: &[(&str, &str)] = &[
-    ("datapath", "datapath_cost"),
-    ("throughput", "throughput"),
-    ("agent", "agent_rates"),
-];
+pub(crate) const BENCHES: &[(&str, &str)] =
+    &[("datapath", "datapath_cost"), ("throughput", "throughput"), ("agent", "agent_rates")];
 
 pub(crate) fn run(which: &str, extra: &[String]) -> Result<()> {
     if !util::is_root() {
-        bail!(
-            "bench: run as root (the benchmarks load eBPF programs and build network namespaces)"
-        );
+        bail!("bench: run as root (the benchmarks load eBPF programs and build network namespaces)");
     }
     let picked: Vec<&(&str, &str)> = match which {
         "all" => BENCHES.iter().collect(),
@@ -35,27 +30,14 @@ pub(crate) fn run(which: &str, extra: &[String]) -> Result<()> {
             Some(b) => vec![b],
             None => bail!(
                 "bench: unknown benchmark {name:?}; one of: all, {}",
-                BENCHES
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                BENCHES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             ),
         },
     };
     if which == "all" && !extra.is_empty() {
-        bail!(
-            "bench: extra arguments need one benchmark (cargo xtask bench throughput -- --rounds 3)"
-        );
+        bail!("bench: extra arguments need one benchmark (cargo xtask bench throughput -- --rounds 3)");
     }
-    util::run(util::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "backplane-agent",
-        "-p",
-        "backplane-benches",
-    ]))?;
+    util::run(util::cargo().args(["build", "--release", "-p", "backplane-agent", "-p", "backplane-benches"]))?;
     let release = target_dir().join("release");
     for (name, binary) in picked {
         let started = Instant::now();
@@ -67,14 +49,8 @@ pub(crate) fn run(which: &str, extra: &[String]) -> Result<()> {
             .args(extra)
             .env("BACKPLANE_BIN", release.join("backplane"));
         util::run(&mut command)?;
-        println!(
-            "bench: {name} done in {:.0} s",
-            started.elapsed().as_secs_f64()
-        );
+        println!("bench: {name} done in {:.0} s", started.elapsed().as_secs_f64());
     }
-    println!(
-        "bench: results in {}",
-        util::workspace_root().join("benches/results").display()
-    );
+    println!("bench: results in {}", util::workspace_root().join("benches/results").display());
     Ok(())
 }

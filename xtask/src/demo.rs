@@ -82,10 +82,7 @@ pub(crate) fn run() -> Result<()> {
     catch_interrupts();
     let agent_bin = target_dir().join("debug").join("backplane");
     if !agent_bin.is_file() {
-        bail!(
-            "{} is missing: `cargo build -p backplane-agent` did not produce it",
-            agent_bin.display()
-        );
+        bail!("{} is missing: `cargo build -p backplane-agent` did not produce it", agent_bin.display());
     }
     for stale in cleanup_stale(PREFIX) {
         say(&format!("removed a leftover of an earlier run: {stale}"));
@@ -103,14 +100,8 @@ pub(crate) fn run() -> Result<()> {
 
 fn run_lab(agent_bin: &Path) -> Result<()> {
     let example = util::workspace_root().join("rules/examples/three-zones");
-    say(&format!(
-        "checking the rules: backplane check {}",
-        example.display()
-    ));
-    print!(
-        "{}",
-        run_cli(agent_bin, &["check".as_ref(), example.as_os_str()])?
-    );
+    say(&format!("checking the rules: backplane check {}", example.display()));
+    print!("{}", run_cli(agent_bin, &["check".as_ref(), example.as_os_str()])?);
 
     say("creating a bridge and three VMs, one per zone, on one L2 segment (10.0.0.0/8)");
     let lab = Lab::new(PREFIX);
@@ -139,10 +130,7 @@ fn run_lab(agent_bin: &Path) -> Result<()> {
         .arg(&socket)
         .args(["--pin-dir", PIN_DIR, "--detach-on-exit", "--rules"])
         .arg(&rules)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
-        );
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()));
     say(&format!("starting `{}`", util::describe(&agent_cmd)));
     // Declared after the VMs, so it is stopped before they go.
     let mut agent = Agent(ChildGuard::spawn(&mut agent_cmd));
@@ -159,11 +147,7 @@ fn run_lab(agent_bin: &Path) -> Result<()> {
     check_interrupted()?;
 
     say("why db -> web tcp/8080 was dropped: backplane explain");
-    let explain = format!(
-        "explain --from {} --to {} --proto tcp --port 8080 --socket",
-        db.ip(),
-        web.ip()
-    );
+    let explain = format!("explain --from {} --to {} --proto tcp --port 8080 --socket", db.ip(), web.ip());
     let explain: Vec<&str> = explain.split_whitespace().collect();
     print!("{}", cli(agent_bin, &explain, &socket)?);
     check_interrupted()?;
@@ -181,10 +165,7 @@ fn run_lab(agent_bin: &Path) -> Result<()> {
         bail!("the agent exited with {status}");
     }
     if !surprises.is_empty() {
-        bail!(
-            "flows the rules should have decided otherwise: {}",
-            surprises.join("; ")
-        );
+        bail!("flows the rules should have decided otherwise: {}", surprises.join("; "));
     }
     Ok(())
 }
@@ -196,8 +177,7 @@ fn copy_rules(from: &Path, to: &Path) -> Result<()> {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let dest = to.join(path.file_name().context("a file name")?);
-            std::fs::copy(&path, &dest)
-                .with_context(|| format!("copying {} to {}", path.display(), dest.display()))?;
+            std::fs::copy(&path, &dest).with_context(|| format!("copying {} to {}", path.display(), dest.display()))?;
         }
     }
     Ok(())
@@ -212,10 +192,7 @@ fn expect(what: &str, passed: bool, allowed: bool, policy: &str) -> Option<Strin
         if expected {
             format!("as {policy} says")
         } else {
-            format!(
-                "UNEXPECTED ({policy} should have {})",
-                if allowed { "allowed it" } else { "denied it" }
-            )
+            format!("UNEXPECTED ({policy} should have {})", if allowed { "allowed it" } else { "denied it" })
         }
     ));
     (!expected).then(|| what.to_owned())
@@ -227,60 +204,15 @@ fn make_traffic(web: &Vm, db: &Vm, mgmt: &Vm) -> Result<Vec<String>> {
     say("flows between the zones:");
     let mut surprises = Vec::new();
     let steps: [(&str, &dyn Fn() -> bool, bool, &str); 9] = [
-        (
-            "web  -> db    ping",
-            &|| web.ping(db.ip(), 2),
-            true,
-            "web-to-db",
-        ),
-        (
-            "web  -> db    ping6",
-            &|| web.ping(db.ip6().expect("db has IPv6"), 2),
-            true,
-            "web-to-db",
-        ),
-        (
-            "web  -> db    tcp/5432",
-            &|| tcp_works(web, db, 5432),
-            true,
-            "web-to-db",
-        ),
-        (
-            "web  -> db    tcp/5433",
-            &|| tcp_works(web, db, 5433),
-            false,
-            "web-to-db",
-        ),
-        (
-            "web  -> db    udp/5353",
-            &|| udp_arrives(web, db, 5353),
-            false,
-            "web-to-db",
-        ),
-        (
-            "db   -> web   tcp/8080",
-            &|| tcp_works(db, web, 8080),
-            false,
-            "default_inter_zone",
-        ),
-        (
-            "mgmt -> db    tcp/22",
-            &|| tcp_works(mgmt, db, 22),
-            true,
-            "mgmt-to-db",
-        ),
-        (
-            "mgmt -> web   tcp/9100",
-            &|| tcp_works(mgmt, web, 9100),
-            true,
-            "mgmt-to-web",
-        ),
-        (
-            "web  -> mgmt  tcp/9999 (audit)",
-            &|| tcp_works(web, mgmt, 9999),
-            true,
-            "web-to-mgmt (audit mode)",
-        ),
+        ("web  -> db    ping", &|| web.ping(db.ip(), 2), true, "web-to-db"),
+        ("web  -> db    ping6", &|| web.ping(db.ip6().expect("db has IPv6"), 2), true, "web-to-db"),
+        ("web  -> db    tcp/5432", &|| tcp_works(web, db, 5432), true, "web-to-db"),
+        ("web  -> db    tcp/5433", &|| tcp_works(web, db, 5433), false, "web-to-db"),
+        ("web  -> db    udp/5353", &|| udp_arrives(web, db, 5353), false, "web-to-db"),
+        ("db   -> web   tcp/8080", &|| tcp_works(db, web, 8080), false, "default_inter_zone"),
+        ("mgmt -> db    tcp/22", &|| tcp_works(mgmt, db, 22), true, "mgmt-to-db"),
+        ("mgmt -> web   tcp/9100", &|| tcp_works(mgmt, web, 9100), true, "mgmt-to-web"),
+        ("web  -> mgmt  tcp/9999 (audit)", &|| tcp_works(web, mgmt, 9999), true, "web-to-mgmt (audit mode)"),
     ];
     for (what, attempt, allowed, policy) in steps {
         surprises.extend(expect(what, attempt(), allowed, policy));
@@ -291,49 +223,21 @@ fn make_traffic(web: &Vm, db: &Vm, mgmt: &Vm) -> Result<Vec<String>> {
 
 /// Hot reload: a new rule file allows db -> web tcp/8080, in force within a second; then
 /// a broken file is rejected and the last good rules stay in force.
-fn hot_reload(
-    agent_bin: &Path,
-    socket: &Path,
-    rules: &Path,
-    web: &Vm,
-    db: &Vm,
-) -> Result<Vec<String>> {
-    say(&format!(
-        "hot reload: writing {}/reload.yaml to allow db -> web tcp/8080",
-        rules.display()
-    ));
+fn hot_reload(agent_bin: &Path, socket: &Path, rules: &Path, web: &Vm, db: &Vm) -> Result<Vec<String>> {
+    say(&format!("hot reload: writing {}/reload.yaml to allow db -> web tcp/8080", rules.display()));
     let reload = "policies:\n  - name: db-to-web-8080\n    from: db\n    to: web\n    allow: [ { proto: tcp, ports: [8080] } ]\n";
     write_atomically(&rules.join("reload.yaml"), reload)?;
     let written = Instant::now();
-    wait_for_status(
-        agent_bin,
-        socket,
-        "\"generation\": 2,",
-        "rules generation 2",
-    )?;
-    say(&format!(
-        "  rules generation 2 in force {} ms after the write",
-        written.elapsed().as_millis()
-    ));
+    wait_for_status(agent_bin, socket, "\"generation\": 2,", "rules generation 2")?;
+    say(&format!("  rules generation 2 in force {} ms after the write", written.elapsed().as_millis()));
     let mut surprises = Vec::new();
-    surprises.extend(expect(
-        "db   -> web   tcp/8080",
-        tcp_works(db, web, 8080),
-        true,
-        "db-to-web-8080",
-    ));
+    surprises.extend(expect("db   -> web   tcp/8080", tcp_works(db, web, 8080), true, "db-to-web-8080"));
     check_interrupted()?;
 
     say("a broken rule file: policies to a zone that does not exist");
-    let broken =
-        "policies:\n  - name: db-to-nowhere\n    from: db\n    to: nowhere\n    allow: []\n";
+    let broken = "policies:\n  - name: db-to-nowhere\n    from: db\n    to: nowhere\n    allow: []\n";
     write_atomically(&rules.join("broken.yaml"), broken)?;
-    wait_for_status(
-        agent_bin,
-        socket,
-        "\"reloads_rejected\": 1,",
-        "the rejection",
-    )?;
+    wait_for_status(agent_bin, socket, "\"reloads_rejected\": 1,", "the rejection")?;
     let status = cli(agent_bin, &["status", "--socket"], socket)?;
     for line in status
         .lines()
@@ -342,18 +246,8 @@ fn hot_reload(
     {
         println!("{line}");
     }
-    surprises.extend(expect(
-        "web  -> db    tcp/5433",
-        tcp_works(web, db, 5433),
-        false,
-        "web-to-db (still)",
-    ));
-    surprises.extend(expect(
-        "db   -> web   tcp/8080",
-        tcp_works(db, web, 8080),
-        true,
-        "db-to-web-8080 (still)",
-    ));
+    surprises.extend(expect("web  -> db    tcp/5433", tcp_works(web, db, 5433), false, "web-to-db (still)"));
+    surprises.extend(expect("db   -> web   tcp/8080", tcp_works(db, web, 8080), true, "db-to-web-8080 (still)"));
     Ok(surprises)
 }
 
@@ -362,8 +256,7 @@ fn hot_reload(
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("yaml.tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// Polls `backplane status --json` until it contains `needle`.
@@ -432,17 +325,11 @@ fn wait_for_socket(agent: &mut ChildGuard, socket: &Path) -> Result<()> {
         check_interrupted()?;
         if let Some(status) = agent.try_wait() {
             println!("{}", agent.output().trim_end());
-            bail!(
-                "`backplane run` exited ({status}) before its control socket {} appeared",
-                socket.display()
-            );
+            bail!("`backplane run` exited ({status}) before its control socket {} appeared", socket.display());
         }
         if Instant::now() >= deadline {
             println!("{}", agent.output().trim_end());
-            bail!(
-                "`backplane run` did not create {} within {AGENT_READY_TIMEOUT:?}",
-                socket.display()
-            );
+            bail!("`backplane run` did not create {} within {AGENT_READY_TIMEOUT:?}", socket.display());
         }
     }
     Ok(())

@@ -23,10 +23,9 @@ pub(crate) const TARGETS: &[&str] = &["rules_parser", "flow_event", "payload_sam
 fn seeds(target: &str) -> Vec<PathBuf> {
     let root = util::workspace_root();
     match target {
-        "rules_parser" => ["three-zones", "hypervisor", "inventory"]
-            .iter()
-            .map(|e| root.join("rules/examples").join(e))
-            .collect(),
+        "rules_parser" => {
+            ["three-zones", "hypervisor", "inventory"].iter().map(|e| root.join("rules/examples").join(e)).collect()
+        }
         _ => Vec::new(),
     }
 }
@@ -68,20 +67,15 @@ pub(crate) fn run(seconds: u64, only: Option<&str>) -> Result<()> {
                 regressions.display()
             );
         }
-        println!(
-            "fuzz: {target} done in {:.0} s, nothing found",
-            started.elapsed().as_secs_f64()
-        );
+        println!("fuzz: {target} done in {:.0} s, nothing found", started.elapsed().as_secs_f64());
     }
     Ok(())
 }
 
 /// Installs cargo-fuzz unless `cargo fuzz` already runs.
 fn ensure_cargo_fuzz() -> Result<()> {
-    let works = Command::new("cargo")
-        .args(["+nightly", "fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let works =
+        Command::new("cargo").args(["+nightly", "fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
     if works {
         println!("fuzz: cargo-fuzz ok");
         return Ok(());

@@ -21,11 +21,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "cargo xtask",
-    bin_name = "cargo xtask",
-    about = "backplane's developer tasks (run as root)"
-)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "backplane's developer tasks (run as root)")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -116,10 +112,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             util::run(&mut cargo)
         }
-        Task::Test {
-            cargo_args,
-            test_args,
-        } => {
+        Task::Test { cargo_args, test_args } => {
             setup::run()?;
             let (cargo_args, test_args) = split_test_args(cargo_args, test_args);
             test::run(&cargo_args, &test_args)
@@ -153,10 +146,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// clap gives `-p x -- filter` all to the hyphen-accepting `cargo_args`, and only a
 /// leading `-- filter` to `test_args`: split at the first `--` either way.
-fn split_test_args(
-    mut cargo_args: Vec<String>,
-    mut test_args: Vec<String>,
-) -> (Vec<String>, Vec<String>) {
+fn split_test_args(mut cargo_args: Vec<String>, mut test_args: Vec<String>) -> (Vec<String>, Vec<String>) {
     if let Some(at) = cargo_args.iter().position(|arg| arg == "--") {
         let mut after = cargo_args.split_off(at);
         after.remove(0);
@@ -172,10 +162,7 @@ mod tests {
 
     fn test_args(line: &[&str]) -> (Vec<String>, Vec<String>) {
         match Cli::try_parse_from(line).unwrap().task {
-            Task::Test {
-                cargo_args,
-                test_args,
-            } => split_test_args(cargo_args, test_args),
+            Task::Test { cargo_args, test_args } => split_test_args(cargo_args, test_args),
             other => panic!("{other:?}"),
         }
     }
@@ -186,10 +173,7 @@ mod tests {
 
     #[test]
     fn bench_arguments_after_double_dash_go_to_the_benchmark() {
-        match Cli::try_parse_from(["xtask", "bench", "throughput", "--", "--rounds", "3"])
-            .unwrap()
-            .task
-        {
+        match Cli::try_parse_from(["xtask", "bench", "throughput", "--", "--rounds", "3"]).unwrap().task {
             Task::Bench { which, bench_args } => {
                 assert_eq!(which, "throughput");
                 assert_eq!(bench_args, strings(&["--rounds", "3"]));
@@ -207,28 +191,11 @@ mod tests {
     #[test]
     fn test_arguments_split_at_double_dash() {
         assert_eq!(test_args(&["xtask", "test"]), (vec![], vec![]));
+        assert_eq!(test_args(&["xtask", "test", "--", "ping"]), (vec![], strings(&["ping"])));
         assert_eq!(
-            test_args(&["xtask", "test", "--", "ping"]),
-            (vec![], strings(&["ping"]))
+            test_args(&["xtask", "test", "-p", "backplane-lab", "--", "ping", "--nocapture"]),
+            (strings(&["-p", "backplane-lab"]), strings(&["ping", "--nocapture"]))
         );
-        assert_eq!(
-            test_args(&[
-                "xtask",
-                "test",
-                "-p",
-                "backplane-lab",
-                "--",
-                "ping",
-                "--nocapture"
-            ]),
-            (
-                strings(&["-p", "backplane-lab"]),
-                strings(&["ping", "--nocapture"])
-            )
-        );
-        assert_eq!(
-            test_args(&["xtask", "test", "--release"]),
-            (strings(&["--release"]), vec![])
-        );
+        assert_eq!(test_args(&["xtask", "test", "--release"]), (strings(&["--release"]), vec![]));
     }
 }

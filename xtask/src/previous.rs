@@ -61,28 +61,29 @@ pub(crate) fn binary() -> Result<PathBuf> {
     if !archive.status.success() {
         bail!("git archive {COMMIT} failed: {}", String::from_utf8_lossy(&archive.stderr));
     }
-    let mut tar = Command::new("tar")
-        .arg("-x")
-        .arg("-C")
-        .arg(&src)
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("cannot run tar")?;
-    std::io::Write::write_all(tar.stdin.as_mut().context("tar's stdin")?, &archive.stdout).context("unpack the source")?;
+    let mut tar =
+        Command::new("tar").arg("-x").arg("-C").arg(&src).stdin(Stdio::piped()).spawn().context("cannot run tar")?;
+    std::io::Write::write_all(tar.stdin.as_mut().context("tar's stdin")?, &archive.stdout)
+        .context("unpack the source")?;
     if !tar.wait().context("tar")?.success() {
         bail!("unpacking the previous release's source into {} failed", src.display());
     }
     let target = dir.join(format!("target-{run}"));
     let mut cargo = Command::new("cargo");
-    cargo
-        .current_dir(&src)
-        .env("CARGO_TARGET_DIR", &target)
-        .args(["build", "--quiet", "-p", "backplane-agent", "--bin", "backplane"]);
+    cargo.current_dir(&src).env("CARGO_TARGET_DIR", &target).args([
+        "build",
+        "--quiet",
+        "-p",
+        "backplane-agent",
+        "--bin",
+        "backplane",
+    ]);
     util::run(&mut cargo)?;
     let partial = dir.join(format!("backplane.partial-{run}"));
     std::fs::copy(target.join("debug").join("backplane"), &partial)
         .with_context(|| format!("keep the previous release's binary at {}", partial.display()))?;
-    std::fs::rename(&partial, &binary).with_context(|| format!("rename {} to {}", partial.display(), binary.display()))?;
+    std::fs::rename(&partial, &binary)
+        .with_context(|| format!("rename {} to {}", partial.display(), binary.display()))?;
     // The build's own files are not needed again: only the binary is kept.
     let _ = std::fs::remove_dir_all(&target);
     let _ = std::fs::remove_dir_all(&src);

@@ -74,11 +74,8 @@ fn debian_packages() -> Result<()> {
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let own_policy = !policy.exists();
     if own_policy {
-        std::fs::write(
-            policy,
-            "#!/bin/sh\n# written by cargo xtask setup while installing\nexit 101\n",
-        )
-        .with_context(|| format!("cannot write {}", policy.display()))?;
+        std::fs::write(policy, "#!/bin/sh\n# written by cargo xtask setup while installing\nexit 101\n")
+            .with_context(|| format!("cannot write {}", policy.display()))?;
         make_executable(policy)?;
     }
     let installed = apt_get(&["update", "-q"]).and_then(|()| {
@@ -111,19 +108,11 @@ fn missing_packages() -> Result<Vec<String>> {
         .filter(|(_, status)| status.starts_with("ii"))
         .map(|(name, _)| name.split(':').next().unwrap_or(name))
         .collect();
-    Ok(DEBIAN_PACKAGES
-        .iter()
-        .filter(|name| !installed.contains(name))
-        .map(|name| (*name).to_owned())
-        .collect())
+    Ok(DEBIAN_PACKAGES.iter().filter(|name| !installed.contains(name)).map(|name| (*name).to_owned()).collect())
 }
 
 fn apt_get(args: &[&str]) -> Result<()> {
-    util::run(
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    util::run(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn make_executable(path: &Path) -> Result<()> {
@@ -135,32 +124,18 @@ fn make_executable(path: &Path) -> Result<()> {
 fn nightly_toolchain() -> Result<()> {
     let step = "nightly toolchain";
     let list = stdout_of(Command::new("rustup").args(["toolchain", "list"]))?;
-    if list
-        .lines()
-        .any(|line| line.starts_with(&format!("{NIGHTLY}-")))
-    {
+    if list.lines().any(|line| line.starts_with(&format!("{NIGHTLY}-"))) {
         report(step, "ok");
         return Ok(());
     }
     report(step, "installing (rustup, minimal profile)");
-    util::run(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        NIGHTLY,
-        "--profile",
-        "minimal",
-    ]))
+    util::run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
 }
 
 fn rust_src() -> Result<()> {
     let step = "rust-src (nightly)";
-    let installed = stdout_of(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        NIGHTLY,
-    ]))?;
+    let installed =
+        stdout_of(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
     if installed.lines().any(|line| line.starts_with("rust-src")) {
         report(step, "ok");
         return Ok(());
@@ -183,33 +158,18 @@ fn bpf_linker() -> Result<()> {
     let major = llvm_major(&rustc_nightly(&["-vV"])?)?;
     let prefix = target_dir().join("llvm-prefix");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib)
-        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
-    let soname = libllvm
-        .file_name()
-        .context("libLLVM path has a file name")?;
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    let soname = libllvm.file_name().context("libLLVM path has a file name")?;
     for link in [prefix_lib.join("libLLVM.so"), prefix_lib.join(soname)] {
         let _ignored = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&libllvm, &link)
             .with_context(|| format!("cannot link {} to {}", link.display(), libllvm.display()))?;
     }
-    report(
-        step,
-        &format!(
-            "building against {} (LLVM {major}); about 2 minutes",
-            libllvm.display()
-        ),
-    );
+    report(step, &format!("building against {} (LLVM {major}); about 2 minutes", libllvm.display()));
     util::run(
         Command::new("cargo")
             // --force: to cargo, a bpf-linker that no longer runs is still installed.
-            .args([
-                "install",
-                "--force",
-                "bpf-linker",
-                "--no-default-features",
-                "--features",
-            ])
+            .args(["install", "--force", "bpf-linker", "--no-default-features", "--features"])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix),
     )?;
@@ -228,12 +188,7 @@ fn find_working_bpf_linker() -> Option<PathBuf> {
         .chain([cargo_bin_dir()])
         .map(|dir| dir.join("bpf-linker"))
         .filter(|candidate| candidate.is_file())
-        .find(|candidate| {
-            Command::new(candidate)
-                .arg("--version")
-                .output()
-                .is_ok_and(|output| output.status.success())
-        })
+        .find(|candidate| Command::new(candidate).arg("--version").output().is_ok_and(|output| output.status.success()))
 }
 
 fn rustc_nightly(args: &[&str]) -> Result<String> {
@@ -243,26 +198,15 @@ fn rustc_nightly(args: &[&str]) -> Result<String> {
 /// The real libLLVM of a toolchain: `libLLVM.so.<version>`, not the small linker script
 /// `libLLVM-<major>-rust-....so` next to it.
 fn real_libllvm(lib_dir: &Path) -> Result<PathBuf> {
-    let entries =
-        std::fs::read_dir(lib_dir).with_context(|| format!("cannot list {}", lib_dir.display()))?;
+    let entries = std::fs::read_dir(lib_dir).with_context(|| format!("cannot list {}", lib_dir.display()))?;
     let mut found: Vec<PathBuf> = entries
         .filter_map(Result::ok)
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("libLLVM.so.")
-        })
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("libLLVM.so."))
         .map(|entry| entry.path())
         .filter(|path| path.is_file())
         .collect();
     found.sort();
-    found.pop().with_context(|| {
-        format!(
-            "no libLLVM.so.* in {} (nightly toolchain incomplete?)",
-            lib_dir.display()
-        )
-    })
+    found.pop().with_context(|| format!("no libLLVM.so.* in {} (nightly toolchain incomplete?)", lib_dir.display()))
 }
 
 /// The major version from `rustc -vV`'s `LLVM version: 22.1.4` line.
@@ -305,17 +249,10 @@ mod tests {
     fn finds_the_real_libllvm_not_the_linker_script() {
         let dir = std::env::temp_dir().join(format!("xtask-libllvm-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("libLLVM-22-rust-1.97.0-nightly.so"),
-            "INPUT(libLLVM.so.22.1-rust)",
-        )
-        .unwrap();
+        std::fs::write(dir.join("libLLVM-22-rust-1.97.0-nightly.so"), "INPUT(libLLVM.so.22.1-rust)").unwrap();
         std::fs::write(dir.join("libLLVM.so.22.1-rust-1.97.0-nightly"), "ELF").unwrap();
         let found = real_libllvm(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(
-            found.file_name().unwrap(),
-            "libLLVM.so.22.1-rust-1.97.0-nightly"
-        );
+        assert_eq!(found.file_name().unwrap(), "libLLVM.so.22.1-rust-1.97.0-nightly");
     }
 }

@@ -16,16 +16,7 @@ pub(crate) fn run(minutes: u64) -> Result<()> {
     println!("soak: {seconds} s");
     let mut cargo = util::cargo();
     cargo
-        .args([
-            "test",
-            "-p",
-            "backplane-agent",
-            "--test",
-            "soak_lab",
-            "--",
-            "--test-threads=1",
-            "--nocapture",
-        ])
+        .args(["test", "-p", "backplane-agent", "--test", "soak_lab", "--", "--test-threads=1", "--nocapture"])
         .env("BACKPLANE_SOAK_SECONDS", seconds.to_string());
     util::run(&mut cargo)
 }

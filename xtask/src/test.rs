@@ -29,28 +29,19 @@ pub(crate) fn run(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     for stale in cleanup_stale(PREFIX) {
         println!("test: removed a leftover of an earlier run: {stale}");
     }
-    let before: HashSet<String> = leftovers(PREFIX)
-        .into_iter()
-        .map(|leftover| leftover.name)
-        .collect();
+    let before: HashSet<String> = leftovers(PREFIX).into_iter().map(|leftover| leftover.name).collect();
 
     let marker = std::process::id().to_string();
     let mut cargo = util::cargo();
     cargo.arg("test");
-    let picks_packages = cargo_args
-        .iter()
-        .any(|arg| arg == "-p" || arg.starts_with("--package"));
+    let picks_packages = cargo_args.iter().any(|arg| arg == "-p" || arg.starts_with("--package"));
     if !picks_packages {
         cargo.arg("--workspace");
         for package in EXCLUDED {
             cargo.args(["--exclude", package]);
         }
     }
-    cargo
-        .args(cargo_args)
-        .arg("--")
-        .arg("--test-threads=1")
-        .args(test_args);
+    cargo.args(cargo_args).arg("--").arg("--test-threads=1").args(test_args);
     cargo.env(RUN_MARKER, &marker);
     // The upgrade test starts the previous release's agent before this one's.
     cargo.env("BACKPLANE_PREVIOUS", crate::previous::binary()?);
@@ -118,17 +109,11 @@ fn marked_processes(marker: &str) -> Vec<(u32, String)> {
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me)
         .filter(|pid| {
-            std::fs::read(Path::new("/proc").join(pid.to_string()).join("environ")).is_ok_and(
-                |environ| {
-                    environ
-                        .split(|&b| b == 0)
-                        .any(|var| var == needle.as_bytes())
-                },
-            )
+            std::fs::read(Path::new("/proc").join(pid.to_string()).join("environ"))
+                .is_ok_and(|environ| environ.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
         })
         .map(|pid| {
-            let cmdline = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline"))
-                .unwrap_or_default();
+            let cmdline = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline")).unwrap_or_default();
             let words: Vec<String> = cmdline
                 .split(|&b| b == 0)
                 .filter(|word| !word.is_empty())
@@ -146,11 +131,7 @@ mod tests {
     #[test]
     fn finds_processes_by_marker() {
         let marker = format!("xtask-selftest-{}", std::process::id());
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env(RUN_MARKER, &marker)
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").env(RUN_MARKER, &marker).spawn().unwrap();
         // Right after spawn the child may not have exec'd yet (its environment and
         // command line are still the parent's): look until it has, for up to 2 s.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);

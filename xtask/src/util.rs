@@ -10,19 +10,14 @@ use anyhow::{Context as _, Result, bail};
 
 /// The workspace root (the parent of xtask/).
 pub(crate) fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_path_buf()
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` or `<root>/target`.
 pub(crate) fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) if Path::new(&dir).is_absolute() => PathBuf::from(dir),
-        Some(dir) => std::env::current_dir()
-            .unwrap_or_else(|_| workspace_root())
-            .join(dir),
+        Some(dir) => std::env::current_dir().unwrap_or_else(|_| workspace_root()).join(dir),
         None => workspace_root().join("target"),
     }
 }
@@ -69,17 +64,13 @@ pub(crate) fn run(command: &mut Command) -> Result<()> {
 
 /// Runs a command with inherited stdio and returns its exit status.
 pub(crate) fn status(command: &mut Command) -> Result<ExitStatus> {
-    command
-        .status()
-        .with_context(|| format!("cannot run `{}`", describe(command)))
+    command.status().with_context(|| format!("cannot run `{}`", describe(command)))
 }
 
 /// Runs a command and returns its stdout; an error (with its stderr) unless it succeeds.
 pub(crate) fn stdout_of(command: &mut Command) -> Result<String> {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{}`", describe(command)))?;
+    let output =
+        command.stdin(Stdio::null()).output().with_context(|| format!("cannot run `{}`", describe(command)))?;
     if !output.status.success() {
         bail!(
             "`{}` failed ({}): {}",
@@ -120,21 +111,13 @@ pub(crate) fn output_with_timeout(command: &mut Command, timeout: Duration) -> R
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
+    Ok(Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
 }
 
 /// The command line, for messages.
 pub(crate) fn describe(command: &Command) -> String {
     let mut words = vec![command.get_program().to_string_lossy().into_owned()];
-    words.extend(
-        command
-            .get_args()
-            .map(|arg| arg.to_string_lossy().into_owned()),
-    );
+    words.extend(command.get_args().map(|arg| arg.to_string_lossy().into_owned()));
     words.join(" ")
 }
 

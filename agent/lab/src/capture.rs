@@ -48,18 +48,12 @@ impl Capture {
         if let Some(netns) = netns {
             args.extend(["netns", "exec", netns]);
         }
-        args.extend([
-            "tcpdump", "-i", iface, "-w", &file_arg, "-U", "-n", "-s", &snaplen,
-        ]);
+        args.extend(["tcpdump", "-i", iface, "-w", &file_arg, "-U", "-n", "-s", &snaplen]);
         args.extend(["--immediate-mode", "-Z", "root"]);
         if let Some(filter) = filter {
             args.push(filter);
         }
-        let program = if netns.is_some() {
-            "ip"
-        } else {
-            args.remove(0)
-        };
+        let program = if netns.is_some() { "ip" } else { args.remove(0) };
         let mut tcpdump = ChildGuard::spawn(Command::new(program).args(&args));
         assert!(
             tcpdump.wait_for_output("listening on", Duration::from_secs(10)),
@@ -67,11 +61,7 @@ impl Capture {
             tcpdump.try_wait(),
             tcpdump.output().trim_end()
         );
-        Capture {
-            tcpdump,
-            file,
-            iface: iface.to_owned(),
-        }
+        Capture { tcpdump, file, iface: iface.to_owned() }
     }
 
     /// Stops tcpdump (SIGINT, so it flushes) and returns every packet it captured.
@@ -80,13 +70,8 @@ impl Capture {
         // Give packets already on their way a moment to be written.
         std::thread::sleep(Duration::from_millis(100));
         self.tcpdump.stop_with(libc::SIGINT, Duration::from_secs(5));
-        let bytes = std::fs::read(&self.file).unwrap_or_else(|e| {
-            panic!(
-                "cannot read the capture of {}: {e}: {}",
-                self.iface,
-                self.tcpdump.output()
-            )
-        });
+        let bytes = std::fs::read(&self.file)
+            .unwrap_or_else(|e| panic!("cannot read the capture of {}: {e}: {}", self.iface, self.tcpdump.output()));
         read_pcap(&bytes).unwrap_or_else(|e| panic!("capture of {}: {e}", self.iface))
     }
 }
@@ -184,36 +169,19 @@ pub fn read_pcap(bytes: &[u8]) -> Result<Vec<Packet>, PcapError> {
     };
     let word = |b: &[u8]| {
         let b: [u8; 4] = b.try_into().expect("4 bytes");
-        if big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
+        if big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
     };
     let mut packets = Vec::new();
     let mut offset = 24;
     while offset < bytes.len() {
-        let record = bytes
-            .get(offset..offset + 16)
-            .ok_or(PcapError::Truncated(offset))?;
+        let record = bytes.get(offset..offset + 16).ok_or(PcapError::Truncated(offset))?;
         let (secs, frac) = (word(&record[0..4]), word(&record[4..8]));
         let (incl_len, orig_len) = (word(&record[8..12]), word(&record[12..16]));
         let start = offset + 16;
         let end = start + usize::try_from(incl_len).map_err(|_| PcapError::Truncated(offset))?;
-        let data = bytes
-            .get(start..end)
-            .ok_or(PcapError::Truncated(offset))?
-            .to_vec();
-        let subsec = if nanos {
-            Duration::from_nanos(u64::from(frac))
-        } else {
-            Duration::from_micros(u64::from(frac))
-        };
-        packets.push(Packet {
-            timestamp: Duration::from_secs(u64::from(secs)) + subsec,
-            orig_len,
-            data,
-        });
+        let data = bytes.get(start..end).ok_or(PcapError::Truncated(offset))?.to_vec();
+        let subsec = if nanos { Duration::from_nanos(u64::from(frac)) } else { Duration::from_micros(u64::from(frac)) };
+        packets.push(Packet { timestamp: Duration::from_secs(u64::from(secs)) + subsec, orig_len, data });
         offset = end;
     }
     Ok(packets)
@@ -225,24 +193,12 @@ mod tests {
 
     fn file(magic: u32, big_endian: bool, records: &[(u32, u32, &[u8], u32)]) -> Vec<u8> {
         let word = |v: u32| {
-            if big_endian {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            }
+            if big_endian { v.to_be_bytes() } else { v.to_le_bytes() }
         };
         let mut out = Vec::new();
         out.extend(word(magic));
-        out.extend(if big_endian {
-            2u16.to_be_bytes()
-        } else {
-            2u16.to_le_bytes()
-        });
-        out.extend(if big_endian {
-            4u16.to_be_bytes()
-        } else {
-            4u16.to_le_bytes()
-        });
+        out.extend(if big_endian { 2u16.to_be_bytes() } else { 2u16.to_le_bytes() });
+        out.extend(if big_endian { 4u16.to_be_bytes() } else { 4u16.to_le_bytes() });
         out.extend(word(0));
         out.extend(word(0));
         out.extend(word(SNAPLEN));
@@ -260,11 +216,7 @@ mod tests {
     #[test]
     fn reads_microsecond_and_nanosecond_files_in_both_byte_orders() {
         for big_endian in [false, true] {
-            let micro = file(
-                0xa1b2_c3d4,
-                big_endian,
-                &[(10, 5, b"abc", 60), (11, 0, b"", 0)],
-            );
+            let micro = file(0xa1b2_c3d4, big_endian, &[(10, 5, b"abc", 60), (11, 0, b"", 0)]);
             let packets = read_pcap(&micro).unwrap();
             assert_eq!(packets.len(), 2);
             assert_eq!(packets[0].timestamp, Duration::new(10, 5_000));
@@ -291,24 +243,13 @@ mod tests {
         v4[14] = 0x45;
         v4[14 + 9] = 1;
         v4[14 + 20] = 8;
-        let packet = Packet {
-            timestamp: Duration::ZERO,
-            orig_len: 42,
-            data: v4,
-        };
+        let packet = Packet { timestamp: Duration::ZERO, orig_len: 42, data: v4 };
         assert_eq!(packet.ip_protocol(), Some(1));
         assert!(packet.is_icmp_echo());
         let mut v6 = vec![0u8; 14 + 40 + 8];
         v6[12..14].copy_from_slice(&[0x86, 0xdd]);
         v6[14 + 6] = 58;
         v6[14 + 40] = 135; // neighbour solicitation
-        assert!(
-            !Packet {
-                timestamp: Duration::ZERO,
-                orig_len: 62,
-                data: v6
-            }
-            .is_icmp_echo()
-        );
+        assert!(!Packet { timestamp: Duration::ZERO, orig_len: 62, data: v6 }.is_icmp_echo());
     }
 }

@@ -47,13 +47,7 @@ impl Lab {
         let suffix = names::new_suffix();
         let bridge = names::link_name(prefix, LinkRole::Bridge, &suffix, None);
         let work_dir = PathBuf::from(format!("{WORK_DIR_BASE}-{suffix}"));
-        let lab = Lab {
-            prefix: prefix.to_owned(),
-            suffix,
-            bridge,
-            next_index: AtomicU32::new(0),
-            work_dir,
-        };
+        let lab = Lab { prefix: prefix.to_owned(), suffix, bridge, next_index: AtomicU32::new(0), work_dir };
         // From here on, a panic drops `lab`, which removes what exists so far.
         let _ignored = std::fs::remove_dir_all(&lab.work_dir);
         std::fs::create_dir_all(&lab.work_dir)
@@ -178,38 +172,20 @@ impl Lab {
     /// let db = lab.add_veth_vm("db", "10.77.0.2/24", None, Some("02:00:00:00:00:02"));
     /// assert!(web.ping(db.ip(), 3));
     /// ```
-    pub fn add_veth_vm(
-        &self,
-        name: &str,
-        ipv4_cidr: &str,
-        ipv6_cidr: Option<&str>,
-        mac: Option<&str>,
-    ) -> Vm {
+    pub fn add_veth_vm(&self, name: &str, ipv4_cidr: &str, ipv6_cidr: Option<&str>, mac: Option<&str>) -> Vm {
         self.add_vm(PortKind::Veth, name, ipv4_cidr, ipv6_cidr, mac)
     }
 
     /// Adds a VM whose bridge port is a real tap `<prefix>t<suffix><n>`, fed through
     /// /dev/net/tun as QEMU feeds one (see [`PortKind::Tap`]); otherwise as
     /// [`Lab::add_veth_vm`].
-    pub fn add_tap_vm(
-        &self,
-        name: &str,
-        ipv4_cidr: &str,
-        ipv6_cidr: Option<&str>,
-        mac: Option<&str>,
-    ) -> Vm {
+    pub fn add_tap_vm(&self, name: &str, ipv4_cidr: &str, ipv6_cidr: Option<&str>, mac: Option<&str>) -> Vm {
         self.add_vm(PortKind::Tap, name, ipv4_cidr, ipv6_cidr, mac)
     }
 
     /// Adds a "remote" host behind an uplink port `<prefix>u<suffix><n>` (a veth into the
     /// bridge), as a [`Vm`] of kind [`PortKind::Uplink`].
-    pub fn add_uplink(
-        &self,
-        name: &str,
-        ipv4_cidr: &str,
-        ipv6_cidr: Option<&str>,
-        mac: Option<&str>,
-    ) -> Vm {
+    pub fn add_uplink(&self, name: &str, ipv4_cidr: &str, ipv6_cidr: Option<&str>, mac: Option<&str>) -> Vm {
         self.add_vm(PortKind::Uplink, name, ipv4_cidr, ipv6_cidr, mac)
     }
 
@@ -220,16 +196,7 @@ impl Lab {
 
     /// Puts the VM's port (back) into the bridge, up.
     pub fn plug(&self, vm: &Vm) {
-        host_run(&[
-            "ip",
-            "link",
-            "set",
-            "dev",
-            vm.host_port(),
-            "master",
-            &self.bridge,
-            "up",
-        ]);
+        host_run(&["ip", "link", "set", "dev", vm.host_port(), "master", &self.bridge, "up"]);
     }
 
     /// The names of the ports currently in the bridge (from `ip link show master`).
@@ -241,14 +208,7 @@ impl Lab {
             .collect()
     }
 
-    fn add_vm(
-        &self,
-        kind: PortKind,
-        name: &str,
-        ipv4: &str,
-        ipv6: Option<&str>,
-        mac: Option<&str>,
-    ) -> Vm {
+    fn add_vm(&self, kind: PortKind, name: &str, ipv4: &str, ipv6: Option<&str>, mac: Option<&str>) -> Vm {
         names::check_vm_name(name);
         let role = match kind {
             PortKind::Veth => LinkRole::VethPort,

@@ -27,12 +27,7 @@ pub(crate) enum LinkRole {
 }
 
 impl LinkRole {
-    const ALL: [Self; 4] = [
-        Self::Bridge,
-        Self::VethPort,
-        Self::TapPort,
-        Self::UplinkPort,
-    ];
+    const ALL: [Self; 4] = [Self::Bridge, Self::VethPort, Self::TapPort, Self::UplinkPort];
 
     pub(crate) const fn tag(self) -> &'static str {
         match self {
@@ -53,11 +48,7 @@ pub(crate) fn new_suffix() -> String {
 /// The suffix of the `counter`-th lab (modulo 1296) of process `pid`.
 pub(crate) fn suffix_for(pid: u32, counter: u32) -> String {
     let counter = counter % COUNTER_SPAN;
-    format!(
-        "{}{}",
-        base36(pid, PID_DIGITS),
-        base36(counter, COUNTER_DIGITS)
-    )
+    format!("{}{}", base36(pid, PID_DIGITS), base36(counter, COUNTER_DIGITS))
 }
 
 /// The pid encoded in a suffix made by [`new_suffix`].
@@ -65,12 +56,10 @@ pub(crate) fn owner_pid(suffix: &str) -> Option<u32> {
     if suffix.len() != SUFFIX_LEN {
         return None;
     }
-    suffix.as_bytes()[..PID_DIGITS]
-        .iter()
-        .try_fold(0u32, |acc, &b| {
-            let digit = DIGITS.iter().position(|&d| d == b)?;
-            acc.checked_mul(36)?.checked_add(u32::try_from(digit).ok()?)
-        })
+    suffix.as_bytes()[..PID_DIGITS].iter().try_fold(0u32, |acc, &b| {
+        let digit = DIGITS.iter().position(|&d| d == b)?;
+        acc.checked_mul(36)?.checked_add(u32::try_from(digit).ok()?)
+    })
 }
 
 /// A host link name: `<prefix><role tag><suffix>[<index>]`, checked against IFNAMSIZ.
@@ -79,10 +68,7 @@ pub(crate) fn link_name(prefix: &str, role: LinkRole, suffix: &str, index: Optio
     if let Some(index) = index {
         name.push_str(&index.to_string());
     }
-    assert!(
-        name.len() <= MAX_IFNAME_LEN,
-        "interface name {name:?} is longer than {MAX_IFNAME_LEN} bytes"
-    );
+    assert!(name.len() <= MAX_IFNAME_LEN, "interface name {name:?} is longer than {MAX_IFNAME_LEN} bytes");
     name
 }
 
@@ -127,9 +113,7 @@ pub(crate) fn check_vm_name(name: &str) {
     assert!(
         !name.is_empty()
             && name.len() <= 32
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
         "VM name {name:?} must be 1 to 32 characters of [A-Za-z0-9_-]"
     );
 }
@@ -153,10 +137,7 @@ mod tests {
         let suffix = new_suffix();
         assert_eq!(suffix.len(), SUFFIX_LEN);
         assert_eq!(owner_pid(&suffix), Some(std::process::id()));
-        assert_eq!(
-            owner_pid(&format!("{}00", base36(4_194_304, PID_DIGITS))),
-            Some(4_194_304)
-        );
+        assert_eq!(owner_pid(&format!("{}00", base36(4_194_304, PID_DIGITS))), Some(4_194_304));
     }
 
     #[test]
@@ -173,16 +154,9 @@ mod tests {
             assert!(name.len() <= MAX_IFNAME_LEN, "{name}");
             assert_eq!(suffix_of_link("bpx", &name), Some(suffix), "{name}");
         }
-        assert_eq!(
-            link_name("bp", LinkRole::VethPort, suffix, Some(3)),
-            "bpv0k3x9013"
-        );
+        assert_eq!(link_name("bp", LinkRole::VethPort, suffix, Some(3)), "bpv0k3x9013");
         assert_eq!(suffix_of_link("bp", "bpbr0k3x901"), Some(suffix));
-        assert_eq!(
-            suffix_of_link("bp", "bpv0k3x901"),
-            None,
-            "a port needs an index"
-        );
+        assert_eq!(suffix_of_link("bp", "bpv0k3x901"), None, "a port needs an index");
         assert_eq!(suffix_of_link("bp", "bpfoo"), None);
         assert_eq!(suffix_of_link("bp", "eth0"), None);
     }

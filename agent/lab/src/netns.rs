@@ -20,8 +20,7 @@ pub(crate) fn netns_path(netns: &str) -> PathBuf {
 /// stays there.
 pub fn enter_netns(netns: &str) -> io::Result<()> {
     let path = netns_path(netns);
-    let file = File::open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let file = File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     // SAFETY: setns only reads the descriptor, which stays open for the call.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {

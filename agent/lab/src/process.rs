@@ -23,10 +23,7 @@ pub fn host_exec(args: &[&str]) -> Output {
 }
 
 /// Like [`host_exec`], but panics unless the command succeeds; returns its stdout.
-#[expect(
-    clippy::must_use_candidate,
-    reason = "called for its effect; the returned text is a convenience"
-)]
+#[expect(clippy::must_use_candidate, reason = "called for its effect; the returned text is a convenience")]
 pub fn host_run(args: &[&str]) -> String {
     expect_success(args, &host_exec(args))
 }
@@ -34,12 +31,8 @@ pub fn host_run(args: &[&str]) -> String {
 /// Runs a command and ignores every failure: for use in `Drop`.
 pub(crate) fn run_quietly(args: &[&str]) {
     let (program, rest) = args.split_first().expect("run_quietly needs a program");
-    let _status = Command::new(program)
-        .args(rest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let _status =
+        Command::new(program).args(rest).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
 /// Panics with the command, its status and its stderr unless `output` is a success;
@@ -81,22 +74,14 @@ impl ChildGuard {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let label = format!("{command:?}");
         let dir = std::env::temp_dir().join("backplane-lab-logs");
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let program = Path::new(command.get_program()).file_name().map_or_else(
-            || "child".to_owned(),
-            |name| name.to_string_lossy().into_owned(),
-        );
-        let log_path = dir.join(format!(
-            "{}-{}-{program}.log",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let log = File::create(&log_path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-        let log_err = log
-            .try_clone()
-            .expect("cannot duplicate a log file descriptor");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let program = Path::new(command.get_program())
+            .file_name()
+            .map_or_else(|| "child".to_owned(), |name| name.to_string_lossy().into_owned());
+        let log_path =
+            dir.join(format!("{}-{}-{program}.log", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let log = File::create(&log_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+        let log_err = log.try_clone().expect("cannot duplicate a log file descriptor");
         let child = command
             .stdin(Stdio::null())
             .stdout(log)
@@ -104,12 +89,7 @@ impl ChildGuard {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
-        ChildGuard {
-            child,
-            label,
-            log_path,
-            status: None,
-        }
+        ChildGuard { child, label, log_path, status: None }
     }
 
     /// The child's pid (also its process group id).
@@ -145,10 +125,7 @@ impl ChildGuard {
     /// The exit status if the child has exited, without waiting.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .unwrap_or_else(|e| panic!("cannot poll {}: {e}", self.label));
+            self.status = self.child.try_wait().unwrap_or_else(|e| panic!("cannot poll {}: {e}", self.label));
         }
         self.status
     }
@@ -188,10 +165,7 @@ impl ChildGuard {
         if let Some(status) = self.status {
             return status;
         }
-        let status = self
-            .child
-            .wait()
-            .unwrap_or_else(|e| panic!("cannot wait for {}: {e}", self.label));
+        let status = self.child.wait().unwrap_or_else(|e| panic!("cannot wait for {}: {e}", self.label));
         self.status = Some(status);
         status
     }

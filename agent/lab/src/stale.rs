@@ -55,8 +55,7 @@ impl Leftover {
     /// Whether the process that made it is still running (never true without an owner).
     #[must_use]
     pub fn owner_alive(&self) -> bool {
-        self.owner
-            .is_some_and(|pid| Path::new("/proc").join(pid.to_string()).exists())
+        self.owner.is_some_and(|pid| Path::new("/proc").join(pid.to_string()).exists())
     }
 
     /// Removes it; processes still inside a namespace are killed first. Errors are
@@ -107,9 +106,7 @@ impl fmt::Display for Leftover {
 pub fn leftovers(prefix: &str) -> Vec<Leftover> {
     names::check_prefix(prefix);
     let mut found = Vec::new();
-    let netns_list = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output();
+    let netns_list = std::process::Command::new("ip").args(["netns", "list"]).output();
     if let Ok(output) = netns_list {
         for line in String::from_utf8_lossy(&output.stdout).lines() {
             let Some(name) = line.split_whitespace().next() else {
@@ -117,22 +114,14 @@ pub fn leftovers(prefix: &str) -> Vec<Leftover> {
             };
             if name.starts_with(&format!("{prefix}-")) {
                 let owner = names::suffix_of_netns(prefix, name).and_then(owner_pid);
-                found.push(Leftover {
-                    kind: LeftoverKind::Netns,
-                    name: name.to_owned(),
-                    owner,
-                });
+                found.push(Leftover { kind: LeftoverKind::Netns, name: name.to_owned(), owner });
             }
         }
     }
     for name in dir_names(Path::new("/sys/class/net")) {
         if name.starts_with(prefix) {
             let owner = names::suffix_of_link(prefix, &name).and_then(owner_pid);
-            found.push(Leftover {
-                kind: LeftoverKind::Link,
-                name,
-                owner,
-            });
+            found.push(Leftover { kind: LeftoverKind::Link, name, owner });
         }
     }
     let (pin_parent, pin_stem) = split_base(PIN_DIR_BASE);
@@ -140,44 +129,26 @@ pub fn leftovers(prefix: &str) -> Vec<Leftover> {
         if let Some(rest) = name.strip_prefix(&pin_stem) {
             let owner = rest.strip_prefix('-').and_then(pin_dir_owner);
             let path = pin_parent.join(&name).to_string_lossy().into_owned();
-            found.push(Leftover {
-                kind: LeftoverKind::PinDir,
-                name: path,
-                owner,
-            });
+            found.push(Leftover { kind: LeftoverKind::PinDir, name: path, owner });
         }
     }
     let (work_parent, work_stem) = split_base(WORK_DIR_BASE);
     for name in dir_names(&work_parent) {
         // Only directories whose suffix decodes: other tools may share the stem.
-        if let Some(owner) = name
-            .strip_prefix(&format!("{work_stem}-"))
-            .and_then(owner_pid)
-        {
+        if let Some(owner) = name.strip_prefix(&format!("{work_stem}-")).and_then(owner_pid) {
             let path = work_parent.join(&name).to_string_lossy().into_owned();
-            found.push(Leftover {
-                kind: LeftoverKind::WorkDir,
-                name: path,
-                owner: Some(owner),
-            });
+            found.push(Leftover { kind: LeftoverKind::WorkDir, name: path, owner: Some(owner) });
         }
     }
     let temp = std::env::temp_dir();
-    for (dir, stem) in [
-        (temp.join("backplane-lab-logs"), ""),
-        (temp.clone(), "backplane-lab-capture-"),
-    ] {
+    for (dir, stem) in [(temp.join("backplane-lab-logs"), ""), (temp.clone(), "backplane-lab-capture-")] {
         for name in dir_names(&dir) {
             let Some(rest) = name.strip_prefix(stem) else {
                 continue;
             };
             if let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) {
                 let path = dir.join(&name).to_string_lossy().into_owned();
-                found.push(Leftover {
-                    kind: LeftoverKind::TempFile,
-                    name: path,
-                    owner: Some(pid),
-                });
+                found.push(Leftover { kind: LeftoverKind::TempFile, name: path, owner: Some(pid) });
             }
         }
     }
@@ -189,10 +160,7 @@ pub fn leftovers(prefix: &str) -> Vec<Leftover> {
 /// The port guard tables of agents that ran with a lab's pin directory; none when nft is
 /// not installed.
 fn nft_tables() -> Vec<Leftover> {
-    let Ok(output) = std::process::Command::new("nft")
-        .args(["list", "tables", NFT_FAMILY])
-        .output()
-    else {
+    let Ok(output) = std::process::Command::new("nft").args(["list", "tables", NFT_FAMILY]).output() else {
         return Vec::new();
     };
     String::from_utf8_lossy(&output.stdout)
@@ -212,15 +180,9 @@ fn nft_tables() -> Vec<Leftover> {
 /// Removes every leftover (see [`leftovers`]) whose maker is not a running process, and
 /// returns what it removed: what a killed run left behind. Objects of running processes,
 /// this one included, are kept.
-#[expect(
-    clippy::must_use_candidate,
-    reason = "called for its effect; the list is for reporting"
-)]
+#[expect(clippy::must_use_candidate, reason = "called for its effect; the list is for reporting")]
 pub fn cleanup_stale(prefix: &str) -> Vec<Leftover> {
-    let stale: Vec<Leftover> = leftovers(prefix)
-        .into_iter()
-        .filter(|leftover| !leftover.owner_alive())
-        .collect();
+    let stale: Vec<Leftover> = leftovers(prefix).into_iter().filter(|leftover| !leftover.owner_alive()).collect();
     for leftover in &stale {
         leftover.remove();
     }
@@ -235,14 +197,8 @@ fn pin_dir_owner(rest: &str) -> Option<u32> {
 
 fn split_base(base: &str) -> (PathBuf, String) {
     let path = Path::new(base);
-    let parent = path
-        .parent()
-        .unwrap_or_else(|| Path::new("/"))
-        .to_path_buf();
-    let stem = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let parent = path.parent().unwrap_or_else(|| Path::new("/")).to_path_buf();
+    let stem = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     (parent, stem)
 }
 
@@ -250,10 +206,7 @@ fn dir_names(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .collect()
+    entries.filter_map(Result::ok).map(|entry| entry.file_name().to_string_lossy().into_owned()).collect()
 }
 
 #[cfg(test)]
@@ -264,9 +217,7 @@ mod tests {
 
     /// A pid that no process has now: that of a child that has exited and been reaped.
     fn dead_pid() -> u32 {
-        let mut child = std::process::Command::new("true")
-            .spawn()
-            .expect("spawn true");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
         let pid = child.id();
         child.wait().expect("wait");
         pid
@@ -302,33 +253,12 @@ mod tests {
             host_run(&["nft", "add", "table", NFT_FAMILY, table]);
         }
 
-        let removed: Vec<String> = cleanup_stale("bp")
-            .into_iter()
-            .map(|leftover| leftover.name)
-            .collect();
-        let found: Vec<String> = leftovers("bp")
-            .into_iter()
-            .map(|leftover| leftover.name)
-            .collect();
+        let removed: Vec<String> = cleanup_stale("bp").into_iter().map(|leftover| leftover.name).collect();
+        let found: Vec<String> = leftovers("bp").into_iter().map(|leftover| leftover.name).collect();
         // Clean up the live ones before asserting, so that a failure leaves nothing.
-        Leftover {
-            kind: LeftoverKind::Netns,
-            name: live_ns.clone(),
-            owner: None,
-        }
-        .remove();
-        Leftover {
-            kind: LeftoverKind::Link,
-            name: live_link.clone(),
-            owner: None,
-        }
-        .remove();
-        Leftover {
-            kind: LeftoverKind::NftTable,
-            name: live_table.clone(),
-            owner: None,
-        }
-        .remove();
+        Leftover { kind: LeftoverKind::Netns, name: live_ns.clone(), owner: None }.remove();
+        Leftover { kind: LeftoverKind::Link, name: live_link.clone(), owner: None }.remove();
+        Leftover { kind: LeftoverKind::NftTable, name: live_table.clone(), owner: None }.remove();
 
         for name in [&dead_ns, &dead_link, &dead_dir, &dead_table] {
             assert!(removed.contains(name), "{name} not removed: {removed:?}");

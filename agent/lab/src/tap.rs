@@ -35,22 +35,13 @@ struct IfReqFlags {
 pub(crate) fn open_tap(name: &str) -> io::Result<OwnedFd> {
     let path = CString::new("/dev/net/tun").expect("no NUL");
     // SAFETY: path is a valid C string.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just opened and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReqFlags {
-        name: [0; libc::IFNAMSIZ],
-        flags: 0,
-        _pad: [0; 22],
-    };
+    let mut req = IfReqFlags { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
     assert!(name.len() < libc::IFNAMSIZ, "tap name {name:?} is too long");
     for (slot, byte) in req.name.iter_mut().zip(name.bytes()) {
         *slot = byte.cast_signed();
@@ -77,10 +68,9 @@ impl TapForwarder {
     /// Attaches to the existing host tap `host_tap`, creates `eth0` inside `netns`, and
     /// starts copying frames. Panics with context on failure.
     pub(crate) fn start(host_tap: &str, netns: &str) -> TapForwarder {
-        let host = open_tap(host_tap)
-            .unwrap_or_else(|e| panic!("cannot attach to host tap {host_tap}: {e}"));
-        let guest = in_netns(netns, || open_tap("eth0"))
-            .unwrap_or_else(|e| panic!("cannot create tap eth0 in {netns}: {e}"));
+        let host = open_tap(host_tap).unwrap_or_else(|e| panic!("cannot attach to host tap {host_tap}: {e}"));
+        let guest =
+            in_netns(netns, || open_tap("eth0")).unwrap_or_else(|e| panic!("cannot create tap eth0 in {netns}: {e}"));
         // SAFETY: eventfd has no memory effects.
         let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         assert!(stop >= 0, "eventfd: {}", io::Error::last_os_error());
@@ -91,10 +81,7 @@ impl TapForwarder {
             .name(format!("tap-{host_tap}"))
             .spawn(move || forward(&host, &guest, stop_raw))
             .expect("cannot spawn the tap forwarder thread");
-        TapForwarder {
-            stop,
-            thread: Some(thread),
-        }
+        TapForwarder { stop, thread: Some(thread) }
     }
 }
 
@@ -112,21 +99,9 @@ impl Drop for TapForwarder {
 fn forward(host: &OwnedFd, guest: &OwnedFd, stop: RawFd) {
     let mut buf = vec![0u8; 65_536];
     let mut fds = [
-        libc::pollfd {
-            fd: host.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: guest.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop,
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        libc::pollfd { fd: host.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: guest.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
     ];
     loop {
         // SAFETY: fds is a valid array of 3 pollfd for the duration of the call.

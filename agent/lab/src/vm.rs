@@ -60,9 +60,7 @@ impl Vm {
     pub(crate) fn create(spec: &VmSpec<'_>) -> Vm {
         let (ip, ip_prefix_len) = parse_cidr::<Ipv4Addr>(spec.ipv4);
         let ip6 = spec.ipv6.map(|cidr| parse_cidr::<Ipv6Addr>(cidr).0);
-        let wanted_mac = spec
-            .mac
-            .map(|mac| parse_mac(mac).unwrap_or_else(|| panic!("bad MAC address {mac:?}")));
+        let wanted_mac = spec.mac.map(|mac| parse_mac(mac).unwrap_or_else(|| panic!("bad MAC address {mac:?}")));
         host(&["ip", "netns", "add", &spec.netns]);
         // From here on, a panic drops `vm`, which removes what exists so far.
         let mut vm = Vm {
@@ -95,7 +93,18 @@ impl Vm {
         if let Some(node) = spec.host_netns {
             // The host port lives in a node's namespace, on that node's bridge.
             host(&[
-                "ip", "-n", node, "link", "add", &vm.host_port, "type", "veth", "peer", "name", "eth0", "netns",
+                "ip",
+                "-n",
+                node,
+                "link",
+                "add",
+                &vm.host_port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
                 &vm.netns,
             ]);
             let port = vm.host_port.clone();
@@ -108,19 +117,7 @@ impl Vm {
         match spec.kind {
             _ if spec.host_netns.is_some() => {}
             PortKind::Veth | PortKind::Uplink => {
-                host(&[
-                    "ip",
-                    "link",
-                    "add",
-                    &vm.host_port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &vm.netns,
-                ]);
+                host(&["ip", "link", "add", &vm.host_port, "type", "veth", "peer", "name", "eth0", "netns", &vm.netns]);
             }
             PortKind::Tap => {
                 host(&["ip", "tuntap", "add", "dev", &vm.host_port, "mode", "tap"]);
@@ -133,16 +130,7 @@ impl Vm {
             std::fs::write(&sysctl, "1").unwrap_or_else(|e| panic!("cannot write {sysctl}: {e}"));
         }
         if spec.host_netns.is_none() {
-            host(&[
-            "ip",
-            "link",
-            "set",
-            "dev",
-            &vm.host_port,
-            "master",
-            spec.bridge,
-            "up",
-        ]);
+            host(&["ip", "link", "set", "dev", &vm.host_port, "master", spec.bridge, "up"]);
         }
 
         let mut batch = Vec::new();
@@ -181,16 +169,10 @@ impl Vm {
     /// The host port's interface index in the host namespace.
     #[must_use]
     pub fn host_ifindex(&self) -> u32 {
-        let name =
-            std::ffi::CString::new(self.host_port.as_str()).expect("no NUL in interface names");
+        let name = std::ffi::CString::new(self.host_port.as_str()).expect("no NUL in interface names");
         // SAFETY: name is a valid C string.
         let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(
-            index != 0,
-            "no interface {}: {}",
-            self.host_port,
-            io::Error::last_os_error()
-        );
+        assert!(index != 0, "no interface {}: {}", self.host_port, io::Error::last_os_error());
         index
     }
 
@@ -227,11 +209,7 @@ impl Vm {
     /// [`Vm::mac`] as `"02:00:00:00:00:01"`.
     #[must_use]
     pub fn mac_string(&self) -> String {
-        self.mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
     }
 
     /// Runs a command inside the VM (`ip netns exec`) and returns its output, whatever its
@@ -248,10 +226,7 @@ impl Vm {
 
     /// Like [`Vm::exec`] but panics (with stderr) unless the command succeeds; returns
     /// its stdout.
-    #[expect(
-        clippy::must_use_candidate,
-        reason = "called for its effect; the returned text is a convenience"
-    )]
+    #[expect(clippy::must_use_candidate, reason = "called for its effect; the returned text is a convenience")]
     pub fn run(&self, args: &[&str]) -> String {
         let output = self.exec(args);
         let mut full = vec!["ip", "netns", "exec", &self.netns];
@@ -262,11 +237,7 @@ impl Vm {
     /// Starts a long-running command inside the VM; it is killed when the guard drops.
     #[must_use]
     pub fn spawn(&self, args: &[&str]) -> ChildGuard {
-        ChildGuard::spawn(
-            Command::new("ip")
-                .args(["netns", "exec", &self.netns])
-                .args(args),
-        )
+        ChildGuard::spawn(Command::new("ip").args(["netns", "exec", &self.netns]).args(args))
     }
 
     /// Pings `to` `count` times (0.2 s apart, 2 s timeout each); true if every echo was
@@ -274,11 +245,7 @@ impl Vm {
     pub fn ping(&self, to: impl Into<IpAddr>, count: u32) -> bool {
         let to = to.into().to_string();
         let count = count.to_string();
-        self.exec(&[
-            "ping", "-n", "-q", "-c", &count, "-i", "0.2", "-W", "2", &to,
-        ])
-        .status
-        .success()
+        self.exec(&["ping", "-n", "-q", "-c", &count, "-i", "0.2", "-W", "2", &to]).status.success()
     }
 
     /// Runs `f` on a thread inside the VM's namespace (sockets it opens live there).
@@ -300,8 +267,7 @@ impl Vm {
     /// of the VM's `eth0`, as the VM would: through an `AF_PACKET` socket inside its
     /// namespace. They reach the host port as frames the VM sent. Panics on failure.
     pub fn send_raw_frames(&self, frames: &[Vec<u8>]) {
-        self.try_send_raw_frames(frames)
-            .unwrap_or_else(|e| panic!("cannot send raw frames from {}: {e}", self.name));
+        self.try_send_raw_frames(frames).unwrap_or_else(|e| panic!("cannot send raw frames from {}: {e}", self.name));
     }
 
     /// [`Vm::send_raw_frames`] returning the error instead of panicking.
@@ -335,18 +301,11 @@ impl Drop for Vm {
 
 /// Kills (SIGKILL) every process whose network namespace is `netns`, except this one.
 pub(crate) fn kill_netns_processes(netns: &str) {
-    let Ok(output) = Command::new("ip")
-        .args(["netns", "pids", netns])
-        .stderr(Stdio::null())
-        .output()
-    else {
+    let Ok(output) = Command::new("ip").args(["netns", "pids", netns]).stderr(Stdio::null()).output() else {
         return;
     };
     let me = std::process::id();
-    for pid in String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok())
-    {
+    for pid in String::from_utf8_lossy(&output.stdout).split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
         if pid != me {
             if let Ok(pid) = libc::pid_t::try_from(pid) {
                 // SAFETY: kill has no memory effects.
@@ -376,9 +335,7 @@ fn ip_batch(netns: &str, batch: &str) {
         .expect("stdin is piped")
         .write_all(batch.as_bytes())
         .unwrap_or_else(|e| panic!("cannot feed ip -batch: {e}"));
-    let output = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("cannot wait for ip: {e}"));
+    let output = child.wait_with_output().unwrap_or_else(|e| panic!("cannot wait for ip: {e}"));
     assert!(
         output.status.success(),
         "`ip -n {netns} -batch -` failed: {}\nbatch was:\n{batch}",
@@ -387,9 +344,7 @@ fn ip_batch(netns: &str, batch: &str) {
 }
 
 fn parse_cidr<A: std::str::FromStr>(cidr: &str) -> (A, u8) {
-    let parsed = cidr
-        .split_once('/')
-        .and_then(|(addr, len)| Some((addr.parse().ok()?, len.parse().ok()?)));
+    let parsed = cidr.split_once('/').and_then(|(addr, len)| Some((addr.parse().ok()?, len.parse().ok()?)));
     parsed.unwrap_or_else(|| panic!("{cidr:?} is not ADDRESS/PREFIX_LENGTH"))
 }
 
@@ -427,14 +382,7 @@ fn send_raw(frames: &[Vec<u8>]) -> io::Result<()> {
     for frame in frames {
         // SAFETY: frame and addr are valid for the lengths given.
         let sent = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const addr).cast(),
-                addr_len,
-            )
+            libc::sendto(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0, (&raw const addr).cast(), addr_len)
         };
         if sent < 0 {
             return Err(io::Error::last_os_error());
@@ -452,10 +400,7 @@ mod tests {
         assert_eq!(parse_mac("02:00:0a:ff:00:01"), Some([2, 0, 10, 255, 0, 1]));
         assert_eq!(parse_mac("02:00:0a:ff:00"), None);
         assert_eq!(parse_mac("02:00:0a:ff:00:01:02"), None);
-        assert_eq!(
-            parse_cidr::<Ipv4Addr>("10.77.0.1/24"),
-            (Ipv4Addr::new(10, 77, 0, 1), 24)
-        );
+        assert_eq!(parse_cidr::<Ipv4Addr>("10.77.0.1/24"), (Ipv4Addr::new(10, 77, 0, 1), 24));
         assert_eq!(parse_cidr::<Ipv6Addr>("fd00:77::1/64").1, 64);
     }
 }

@@ -73,12 +73,7 @@ impl Agent {
 
     /// Runs a `backplane` client command against this agent's socket.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BACKPLANE)
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .output()
-            .expect("run backplane client")
+        Command::new(BACKPLANE).args(args).arg("--socket").arg(&self.socket).output().expect("run backplane client")
     }
 
     /// Runs a client command that must succeed and returns its stdout parsed as JSON.
@@ -91,7 +86,9 @@ impl Agent {
             String::from_utf8_lossy(&out.stderr),
             self.child.output()
         );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("backplane {} printed no JSON ({e}): {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("backplane {} printed no JSON ({e}): {}", args.join(" "), String::from_utf8_lossy(&out.stdout))
+        })
     }
 
     /// `backplane flows --json`.
@@ -125,7 +122,11 @@ impl Agent {
             if let Some(v) = f(self) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}\nagent log:\n{}", self.child.output());
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}\nagent log:\n{}",
+                self.child.output()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

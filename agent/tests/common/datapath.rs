@@ -23,10 +23,14 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// Mounts bpffs at /sys/fs/bpf if it is not mounted.
 pub fn ensure_bpffs() {
     let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"))
+    {
         return;
     }
-    let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("run mount");
+    let status =
+        std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("run mount");
     assert!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
 }
 

@@ -350,7 +350,10 @@ fn arp_spoofing(rng: &mut Rng, out: &mut Vec<Hostile>) {
     let victim_ip6 = a6(VICTIM_IP6_LAST);
     out.push(Hostile::one("gratuitous arp of our own", arp(0x0806, 1, MAC_A, A4, A4)));
     out.push(Hostile::spoofing_mac("arp claiming the victim's mac", arp(0x0806, 2, VICTIM_MAC, victim_ip, B4)));
-    out.push(Hostile::spoofing_mac("gratuitous arp with the victim's mac", arp(0x0806, 1, VICTIM_MAC, victim_ip, victim_ip)));
+    out.push(Hostile::spoofing_mac(
+        "gratuitous arp with the victim's mac",
+        arp(0x0806, 1, VICTIM_MAC, victim_ip, victim_ip),
+    ));
     out.push(Hostile::spoofing_mac("rarp with the victim's mac", arp(0x8035, 3, VICTIM_MAC, [0; 4], [0; 4])));
     // Our Ethernet source, the victim as ARP sender.
     let mut lying = arp(0x0806, 2, VICTIM_MAC, victim_ip, B4);
@@ -361,14 +364,29 @@ fn arp_spoofing(rng: &mut Rng, out: &mut Vec<Hostile>) {
     tcp_frame[6..12].copy_from_slice(&VICTIM_MAC);
     out.push(Hostile::spoofing_mac("tcp from the victim's mac", tcp_frame));
     // Our MAC, the victim's address: ARP cache poisoning and source address spoofing.
-    out.push(Hostile::spoofing_address("arp reply claiming the victim's address", arp(0x0806, 2, MAC_A, victim_ip, B4)));
-    out.push(Hostile::spoofing_address("gratuitous arp of the victim's address", arp(0x0806, 1, MAC_A, victim_ip, victim_ip)));
+    out.push(Hostile::spoofing_address(
+        "arp reply claiming the victim's address",
+        arp(0x0806, 2, MAC_A, victim_ip, B4),
+    ));
+    out.push(Hostile::spoofing_address(
+        "gratuitous arp of the victim's address",
+        arp(0x0806, 1, MAC_A, victim_ip, victim_ip),
+    ));
     out.push(Hostile::spoofing_address("arp request from the victim's address", arp(0x0806, 1, MAC_A, victim_ip, B4)));
-    out.push(Hostile::spoofing_address("tcp from the victim's address", v4(victim_ip, B4, 6, &tcp(45001, 80, TCP_SYN, &[]))));
+    out.push(Hostile::spoofing_address(
+        "tcp from the victim's address",
+        v4(victim_ip, B4, 6, &tcp(45001, 80, TCP_SYN, &[])),
+    ));
     out.push(Hostile::spoofing_address("udp from the victim's address", v4(victim_ip, B4, 17, &udp(45002, 53, b"q"))));
     out.push(Hostile::spoofing_address("icmp from the victim's address", v4(victim_ip, B4, 1, &icmp_echo(8, 9, 1))));
-    out.push(Hostile::spoofing_address("tcp from the victim's ipv6 address", v6(victim_ip6, b6(1), 6, &tcp(45003, 80, TCP_SYN, &[]))));
-    for (icmp_type, label) in [(136u8, "neighbour advertisement of the victim's address"), (135, "neighbour solicitation from the victim's address")] {
+    out.push(Hostile::spoofing_address(
+        "tcp from the victim's ipv6 address",
+        v6(victim_ip6, b6(1), 6, &tcp(45003, 80, TCP_SYN, &[])),
+    ));
+    for (icmp_type, label) in [
+        (136u8, "neighbour advertisement of the victim's address"),
+        (135, "neighbour solicitation from the victim's address"),
+    ] {
         // Type, code, checksum, flags/reserved, target address.
         let mut body = vec![icmp_type, 0, 0, 0, 0x20, 0, 0, 0];
         let (src, target) = if icmp_type == 136 { (a6(7), victim_ip6) } else { (victim_ip6, b6(1)) };

@@ -506,7 +506,8 @@ fn synthetic_events(n: u32) -> Vec<Vec<u8>> {
             src[..4].copy_from_slice(&[10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
             let mut dst = [0u8; 16];
             dst[..4].copy_from_slice(&[10, 40, 0, 10]);
-            let (key, direction) = FlowKey::canonical(&src, 1024 + (i % 60_000) as u16, &dst, UDP_PORT, 0, 17, FAMILY_IPV4);
+            let (key, direction) =
+                FlowKey::canonical(&src, 1024 + (i % 60_000) as u16, &dst, UDP_PORT, 0, 17, FAMILY_IPV4);
             let event = backplane_common::FlowEvent {
                 key,
                 ts_ns: u64::from(i),
@@ -742,8 +743,7 @@ fn main() -> anyhow::Result<()> {
         let dir = report::results_dir();
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("agent-rates.md"), &doc)?;
-        let json =
-            serde_json::json!({ "flow_events": events.json, "processing": processing.json, "compile_and_apply": rules.json, "memory": memory.json });
+        let json = serde_json::json!({ "flow_events": events.json, "processing": processing.json, "compile_and_apply": rules.json, "memory": memory.json });
         std::fs::write(dir.join("agent-rates.json"), serde_json::to_string_pretty(&json)?)?;
         report::bar_chart(
             &dir.join("agent-events.svg"),

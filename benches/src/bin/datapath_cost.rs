@@ -26,7 +26,9 @@ use backplane_common::{
     config::CONFIG_ENFORCE,
     flow::FAMILY_IPV4,
     maps,
-    policy::{ADDR_KEY_HEADER_BITS, AddrKey, MODE_ENFORCE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, PolicyValue},
+    policy::{
+        ADDR_KEY_HEADER_BITS, AddrKey, MODE_ENFORCE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, PolicyValue,
+    },
 };
 use clap::Parser;
 
@@ -62,7 +64,12 @@ fn load(flow_capacity: u32) -> anyhow::Result<Loaded> {
 fn run(ebpf: &mut Ebpf, prog: &str, frame: &[u8], repeat: u32) -> anyhow::Result<Duration> {
     let p: &mut Xdp = ebpf.program_mut(prog).context("program")?.try_into()?;
     let mut out = vec![0u8; frame.len() + 256];
-    let r = p.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..TestRunOptions::default() })?;
+    let r = p.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
     Ok(r.duration)
 }
 
@@ -88,15 +95,21 @@ fn install_policies(ebpf: &mut Ebpf, n: u32) -> anyhow::Result<()> {
     }
     let zones = ((f64::from(n)).sqrt().ceil() as u16).max(2) + 1;
     {
-        let mut cidrs: LpmTrie<&mut MapData, AddrKey, u32> = LpmTrie::try_from(ebpf.map_mut(maps::ZONE_CIDRS).context("map")?)?;
+        let mut cidrs: LpmTrie<&mut MapData, AddrKey, u32> =
+            LpmTrie::try_from(ebpf.map_mut(maps::ZONE_CIDRS).context("map")?)?;
         for z in 1..=zones {
             let c = zone_cidr(z);
             let mut addr = [0u8; 16];
             addr[..4].copy_from_slice(&c);
-            cidrs.insert(&Key::new(ADDR_KEY_HEADER_BITS + 24, AddrKey { slot: 0, family: FAMILY_IPV4, _pad: [0; 2], addr }), u32::from(z), 0)?;
+            cidrs.insert(
+                &Key::new(ADDR_KEY_HEADER_BITS + 24, AddrKey { slot: 0, family: FAMILY_IPV4, _pad: [0; 2], addr }),
+                u32::from(z),
+                0,
+            )?;
         }
     }
-    let mut policies: LpmTrie<&mut MapData, PolicyKey, PolicyValue> = LpmTrie::try_from(ebpf.map_mut(maps::POLICIES).context("map")?)?;
+    let mut policies: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
+        LpmTrie::try_from(ebpf.map_mut(maps::POLICIES).context("map")?)?;
     let mut id = 0u32;
     'outer: for src in 1..=zones {
         for dst in 1..=zones {
@@ -104,7 +117,13 @@ fn install_policies(ebpf: &mut Ebpf, n: u32) -> anyhow::Result<()> {
                 continue;
             }
             let value = PolicyValue { policy_id: id, mode: MODE_ENFORCE, _pad: [0; 3] };
-            let key = |proto: u8, port: u16| PolicyKey { slot: 0, proto, src_zone: src.to_be_bytes(), dst_zone: dst.to_be_bytes(), port: port.to_be_bytes() };
+            let key = |proto: u8, port: u16| PolicyKey {
+                slot: 0,
+                proto,
+                src_zone: src.to_be_bytes(),
+                dst_zone: dst.to_be_bytes(),
+                port: port.to_be_bytes(),
+            };
             policies.insert(&Key::new(POLICY_KEY_BITS, key(6, 5432)), value, 0)?;
             policies.insert(&Key::new(POLICY_KEY_PROTO_BITS, key(1, 0)), value, 0)?;
             policies.insert(&Key::new(POLICY_KEY_PROTO_BITS, key(255, 0)), value, 0)?;
@@ -116,20 +135,44 @@ fn install_policies(ebpf: &mut Ebpf, n: u32) -> anyhow::Result<()> {
     }
     drop(policies);
     let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(ebpf.map_mut(maps::CONFIG).context("map")?)?;
-    config.set(0, DatapathConfig { generation: 1, flags: CONFIG_ENFORCE, default_inter_zone: Verdict::Denied as u8, ..Default::default() }, 0)?;
+    config.set(
+        0,
+        DatapathConfig {
+            generation: 1,
+            flags: CONFIG_ENFORCE,
+            default_inter_zone: Verdict::Denied as u8,
+            ..Default::default()
+        },
+        0,
+    )?;
     Ok(())
 }
 
 /// Fills the flow table with `n` established flows that the measured packets never hit.
 fn prefill_flows(ebpf: &mut Ebpf, n: u32) -> anyhow::Result<()> {
-    let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(ebpf.map_mut(maps::FLOWS).context("map")?)?;
-    let value = FlowValue { packets: [1, 1], bytes: [64, 64], generation: 1, verdict: Verdict::Allowed as u8, ..Default::default() };
+    let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+        HashMap::try_from(ebpf.map_mut(maps::FLOWS).context("map")?)?;
+    let value = FlowValue {
+        packets: [1, 1],
+        bytes: [64, 64],
+        generation: 1,
+        verdict: Verdict::Allowed as u8,
+        ..Default::default()
+    };
     for i in 0..n {
         let mut lo = [0u8; 16];
         lo[..4].copy_from_slice(&[172, 16, (i >> 16) as u8, (i >> 8) as u8]);
         let mut hi = [0u8; 16];
         hi[..4].copy_from_slice(&[172, 17, 0, i as u8]);
-        let key = FlowKey { addr_lo: lo, addr_hi: hi, port_lo: 1024 + (i % 50_000) as u16, port_hi: 80, vlan: 0, proto: 6, family: FAMILY_IPV4 };
+        let key = FlowKey {
+            addr_lo: lo,
+            addr_hi: hi,
+            port_lo: 1024 + (i % 50_000) as u16,
+            port_hi: 80,
+            vlan: 0,
+            proto: 6,
+            family: FAMILY_IPV4,
+        };
         flows.insert(key, value, 0)?;
     }
     Ok(())
@@ -150,7 +193,13 @@ fn main() -> anyhow::Result<()> {
     let a = [10, 0, 1, 10];
     let b = [10, 0, 2, 20];
     let est_v4 = frames::tcp4(a, 40000, b, 5432, frames::TCP_ACK);
-    let est_v6 = frames::eth(frames::MAC_B, frames::MAC_A, &[], 0x86dd, &frames::ipv6(frames::v6(1), frames::v6(2), 6, &frames::tcp(40000, 5432, frames::TCP_ACK, &[])));
+    let est_v6 = frames::eth(
+        frames::MAC_B,
+        frames::MAC_A,
+        &[],
+        0x86dd,
+        &frames::ipv6(frames::v6(1), frames::v6(2), 6, &frames::tcp(40000, 5432, frames::TCP_ACK, &[])),
+    );
     let denied = frames::tcp4(a, 40001, b, 9999, frames::TCP_SYN);
     let mut rows = Vec::new();
     for &n_flows in &args.flows {
@@ -159,7 +208,9 @@ fn main() -> anyhow::Result<()> {
             install_policies(&mut l.ebpf, n_policies)?;
             prefill_flows(&mut l.ebpf, n_flows)?;
             // Repeated scenarios: the first run creates the flow, the rest hit it.
-            for (scenario, frame) in [("established IPv4", &est_v4), ("established IPv6", &est_v6), ("denied, cached", &denied)] {
+            for (scenario, frame) in
+                [("established IPv4", &est_v4), ("established IPv6", &est_v6), ("denied, cached", &denied)]
+            {
                 if n_policies == 0 && scenario == "denied, cached" {
                     continue;
                 }
@@ -173,7 +224,14 @@ fn main() -> anyhow::Result<()> {
                     lookup.push(ns(run(&mut l.ebpf, maps::PROG_BASELINE_LOOKUP, frame, args.repeat)?));
                 }
                 let lookup_ns = (scenario != "established IPv6").then(|| median(lookup));
-                rows.push(Row { policies: n_policies, flows: n_flows, scenario, baseline_ns: median(base), datapath_ns: median(dp), lookup_ns });
+                rows.push(Row {
+                    policies: n_policies,
+                    flows: n_flows,
+                    scenario,
+                    baseline_ns: median(base),
+                    datapath_ns: median(dp),
+                    lookup_ns,
+                });
             }
             // New flows: one run per distinct packet.
             for (scenario, dport) in [("new flow, allowed", 5432u16), ("new flow, denied", 9999)] {
@@ -183,12 +241,25 @@ fn main() -> anyhow::Result<()> {
                 let mut base = Vec::new();
                 let mut dp = Vec::new();
                 for i in 0..args.new_flows {
-                    let f = frames::tcp4(a, 1024 + (i % 60_000) as u16, [10, 0, 2, 100 + (i / 60_000) as u8], dport, frames::TCP_SYN);
+                    let f = frames::tcp4(
+                        a,
+                        1024 + (i % 60_000) as u16,
+                        [10, 0, 2, 100 + (i / 60_000) as u8],
+                        dport,
+                        frames::TCP_SYN,
+                    );
                     base.push(ns(run(&mut l.ebpf, maps::PROG_BASELINE_PASS, &f, 1)?));
                     dp.push(ns(run(&mut l.ebpf, maps::PROG_FROM_PORT, &f, 1)?));
                 }
                 let scenario = if n_policies == 0 { "new flow, observed" } else { scenario };
-                rows.push(Row { policies: n_policies, flows: n_flows, scenario, baseline_ns: median(base), datapath_ns: median(dp), lookup_ns: None });
+                rows.push(Row {
+                    policies: n_policies,
+                    flows: n_flows,
+                    scenario,
+                    baseline_ns: median(base),
+                    datapath_ns: median(dp),
+                    lookup_ns: None,
+                });
             }
             eprintln!("measured {n_policies} policies, {n_flows} flows");
         }
@@ -207,21 +278,40 @@ fn main() -> anyhow::Result<()> {
             ]
         })
         .collect();
-    let md_table = report::markdown_table(&["flows in table", "policies", "scenario", "baseline_pass ns", "baseline_lookup ns", "from_port ns", "ratio"], &table);
+    let md_table = report::markdown_table(
+        &["flows in table", "policies", "scenario", "baseline_pass ns", "baseline_lookup ns", "from_port ns", "ratio"],
+        &table,
+    );
     println!("{md_table}");
     // Goals: fast path at most 3x the baseline; unchanged (within 1.3x) from 10 to 100,000 policies.
     let mut summary = String::new();
     for scenario in ["established IPv4", "established IPv6"] {
-        let worst = rows.iter().filter(|r| r.scenario == scenario).map(|r| r.datapath_ns / r.baseline_ns).fold(0.0, f64::max);
+        let worst =
+            rows.iter().filter(|r| r.scenario == scenario).map(|r| r.datapath_ns / r.baseline_ns).fold(0.0, f64::max);
         let _ = writeln!(summary, "- {scenario}: worst ratio to baseline {worst:.2}x (goal <= 3x)");
-        let lookups: Vec<f64> = rows.iter().filter(|r| r.scenario == scenario).filter_map(|r| r.lookup_ns.map(|l| l / r.baseline_ns)).collect();
-        if let (Some(lo), Some(hi)) = (lookups.iter().copied().reduce(f64::min), lookups.iter().copied().reduce(f64::max)) {
-            let _ = writeln!(summary, "- {scenario}: one FLOWS lookup alone (baseline_lookup) costs {lo:.2}x-{hi:.2}x the baseline");
+        let lookups: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.scenario == scenario)
+            .filter_map(|r| r.lookup_ns.map(|l| l / r.baseline_ns))
+            .collect();
+        if let (Some(lo), Some(hi)) =
+            (lookups.iter().copied().reduce(f64::min), lookups.iter().copied().reduce(f64::max))
+        {
+            let _ = writeln!(
+                summary,
+                "- {scenario}: one FLOWS lookup alone (baseline_lookup) costs {lo:.2}x-{hi:.2}x the baseline"
+            );
         }
         for &f in &args.flows {
-            let at = |p: u32| rows.iter().find(|r| r.scenario == scenario && r.policies == p && r.flows == f).map(|r| r.datapath_ns);
+            let at = |p: u32| {
+                rows.iter().find(|r| r.scenario == scenario && r.policies == p && r.flows == f).map(|r| r.datapath_ns)
+            };
             if let (Some(lo), Some(hi)) = (at(10), at(100_000)) {
-                let _ = writeln!(summary, "- {scenario}, {f} flows: 100,000 policies / 10 policies = {:.2}x (goal <= 1.3x)", hi / lo);
+                let _ = writeln!(
+                    summary,
+                    "- {scenario}, {f} flows: 100,000 policies / 10 policies = {:.2}x (goal <= 1.3x)",
+                    hi / lo
+                );
             }
         }
     }
@@ -243,7 +333,12 @@ fn main() -> anyhow::Result<()> {
             .filter(|r| r.flows == *args.flows.last().unwrap_or(&0))
             .map(|r| (format!("{} p, {}", r.policies, r.scenario), r.datapath_ns / r.baseline_ns))
             .collect();
-        report::bar_chart(&dir.join("datapath-cost.svg"), "from_port cost / baseline_pass cost (largest flow table)", "ratio", &bars)?;
+        report::bar_chart(
+            &dir.join("datapath-cost.svg"),
+            "from_port cost / baseline_pass cost (largest flow table)",
+            "ratio",
+            &bars,
+        )?;
     }
     Ok(())
 }

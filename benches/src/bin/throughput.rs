@@ -199,7 +199,8 @@ impl Bed {
                 let dir = lab.work_dir().join(format!("rules-{n}"));
                 std::fs::create_dir_all(&dir)?;
                 std::fs::write(dir.join("zones.yaml"), rules(*n)?.to_yaml())?;
-                let extra: &[&str] = if matches!(setup, Setup::AgentEnforceXdp(_)) { &["--ingress", "xdp-skb"] } else { &[] };
+                let extra: &[&str] =
+                    if matches!(setup, Setup::AgentEnforceXdp(_)) { &["--ingress", "xdp-skb"] } else { &[] };
                 Active::Agent(agent::start(&lab, agent_binary, extra, agent_rules.then_some(dir.as_path())))
             }
             Setup::Nft(n) => {

@@ -61,15 +61,9 @@ impl FlowKey {
             core::cmp::Ordering::Equal => sport <= dport,
         };
         if src_first {
-            (
-                Self { addr_lo: *src, addr_hi: *dst, port_lo: sport, port_hi: dport, vlan, proto, family },
-                DIR_LO_TO_HI,
-            )
+            (Self { addr_lo: *src, addr_hi: *dst, port_lo: sport, port_hi: dport, vlan, proto, family }, DIR_LO_TO_HI)
         } else {
-            (
-                Self { addr_lo: *dst, addr_hi: *src, port_lo: dport, port_hi: sport, vlan, proto, family },
-                DIR_HI_TO_LO,
-            )
+            (Self { addr_lo: *dst, addr_hi: *src, port_lo: dport, port_hi: sport, vlan, proto, family }, DIR_HI_TO_LO)
         }
     }
 

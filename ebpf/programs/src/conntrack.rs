@@ -158,7 +158,13 @@ fn count_by_zone_pair(flow: &FlowValue, len: u32) {
         return;
     }
     let zones = by_dir(flow.initiator, flow.zone[0], flow.zone[1]);
-    let key = ZonePairKey { src_zone: zones[0], dst_zone: zones[1], verdict: flow.verdict, reason: flow.reason, _pad: [0; 2] };
+    let key = ZonePairKey {
+        src_zone: zones[0],
+        dst_zone: zones[1],
+        verdict: flow.verdict,
+        reason: flow.reason,
+        _pad: [0; 2],
+    };
     match ZONE_PAIR_STATS.get_ptr_mut(&key) {
         // SAFETY: this CPU's slot of a per-CPU map value, valid for this program run.
         Some(stats) => unsafe {
@@ -294,7 +300,15 @@ fn create<F: Frame>(
 /// Judges an existing flow again under the rule generation now in force, from the
 /// point of view of the side that started it.
 #[inline(always)]
-fn rejudge(cfg: &DatapathConfig, key: &FlowKey, flow: &mut FlowValue, dir: u8, packet: &Packet, ifindex: u32, hook: Hook) {
+fn rejudge(
+    cfg: &DatapathConfig,
+    key: &FlowKey,
+    flow: &mut FlowValue,
+    dir: u8,
+    packet: &Packet,
+    ifindex: u32,
+    hook: Hook,
+) {
     let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);
     let (initiator, responder) = if dir == flow.initiator { (src, dst) } else { (dst, src) };
     let (_, dport) = key.receiver(flow.initiator);

@@ -69,7 +69,11 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
         }
         Parsed::Fragment => {
             if hook == Hook::FromPort {
-                counters::inc(if packet.family == FAMILY_IPV4 { Counter::ParseIpv4Fragment } else { Counter::ParseBadIpv6Ext });
+                counters::inc(if packet.family == FAMILY_IPV4 {
+                    Counter::ParseIpv4Fragment
+                } else {
+                    Counter::ParseBadIpv6Ext
+                });
             }
             if enforcing && packet.vlan_tags != 0 && !port_may_send_tagged(ifindex) {
                 counters::inc(Counter::TaggedFromVmPort);
@@ -93,10 +97,16 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             }
             let ip = announce.sender_ip;
             let addr = [ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            if enforcing && (policy::is_spoofed(&cfg, &packet.src_mac, ifindex) || policy::is_spoofed(&cfg, &announce.sender_mac, ifindex)) {
+            if enforcing
+                && (policy::is_spoofed(&cfg, &packet.src_mac, ifindex)
+                    || policy::is_spoofed(&cfg, &announce.sender_mac, ifindex))
+            {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex, &announce.sender_mac) && is_vm_port(ifindex) {
+            } else if enforcing
+                && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex, &announce.sender_mac)
+                && is_vm_port(ifindex)
+            {
                 // The sender's own MAC, another endpoint's address: ARP cache poisoning.
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
@@ -115,12 +125,23 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             } else if enforcing && policy::is_spoofed(&cfg, &packet.src_mac, ifindex) {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex, &packet.src_mac) && is_vm_port(ifindex) {
+            } else if enforcing
+                && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex, &packet.src_mac)
+                && is_vm_port(ifindex)
+            {
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
             } else {
                 if hook == Hook::FromPort && announce {
-                    events::announce(Announcement::NeighborAdvert, &packet.src_mac, &packet.src, FAMILY_IPV6, packet.vlan, ifindex, now());
+                    events::announce(
+                        Announcement::NeighborAdvert,
+                        &packet.src_mac,
+                        &packet.src,
+                        FAMILY_IPV6,
+                        packet.vlan,
+                        ifindex,
+                        now(),
+                    );
                 }
                 Action::Pass
             }
@@ -176,7 +197,14 @@ fn port_may_send_tagged(ifindex: u32) -> bool {
 
 #[inline(always)]
 fn fragment_key(packet: &Packet) -> FragmentKey {
-    FragmentKey { src: packet.src, dst: packet.dst, id: packet.frag_id, proto: packet.proto, family: packet.family, _pad: [0; 2] }
+    FragmentKey {
+        src: packet.src,
+        dst: packet.dst,
+        id: packet.frag_id,
+        proto: packet.proto,
+        family: packet.family,
+        _pad: [0; 2],
+    }
 }
 
 /// Remembers the ports of a fragmented datagram from its first fragment, so that its

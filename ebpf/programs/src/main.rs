@@ -91,7 +91,8 @@ pub fn baseline_pass(_ctx: XdpContext) -> u32 {
 pub fn baseline_lookup(ctx: XdpContext) -> u32 {
     use frame::Frame as _;
     let Some(a) = ctx.load::<[u8; 12]>(26) else { return xdp_action::XDP_PASS };
-    let mut key = backplane_common::FlowKey { proto: 6, family: backplane_common::flow::FAMILY_IPV4, ..Default::default() };
+    let mut key =
+        backplane_common::FlowKey { proto: 6, family: backplane_common::flow::FAMILY_IPV4, ..Default::default() };
     key.addr_lo[..4].copy_from_slice(&a[0..4]);
     key.addr_hi[..4].copy_from_slice(&a[4..8]);
     key.port_lo = u16::from_be_bytes([a[8], a[9]]);

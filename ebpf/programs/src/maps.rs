@@ -7,9 +7,12 @@ use aya_ebpf::{
 };
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
-    flow::{FragmentKey, FragmentPorts},
     event::AnnounceKey,
-    policy::{AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue, ZoneKey, ZonePairKey, ZonePairStats, ZoneValue},
+    flow::{FragmentKey, FragmentPorts},
+    policy::{
+        AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue,
+        ZoneKey, ZonePairKey, ZonePairStats, ZoneValue,
+    },
     reason::COUNTER_SLOTS,
     sample::SampleBudget,
 };

@@ -92,7 +92,10 @@ pub enum Parsed {
     /// link-local plumbing like ARP, not a flow. `packet.src` holds the address the
     /// sender claims: a neighbour advertisement's target address, else the source
     /// address. For an unsolicited advertisement (to ff02::1) `announce` is set.
-    Neighbor { icmp_type: u8, announce: bool },
+    Neighbor {
+        icmp_type: u8,
+        announce: bool,
+    },
     Announce(Announce),
     /// Not a flow: the counter says why (not IP, truncated, ...).
     Skip(Counter),
@@ -287,7 +290,10 @@ fn parse_l4<F: Frame>(frame: &F, l4: usize, packet: &mut Packet) -> Result<Parse
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let [icmp_type, _code] = load_pair(frame, l4).ok_or(Counter::ParseTruncatedL4)?;
             if packet.proto == IPPROTO_ICMPV6 && matches!(icmp_type, 130..=137 | 143) {
-                let all_nodes = packet.dst[0] == 0xff && packet.dst[1] == 0x02 && packet.dst[15] == 1 && packet.dst[2..15] == [0; 13];
+                let all_nodes = packet.dst[0] == 0xff
+                    && packet.dst[1] == 0x02
+                    && packet.dst[15] == 1
+                    && packet.dst[2..15] == [0; 13];
                 let announce = icmp_type == ICMPV6_NEIGHBOR_ADVERT && all_nodes;
                 if icmp_type == ICMPV6_NEIGHBOR_ADVERT {
                     packet.src = frame.load::<[u8; 16]>(l4 + 8).ok_or(Counter::ParseTruncatedL4)?;

@@ -7,9 +7,10 @@ use backplane_common::{
     DatapathConfig, Verdict,
     config::CONFIG_ENFORCE,
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, OWNER_ELSEWHERE, OwnerKey, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, MODE_AUDIT,
-        PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS,
-        PolicyKey, VPATCH_KEY_BITS, VpatchKey, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey,
+        MODE_AUDIT, OWNER_ELSEWHERE, OwnerKey, PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE,
+        POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, VPATCH_KEY_BITS, VpatchKey,
+        ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
     },
     reason::Reason,
 };
@@ -49,7 +50,8 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
     let src = resolve(slot, family, src);
     let dst = resolve(slot, family, dst);
     let (src_zone, dst_zone) = (src.zone, dst.zone);
-    let mut j = Judgement { verdict: Verdict::Denied, reason: Reason::Isolated, policy_id: POLICY_ID_NONE, src_zone, dst_zone };
+    let mut j =
+        Judgement { verdict: Verdict::Denied, reason: Reason::Isolated, policy_id: POLICY_ID_NONE, src_zone, dst_zone };
     if (src.flags | dst.flags) & ENDPOINT_ISOLATED != 0 {
         return j;
     }
@@ -69,7 +71,13 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
         if !patched {
             continue;
         }
-        let key = VpatchKey { slot, proto, _pad: [0; 2], endpoint_id: end.endpoint_id.to_be_bytes(), port: dport.to_be_bytes() };
+        let key = VpatchKey {
+            slot,
+            proto,
+            _pad: [0; 2],
+            endpoint_id: end.endpoint_id.to_be_bytes(),
+            port: dport.to_be_bytes(),
+        };
         if let Some(patch) = VPATCHES.get(Key::new(VPATCH_KEY_BITS, key)) {
             j.reason = Reason::VirtualPatch;
             j.policy_id = patch.patch_id;
