@@ -8,7 +8,7 @@ use backplane_rules::{
     FAILURE_POLICY_PREFIX, MacAddr, OnRulesFailure, PacketView, RuleSet, ZoneIds, compile, evaluate, parse_rules,
 };
 
-const RULES: &str = r#"
+const RULES: &str = r"
 zones:
   web:
     members: [ { cidr: 10.30.0.0/24 } ]
@@ -24,7 +24,7 @@ zones:
     members: [ { cidr: 10.60.0.0/24 } ]
 policies:
   - { name: web-to-db, from: web, to: db, allow: [ { proto: tcp, ports: [5432] } ] }
-"#;
+";
 
 fn rules(text: &str) -> RuleSet {
     parse_rules([(Path::new("inline.yaml"), text)]).unwrap_or_else(|e| panic!("{e:#?}"))

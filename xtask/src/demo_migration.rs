@@ -174,7 +174,7 @@ pub(crate) fn run(bin: &Path) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_millis(200)))?;
     let (s, r) = (Arc::clone(&stop), Arc::clone(&received));
     let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
+        let mut buf = vec![0u8; 65536];
         while !s.load(Ordering::Relaxed) {
             if let Ok(n) = conn.read(&mut buf) {
                 if n == 0 {

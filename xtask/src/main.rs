@@ -182,7 +182,7 @@ mod tests {
         }
         match Cli::try_parse_from(["xtask", "bench"]).unwrap().task {
             Task::Bench { which, bench_args } => {
-                assert_eq!((which.as_str(), bench_args.len()), ("all", 0))
+                assert_eq!((which.as_str(), bench_args.len()), ("all", 0));
             }
             other => panic!("{other:?}"),
         }

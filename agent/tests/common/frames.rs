@@ -1,6 +1,10 @@
 //! Builds Ethernet frames byte by byte, well-formed or deliberately broken, for
 //! `BPF_PROG_TEST_RUN` and for raw sends in the lab.
 #![allow(dead_code, reason = "each test binary uses a different part")]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "header fields are written at their wire width; a test frame that overflows one is a broken frame on purpose"
+)]
 
 pub const MAC_A: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x0a];
 pub const MAC_B: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x0b];
@@ -41,7 +45,7 @@ fn checksum(data: &[u8]) -> u16 {
 /// `frag` is the flags+fragment-offset field.
 pub fn ipv4_full(src: [u8; 4], dst: [u8; 4], proto: u8, options: &[u8], frag: u16, payload: &[u8]) -> Vec<u8> {
     let mut opts = options.to_vec();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let ihl = (20 + opts.len()) / 4;
@@ -77,13 +81,13 @@ pub fn ipv6_ext(src: [u8; 16], dst: [u8; 16], exts: &[(u8, Vec<u8>)], proto: u8,
         match kind {
             44 => e.resize(8, 0),
             51 => {
-                while e.len() % 4 != 0 || e.len() < 12 {
+                while !e.len().is_multiple_of(4) || e.len() < 12 {
                     e.push(0);
                 }
                 e[1] = (e.len() / 4 - 2) as u8;
             }
             _ => {
-                while e.len() % 8 != 0 {
+                while !e.len().is_multiple_of(8) {
                     e.push(0);
                 }
                 e[1] = (e.len() / 8 - 1) as u8;
@@ -129,7 +133,7 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     h
 }
 
-/// ICMP or ICMPv6 echo (`kind` 8/0 for ICMP, 128/129 for ICMPv6).
+/// ICMP or `ICMPv6` echo (`kind` 8/0 for ICMP, 128/129 for `ICMPv6`).
 pub fn icmp_echo(kind: u8, id: u16, seq: u16) -> Vec<u8> {
     let mut h = vec![kind, 0, 0, 0];
     h.extend_from_slice(&id.to_be_bytes());
@@ -138,7 +142,7 @@ pub fn icmp_echo(kind: u8, id: u16, seq: u16) -> Vec<u8> {
     h
 }
 
-/// A complete IPv4 TCP frame from MAC_A to MAC_B.
+/// A complete IPv4 TCP frame from `MAC_A` to `MAC_B`.
 pub fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
     eth(MAC_B, MAC_A, &[], 0x0800, &ipv4(src, dst, 6, &tcp(sport, dport, flags, &[])))
 }

@@ -54,7 +54,7 @@ impl FlowEventKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
     pub key: FlowKey,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) when the event happened.
+    /// `bpf_ktime_get_coarse_ns()` (`CLOCK_MONOTONIC_COARSE`) when the event happened.
     pub ts_ns: u64,
     /// Port the packet was seen on.
     pub ifindex: u32,

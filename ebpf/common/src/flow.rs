@@ -24,7 +24,7 @@ pub const STATE_INSTALLED: u8 = 1 << 1;
 /// Bidirectional flow identity: VLAN, both addresses and ports, protocol.
 ///
 /// IPv4 addresses occupy the first four bytes of the 16-byte fields, the rest zero.
-/// For ICMP and ICMPv6 echo, both ports carry the echo identifier; for other ICMP
+/// For ICMP and `ICMPv6` echo, both ports carry the echo identifier; for other ICMP
 /// messages both are zero. Ports are in host byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,7 +35,7 @@ pub struct FlowKey {
     pub port_hi: u16,
     /// Outermost VLAN ID (0 when untagged).
     pub vlan: u16,
-    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, ...).
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 `ICMPv6`, ...).
     pub proto: u8,
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,
@@ -83,6 +83,7 @@ impl FlowKey {
 /// Compares two addresses as big-endian numbers, in a form the verifier accepts
 /// (a fixed, unrolled number of steps).
 #[inline(always)]
+#[allow(clippy::comparison_chain, reason = "two compares of u64 halves: what the BPF verifier reads best")]
 fn cmp_addr(a: &[u8; 16], b: &[u8; 16]) -> core::cmp::Ordering {
     let a_hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
     let b_hi = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
@@ -108,7 +109,7 @@ fn cmp_addr(a: &[u8; 16], b: &[u8; 16]) -> core::cmp::Ordering {
 pub struct FlowValue {
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE, tick resolution) of the
+    /// `bpf_ktime_get_coarse_ns()` (`CLOCK_MONOTONIC_COARSE`, tick resolution) of the
     /// first and last packet.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,

@@ -4,6 +4,14 @@
 //! that no struct has implicit holes; their sizes are asserted at compile time. Map and
 //! program names are constants so that the eBPF crate and the agent cannot disagree.
 #![no_std]
+#![allow(
+    clippy::pub_underscore_fields,
+    reason = "the explicit padding of the #[repr(C)] boundary types is public, so that both sides can build them"
+)]
+#![allow(
+    clippy::inline_always,
+    reason = "helpers shared with the data path are inlined there: a BPF call costs a frame of the 512-byte stack"
+)]
 
 pub mod config;
 pub mod event;
