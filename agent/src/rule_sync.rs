@@ -24,7 +24,9 @@ use std::{
     time::SystemTime,
 };
 
-use backplane_rules::{OnRulesFailure, RuleError, RuleSet, WORLD, ZoneIds, compile, load_rules, parse_rules};
+use backplane_rules::{
+    OnRulesFailure, RuleError, RuleSet, WORLD, ZoneIds, compile, load_rules, parse_rules, rule_files,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -35,7 +37,7 @@ use crate::{
     explain::{ExplainQuery, ExplainReply, explain_packet},
     last_good::{self, LastGood},
     rule_names::RuleNames,
-    rule_watch::{ChangeDetector, Fingerprint, POLL_PERIOD, rule_files},
+    rule_watch::{ChangeDetector, Fingerprint, POLL_PERIOD},
 };
 
 /// Rule files as read: (path, contents), in load order.

@@ -16,26 +16,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use backplane_rules::rule_files;
+
 /// How often the rules path is fingerprinted.
 pub const POLL_PERIOD: Duration = Duration::from_millis(250);
-
-/// The `*.yaml` files a rules path stands for, in the order `backplane_rules::load_rules`
-/// reads them: every regular `*.yaml` file of a directory in byte order of their names,
-/// or the path itself when it is a file.
-pub fn rule_files(path: &Path) -> io::Result<Vec<PathBuf>> {
-    if !fs::metadata(path)?.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files = Vec::new();
-    for entry in fs::read_dir(path)? {
-        let file = entry?.path();
-        if file.extension().is_some_and(|e| e == "yaml") && file.is_file() {
-            files.push(file);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
 
 /// One rule file as last seen.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,7 +22,10 @@ use backplane_common::{
 use globset::{GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::ruleset::{Access, MacAddr, MemberMatch, Mode, RuleSet, WORLD};
+use crate::{
+    ruleset::{Access, MemberMatch, Mode, RuleSet, WORLD},
+    types::MacAddr,
+};
 
 pub use backplane_common::policy::PAIR_MARKER_PROTO;
 

@@ -23,7 +23,10 @@ use backplane_common::{
     reason::Reason,
 };
 
-use crate::ruleset::{Access, Cidr, Location, MacAddr, Member, MemberMatch, Mode, RuleSet, WORLD, Zone};
+use crate::{
+    ruleset::{Access, Member, MemberMatch, Mode, RuleSet, WORLD, Zone},
+    types::{Cidr, MacAddr, SourcePos},
+};
 
 /// What the evaluator needs to know of a flow's first packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,22 +65,22 @@ pub struct Decision {
 pub enum ZoneMatch {
     Mac {
         mac: MacAddr,
-        at: Location,
+        at: SourcePos,
     },
     Cidr {
         cidr: Cidr,
-        at: Location,
+        at: SourcePos,
     },
     Interface {
         ifname: String,
         glob: String,
-        at: Location,
+        at: SourcePos,
     },
     /// An inventory endpoint with this MAC (`endpoints:`): its zone, or the port's when
     /// the inventory and the members give it none.
     Endpoint {
         name: String,
-        at: Location,
+        at: SourcePos,
     },
     /// No member matched.
     World,
@@ -94,13 +97,13 @@ pub struct EndMatch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DecidedBy {
     /// The zone's `intra_zone` setting (`at` is where the zone is defined, if it is).
-    IntraZone { zone: String, setting: Access, at: Option<Location> },
+    IntraZone { zone: String, setting: Access, at: Option<SourcePos> },
     /// An allow entry of a policy.
-    PolicyAllow { policy: String, entry_at: Location },
+    PolicyAllow { policy: String, entry_at: SourcePos },
     /// The policies covering the zone pair, none of which allows the flow.
-    PolicyNoMatch { policies: Vec<String>, all_audit: bool, at: Location },
+    PolicyNoMatch { policies: Vec<String>, all_audit: bool, at: SourcePos },
     /// No policy covers the zone pair.
-    DefaultInterZone { setting: Access, at: Option<Location> },
+    DefaultInterZone { setting: Access, at: Option<SourcePos> },
 }
 
 /// A decision with the evidence behind it, for `backplane explain`-style output.

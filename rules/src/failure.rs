@@ -19,7 +19,8 @@ use std::fmt;
 
 use crate::{
     WORLD,
-    ruleset::{Access, Location, Mode, Policy, RuleSet, Zone},
+    ruleset::{Access, Mode, Policy, RuleSet, Zone},
+    types::SourcePos,
 };
 
 /// A zone's `on_rules_failure` setting.
@@ -73,7 +74,7 @@ impl RuleSet {
         let mut zones: Vec<Zone> = self.zones.clone();
         if !zones.iter().any(|z| z.name == WORLD) {
             let location = zones.first().map_or_else(
-                || Location { file: std::path::Path::new("(built in)").into(), line: 0, column: 0 },
+                || SourcePos { file: std::path::Path::new("(built in)").into(), line: 0, column: 0 },
                 |z| z.location.clone(),
             );
             zones.insert(

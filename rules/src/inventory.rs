@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
 
-use crate::ruleset::{Location, MacAddr, PortRange, Proto};
+use crate::types::{MacAddr, PortRange, Proto, SourcePos};
 
 /// An endpoint of the inventory (`endpoints:`): a VM known by its MAC.
 #[derive(Clone, Debug)]
@@ -19,7 +19,7 @@ pub struct Endpoint {
     pub tags: Vec<String>,
     /// When the endpoint was last patched; `None`: unknown.
     pub patched_at: Option<PatchDate>,
-    pub location: Location,
+    pub location: SourcePos,
 }
 
 /// What a zone does when one of its endpoints runs on a node its `placement` forbids.
@@ -199,7 +199,7 @@ pub struct VirtualPatch {
     pub name: String,
     pub tag: String,
     pub deny: Vec<DenyEntry>,
-    pub location: Location,
+    pub location: SourcePos,
 }
 
 /// One `deny` entry of a virtual patch: a protocol and, for tcp/udp/sctp, ports.
@@ -208,7 +208,7 @@ pub struct DenyEntry {
     pub proto: Proto,
     /// Empty: every port of the protocol.
     pub ports: Vec<PortRange>,
-    pub location: Location,
+    pub location: SourcePos,
 }
 
 /// Checks an endpoint name as the inventory does (for endpoints added at run time).

@@ -16,6 +16,7 @@ mod failure;
 mod inventory;
 mod load;
 mod ruleset;
+mod types;
 mod yaml;
 
 pub use compile::{
@@ -29,8 +30,6 @@ pub use inventory::{
     DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints,
     check_endpoint_name,
 };
-pub use load::{MAX_ZONES, load_rules, parse_rules};
-pub use ruleset::{
-    Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange, Proto,
-    RuleSet, WORLD, Zone,
-};
+pub use load::{MAX_ZONES, load_rules, parse_rules, rule_files};
+pub use ruleset::{Access, AllowEntry, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet, WORLD, Zone};
+pub use types::{Cidr, MacAddr, PortRange, Proto, SourcePos};

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    fs,
+    fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -14,10 +14,8 @@ use crate::{
     inventory::{
         self, DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints,
     },
-    ruleset::{
-        Access, AllowEntry, Cidr, InterfaceGlob, Location, MacAddr, Member, MemberMatch, Mode, Policy, PortRange,
-        Proto, RuleSet, WORLD, Zone,
-    },
+    ruleset::{Access, AllowEntry, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet, WORLD, Zone},
+    types::{Cidr, MacAddr, PortRange, Proto, SourcePos},
     yaml::{self, Node, Pos, Value},
 };
 
@@ -28,7 +26,7 @@ pub const MAX_ZONES: usize = u16::MAX as usize;
 /// one file. On failure, returns every problem found in every file, in file, line and
 /// column order.
 pub fn load_rules(path: &Path) -> Result<RuleSet, Vec<RuleError>> {
-    let files = if path.is_dir() { rule_files(path)? } else { vec![path.to_path_buf()] };
+    let files = if path.is_dir() { dir_rule_files(path)? } else { vec![path.to_path_buf()] };
     let mut texts = Vec::with_capacity(files.len());
     let mut errors = Vec::new();
     for file in files {
@@ -49,22 +47,38 @@ pub fn load_rules(path: &Path) -> Result<RuleSet, Vec<RuleError>> {
     }
 }
 
-/// The `*.yaml` files of a directory, in byte order of their names.
-fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, Vec<RuleError>> {
-    let entries =
-        fs::read_dir(dir).map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
+/// The rule files a rules path stands for, in the order [`load_rules`] reads them: every
+/// regular `*.yaml` file of a directory in byte order of their names (none is not an
+/// error here), or the path itself when it is not a directory. The agent's rule watcher
+/// fingerprints the same list, so that it watches exactly what is loaded.
+pub fn rule_files(path: &Path) -> io::Result<Vec<PathBuf>> {
+    if !fs::metadata(path)?.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    yaml_files(path)
+}
+
+/// The regular `*.yaml` files of a directory, in byte order of their names.
+fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
-        let path = entry.path();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml") && path.is_file() {
             files.push(path);
         }
     }
+    files.sort();
+    Ok(files)
+}
+
+/// The rule files of a directory for [`load_rules`]: an unreadable directory, or one
+/// without `*.yaml` files, is an error of the rule set.
+fn dir_rule_files(dir: &Path) -> Result<Vec<PathBuf>, Vec<RuleError>> {
+    let files =
+        yaml_files(dir).map_err(|e| vec![RuleError::whole_file(dir, format!("cannot read rule directory: {e}"))])?;
     if files.is_empty() {
         return Err(vec![RuleError::whole_file(dir, "no *.yaml rule files in this directory")]);
     }
-    files.sort();
     Ok(files)
 }
 
@@ -85,21 +99,21 @@ fn sort(errors: &mut [RuleError]) {
 /// An inventory endpoint whose zone is checked once every file is read.
 struct PendingEndpoint {
     endpoint: Endpoint,
-    zone_at: Option<Location>,
+    zone_at: Option<SourcePos>,
 }
 
 /// A zone's `must_not_share_node_with` entry, checked once every file is read.
 struct PendingNeighbour {
     zone: String,
     other: String,
-    at: Location,
+    at: SourcePos,
 }
 
 /// A policy whose `from` and `to` are checked once every file is read.
 struct PendingPolicy {
     policy: Policy,
-    from_at: Location,
-    to_at: Location,
+    from_at: SourcePos,
+    to_at: SourcePos,
 }
 
 #[derive(Default)]
@@ -108,7 +122,7 @@ struct Loader {
     file: Option<Arc<Path>>,
     zones: Vec<Zone>,
     policies: Vec<PendingPolicy>,
-    default_inter_zone: Option<(Access, Location)>,
+    default_inter_zone: Option<(Access, SourcePos)>,
     /// Index in `zones` by name.
     zone_index: HashMap<String, usize>,
     /// Index in `policies` by name.
@@ -140,8 +154,8 @@ impl<'n> Fields<'n> {
 }
 
 impl Loader {
-    fn loc(&self, pos: Pos) -> Location {
-        Location { file: self.file.clone().expect("a file is being read"), line: pos.line, column: pos.column }
+    fn loc(&self, pos: Pos) -> SourcePos {
+        SourcePos { file: self.file.clone().expect("a file is being read"), line: pos.line, column: pos.column }
     }
 
     fn error(&mut self, pos: Pos, message: impl Into<String>) {
