@@ -98,7 +98,7 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
                     return Action::Drop;
                 }
                 if policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex, &packet.src_mac)
-                    && crate::datapath::is_vm_port(ifindex)
+                    && crate::ports::is_vm_port(ifindex)
                 {
                     counters::inc(Counter::SpoofedAddress);
                     return Action::Drop;
@@ -223,7 +223,7 @@ fn create<F: Frame>(
     }
     if hook == Hook::FromPort
         && policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex, &packet.src_mac)
-        && crate::datapath::is_vm_port(ifindex)
+        && crate::ports::is_vm_port(ifindex)
     {
         counters::inc(Counter::SpoofedAddress);
         return Action::Drop;

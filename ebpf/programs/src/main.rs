@@ -13,12 +13,13 @@
 
 mod conntrack;
 mod counters;
-mod datapath;
 mod events;
 mod frame;
 mod maps;
 mod parse;
+mod pipeline;
 mod policy;
+mod ports;
 mod sample;
 
 use aya_ebpf::{
@@ -34,7 +35,7 @@ use conntrack::{Action, Hook};
 #[xdp]
 #[inline(always)]
 pub fn from_port(ctx: XdpContext) -> u32 {
-    match datapath::handle(&ctx, ctx.ingress_ifindex() as u32, Hook::FromPort) {
+    match pipeline::handle(&ctx, ctx.ingress_ifindex() as u32, Hook::FromPort) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
     }
@@ -53,7 +54,7 @@ const TC_PASS: i32 = TC_ACT_UNSPEC;
 pub fn from_port_tc(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the skb the kernel handed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match datapath::handle(&ctx, ifindex, Hook::FromPort) {
+    match pipeline::handle(&ctx, ifindex, Hook::FromPort) {
         Action::Pass => TC_PASS,
         Action::Drop => TC_ACT_SHOT,
     }
@@ -68,10 +69,10 @@ pub fn to_port(ctx: TcContext) -> i32 {
     // there, by `from_port`: nothing is left to do for it on the way out. What remains
     // is what the host itself sends (received on no device) or routes in from ports
     // that are not attached.
-    if came_in != 0 && datapath::ingress_judged(came_in) {
+    if came_in != 0 && ports::ingress_judged(came_in) {
         return TC_PASS;
     }
-    match datapath::handle(&ctx, ifindex, Hook::ToPort) {
+    match pipeline::handle(&ctx, ifindex, Hook::ToPort) {
         Action::Pass => TC_PASS,
         Action::Drop => TC_ACT_SHOT,
     }

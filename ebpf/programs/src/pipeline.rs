@@ -1,4 +1,6 @@
-//! What both programs do with a frame: parse, count, track, judge.
+//! The pipeline every program runs a frame through: parse, count, track, judge. (The
+//! agent's `datapath` is the loaded object as userspace drives it; this is what runs in
+//! the kernel.)
 //!
 //! While a rule set is in force, a frame that enters the switch from a VM port is
 //! judged or dropped, never waved through: a frame that cannot be parsed down to a
@@ -8,8 +10,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use backplane_common::{
-    DatapathConfig, PortRole,
-    config::{CONFIG_ENFORCE, CONFIG_INDEX, PORT_ALLOW_TAGGED, PORT_INGRESS_LIVE},
+    DatapathConfig,
+    config::{CONFIG_ENFORCE, CONFIG_INDEX},
     event::Announcement,
     flow::{FAMILY_IPV4, FAMILY_IPV6, FragmentKey, FragmentPorts},
     reason::Counter,
@@ -19,9 +21,10 @@ use crate::{
     conntrack::{self, Action, Hook},
     counters, events,
     frame::Frame,
-    maps::{CONFIG, FRAGMENTS, PORTS, SCRATCH},
+    maps::{CONFIG, FRAGMENTS, SCRATCH},
     parse::{self, FRAG_FIRST, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_TCP, Packet, Parsed},
     policy,
+    ports::{is_vm_port, port_may_send_tagged},
 };
 
 #[inline(always)]
@@ -162,37 +165,6 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
         counters::inc(Counter::Dropped);
     }
     action
-}
-
-/// Whether `ifindex` is an attached port whose ingress program runs (VM port or uplink):
-/// what enters through it has been counted and judged.
-#[inline(always)]
-pub fn ingress_judged(ifindex: u32) -> bool {
-    match PORTS.get_ptr(ifindex) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(port) => unsafe { (*port).flags & PORT_INGRESS_LIVE != 0 },
-        None => false,
-    }
-}
-
-/// Whether `ifindex` is an attached VM port (not an uplink, not unknown).
-#[inline(always)]
-pub fn is_vm_port(ifindex: u32) -> bool {
-    match PORTS.get_ptr(ifindex) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(port) => unsafe { (*port).role == PortRole::Vm as u8 },
-        None => false,
-    }
-}
-
-/// Uplinks carry tagged traffic; a VM port only when the operator allowed it.
-#[inline(always)]
-fn port_may_send_tagged(ifindex: u32) -> bool {
-    match PORTS.get_ptr(ifindex) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(port) => unsafe { (*port).role != PortRole::Vm as u8 || (*port).flags & PORT_ALLOW_TAGGED != 0 },
-        None => true,
-    }
 }
 
 #[inline(always)]
