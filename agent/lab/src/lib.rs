@@ -47,7 +47,7 @@ pub use names::MAX_IFNAME_LEN;
 pub use netns::{enter_netns, in_netns};
 pub use node::{MGMT_IP, NODE_BRIDGE, Node, NodeLab, UPLINK_PORT};
 pub use process::{ChildGuard, host_exec, host_run};
-pub use stale::{Leftover, LeftoverKind, cleanup_stale, leftovers};
+pub use stale::{Leftover, LeftoverKind, NFT_TABLE_MARK, cleanup_stale, leftovers};
 pub use vm::{PortKind, Vm};
 
 /// The prefix of every lab name in this project; `cargo xtask test` looks for leftovers
