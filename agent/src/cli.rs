@@ -11,13 +11,13 @@ use crate::{
     clock::rfc3339_ms,
     control::{Client, Request},
     datapath::IngressHook,
+    datapath::kernel::TcAttachChoice,
     endpoints::{EndpointInfo, RuntimeEndpoint, parse_labels},
     error::ControlError,
     explain::{ExplainQuery, ExplainReply, explain_packet},
     flow_log::FlowLogOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},
     ipfix::IpfixOptions,
-    kernel::TcAttachChoice,
     paths::{DEFAULT_SOCKET, default_pin_dir, default_state_dir},
     rule_sync::LoadedRules,
 };
@@ -461,16 +461,16 @@ impl RunArgs {
 
 /// `backplane kernel`: exit 1 when a required feature is missing or a program is refused.
 fn kernel_report(args: &KernelArgs) -> anyhow::Result<ExitCode> {
-    let report = crate::kernel::probe();
+    let report = crate::datapath::kernel::probe();
     let programs = if args.programs {
-        Some(crate::kernel::program_figures(crate::DATAPATH_OBJECT).map_err(anyhow::Error::msg)?)
+        Some(crate::datapath::kernel::program_figures(crate::datapath::DATAPATH_OBJECT).map_err(anyhow::Error::msg)?)
     } else {
         None
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "kernel": report, "programs": programs }))?);
     } else {
-        print!("{}", crate::kernel::render(&report, programs.as_deref()));
+        print!("{}", crate::datapath::kernel::render(&report, programs.as_deref()));
     }
     let refused = programs.iter().flatten().any(|p| p.load_error.is_some());
     Ok(if report.missing().is_empty() && !refused { ExitCode::SUCCESS } else { ExitCode::FAILURE })

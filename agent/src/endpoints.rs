@@ -45,9 +45,9 @@ use crate::{
     audit::{AuditLog, AuditRecord},
     clock::{Clock, monotonic_now_ns, rfc3339_ms},
     datapath::Datapath,
+    datapath::rule_tables::{EndpointOverlay, owner_key},
     error::report,
     flows::SharedFlows,
-    rule_tables::{EndpointOverlay, owner_key},
 };
 
 /// File name of the endpoint state in the state directory.

@@ -31,10 +31,10 @@ use tokio::sync::broadcast;
 
 use crate::{
     clock::{Clock, monotonic_now_ns, rfc3339_ms},
+    datapath::map_batch::{self, BatchError},
     error::DecodeError,
     ifnames::IfNames,
     inspect::{AppInfo, Sample},
-    map_batch::{self, BatchError},
     rule_names::{NameTable, RuleNames},
 };
 

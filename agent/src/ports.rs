@@ -36,8 +36,9 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, MulticastGroup};
 
 use crate::{
+    datapath::PortError,
     datapath::{Datapath, IngressHook, role_name},
-    error::{PortError, WatchError, report},
+    error::{WatchError, report},
     ifnames::IfNames,
     port_guard::{Guarding, Left, PortGuard, Unattached},
 };

@@ -4,7 +4,7 @@
 //! Putting a rule set in force: compile it against the zone ids of the one before (so a
 //! zone keeps its id), write it into the half of the double-buffered rule tables that is
 //! not in force, give every attached port its zone in that half, then switch with one
-//! write of `CONFIG` (see [`crate::rule_tables`]). A packet reads `CONFIG` once: it is
+//! write of `CONFIG` (see [`crate::datapath::rule_tables`]). A packet reads `CONFIG` once: it is
 //! judged wholly by the old rule set or wholly by the new one.
 //!
 //! A rule set with any error is rejected whole and the last good one stays in force; so

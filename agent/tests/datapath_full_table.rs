@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use aya::maps::{Array, MapData};
-use backplane::rule_tables::{RuleTables, activate, next_slot};
+use backplane::datapath::rule_tables::{RuleTables, activate, next_slot};
 use backplane_common::{DatapathConfig, maps::CONFIG, reason::Counter};
 use backplane_rules::{ZoneIds, compile, parse_rules};
 use common::{datapath::TestDatapath, frames::*};

@@ -12,7 +12,7 @@ mod common;
 use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, MapData};
-use backplane::rule_tables::{RuleTables, activate, owner_key, write_port_zones};
+use backplane::datapath::rule_tables::{RuleTables, activate, owner_key, write_port_zones};
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole, Verdict,
     flow::{FAMILY_IPV4, FragmentKey, FragmentPorts},

@@ -140,7 +140,7 @@ fn stopping_with_detach_on_exit_leaves_no_program_or_pin() {
     let a = lab.add_veth_vm("a", "10.75.0.1/24", None, None);
     let agent = Agent::start(&lab, &[]);
     let pin_dir = lab.pin_dir();
-    let maps_dir = backplane::pin_layout::maps_dir(&pin_dir, backplane_common::maps::PIN_LAYOUT_VERSION);
+    let maps_dir = backplane::datapath::pin_layout::maps_dir(&pin_dir, backplane_common::maps::PIN_LAYOUT_VERSION);
     assert!(maps_dir.join("FLOWS").exists(), "maps are pinned under {}", maps_dir.display());
     assert_eq!(common::links_on(a.host_port()), ["tc-egress", "tc-ingress"], "attached to {}", a.host_port());
     agent.stop();

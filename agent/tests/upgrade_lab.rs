@@ -100,7 +100,7 @@ fn the_previous_release_is_upgraded_in_place_under_traffic_and_denied_stays_deni
         assert_eq!(p["from_port_id"], status["program_ids"]["from_port_tc"], "{p:#}");
         assert_eq!(p["to_port_id"], status["program_ids"]["to_port"], "{p:#}");
     }
-    let maps_dir = backplane::pin_layout::maps_dir(&pin_dir, backplane_common::maps::PIN_LAYOUT_VERSION);
+    let maps_dir = backplane::datapath::pin_layout::maps_dir(&pin_dir, backplane_common::maps::PIN_LAYOUT_VERSION);
     assert!(maps_dir.join("FLOWS").exists(), "this layout's maps in {}", maps_dir.display());
     assert!(!pin_dir.join("FLOWS").exists(), "the previous layout's pins are removed");
     assert!(status["counters"]["packets"].as_u64().unwrap() >= packets_before, "the counters carry on: {status:#}");

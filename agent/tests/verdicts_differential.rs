@@ -8,7 +8,7 @@ mod common;
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, MapData};
-use backplane::rule_tables::{RuleTables, activate, next_slot, write_port_zones};
+use backplane::datapath::rule_tables::{RuleTables, activate, next_slot, write_port_zones};
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole, Verdict,
     maps::{CONFIG, FLOWS, PORTS},

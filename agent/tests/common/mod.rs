@@ -10,7 +10,7 @@ pub mod traffic;
 /// The data path links the kernel has on host port `port`, by kind: `xdp`, `tc-ingress`,
 /// `tc-egress` (empty once the port is gone). Asked of the kernel, not of the agent.
 pub fn links_on(port: &str) -> Vec<&'static str> {
-    use backplane::pins::{ATTACH_TCX_INGRESS, LINK_TYPE_TCX, LINK_TYPE_XDP, links_on};
+    use backplane::datapath::pins::{ATTACH_TCX_INGRESS, LINK_TYPE_TCX, LINK_TYPE_XDP, links_on};
     let Ok(text) = std::fs::read_to_string(format!("/sys/class/net/{port}/ifindex")) else { return Vec::new() };
     let ifindex: u32 = text.trim().parse().expect("an ifindex");
     let mut kinds: Vec<&'static str> = links_on(ifindex)

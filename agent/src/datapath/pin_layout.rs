@@ -40,7 +40,7 @@ use backplane_common::maps::{
     CONFIG, ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES,
 };
 
-use crate::pins::{obj_get, sys_bpf};
+use crate::datapath::pins::{obj_get, sys_bpf};
 
 /// The double-buffered rule tables: rewritten by the agent, never copied.
 const RULE_TABLES: [&str; 5] = [ENDPOINTS, ZONE_CIDRS, ZONES, POLICIES, VPATCHES];

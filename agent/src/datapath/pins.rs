@@ -263,7 +263,7 @@ mod tests {
 
     #[test]
     fn the_embedded_object_defines_every_pinned_map() {
-        let layouts = object_layouts(crate::DATAPATH_OBJECT, &[("FLOWS", 1024)]).unwrap();
+        let layouts = object_layouts(crate::datapath::DATAPATH_OBJECT, &[("FLOWS", 1024)]).unwrap();
         for name in PINNED_MAPS {
             assert!(layouts.contains_key(name), "{name} is not in the object");
         }

@@ -418,7 +418,7 @@ mod tests {
 
     #[test]
     fn every_program_fits_the_stack_of_kernels_before_6_9() {
-        let figures = stack_figures(crate::DATAPATH_OBJECT).unwrap();
+        let figures = stack_figures(crate::datapath::DATAPATH_OBJECT).unwrap();
         for name in PROGRAMS {
             let f = &figures[name];
             assert!(
