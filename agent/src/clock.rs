@@ -62,6 +62,14 @@ impl Clock {
     }
 }
 
+/// The wall clock now, as Unix time in ms (0 before 1970; `i64::MAX` past its range).
+#[must_use]
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// RFC 3339 UTC text with milliseconds for a Unix time in ms.
 #[must_use]
 pub fn rfc3339_ms(unix_ms: i64) -> String {

@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::{
-    clock::rfc3339_ms,
+    clock::{now_unix_ms, rfc3339_ms},
     endpoints::{Endpoints, HandoverSet, Location, RuntimeEndpoint},
     etcd::{Etcd, EtcdError},
 };
@@ -46,12 +46,6 @@ const FETCH_TIMEOUT: Duration = Duration::from_millis(400);
 
 fn key(kind: &str, name: &str) -> String {
     format!("{KEY_PREFIX}/{kind}/{name}")
-}
-
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0))
 }
 
 /// One node's link to etcd.

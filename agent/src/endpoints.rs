@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     audit::{AuditLog, AuditRecord},
-    clock::{Clock, monotonic_now_ns, rfc3339_ms},
+    clock::{Clock, monotonic_now_ns, now_unix_ms, rfc3339_ms},
     datapath::Datapath,
     datapath::rule_tables::{EndpointOverlay, owner_key},
     error::report,
@@ -305,10 +305,6 @@ pub struct Endpoints {
 fn today() -> PatchDate {
     let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     PatchDate::from_days_since_epoch(i64::try_from(secs / 86_400).unwrap_or(0))
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0))
 }
 
 /// A MAC as text (`52:54:00:00:00:01`).

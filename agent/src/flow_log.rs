@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::broadcast::{Receiver, error::TryRecvError};
 
 use crate::{
-    clock::rfc3339_ms,
+    clock::{now_unix_ms, rfc3339_ms},
     flows::{FlowRecord, FollowEvent, FollowMessage},
     metrics::Metrics,
 };
@@ -123,22 +123,16 @@ struct LaggedLine {
     missed: u64,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The line of one follow message, if it is one the log keeps.
 #[must_use]
 pub fn line_of(msg: &FollowMessage) -> Option<Vec<u8>> {
     if msg.event == FollowEvent::Lagged {
-        let line = LaggedLine { time: rfc3339_ms(now_ms()), event: "lagged", missed: msg.missed.unwrap_or(0) };
+        let line = LaggedLine { time: rfc3339_ms(now_unix_ms()), event: "lagged", missed: msg.missed.unwrap_or(0) };
         return serde_json::to_vec(&line).ok();
     }
     let event = msg.event.flow_event_name()?;
     let flow = msg.flow.as_ref()?;
-    serde_json::to_vec(&Line { time: rfc3339_ms(now_ms()), event, flow }).ok()
+    serde_json::to_vec(&Line { time: rfc3339_ms(now_unix_ms()), event, flow }).ok()
 }
 
 /// Writes the follow stream into the log until the channel closes. Runs on its own

@@ -21,7 +21,6 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::SystemTime,
 };
 
 use backplane_rules::{
@@ -30,7 +29,7 @@ use backplane_rules::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clock::rfc3339_ms,
+    clock::{now_unix_ms, rfc3339_ms},
     datapath::Datapath,
     endpoints::Endpoints,
     error::{ExplainError, RulesError, report},
@@ -202,12 +201,6 @@ struct RuleState {
     reloads_rejected: u64,
     last_error: Vec<String>,
     last_error_at_ms: Option<i64>,
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The rules given with `--rules`: what is in force, and the watch on their files.
