@@ -1,5 +1,5 @@
 //! Builds the eBPF data path (ebpf/programs) for the bpf target with aya-build and
-//! leaves its object in OUT_DIR, where `src/datapath.rs` embeds it.
+//! leaves its object in `OUT_DIR`, where `src/datapath/mod.rs` embeds it (`DATAPATH_OBJECT`).
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
