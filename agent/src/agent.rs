@@ -40,18 +40,17 @@ use crate::{
     endpoints::{EndpointOptions, Endpoints, EndpointsStatus},
     error::{ControlError, ExplainError, RulesError, WatchError},
     etcd::Etcd,
-    events,
     explain::{ExplainQuery, ExplainReply},
     flow_log::{self, FlowLogOptions, RotatingFile},
-    flows::{FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows},
+    flows::{
+        FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows, names::RuleNames, payload::SampleStats, rings,
+    },
     ifnames::IfNames,
-    inspect::{self, SampleStats},
     ipfix::{self, IpfixOptions},
     last_good::LastGood,
     metrics::{self, Metrics},
     port_guard::{self, PortGuard, PortGuardStatus},
     ports::{PortSelector, PortWatcher},
-    rule_names::RuleNames,
     rule_sync::{LoadedRules, RuleSync, RulesStatus, StartRules},
 };
 
@@ -671,7 +670,6 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         let endpoints = Endpoints::new(endpoint_opts, Arc::clone(&datapath), Arc::clone(&flows), clock)
             .map_err(|source| AgentError::StateDir { path: state_dir, source })?;
         let (announce_tx, announce_rx) = tokio::sync::mpsc::unbounded_channel();
-        flows.route_announcements(announce_tx);
         tasks.push(tokio::spawn(Arc::clone(&endpoints).follow_announcements(announce_rx)));
         // Endpoints last seen on adopted ports are bound before the first rule tables are
         // written, so that those tables bind their MACs from the start.
@@ -721,14 +719,14 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         let events_flows = Arc::clone(&flows);
         let ring = maps.events;
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = events::consume(ring, events_flows).await {
+            if let Err(e) = rings::consume_events(ring, events_flows, announce_tx).await {
                 log::error!("flow event reader stopped: {e}; flows are still read from the kernel table");
             }
         }));
 
         let (sample_flows, sample_ring, stats) = (Arc::clone(&flows), maps.samples, Arc::clone(&sample_stats));
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = inspect::consume(sample_ring, sample_flows, stats).await {
+            if let Err(e) = rings::consume_samples(sample_ring, sample_flows, stats).await {
                 log::error!("payload sample reader stopped: {e}; flows are no longer named");
             }
         }));

@@ -119,22 +119,6 @@ pub enum ExplainError {
     NoRules,
 }
 
-/// A ring buffer record that is not a valid [`backplane_common::FlowEvent`].
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum DecodeError {
-    #[error("flow event of {got} bytes, expected {expected}")]
-    WrongLength { expected: usize, got: usize },
-
-    #[error("flow event of unknown kind {0}")]
-    UnknownKind(u8),
-
-    #[error("flow event with invalid direction {0}")]
-    BadDirection(u8),
-
-    #[error("flow event with unknown address family {0}")]
-    BadFamily(u8),
-}
-
 /// What to do about a failed connection to the control socket.
 fn connect_hint(e: &io::Error) -> &'static str {
     match e.kind() {

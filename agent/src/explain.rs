@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use backplane_rules::{MacAddr, PacketView, Proto, RuleSet, explain};
 use serde::{Deserialize, Serialize};
 
-use crate::{error::ExplainError, rule_names::default_policy_name};
+use crate::{error::ExplainError, flows::names::default_policy_name};
 
 /// A flow to explain, as given on the command line (and sent to the agent).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

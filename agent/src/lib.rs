@@ -1,32 +1,26 @@
 //! backplane's agent as a library: the `backplane` binary is a thin CLI over it.
 //!
-//! - [`datapath`]: load the eBPF object, attach it to ports, read its counters
+//! - [`datapath`]: the loaded eBPF object: attaching it to ports, its pins and rule tables,
+//!   the kernel's features, legacy TC filters
 //! - [`ports`]: which interfaces are ports; follow them through netlink
 //! - [`port_guard`]: the nftables table that blocks ports that cannot be attached
-//! - [`events`]: decode the ring buffer's flow start/end events
-//! - [`flows`]: the userspace flow table and the exported flow records
+//! - [`flows`]: the userspace flow table, the ring buffer readers, the names in payload
+//!   samples and of zone and policy ids, the exported flow records
 //! - [`control`]: the control socket's protocol, server and client
 //! - [`agent`]: `backplane run` from start to orderly exit
 //! - [`cli`]: the command line
 //! - [`rule_sync`]: the rules in force: load, put in force, follow their files
-//! - [`rule_tables`]: writing compiled rule sets into the kernel's tables
 //! - [`rule_watch`]: noticing that rule files changed
 //! - [`last_good`]: the copy of the last good rule files in the state directory
-//! - [`rule_names`]: names of the zone and policy ids in flows and counters
 //! - [`explain`]: the verdict a rule set gives a flow, and why
 //! - [`metrics`]: Prometheus metrics on `/metrics`
 //! - [`flow_log`], [`ipfix`]: flow records exported as JSON lines and as IPFIX
-//! - [`inspect`]: names (DNS, TLS SNI, HTTP Host) from flows' first payload bytes
 //! - [`top`]: the zone-by-zone traffic matrix of `backplane top`
 //! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
 //! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
 //! - [`audit`]: the in-motion audit log
-//! - [`kernel`]: what the running kernel offers the data path; the programs' verifier figures
-//! - [`pin_layout`]: the pinned layout's version, and the upgrade of an older one
-//! - [`pins`]: what a previous agent pinned, and whether it can be adopted
-//! - [`tc_legacy`]: TC programs as `cls_bpf` filters in a `clsact` qdisc, where TCX is missing
 //! - [`privileges`]: the capabilities `backplane run` keeps
-//! - [`clock`], [`ifnames`], [`map_batch`], [`paths`], [`error`]: support
+//! - [`clock`], [`ifnames`], [`paths`], [`error`]: support
 
 pub mod agent;
 pub mod audit;
@@ -38,12 +32,10 @@ pub mod datapath;
 pub mod endpoints;
 pub mod error;
 pub mod etcd;
-pub mod events;
 pub mod explain;
 pub mod flow_log;
 pub mod flows;
 pub mod ifnames;
-pub mod inspect;
 pub mod ipfix;
 pub mod last_good;
 pub mod metrics;
@@ -51,7 +43,6 @@ pub mod paths;
 pub mod port_guard;
 pub mod ports;
 pub mod privileges;
-pub mod rule_names;
 pub mod rule_sync;
 pub mod rule_watch;
 pub mod top;
@@ -62,3 +53,5 @@ pub use datapath::DATAPATH_OBJECT;
 // folders; they go once the benches import the new ones.
 #[doc(hidden)]
 pub use datapath::rule_tables;
+#[doc(hidden)]
+pub use flows::{events, names as rule_names};

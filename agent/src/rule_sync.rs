@@ -34,8 +34,8 @@ use crate::{
     endpoints::Endpoints,
     error::{ExplainError, RulesError, report},
     explain::{ExplainQuery, ExplainReply, explain_packet},
+    flows::names::RuleNames,
     last_good::{self, LastGood},
-    rule_names::RuleNames,
     rule_watch::{ChangeDetector, Fingerprint, POLL_PERIOD},
 };
 

@@ -5,7 +5,7 @@
 mod common;
 
 use aya::maps::{MapData, RingBuf};
-use backplane::inspect::{decode_sample, parse_record};
+use backplane::flows::payload::{decode_sample, parse_record};
 use backplane_common::{
     flow::{DIR_HI_TO_LO, DIR_LO_TO_HI},
     maps,

@@ -43,9 +43,12 @@ fn payload_sample_inputs() {
 #[test]
 fn payload_seeds_name_their_flows() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/payload_sample");
-    let app = |name: &str| backplane::inspect::parse_record(&std::fs::read(dir.join(name)).unwrap()).unwrap().app;
+    let app =
+        |name: &str| backplane::flows::payload::parse_record(&std::fs::read(dir.join(name)).unwrap()).unwrap().app;
     assert_eq!(app("dns-query").dns_query.as_deref(), Some("www.example.com"));
     assert_eq!(app("tls-client-hello").tls_sni.as_deref(), Some("shop.example.org"));
     assert_eq!(app("http-get").http_host.as_deref(), Some("intranet.example.net"));
-    assert!(backplane::inspect::parse_record(&std::fs::read(dir.join("captured-past-the-buffer")).unwrap()).is_err());
+    assert!(
+        backplane::flows::payload::parse_record(&std::fs::read(dir.join("captured-past-the-buffer")).unwrap()).is_err()
+    );
 }

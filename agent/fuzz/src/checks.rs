@@ -4,9 +4,9 @@
 
 use std::{net::IpAddr, path::Path};
 
-use backplane::{
+use backplane::flows::{
     events::{FlowEventDecode as _, to_bytes},
-    inspect,
+    payload,
 };
 use backplane_common::FlowEvent;
 use backplane_rules::{MacAddr, PacketView, ZoneIds, compile, evaluate, parse_rules};
@@ -46,15 +46,15 @@ pub fn flow_event_input(data: &[u8]) {
 /// A payload sample record of arbitrary bytes: decoding and naming never panic, and a
 /// name found is printable text of bounded length.
 pub fn payload_sample_input(data: &[u8]) {
-    if let Ok(sample) = inspect::parse_record(data) {
+    if let Ok(sample) = payload::parse_record(data) {
         for name in [&sample.app.dns_query, &sample.app.tls_sni, &sample.app.http_host].into_iter().flatten() {
             assert!(name.len() <= 1024, "a name of {} bytes", name.len());
             assert!(!name.chars().any(char::is_control), "a name with control characters: {name:?}");
         }
     }
     // The parsers on their own, on any bytes.
-    let _ = inspect::transport(data).map(|t| inspect::app_info(&t));
-    let _ = inspect::dns_query_name(data);
-    let _ = inspect::tls_server_name(data);
-    let _ = inspect::http_host(data);
+    let _ = payload::transport(data).map(|t| payload::app_info(&t));
+    let _ = payload::dns_query_name(data);
+    let _ = payload::tls_server_name(data);
+    let _ = payload::http_host(data);
 }

@@ -1,19 +1,32 @@
-//! Flow start/end events from the data path's `FLOW_EVENTS` ring buffer.
+//! Decoding flow start/end events (and endpoint announcements) from the records of the
+//! data path's `FLOW_EVENTS` ring buffer; the reader is in [`super::rings`].
 //!
 //! Records are decoded with a bounds-checked decoder: the ring buffer is shared memory
 //! written by the kernel side, and the decoder is a fuzzing target, so it never trusts
 //! a length or an enum value.
 
-use std::{os::fd::AsRawFd as _, sync::Arc};
-
-use aya::maps::{MapData, RingBuf};
 use backplane_common::{
     FlowEvent, FlowEventKind,
     flow::{DIR_HI_TO_LO, DIR_LO_TO_HI, FAMILY_IPV4, FAMILY_IPV6},
 };
-use tokio::io::unix::AsyncFd;
+use thiserror::Error;
 
-use crate::{error::DecodeError, flows::SharedFlows};
+/// A ring buffer record that is not a valid [`FlowEvent`] (or payload sample, see
+/// [`super::payload`]).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    #[error("flow event of {got} bytes, expected {expected}")]
+    WrongLength { expected: usize, got: usize },
+
+    #[error("flow event of unknown kind {0}")]
+    UnknownKind(u8),
+
+    #[error("flow event with invalid direction {0}")]
+    BadDirection(u8),
+
+    #[error("flow event with unknown address family {0}")]
+    BadFamily(u8),
+}
 
 /// Size of one ring buffer record.
 pub const FLOW_EVENT_SIZE: usize = size_of::<FlowEvent>();
@@ -53,27 +66,6 @@ pub fn to_bytes(event: &FlowEvent) -> Vec<u8> {
     // backplane-common), so all of its bytes are initialised.
     let bytes = unsafe { std::slice::from_raw_parts(std::ptr::from_ref(event).cast::<u8>(), FLOW_EVENT_SIZE) };
     bytes.to_vec()
-}
-
-/// Reads the ring buffer whenever the kernel signals data, until the task is dropped.
-pub async fn consume(ring: RingBuf<MapData>, flows: Arc<SharedFlows>) -> std::io::Result<()> {
-    // SAFETY: the ring buffer owns its map fd and returns that same open fd for as long
-    // as it lives, which is as long as the AsyncFd that owns it.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(std::io::Error::from)?;
-    log::debug!("reading flow events from ring buffer fd {}", fd.get_ref().as_raw_fd());
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut decoded = Vec::new();
-        while let Some(item) = ring.next() {
-            decoded.push(FlowEvent::from_bytes(&item));
-        }
-        guard.clear_ready();
-        if !decoded.is_empty() {
-            flows.apply_events(decoded);
-        }
-    }
 }
 
 #[cfg(test)]

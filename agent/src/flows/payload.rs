@@ -6,17 +6,11 @@
 //! and by the ring's size; every skip and loss is counted there). Here each sample is
 //! decoded with a bounds-checked decoder, its headers are read with `pnet` (Ethernet,
 //! VLAN, IPv4/IPv6, TCP/UDP), and its payload is handed to three small parsers that
-//! never trust a length. The fast path never waits for any of this.
+//! never trust a length. The fast path never waits for any of this. Pure: decoding and
+//! parsing only; the ring buffer's reader is in [`super::rings`].
 
-use std::{
-    os::fd::AsRawFd as _,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use aya::maps::{MapData, RingBuf};
 use backplane_common::{
     FlowKey,
     flow::{DIR_HI_TO_LO, DIR_LO_TO_HI, FAMILY_IPV4, FAMILY_IPV6},
@@ -32,9 +26,8 @@ use pnet::packet::{
     vlan::VlanPacket,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::unix::AsyncFd;
 
-use crate::{error::DecodeError, flows::SharedFlows};
+use crate::flows::events::DecodeError;
 
 /// Longest name kept (a DNS name is at most 253 characters; a Host may carry a port).
 pub const MAX_NAME: usize = 255;
@@ -102,7 +95,7 @@ impl SampleStats {
         ]
     }
 
-    fn count(&self, app: &AppInfo) {
+    pub(super) fn count(&self, app: &AppInfo) {
         let bump = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
         if app.dns_query.is_some() {
             bump(&self.dns_query);
@@ -375,41 +368,6 @@ pub fn parse_record(bytes: &[u8]) -> Result<Sample, DecodeError> {
     let (header, frame) = decode_sample(bytes)?;
     let app = transport(frame).map(|t| app_info(&t)).unwrap_or_default();
     Ok(Sample { key: header.key, ts_ns: header.ts_ns, ifindex: header.ifindex, direction: header.direction, app })
-}
-
-/// Reads the sample ring buffer whenever the kernel signals data, until the task is
-/// dropped; names found go into the flow table.
-pub async fn consume(ring: RingBuf<MapData>, flows: Arc<SharedFlows>, stats: Arc<SampleStats>) -> std::io::Result<()> {
-    // SAFETY: the ring buffer owns its map fd and returns that same open fd for as long
-    // as it lives, which is as long as the AsyncFd that owns it.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(std::io::Error::from)?;
-    log::debug!("reading payload samples from ring buffer fd {}", fd.get_ref().as_raw_fd());
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut named = Vec::new();
-        while let Some(item) = ring.next() {
-            match parse_record(&item) {
-                Ok(sample) => {
-                    stats.count(&sample.app);
-                    if !sample.app.is_empty() {
-                        named.push(sample);
-                    }
-                }
-                Err(e) => {
-                    let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n <= 10 || n.is_power_of_two() {
-                        log::warn!("dropping an undecodable payload sample ({n} so far): {e}");
-                    }
-                }
-            }
-        }
-        guard.clear_ready();
-        if !named.is_empty() {
-            flows.apply_samples(named);
-        }
-    }
 }
 
 #[cfg(test)]
