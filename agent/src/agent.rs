@@ -19,7 +19,12 @@ use std::{
     time::Duration,
 };
 
-use backplane_common::{Counter, Verdict, config::CONFIG_ENFORCE, policy::ZONE_WORLD, reason::Reason};
+use backplane_common::{
+    Counter, Verdict,
+    config::CONFIG_ENFORCE,
+    policy::{ZONE_WORLD, ZonePairStats},
+    reason::Reason,
+};
 use backplane_rules::WORLD;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -36,19 +41,24 @@ use crate::{
     datapath::DatapathError,
     datapath::kernel::{self, TcAttach, TcAttachChoice},
     datapath::pin_layout,
-    datapath::{self, DATAPATH_OBJECT, Datapath, DatapathOptions, IngressHook, PortStatus, ProgramIds, ProgramStats},
-    endpoints::{EndpointOptions, Endpoints, EndpointsStatus},
+    datapath::{
+        self, DATAPATH_OBJECT, Datapath, DatapathOptions, IngressHook, PortStatus, ProgramIds, map_fill::MapFills,
+    },
+    endpoints::{EndpointOptions, Endpoints, EndpointsStatus, state_name},
     error::{ControlError, ExplainError, RulesError, WatchError},
     etcd::Etcd,
     explain::{ExplainQuery, ExplainReply},
-    flow_log::{self, FlowLogOptions, RotatingFile},
+    export::flow_log::{self, FlowLogOptions, RotatingFile},
+    export::ipfix::{self, IpfixOptions},
+    export::{
+        metrics::{ENDPOINT_STATES, MapFill, Metrics, ProgramRuns, Scrape, ZoneJudged, ZoneTraffic as ScrapedTraffic},
+        metrics_http,
+    },
     flows::{
         FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows, names::RuleNames, payload::SampleStats, rings,
     },
     ifnames::IfNames,
-    ipfix::{self, IpfixOptions},
     last_good::LastGood,
-    metrics::{self, Metrics},
     port_guard::{self, PortGuard, PortGuardStatus},
     ports::{PortSelector, PortWatcher},
     rule_sync::{LoadedRules, RuleSync, RulesStatus, StartRules},
@@ -276,10 +286,22 @@ pub struct Agent {
     rule_names: Arc<RuleNames>,
     /// `None` without `--rules`.
     rules: Option<Arc<RuleSync>>,
-    metrics: Arc<Metrics>,
     sample_stats: Arc<SampleStats>,
     endpoints: Arc<Endpoints>,
     port_guard: Arc<PortGuard>,
+    /// The pinned maps whose fill the metrics report.
+    map_fills: MapFills,
+}
+
+/// Denied or audited packets by (source zone, destination zone, verdict, reason): counts.
+type ZonePairCounts = Vec<(String, String, u8, u8, ZonePairStats)>;
+/// Packets and bytes of all flows by (initiator's zone, responder's zone, verdict).
+type ZoneTrafficCounts = Vec<(String, String, u8, u64, u64)>;
+
+/// A verdict or reason number as `status` names it: the data path's name, or
+/// `unknown(N)`.
+fn name_or_unknown(name: Option<&'static str>, n: u8) -> String {
+    name.map_or_else(|| format!("unknown({n})"), str::to_owned)
 }
 
 impl Agent {
@@ -303,30 +325,6 @@ impl Agent {
         })
     }
 
-    /// The agent's metrics.
-    #[must_use]
-    pub fn metrics(&self) -> Arc<Metrics> {
-        Arc::clone(&self.metrics)
-    }
-
-    /// What became of the payload samples read.
-    #[must_use]
-    pub fn sample_stats(&self) -> &SampleStats {
-        &self.sample_stats
-    }
-
-    /// Kernel run statistics of the data path's programs.
-    #[must_use]
-    pub fn program_stats(&self) -> [(&'static str, ProgramStats); 3] {
-        self.datapath.lock().expect("datapath lock").program_stats()
-    }
-
-    /// The half of the rule tables in force.
-    #[must_use]
-    pub fn active_slot(&self) -> u8 {
-        self.datapath.lock().expect("datapath lock").config().map_or(0, |c| c.active_slot & 1)
-    }
-
     #[must_use]
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FollowMessage> {
         self.flows.subscribe()
@@ -337,48 +335,63 @@ impl Agent {
         self.rules.as_ref().ok_or(ExplainError::NoRules)?.explain(query)
     }
 
+    /// Traffic and drops by zone pair, zones named. Takes the rule names' lock: call it
+    /// with the data path locked (lock order: data path, then rule names, then rule state,
+    /// as a reload takes them).
+    fn zone_counts(&self, datapath: &Datapath) -> (ZonePairCounts, ZoneTrafficCounts) {
+        let zone_traffic = self.flows.zone_traffic();
+        let names = self.rule_names.read();
+        let zone = |id: u16| if id == ZONE_WORLD { WORLD.to_owned() } else { names.zone(id) };
+        let traffic = zone_traffic
+            .into_iter()
+            .map(|((src, dst, verdict), (packets, bytes))| (zone(src), zone(dst), verdict, packets, bytes))
+            .collect();
+        let pairs = datapath
+            .zone_pair_stats()
+            .into_iter()
+            .map(|(k, v)| (names.zone(k.src_zone), names.zone(k.dst_zone), k.verdict, k.reason, v))
+            .collect();
+        (pairs, traffic)
+    }
+
+    /// The `rules` object of `status`, with the generation `CONFIG` holds.
+    fn rules_status(&self, generation: u32) -> RulesStatus {
+        match &self.rules {
+            Some(sync) => sync.status(generation),
+            None => RulesStatus { generation, ..RulesStatus::default() },
+        }
+    }
+
     #[must_use]
     pub fn status(&self) -> Status {
-        // Lock order: data path, then rule names, then rule state (as a reload takes them).
         let datapath = self.datapath.lock().expect("datapath lock");
         let counters = datapath.counters();
         let config = datapath.config().unwrap_or_default();
         let stats = self.flows.stats();
-        let zone_traffic = self.flows.zone_traffic();
-        let (zone_pairs, zone_traffic) = {
-            let names = self.rule_names.read();
-            let zone = |id: u16| if id == ZONE_WORLD { WORLD.to_owned() } else { names.zone(id) };
-            let verdict = |v: u8| Verdict::from_u8(v).map_or_else(|| format!("unknown({v})"), |v| v.as_str().into());
-            let traffic = zone_traffic
-                .into_iter()
-                .map(|((src, dst, v), (packets, bytes))| ZoneTrafficStatus {
-                    src_zone: zone(src),
-                    dst_zone: zone(dst),
-                    verdict: verdict(v),
-                    packets,
-                    bytes,
-                })
-                .collect::<Vec<_>>();
-            let pairs = datapath
-                .zone_pair_stats()
-                .into_iter()
-                .map(|(k, v)| ZonePairStatus {
-                    src_zone: names.zone(k.src_zone),
-                    dst_zone: names.zone(k.dst_zone),
-                    verdict: Verdict::from_u8(k.verdict)
-                        .map_or_else(|| format!("unknown({})", k.verdict), |v| v.as_str().into()),
-                    reason: Reason::from_u8(k.reason)
-                        .map_or_else(|| format!("unknown({})", k.reason), |r| r.as_str().into()),
-                    packets: v.packets,
-                    bytes: v.bytes,
-                })
-                .collect();
-            (pairs, traffic)
-        };
-        let rules = match &self.rules {
-            Some(sync) => sync.status(config.generation),
-            None => RulesStatus { generation: config.generation, ..RulesStatus::default() },
-        };
+        let (pairs, traffic) = self.zone_counts(&datapath);
+        let verdict = |v: u8| name_or_unknown(Verdict::from_u8(v).map(Verdict::as_str), v);
+        let zone_traffic = traffic
+            .into_iter()
+            .map(|(src_zone, dst_zone, v, packets, bytes)| ZoneTrafficStatus {
+                src_zone,
+                dst_zone,
+                verdict: verdict(v),
+                packets,
+                bytes,
+            })
+            .collect();
+        let zone_pairs = pairs
+            .into_iter()
+            .map(|(src_zone, dst_zone, v, reason, counts)| ZonePairStatus {
+                src_zone,
+                dst_zone,
+                verdict: verdict(v),
+                reason: name_or_unknown(Reason::from_u8(reason).map(Reason::as_str), reason),
+                packets: counts.packets,
+                bytes: counts.bytes,
+            })
+            .collect();
+        let rules = self.rules_status(config.generation);
         drop(datapath);
         let endpoints = self.endpoints.status();
         let datapath = self.datapath.lock().expect("datapath lock");
@@ -408,6 +421,89 @@ impl Agent {
             rules,
             zone_pairs,
             zone_traffic,
+        }
+    }
+
+    /// What the metrics read, for one scrape. Blocking (map reads).
+    #[must_use]
+    pub fn scrape(&self) -> Scrape {
+        let datapath = self.datapath.lock().expect("datapath lock");
+        let counters = datapath.counters();
+        let config = datapath.config().unwrap_or_default();
+        let stats = self.flows.stats();
+        let (pairs, traffic) = self.zone_counts(&datapath);
+        let rules = self.rules_status(config.generation);
+        let flow_capacity = datapath.flow_table_size();
+        drop(datapath);
+        let endpoints = self.endpoints.status();
+        let (ports_blocked, ports_unguarded) = self.port_guard.status().counts();
+        let datapath = self.datapath.lock().expect("datapath lock");
+        let ports_attached = datapath.attached().len();
+        let kernel_flags = if endpoints.total > 0 { None } else { datapath.endpoint_flags_in_force() };
+        let programs = datapath.program_stats();
+        drop(datapath);
+        let endpoint_counts = if endpoints.total > 0 {
+            // The endpoints this node knows, by the standing the endpoint manager gives
+            // them (inventory, runtime and unknown MACs).
+            vec![("active", endpoints.active), ("quarantined", endpoints.quarantined), ("isolated", endpoints.isolated)]
+        } else {
+            // Without any: the entries of the rule-table half in force; none without rules.
+            let mut counts: Vec<(&'static str, u64)> = ENDPOINT_STATES.iter().map(|s| (*s, 0)).collect();
+            for flags in kernel_flags.unwrap_or_default() {
+                let state = state_name(flags);
+                if let Some(entry) = counts.iter_mut().find(|(s, _)| *s == state) {
+                    entry.1 += 1;
+                }
+            }
+            counts
+        };
+        Scrape {
+            counters,
+            flows_active: stats.active_records,
+            flows_expired: stats.expired,
+            flows_evicted: stats.evicted,
+            flow_entries: stats.kernel_entries,
+            flow_capacity,
+            zone_traffic: traffic
+                .into_iter()
+                .map(|(src_zone, dst_zone, v, packets, bytes)| ScrapedTraffic {
+                    src_zone,
+                    dst_zone,
+                    verdict: Verdict::from_u8(v).ok_or(v),
+                    packets,
+                    bytes,
+                })
+                .collect(),
+            zone_pairs: pairs
+                .into_iter()
+                .map(|(src_zone, dst_zone, v, reason, counts)| ZoneJudged {
+                    src_zone,
+                    dst_zone,
+                    verdict: Verdict::from_u8(v).ok_or(v),
+                    reason: Reason::from_u8(reason).ok_or(reason),
+                    packets: counts.packets,
+                    bytes: counts.bytes,
+                })
+                .collect(),
+            payload_parsed: self.sample_stats.snapshot().to_vec(),
+            ports_attached,
+            ports_blocked,
+            ports_unguarded,
+            rule_reloads_ok: rules.reloads_ok,
+            rule_reloads_rejected: rules.reloads_rejected,
+            rules_generation: config.generation,
+            maps: self
+                .map_fills
+                .read()
+                .into_iter()
+                .map(|(map, entries, capacity)| MapFill { map, entries, capacity })
+                .collect(),
+            endpoints: endpoint_counts,
+            moves: endpoints.moves,
+            programs: programs
+                .into_iter()
+                .map(|(name, p)| (name, ProgramRuns { run_time_ns: p.run_time_ns, run_count: p.run_count }))
+                .collect(),
         }
     }
 }
@@ -637,8 +733,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
 
     // Kernel run statistics cost every BPF program two clock reads per run: on only
     // while metrics are served.
-    let bpf_stats = opts.metrics_addr.filter(|_| opts.program_stats).and_then(|_| metrics::enable_bpf_stats());
-    let metrics = Arc::new(Metrics::new(Some(&maps_dir), bpf_stats));
+    let _program_stats =
+        opts.metrics_addr.filter(|_| opts.program_stats).and_then(|_| datapath::enable_program_stats());
+    let metrics = Arc::new(Metrics::new());
+    let map_fills = MapFills::open(&maps_dir);
     let sample_stats = Arc::new(SampleStats::default());
 
     let endpoint_opts = EndpointOptions {
@@ -752,16 +850,18 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             flows: Arc::clone(&flows),
             rule_names: Arc::clone(&rule_names),
             rules,
-            metrics: Arc::clone(&metrics),
+            map_fills,
             sample_stats: Arc::clone(&sample_stats),
             endpoints,
             port_guard: Arc::clone(&guard),
         });
         if let Some(addr) = opts.metrics_addr {
-            match metrics::bind(addr).await {
+            match metrics_http::bind(addr).await {
                 Ok(listener) => {
                     log::info!("metrics: http://{}/metrics", listener.local_addr().unwrap_or(addr));
-                    tasks.push(tokio::spawn(metrics::serve(listener, Arc::clone(&agent))));
+                    let scraped = Arc::clone(&agent);
+                    let scrape: metrics_http::ScrapeFn = Arc::new(move || scraped.scrape());
+                    tasks.push(tokio::spawn(metrics_http::serve(listener, Arc::clone(&metrics), scrape)));
                 }
                 Err(source) if opts.metrics_required => return Err(AgentError::Metrics { addr, source }),
                 Err(e) => log::warn!("metrics: cannot listen on the default {addr} ({e}); running without /metrics"),

@@ -15,9 +15,9 @@ use crate::{
     endpoints::{EndpointInfo, RuntimeEndpoint, parse_labels},
     error::ControlError,
     explain::{ExplainQuery, ExplainReply, explain_packet},
-    flow_log::FlowLogOptions,
+    export::flow_log::FlowLogOptions,
+    export::ipfix::IpfixOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},
-    ipfix::IpfixOptions,
     paths::{DEFAULT_SOCKET, default_pin_dir, default_state_dir},
     rule_sync::LoadedRules,
 };
@@ -386,7 +386,7 @@ fn parse_collector(s: &str) -> Result<std::net::SocketAddr, String> {
 /// `--metrics-addr`: `(address, given explicitly)`, or `None` for `none`.
 fn metrics_listen(arg: Option<&str>) -> Result<Option<(std::net::SocketAddr, bool)>, String> {
     match arg {
-        None => Ok(Some((crate::metrics::DEFAULT_METRICS_ADDR.parse().expect("valid default"), false))),
+        None => Ok(Some((crate::export::metrics_http::DEFAULT_METRICS_ADDR.parse().expect("valid default"), false))),
         Some("none" | "off") => Ok(None),
         Some(addr) => addr
             .parse()

@@ -244,7 +244,9 @@ impl Standing {
     }
 }
 
-fn state_name(flags: u16) -> &'static str {
+/// The standing an endpoint entry's flags give: `isolated`, `quarantined` or `active`.
+#[must_use]
+pub fn state_name(flags: u16) -> &'static str {
     if flags & ENDPOINT_ISOLATED != 0 {
         "isolated"
     } else if flags & ENDPOINT_QUARANTINED != 0 {

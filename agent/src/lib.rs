@@ -13,8 +13,7 @@
 //! - [`rule_watch`]: noticing that rule files changed
 //! - [`last_good`]: the copy of the last good rule files in the state directory
 //! - [`explain`]: the verdict a rule set gives a flow, and why
-//! - [`metrics`]: Prometheus metrics on `/metrics`
-//! - [`flow_log`], [`ipfix`]: flow records exported as JSON lines and as IPFIX
+//! - [`export`]: Prometheus metrics on `/metrics`, the flow log (JSON lines) and IPFIX
 //! - [`top`]: the zone-by-zone traffic matrix of `backplane top`
 //! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
 //! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
@@ -33,12 +32,10 @@ pub mod endpoints;
 pub mod error;
 pub mod etcd;
 pub mod explain;
-pub mod flow_log;
+pub mod export;
 pub mod flows;
 pub mod ifnames;
-pub mod ipfix;
 pub mod last_good;
-pub mod metrics;
 pub mod paths;
 pub mod port_guard;
 pub mod ports;

@@ -24,6 +24,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -56,6 +57,7 @@ mod bpffs;
 mod error;
 pub mod kernel;
 pub mod map_batch;
+pub mod map_fill;
 pub mod pin_layout;
 pub mod pins;
 pub mod rule_tables;
@@ -132,6 +134,20 @@ pub fn role_name(role: PortRole) -> &'static str {
     match role {
         PortRole::Vm => "vm",
         PortRole::Uplink => "uplink",
+    }
+}
+
+/// Turns on the kernel's BPF run statistics (run time, run count) for as long as the
+/// returned descriptor lives; the kernel turns them off again when the last holder
+/// closes it, so nothing is left changed when the agent exits, even on a crash.
+#[must_use]
+pub fn enable_program_stats() -> Option<OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!("cannot enable BPF run statistics ({e}); program run time reads 0");
+            None
+        }
     }
 }
 
@@ -426,7 +442,7 @@ impl Datapath {
 
     /// Run time and run count the kernel keeps for `from_port`, `from_port_tc` and
     /// `to_port` (zero unless BPF statistics are enabled; see
-    /// [`crate::metrics::BpfStatsGuard`]).
+    /// [`enable_program_stats`]).
     #[must_use]
     pub fn program_stats(&self) -> [(&'static str, ProgramStats); 3] {
         let stats = |name: &'static str| {
@@ -516,6 +532,14 @@ impl Datapath {
     /// The rule tables, for single-entry writes into the half in force (endpoints).
     pub fn rule_tables_mut(&mut self) -> &mut RuleTables {
         &mut self.rule_tables
+    }
+
+    /// The flags of the endpoint entries in the half of the rule tables in force;
+    /// `None` while observing only (no half is in force).
+    #[must_use]
+    pub fn endpoint_flags_in_force(&self) -> Option<Vec<u16>> {
+        let config = self.config().unwrap_or_default();
+        (config.flags & CONFIG_ENFORCE != 0).then(|| self.rule_tables.endpoint_flags(config.active_slot & 1))
     }
 
     /// The zone the rules in force give a port by its name (0: none).

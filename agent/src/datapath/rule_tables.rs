@@ -258,6 +258,13 @@ impl RuleTables {
         self.endpoints.get(&EndpointKey { slot: slot & 1, _pad: 0, mac: mac.0 }, 0).ok()
     }
 
+    /// The flags of every endpoint entry of `slot` (entries that cannot be read are
+    /// skipped).
+    #[must_use]
+    pub fn endpoint_flags(&self, slot: u8) -> Vec<u16> {
+        self.endpoints.iter().flatten().filter(|(key, _)| key.slot == slot).map(|(_, value)| value.flags).collect()
+    }
+
     /// Writes one virtual-patch entry into `slot`.
     pub fn write_vpatch(&mut self, slot: u8, entry: &VpatchEntry) -> Result<(), TableError> {
         let (len, k) = entry.key(slot & 1);

@@ -25,8 +25,8 @@ use tokio::sync::broadcast::{Receiver, error::TryRecvError};
 
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
+    export::metrics::Metrics,
     flows::{FlowRecord, FollowEvent, FollowMessage},
-    metrics::Metrics,
 };
 
 /// `--flow-log*` options.

@@ -29,8 +29,8 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 use tokio::{net::UdpSocket, sync::broadcast::Receiver};
 
 use crate::{
+    export::metrics::Metrics,
     flows::{FlowRecord, FollowEvent, FollowMessage},
-    metrics::Metrics,
 };
 
 /// IPFIX version number in the message header.

@@ -1,53 +1,25 @@
-//! Prometheus metrics: what the agent and the data path know, served as text on
-//! `/metrics` (`--metrics-addr`, loopback by default).
+//! Prometheus metrics: a registry of every metric the agent exports, fed from a
+//! [`Scrape`] (served as text on `/metrics` by [`super::metrics_http`]).
 //!
-//! Most values are read at scrape time from where they already live: the data path's
-//! per-CPU counters, the zone-pair drop counters, the flow table's statistics and its
-//! per-zone-pair traffic totals, the rules in force, the kernel's program statistics and
-//! the pinned maps' fill. They are kept in `prometheus` counters that only ever move up
-//! by the growth since the last scrape, so a counter never goes backwards (flows that
-//! expire leave their packets in the totals). A few are fed as things happen: exports,
-//! payload sample parsing, migrations.
+//! This file imports nothing of the agent. What a scrape reads (the data path's per-CPU
+//! counters, the zone-pair drop counters, the flow table's statistics and its
+//! per-zone-pair traffic totals, the rules in force, the endpoints by standing, the
+//! kernel's program statistics, the pinned maps' fill) is gathered by the agent into a
+//! [`Scrape`], as plain numbers and the data path's own enums; [`Metrics::update`] turns
+//! it into metrics. Counters only ever move up by the growth since the last scrape, so a
+//! counter never goes backwards (flows that expire leave their packets in the totals). A
+//! few are fed as things happen: exports, migrations.
 //!
 //! Labels are bounded sets: zone names, verdicts, reasons, map and program names,
 //! exporters, outcomes; never addresses or ports. Every metric is listed in the README
 //! (`## Metrics`).
 
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    io,
-    net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::collections::BTreeMap;
 
-use aya::maps::MapData;
-use backplane_common::{
-    Counter,
-    config::CONFIG_ENFORCE,
-    maps::{
-        ADDR_OWNERS, ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS, ZONES,
-    },
-    policy::{ENDPOINT_ISOLATED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue},
-};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use backplane_common::{Counter, Verdict, reason::Reason};
 use prometheus::{
     CounterVec, Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
-
-use crate::{agent::Agent, datapath::ProgramStats};
-
-/// Default `--metrics-addr`: loopback only, Prometheus' exporter port range.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9469";
-
-/// Content type of the Prometheus text format.
-const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Migration outcomes the metric starts with (at zero).
 pub const MIGRATION_OUTCOMES: &[&str] = &["completed", "failed", "aborted"];
@@ -69,21 +41,6 @@ const COUNTER_DROP_REASONS: &[(&str, Counter)] = &[
     ("tagged_from_vm_port", Counter::TaggedFromVmPort),
     ("unjudged", Counter::UnjudgedDropped),
     ("router_advert_from_vm", Counter::RouterAdvertFromVm),
-];
-
-/// Maps whose fill is reported by walking their keys (FLOWS comes from the flow table's
-/// own read): `(map name, label)`.
-const WALKED_MAPS: &[(&str, &str)] = &[
-    (PORTS, "ports"),
-    (ENDPOINTS, "endpoints"),
-    (ZONE_CIDRS, "zone_cidrs"),
-    (ZONES, "zones"),
-    (POLICIES, "policies"),
-    (ZONE_PAIR_STATS, "zone_pair_stats"),
-    (FRAGMENTS, "fragments"),
-    (VPATCHES, "vpatches"),
-    (ANNOUNCES, "announces"),
-    (ADDR_OWNERS, "addr_owners"),
 ];
 
 /// Raises a counter to `total` (never lowers it).
@@ -122,14 +79,6 @@ pub struct Metrics {
     payload_parsed: IntCounterVec,
     export_records: IntCounterVec,
     export_errors: IntCounterVec,
-    /// Endpoint counts set by the endpoint work; `None`: counted from `ENDPOINTS`.
-    endpoint_override: Mutex<Option<BTreeMap<String, i64>>>,
-    /// The pinned maps whose keys are walked at scrape time.
-    walked: Vec<(&'static str, MapData)>,
-    /// `ENDPOINTS`, read for the endpoint states.
-    endpoint_table: Option<aya::maps::HashMap<MapData, EndpointKey, EndpointValue>>,
-    /// Keeps kernel BPF statistics (run time, run count) on while the agent runs.
-    _bpf_stats: Option<OwnedFd>,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -157,26 +106,11 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 impl Metrics {
-    /// Registers every metric. `maps_dir` holds the pinned maps whose fill is reported;
-    /// `bpf_stats` is the descriptor that keeps kernel program statistics on.
+    /// Registers every metric.
     #[must_use]
     #[expect(clippy::too_many_lines, reason = "one registration per metric")]
-    pub fn new(maps_dir: Option<&Path>, bpf_stats: Option<OwnedFd>) -> Self {
+    pub fn new() -> Self {
         let r = Registry::new();
-        let walked = maps_dir
-            .map(|dir| {
-                WALKED_MAPS
-                    .iter()
-                    .filter_map(|(name, label)| match MapData::from_pin(dir.join(name)) {
-                        Ok(map) => Some((*label, map)),
-                        Err(e) => {
-                            log::warn!("metrics: cannot open pinned map {name}: {e}; its fill is not reported");
-                            None
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         let m = Self {
             zone_pair_packets: counter_vec(
                 &r,
@@ -294,13 +228,6 @@ impl Metrics {
                 &["exporter", "error"],
             ),
             registry: r,
-            endpoint_override: Mutex::new(None),
-            walked,
-            endpoint_table: maps_dir.and_then(|dir| {
-                let map = MapData::from_pin(dir.join(ENDPOINTS)).ok()?;
-                aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).ok()?).ok()
-            }),
-            _bpf_stats: bpf_stats,
         };
         for outcome in MIGRATION_OUTCOMES {
             m.migrations.with_label_values(&[outcome]);
@@ -326,13 +253,6 @@ impl Metrics {
         self.migrations.with_label_values(&[outcome]).inc();
     }
 
-    /// Sets the endpoint counts by state, replacing the count taken from the kernel's
-    /// `ENDPOINTS` table. For the endpoint work: call it whenever endpoint states change.
-    pub fn set_endpoints(&self, by_state: &[(&str, i64)]) {
-        let map = by_state.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect();
-        *self.endpoint_override.lock().expect("endpoint override lock") = Some(map);
-    }
-
     /// Counts flow records an exporter delivered.
     pub fn exported(&self, exporter: &str, records: u64) {
         self.export_records.with_label_values(&[exporter]).inc_by(records);
@@ -343,37 +263,34 @@ impl Metrics {
         self.export_errors.with_label_values(&[exporter, error]).inc_by(n);
     }
 
-    /// Reads everything the agent knows into the metrics. Blocking (map reads).
-    pub fn update(&self, agent: &Agent) {
-        let status = agent.status();
-        let counters = &status.counters;
-        let get = |c: Counter| counters.get(c.as_str()).copied().unwrap_or(0);
+    /// Brings every metric up to what a scrape read.
+    pub fn update(&self, s: &Scrape) {
+        let get = |c: Counter| s.counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v);
         raise(&self.packets, get(Counter::Packets));
         raise(&self.bytes, get(Counter::Bytes));
         raise(&self.flows_created, get(Counter::FlowsCreated));
         raise(&self.flow_insert_failures, get(Counter::FlowInsertFailed));
-        let f = &status.flows.stats;
-        self.flows_active.set(i64::try_from(f.active_records).unwrap_or(i64::MAX));
-        raise(&self.flows_expired, f.expired);
-        raise(&self.flows_evicted, f.evicted);
+        self.flows_active.set(i64::try_from(s.flows_active).unwrap_or(i64::MAX));
+        raise(&self.flows_expired, s.flows_expired);
+        raise(&self.flows_evicted, s.flows_evicted);
 
         // Traffic by zone pair: denied and audited packets are counted per packet by the
         // data path (ZONE_PAIR_STATS); allowed and observed ones from the flows' counters.
         let mut pairs: BTreeMap<(String, String, String), (u64, u64)> = BTreeMap::new();
-        for t in &status.zone_traffic {
-            if t.verdict == "allowed" || t.verdict == "observed" {
-                let e = pairs.entry((t.src_zone.clone(), t.dst_zone.clone(), t.verdict.clone())).or_default();
+        for t in &s.zone_traffic {
+            if matches!(t.verdict, Ok(Verdict::Allowed | Verdict::Observed)) {
+                let e = pairs.entry((t.src_zone.clone(), t.dst_zone.clone(), label(t.verdict))).or_default();
                 e.0 += t.packets;
                 e.1 += t.bytes;
             }
         }
         let mut drops: BTreeMap<String, u64> = BTreeMap::new();
-        for p in &status.zone_pairs {
-            let e = pairs.entry((p.src_zone.clone(), p.dst_zone.clone(), p.verdict.clone())).or_default();
+        for p in &s.zone_pairs {
+            let e = pairs.entry((p.src_zone.clone(), p.dst_zone.clone(), label(p.verdict))).or_default();
             e.0 += p.packets;
             e.1 += p.bytes;
-            if p.verdict == "denied" {
-                *drops.entry(p.reason.clone()).or_default() += p.packets;
+            if p.verdict == Ok(Verdict::Denied) {
+                *drops.entry(reason_label(p.reason)).or_default() += p.packets;
             }
         }
         for ((src, dst, verdict), (packets, bytes)) in &pairs {
@@ -394,66 +311,45 @@ impl Metrics {
         raise(&self.payload_samples.with_label_values(&["sent"]), get(Counter::PayloadSamples));
         raise(&self.payload_samples.with_label_values(&["lost"]), get(Counter::PayloadSamplesLost));
         raise(&self.payload_samples.with_label_values(&["skipped"]), get(Counter::PayloadSamplesSkipped));
-        for (result, n) in agent.sample_stats().snapshot() {
-            raise(&self.payload_parsed.with_label_values(&[result]), n);
+        for (result, n) in &s.payload_parsed {
+            raise(&self.payload_parsed.with_label_values(&[result]), *n);
         }
         for c in Counter::ALL.iter().filter(|c| c.is_parse_failure()) {
             raise(&self.parse_failures.with_label_values(&[c.as_str()]), get(*c));
         }
 
-        let (blocked, unguarded) = status.port_guard.counts();
         let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        self.ports.with_label_values(&["attached"]).set(n(status.ports.len()));
-        self.ports.with_label_values(&["blocked"]).set(n(blocked));
-        self.ports.with_label_values(&["unguarded"]).set(n(unguarded));
+        self.ports.with_label_values(&["attached"]).set(n(s.ports_attached));
+        self.ports.with_label_values(&["blocked"]).set(n(s.ports_blocked));
+        self.ports.with_label_values(&["unguarded"]).set(n(s.ports_unguarded));
 
-        raise(&self.rule_reloads.with_label_values(&["ok"]), status.rules.reloads_ok);
-        raise(&self.rule_reloads.with_label_values(&["rejected"]), status.rules.reloads_rejected);
-        self.rules_generation.set(i64::from(status.config_generation));
+        raise(&self.rule_reloads.with_label_values(&["ok"]), s.rule_reloads_ok);
+        raise(&self.rule_reloads.with_label_values(&["rejected"]), s.rule_reloads_rejected);
+        self.rules_generation.set(i64::from(s.rules_generation));
 
-        self.map_entries.with_label_values(&["flows"]).set(i64::try_from(status.flows.entries).unwrap_or(i64::MAX));
-        self.map_capacity.with_label_values(&["flows"]).set(i64::from(status.flows.capacity));
-        for (label, map) in &self.walked {
-            if let Ok(info) = map.info() {
-                self.map_capacity.with_label_values(&[label]).set(i64::from(info.max_entries()));
-                let n = count_keys(map, info.key_size() as usize, info.max_entries());
-                self.map_entries.with_label_values(&[label]).set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+        self.map_entries.with_label_values(&["flows"]).set(i64::try_from(s.flow_entries).unwrap_or(i64::MAX));
+        self.map_capacity.with_label_values(&["flows"]).set(i64::from(s.flow_capacity));
+        for m in &s.maps {
+            self.map_capacity.with_label_values(&[m.map]).set(i64::from(m.capacity));
+            self.map_entries.with_label_values(&[m.map]).set(i64::try_from(m.entries).unwrap_or(i64::MAX));
         }
 
-        let override_counts = self.endpoint_override.lock().expect("endpoint override lock").clone();
-        let counts = override_counts.unwrap_or_else(|| {
-            let here = &status.endpoints;
-            if here.total > 0 {
-                // The endpoints this node knows, by the state the endpoint manager gives
-                // them (inventory, runtime and unknown MACs).
-                let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-                return BTreeMap::from([
-                    ("active".to_owned(), n(here.active)),
-                    ("quarantined".to_owned(), n(here.quarantined)),
-                    ("isolated".to_owned(), n(here.isolated)),
-                ]);
-            }
-            let enforcing = status.config_flags & CONFIG_ENFORCE != 0;
-            let slot = agent.active_slot();
-            self.endpoints_from_kernel(enforcing.then_some(slot))
-        });
         // Moves handled by this node (arrivals from another node or port), as the
         // endpoint manager counts them; the counter follows that count upwards.
         let completed = self.migrations.with_label_values(&["completed"]);
-        if status.endpoints.moves > completed.get() {
-            completed.inc_by(status.endpoints.moves - completed.get());
+        if s.moves > completed.get() {
+            completed.inc_by(s.moves - completed.get());
         }
-        for (state, n) in counts {
-            self.endpoints.with_label_values(&[&state]).set(n);
+        for (state, n) in &s.endpoints {
+            self.endpoints.with_label_values(&[state]).set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
 
-        for (program, stats) in agent.program_stats() {
-            self.set_program(program, stats);
+        for (program, runs) in &s.programs {
+            self.set_program(program, *runs);
         }
     }
 
-    fn set_program(&self, program: &str, stats: ProgramStats) {
+    fn set_program(&self, program: &str, stats: ProgramRuns) {
         raise(&self.program_runs.with_label_values(&[program]), stats.run_count);
         let c = self.program_run_time.with_label_values(&[program]);
         #[expect(clippy::cast_precision_loss, reason = "seconds as a float, as Prometheus wants them")]
@@ -462,29 +358,6 @@ impl Metrics {
         if total > now {
             c.inc_by(total - now);
         }
-    }
-
-    /// Endpoints of the rule-table half in force by state; all zero without rules.
-    fn endpoints_from_kernel(&self, slot: Option<u8>) -> BTreeMap<String, i64> {
-        let mut counts: BTreeMap<String, i64> = ENDPOINT_STATES.iter().map(|s| ((*s).to_owned(), 0)).collect();
-        let Some(slot) = slot else { return counts };
-        let Some(table) = &self.endpoint_table else {
-            return counts;
-        };
-        for (key, value) in table.iter().flatten() {
-            if key.slot != slot {
-                continue;
-            }
-            let state = if value.flags & ENDPOINT_ISOLATED != 0 {
-                "isolated"
-            } else if value.flags & ENDPOINT_QUARANTINED != 0 {
-                "quarantined"
-            } else {
-                "active"
-            };
-            *counts.entry(state.to_owned()).or_default() += 1;
-        }
-        counts
     }
 
     /// The text exposition of every metric.
@@ -498,116 +371,96 @@ impl Metrics {
     }
 }
 
-/// `BPF_MAP_GET_NEXT_KEY` from `enum bpf_cmd`.
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-/// `union bpf_attr` as the map element commands use it.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    next_key: u64,
-    flags: u64,
-}
-
-/// Counts a map's keys by walking them (at most `max_entries` + 1 steps).
-fn count_keys(map: &MapData, key_size: usize, max_entries: u32) -> u64 {
-    let fd = map.fd().as_fd().as_raw_fd();
-    let mut key = vec![0u8; key_size.max(1)];
-    let mut next = vec![0u8; key_size.max(1)];
-    let mut n = 0u64;
-    let mut first = true;
-    while n <= u64::from(max_entries) {
-        let attr = ElemAttr {
-            map_fd: u32::try_from(fd).unwrap_or(0),
-            _pad: 0,
-            key: if first { 0 } else { key.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: `attr` points to valid buffers of the map's key size for the syscall's
-        // duration; the kernel writes at most key_size bytes into `next`.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, std::ptr::from_ref(&attr), size_of::<ElemAttr>())
-        };
-        if rc != 0 {
-            break;
-        }
-        n += 1;
-        first = false;
-        std::mem::swap(&mut key, &mut next);
-    }
-    n
-}
-
-/// Turns on the kernel's BPF run statistics (run time, run count) for as long as the
-/// returned descriptor lives; the kernel turns them off again when the last holder
-/// closes it, so nothing is left changed when the agent exits, even on a crash.
-#[must_use]
-pub fn enable_bpf_stats() -> Option<OwnedFd> {
-    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-        Ok(fd) => Some(fd),
-        Err(e) => {
-            log::warn!("cannot enable BPF run statistics ({e}); program run time reads 0");
-            None
-        }
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-/// Serves `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                log::warn!("metrics: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let agent = Arc::clone(&agent);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| respond(req, Arc::clone(&agent)));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                log::debug!("metrics: connection from {peer}: {e}");
-            }
-        });
-    }
+/// A verdict as a metric label: the data path's name, or `unknown(N)` for a number this
+/// agent does not know.
+fn label(verdict: Result<Verdict, u8>) -> String {
+    verdict.map_or_else(|n| format!("unknown({n})"), |v| v.as_str().into())
 }
 
-async fn respond(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = |status: StatusCode, body: Vec<u8>, content_type: &str| {
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        if let Ok(v) = content_type.parse() {
-            response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-        }
-        Ok(response)
-    };
-    match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => {
-            let body = tokio::task::spawn_blocking(move || {
-                let metrics = agent.metrics();
-                metrics.update(&agent);
-                metrics.render()
-            })
-            .await;
-            match body {
-                Ok(body) => reply(StatusCode::OK, body, TEXT_FORMAT),
-                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n").into_bytes(), "text/plain"),
-            }
-        }
-        (&Method::GET, "/") => {
-            reply(StatusCode::OK, b"backplane agent: metrics at /metrics\n".to_vec(), "text/plain; charset=utf-8")
-        }
-        _ => reply(StatusCode::NOT_FOUND, b"not found: try /metrics\n".to_vec(), "text/plain; charset=utf-8"),
-    }
+/// A reason as a metric label (see [`label`]).
+fn reason_label(reason: Result<Reason, u8>) -> String {
+    reason.map_or_else(|n| format!("unknown({n})"), |r| r.as_str().into())
 }
 
-/// Binds `--metrics-addr`.
-pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// What one scrape read, for [`Metrics::update`]: gathered by the agent, in the data
+/// path's own terms (counters, verdicts and reasons as its enums, zones by name).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scrape {
+    /// Every data path counter, summed over CPUs.
+    pub counters: Vec<(Counter, u64)>,
+    /// Records of live flows, and the flows the table expired and saw evicted so far.
+    pub flows_active: u64,
+    pub flows_expired: u64,
+    pub flows_evicted: u64,
+    /// Entries in the kernel flow table at the last read, and its capacity.
+    pub flow_entries: u64,
+    pub flow_capacity: u32,
+    /// Packets and bytes of all flows since start, by zone pair and verdict.
+    pub zone_traffic: Vec<ZoneTraffic>,
+    /// Packets and bytes denied or audited, by zone pair, verdict and reason.
+    pub zone_pairs: Vec<ZoneJudged>,
+    /// Payload samples parsed, by result (`dns_query`, ..., `malformed`).
+    pub payload_parsed: Vec<(&'static str, u64)>,
+    /// Ports attached, and matching ports not attached: blocked or unguarded.
+    pub ports_attached: usize,
+    pub ports_blocked: usize,
+    pub ports_unguarded: usize,
+    /// Changes of the rule files put in force and rejected, and the generation in force.
+    pub rule_reloads_ok: u64,
+    pub rule_reloads_rejected: u64,
+    pub rules_generation: u32,
+    /// The fill of the pinned maps other than the flow table.
+    pub maps: Vec<MapFill>,
+    /// Endpoints by standing ([`ENDPOINT_STATES`]).
+    pub endpoints: Vec<(&'static str, u64)>,
+    /// Arrivals from another node or port this node handled.
+    pub moves: u64,
+    /// Kernel run statistics of each program.
+    pub programs: Vec<(&'static str, ProgramRuns)>,
+}
+
+/// Packets and bytes of one (initiator's zone, responder's zone, verdict).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneTraffic {
+    pub src_zone: String,
+    pub dst_zone: String,
+    /// The verdict, or its number when the agent does not know it.
+    pub verdict: Result<Verdict, u8>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Packets and bytes denied or audited of one (source zone, destination zone, verdict,
+/// reason).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneJudged {
+    pub src_zone: String,
+    pub dst_zone: String,
+    pub verdict: Result<Verdict, u8>,
+    pub reason: Result<Reason, u8>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Entries and capacity of one pinned map, by its label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u32,
+}
+
+/// Kernel run statistics of one program (`BPF_ENABLE_STATS`), summed over its runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRuns {
+    pub run_time_ns: u64,
+    pub run_count: u64,
 }
 
 #[cfg(test)]
@@ -635,12 +488,12 @@ mod tests {
     fn readme_and_dashboard_know_every_metric() {
         let names = registered();
         assert!(names.len() >= 24, "{names:?}");
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let metrics_section = readme.split("## Metrics").nth(1).expect("README has ## Metrics");
         for name in &names {
             assert!(metrics_section.contains(&format!("| `{name}` |")), "README ## Metrics lacks a row for {name}");
         }
-        let dashboard = include_str!("../../deploy/grafana/backplane.json");
+        let dashboard = include_str!("../../../deploy/grafana/backplane.json");
         let json: serde_json::Value = serde_json::from_str(dashboard).expect("the dashboard is JSON");
         assert_eq!(json["uid"], "backplane");
         let mut used = 0;
@@ -655,7 +508,7 @@ mod tests {
 
     #[test]
     fn counters_only_go_up_and_render_as_text() {
-        let m = Metrics::new(None, None);
+        let m = Metrics::new();
         let c = m.zone_pair_packets.with_label_values(&["web", "db", "allowed"]);
         raise(&c, 10);
         raise(&c, 7);
@@ -663,7 +516,7 @@ mod tests {
         raise(&c, 12);
         assert_eq!(c.get(), 12);
         m.record_migration("completed");
-        m.set_program("from_port", ProgramStats { run_time_ns: 1_500_000_000, run_count: 3 });
+        m.set_program("from_port", ProgramRuns { run_time_ns: 1_500_000_000, run_count: 3 });
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
             text.contains("backplane_zone_pair_packets_total{dst_zone=\"db\",src_zone=\"web\",verdict=\"allowed\"} 12"),
