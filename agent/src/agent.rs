@@ -37,6 +37,7 @@ use tokio::{
 use crate::{
     clock::Clock,
     cluster::Cluster,
+    cluster::etcd::Etcd,
     control,
     datapath::DatapathError,
     datapath::kernel::{self, TcAttach, TcAttachChoice},
@@ -44,14 +45,13 @@ use crate::{
     datapath::{
         self, DATAPATH_OBJECT, Datapath, DatapathOptions, IngressHook, PortStatus, ProgramIds, map_fill::MapFills,
     },
-    endpoints::{EndpointOptions, Endpoints, EndpointsStatus, state_name},
+    endpoints::{EndpointOptions, Endpoints, Peers, model::EndpointsStatus, standing::Standing},
     error::{ControlError, ExplainError, RulesError, WatchError},
-    etcd::Etcd,
     explain::{ExplainQuery, ExplainReply},
     export::flow_log::{self, FlowLogOptions, RotatingFile},
     export::ipfix::{self, IpfixOptions},
     export::{
-        metrics::{ENDPOINT_STATES, MapFill, Metrics, ProgramRuns, Scrape, ZoneJudged, ZoneTraffic as ScrapedTraffic},
+        metrics::{MapFill, Metrics, ProgramRuns, Scrape, ZoneJudged, ZoneTraffic as ScrapedTraffic},
         metrics_http,
     },
     flows::{
@@ -195,7 +195,7 @@ pub enum AgentError {
         source: io::Error,
     },
     #[error(transparent)]
-    Etcd(#[from] crate::etcd::EtcdError),
+    Etcd(#[from] crate::cluster::etcd::EtcdError),
 }
 
 /// The flow table's place in `status`.
@@ -442,21 +442,26 @@ impl Agent {
         let kernel_flags = if endpoints.total > 0 { None } else { datapath.endpoint_flags_in_force() };
         let programs = datapath.program_stats();
         drop(datapath);
-        let endpoint_counts = if endpoints.total > 0 {
-            // The endpoints this node knows, by the standing the endpoint manager gives
-            // them (inventory, runtime and unknown MACs).
-            vec![("active", endpoints.active), ("quarantined", endpoints.quarantined), ("isolated", endpoints.isolated)]
-        } else {
-            // Without any: the entries of the rule-table half in force; none without rules.
-            let mut counts: Vec<(&'static str, u64)> = ENDPOINT_STATES.iter().map(|s| (*s, 0)).collect();
-            for flags in kernel_flags.unwrap_or_default() {
-                let state = state_name(flags);
-                if let Some(entry) = counts.iter_mut().find(|(s, _)| *s == state) {
-                    entry.1 += 1;
-                }
-            }
-            counts
-        };
+        let endpoint_counts = Standing::ALL
+            .iter()
+            .map(|standing| {
+                let n = if endpoints.total > 0 {
+                    // The endpoints this node knows, by the standing the endpoint manager
+                    // gives them (inventory, runtime and unknown MACs).
+                    match standing {
+                        Standing::Active => endpoints.active,
+                        Standing::Quarantined => endpoints.quarantined,
+                        Standing::Isolated => endpoints.isolated,
+                    }
+                } else {
+                    // Without any: the entries of the rule-table half in force; none without
+                    // rules.
+                    let flags = kernel_flags.iter().flatten();
+                    flags.filter(|f| Standing::of_flags(**f) == *standing).count() as u64
+                };
+                (standing.as_str(), n)
+            })
+            .collect();
         Scrape {
             counters,
             flows_active: stats.active_records,
@@ -647,6 +652,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let last_good = LastGood::new(&opts.state_dir);
     let clock = Clock::measure();
     let etcd = if opts.etcd.is_empty() { None } else { Some(Etcd::new(&opts.etcd)?) };
+    let cluster = etcd.map(|etcd| Cluster::new(etcd, &opts.node, &opts.labels));
 
     datapath::ensure_bpffs()?;
     // A previous agent's maps are reused (flows, counters and the rules in force carry
@@ -765,7 +771,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
             tasks.push(tokio::spawn(exporter.run(flows.subscribe())));
             log::info!("IPFIX export to {}", ipfix_opts.collector);
         }
-        let endpoints = Endpoints::new(endpoint_opts, Arc::clone(&datapath), Arc::clone(&flows), clock)
+        let peers = cluster.clone().map(|c| c as Arc<dyn Peers>);
+        let endpoints = Endpoints::new(endpoint_opts, Arc::clone(&datapath), Arc::clone(&flows), clock, peers)
             .map_err(|source| AgentError::StateDir { path: state_dir, source })?;
         let (announce_tx, announce_rx) = tokio::sync::mpsc::unbounded_channel();
         tasks.push(tokio::spawn(Arc::clone(&endpoints).follow_announcements(announce_rx)));
@@ -807,9 +814,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         watcher.reconcile(&HashSet::new()).await?;
         tasks.push(tokio::spawn(watcher.run()));
         endpoints.restore_bindings();
-        if let Some(etcd) = etcd {
-            log::info!("sharing endpoints through etcd at {} as node {}", etcd.urls().join(","), opts.node);
-            tasks.push(tokio::spawn(Cluster::new(etcd, &endpoints).run()));
+        if let Some(cluster) = &cluster {
+            log::info!("sharing endpoints through etcd at {} as node {}", cluster.urls().join(","), opts.node);
+            tasks.push(cluster.start(Arc::clone(&endpoints)));
         } else {
             log::info!("no --etcd: a single node; endpoint state in {}", opts.state_dir.display());
         }
@@ -927,6 +934,12 @@ async fn shut_down(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_count_every_standing() {
+        let names: Vec<&str> = Standing::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, crate::export::metrics::ENDPOINT_STATES);
+    }
 
     #[test]
     fn node_names_must_be_one_path_component() {

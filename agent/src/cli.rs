@@ -7,12 +7,16 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
 use crate::{
     agent::{self, RunOptions, Status},
-    audit::AuditRecord,
     clock::rfc3339_ms,
     control::{Client, Request},
     datapath::IngressHook,
     datapath::kernel::TcAttachChoice,
-    endpoints::{EndpointInfo, RuntimeEndpoint, parse_labels},
+    endpoints::audit::AuditRecord,
+    endpoints::{
+        arrival::ArrivalKind,
+        model::{EndpointInfo, RuntimeEndpoint},
+        parse_labels,
+    },
     error::ControlError,
     explain::{ExplainQuery, ExplainReply, explain_packet},
     export::flow_log::FlowLogOptions,
@@ -564,7 +568,7 @@ pub fn render_endpoints(list: &[EndpointInfo]) -> String {
             e.name.clone(),
             e.mac.clone(),
             e.zone.clone().unwrap_or_else(|| "-".into()),
-            e.state.clone(),
+            e.state.to_string(),
             e.node.clone().unwrap_or_else(|| "-".into()),
             e.port.clone().unwrap_or_else(|| "-".into()),
             e.patched_at.clone().unwrap_or_else(|| "unknown".into()),
@@ -609,7 +613,7 @@ pub fn render_audit(records: &[AuditRecord]) -> String {
             from.unwrap_or_default(),
             to.unwrap_or_default()
         );
-        if r.kind == "move" {
+        if r.kind == ArrivalKind::Move.as_str() {
             let _ = write!(out, "  {} flow(s) carried", r.flows_carried);
             if let Some(ms) = r.handover_ms {
                 let _ = write!(out, " in {ms:.2} ms");

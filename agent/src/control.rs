@@ -25,7 +25,7 @@ use tokio::{
 
 use crate::{
     agent::Agent,
-    endpoints::RuntimeEndpoint,
+    endpoints::model::RuntimeEndpoint,
     error::ControlError,
     explain::ExplainQuery,
     flows::{FollowEvent, FollowMessage},

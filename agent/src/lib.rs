@@ -16,13 +16,11 @@
 //! - [`export`]: Prometheus metrics on `/metrics`, the flow log (JSON lines) and IPFIX
 //! - [`top`]: the zone-by-zone traffic matrix of `backplane top`
 //! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
-//! - [`cluster`], [`etcd`]: nodes sharing endpoints, locations and flows through etcd
-//! - [`audit`]: the in-motion audit log
+//! - [`cluster`]: nodes sharing endpoints, locations and flows through etcd
 //! - [`privileges`]: the capabilities `backplane run` keeps
 //! - [`clock`], [`ifnames`], [`paths`], [`error`]: support
 
 pub mod agent;
-pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
@@ -30,7 +28,6 @@ pub mod control;
 pub mod datapath;
 pub mod endpoints;
 pub mod error;
-pub mod etcd;
 pub mod explain;
 pub mod export;
 pub mod flows;

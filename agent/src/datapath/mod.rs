@@ -67,7 +67,7 @@ use attach::AttachedPort;
 pub use bpffs::{check_pins, ensure_bpffs, lock_pin_dir, pinned_config, prepare_pin_dir};
 pub use error::{DatapathError, PortError};
 use kernel::TcAttach;
-use rule_tables::{EndpointOverlay, RuleTables, TableError};
+use rule_tables::{EndpointChange, EndpointChangeDone, EndpointOverlay, RuleTables, TableError};
 
 /// The compiled data path (eBPF object), embedded at build time.
 pub static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backplane-datapath"));
@@ -529,9 +529,37 @@ impl Datapath {
         Ok(config.active_slot & 1)
     }
 
-    /// The rule tables, for single-entry writes into the half in force (endpoints).
-    pub fn rule_tables_mut(&mut self) -> &mut RuleTables {
-        &mut self.rule_tables
+    /// Writes what the endpoints want changed in the half `slot` of the rule tables
+    /// (the half in force, one entry at a time: a packet sees the old or the new entry).
+    /// Every entry is tried; a failure is logged and leaves that entry as it was.
+    pub fn write_endpoints(&mut self, slot: u8, change: &EndpointChange) -> EndpointChangeDone {
+        let tables = &mut self.rule_tables;
+        let mut done = EndpointChangeDone::default();
+        for (mac, value) in &change.write {
+            match tables.write_endpoint(slot, *mac, *value) {
+                Ok(()) => done.written.push(*mac),
+                Err(e) => log::error!("cannot write endpoint {mac}: {}", report(&e)),
+            }
+        }
+        for (mac, compiled) in &change.reset {
+            let result = match compiled {
+                Some(value) => tables.write_endpoint(slot, *mac, *value),
+                None => tables.remove_endpoint(slot, *mac),
+            };
+            if let Err(e) = result {
+                log::error!("cannot reset endpoint {mac}: {}", report(&e));
+            }
+        }
+        for entry in &change.add_vpatches {
+            if let Err(e) = tables.write_vpatch(slot, entry) {
+                log::error!("cannot write a virtual patch entry: {}", report(&e));
+            }
+        }
+        for entry in &change.remove_vpatches {
+            let _ = tables.remove_vpatch(slot, entry);
+        }
+        done.owners = change.owners.as_ref().map(|owners| tables.set_owners(owners));
+        done
     }
 
     /// The flags of the endpoint entries in the half of the rule tables in force;

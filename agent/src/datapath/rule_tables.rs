@@ -31,6 +31,33 @@ pub struct EndpointOverlay {
     pub vpatches: Vec<VpatchEntry>,
 }
 
+/// A change of the endpoint entries in the half of the rule tables in force, as the
+/// endpoints describe it; the data path writes it (`Datapath::write_endpoints`), as the
+/// tables' only writer.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointChange {
+    /// Entries to write: new or changed.
+    pub write: Vec<(MacAddr, EndpointValue)>,
+    /// Entries no longer overlaid: back to the compiled rule set's value, or removed where
+    /// it has none.
+    pub reset: Vec<(MacAddr, Option<EndpointValue>)>,
+    /// Virtual-patch entries to write, and to remove.
+    pub add_vpatches: Vec<VpatchEntry>,
+    pub remove_vpatches: Vec<VpatchEntry>,
+    /// What `ADDR_OWNERS` must hold; `None`: left as it is.
+    pub owners: Option<std::collections::HashMap<OwnerKey, OwnerValue>>,
+}
+
+/// What was written of an [`EndpointChange`].
+#[derive(Debug, Default)]
+pub struct EndpointChangeDone {
+    /// The MACs of [`EndpointChange::write`] whose entry was written.
+    pub written: Vec<MacAddr>,
+    /// How many `ADDR_OWNERS` entries changed, or the first failure; `None` when the
+    /// change did not touch them.
+    pub owners: Option<Result<usize, TableError>>,
+}
+
 /// A rule table operation that failed, naming the map.
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {

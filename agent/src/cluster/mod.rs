@@ -16,22 +16,37 @@
 //! state, shows `etcd.connected: false` in `status`, and retries with backoff (0.25 s
 //! doubling to 5 s). When etcd returns, the agent renews (or grants again) its lease and
 //! writes its node, locations and flows again.
+//!
+//! The endpoints ask and tell the other nodes through [`Peers`], which [`Cluster`]
+//! implements; they hold it from their creation, and the cluster's sync loop holds the
+//! endpoints once [`Cluster::start`] starts it. Each points one way: no `Arc` cycle,
+//! nothing set late. [`etcd`] is the small client it talks to etcd with.
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use backplane_rules::{MacAddr, PatchDate};
+use futures_util::future::BoxFuture;
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinHandle};
 
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
-    endpoints::{Endpoints, HandoverSet, Location, RuntimeEndpoint},
-    etcd::{Etcd, EtcdError},
+    endpoints::{
+        Endpoints, Peers,
+        model::{HandoverSet, Location, RuntimeEndpoint},
+    },
 };
+
+pub mod etcd;
+
+use etcd::{Etcd, EtcdError};
 
 /// Prefix of every key the agents write.
 pub const KEY_PREFIX: &str = "/backplane/v1";
@@ -48,75 +63,63 @@ fn key(kind: &str, name: &str) -> String {
     format!("{KEY_PREFIX}/{kind}/{name}")
 }
 
-/// One node's link to etcd.
+/// One node's link to etcd: the endpoints' [`Peers`], and the sync loop that shares this
+/// node's endpoints and reads the others'.
 pub struct Cluster {
     etcd: Etcd,
     node: String,
     labels: BTreeMap<String, String>,
-    endpoints: Arc<Endpoints>,
     lease: Mutex<i64>,
     /// Wakes the loop early (a local change to share).
     wake: Notify,
+    /// Whether the sync loop runs: until then the peers answer nothing and take nothing.
+    joined: AtomicBool,
 }
 
 impl Cluster {
-    /// Links the endpoints of this node to etcd; run [`Cluster::run`] to start.
+    /// The link of node `node` (with its `labels`) to etcd; [`Cluster::start`] starts it.
     #[must_use]
-    pub fn new(etcd: Etcd, endpoints: &Arc<Endpoints>) -> Arc<Self> {
-        let opts = endpoints.options();
-        let cluster = Arc::new(Self {
+    pub fn new(etcd: Etcd, node: &str, labels: &BTreeMap<String, String>) -> Arc<Self> {
+        Arc::new(Self {
             etcd,
-            node: opts.node.clone(),
-            labels: opts.labels.clone(),
-            endpoints: Arc::clone(endpoints),
+            node: node.to_owned(),
+            labels: labels.clone(),
             lease: Mutex::new(0),
             wake: Notify::new(),
-        });
-        let urls = cluster.etcd.urls();
+            joined: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts sharing the endpoints of this node: from here on the cluster answers their
+    /// questions, and its loop keeps the node's lease, publishes and polls until the task
+    /// is dropped.
+    pub fn start(self: &Arc<Self>, endpoints: Arc<Endpoints>) -> JoinHandle<()> {
+        let urls = self.etcd.urls();
         endpoints.set_etcd_status(|s| {
             s.configured = true;
             s.urls = urls;
         });
-        endpoints.set_cluster(Arc::clone(&cluster));
-        cluster
+        self.joined.store(true, Ordering::SeqCst);
+        tokio::spawn(Arc::clone(self).run(endpoints))
+    }
+
+    /// The etcd URLs, for logs.
+    #[must_use]
+    pub fn urls(&self) -> Vec<String> {
+        self.etcd.urls()
+    }
+
+    fn joined(&self) -> bool {
+        self.joined.load(Ordering::SeqCst)
     }
 
     fn lease(&self) -> i64 {
         *self.lease.lock().expect("lease lock")
     }
 
-    /// Asks the loop to run now.
-    pub fn kick(&self) {
-        self.wake.notify_one();
-    }
-
-    /// Writes where an endpoint is now (in the background).
-    pub fn publish_location(self: &Arc<Self>, mac: MacAddr, location: Location) {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let value = serde_json::to_vec(&location).unwrap_or_default();
-            if let Err(e) = me.etcd.put(&key("endpoints", &mac.to_string()), &value, me.lease()).await {
-                log::debug!("cannot publish the location of {mac}: {e}");
-            }
-        });
-    }
-
-    /// Writes the flows of an endpoint that just left one of this node's ports (in the
-    /// background), for the node it arrives on.
-    pub fn publish_final_flows(self: &Arc<Self>, mac: MacAddr, set: HandoverSet) {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let value = serde_json::to_vec(&set).unwrap_or_default();
-            match me.etcd.put(&key("flows", &mac.to_string()), &value, me.lease()).await {
-                Ok(()) => log::info!("published {} flow(s) of {mac} as it left port {}", set.flows.len(), set.port),
-                Err(e) => log::warn!("cannot publish the flows of {mac} as it left: {e}"),
-            }
-        });
-    }
-
     /// Where etcd says an endpoint is (asked on an arrival, not to miss a move that the
     /// last poll has not seen yet).
-    pub async fn fetch_location(&self, mac: MacAddr) -> Result<Option<Location>, String> {
+    async fn fetch_location(&self, mac: MacAddr) -> Result<Option<Location>, String> {
         let key = key("endpoints", &mac.to_string());
         match tokio::time::timeout(FETCH_TIMEOUT, self.etcd.get(&key)).await {
             Err(_) => Err("etcd did not answer in time".into()),
@@ -127,7 +130,7 @@ impl Cluster {
     }
 
     /// The flows another node published for an endpoint.
-    pub async fn fetch_flows(&self, mac: MacAddr) -> Result<Option<HandoverSet>, String> {
+    async fn fetch_flows(&self, mac: MacAddr) -> Result<Option<HandoverSet>, String> {
         let key = key("flows", &mac.to_string());
         match tokio::time::timeout(FETCH_TIMEOUT, self.etcd.get(&key)).await {
             Err(_) => Err("etcd did not answer in time".into()),
@@ -136,13 +139,62 @@ impl Cluster {
             Ok(Ok(Some(bytes))) => serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string()),
         }
     }
+}
 
+impl Peers for Cluster {
+    fn location(&self, mac: MacAddr) -> BoxFuture<'_, Result<Option<Location>, String>> {
+        Box::pin(async move { if self.joined() { self.fetch_location(mac).await } else { Ok(None) } })
+    }
+
+    fn flows(&self, mac: MacAddr) -> BoxFuture<'_, Result<Option<HandoverSet>, String>> {
+        Box::pin(async move { if self.joined() { self.fetch_flows(mac).await } else { Ok(None) } })
+    }
+
+    /// Asks the loop to run now.
+    fn kick(&self) {
+        if self.joined() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Writes where an endpoint is now (in the background).
+    fn publish_location(self: Arc<Self>, mac: MacAddr, location: Location) {
+        if !self.joined() {
+            return;
+        }
+        let me = self;
+        tokio::spawn(async move {
+            let value = serde_json::to_vec(&location).unwrap_or_default();
+            if let Err(e) = me.etcd.put(&key("endpoints", &mac.to_string()), &value, me.lease()).await {
+                log::debug!("cannot publish the location of {mac}: {e}");
+            }
+        });
+    }
+
+    /// Writes the flows of an endpoint that just left one of this node's ports (in the
+    /// background), for the node it arrives on.
+    fn publish_final_flows(self: Arc<Self>, mac: MacAddr, set: HandoverSet) {
+        if !self.joined() {
+            return;
+        }
+        let me = self;
+        tokio::spawn(async move {
+            let value = serde_json::to_vec(&set).unwrap_or_default();
+            match me.etcd.put(&key("flows", &mac.to_string()), &value, me.lease()).await {
+                Ok(()) => log::info!("published {} flow(s) of {mac} as it left port {}", set.flows.len(), set.port),
+                Err(e) => log::warn!("cannot publish the flows of {mac} as it left: {e}"),
+            }
+        });
+    }
+}
+
+impl Cluster {
     /// Keeps the node's lease, publishes and polls, until the task is dropped.
-    pub async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>, endpoints: Arc<Endpoints>) {
         let mut backoff = Duration::from_millis(250);
         let mut connected: Option<bool> = None;
         loop {
-            match self.round().await {
+            match self.round(&endpoints).await {
                 Ok(()) => {
                     if connected != Some(true) {
                         let again = connected == Some(false);
@@ -156,7 +208,7 @@ impl Cluster {
                             log::info!("connected to etcd at {} as node {}", self.etcd.urls().join(","), self.node);
                         }
                         let lease = self.lease();
-                        self.endpoints.set_etcd_status(|s| {
+                        endpoints.set_etcd_status(|s| {
                             s.connected = true;
                             s.lease_id = lease;
                             s.since = Some(rfc3339_ms(now_unix_ms()));
@@ -179,7 +231,7 @@ impl Cluster {
                             "etcd unreachable ({e}); enforcement goes on from local state, retrying with backoff up to {}s",
                             MAX_BACKOFF.as_secs()
                         );
-                        self.endpoints.set_etcd_status(|s| {
+                        endpoints.set_etcd_status(|s| {
                             s.connected = false;
                             s.since = Some(rfc3339_ms(now_unix_ms()));
                         });
@@ -188,7 +240,7 @@ impl Cluster {
                         log::debug!("etcd still unreachable: {e}");
                     }
                     let text = e.to_string();
-                    self.endpoints.set_etcd_status(|s| s.last_error = Some(text));
+                    endpoints.set_etcd_status(|s| s.last_error = Some(text));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -197,7 +249,7 @@ impl Cluster {
     }
 
     /// One round: lease, node, shared definitions, locations, flows, then the others'.
-    async fn round(&self) -> Result<(), EtcdError> {
+    async fn round(&self, endpoints: &Endpoints) -> Result<(), EtcdError> {
         let mut fresh = false;
         let mut lease = self.lease();
         if lease != 0 && self.etcd.keep_alive(lease).await? == 0 {
@@ -210,23 +262,23 @@ impl Cluster {
             fresh = true;
             let node = json!({ "node": self.node, "labels": self.labels, "started_unix_ms": now_unix_ms() });
             self.etcd.put(&key("nodes", &self.node), node.to_string().as_bytes(), lease).await?;
-            self.endpoints.set_etcd_status(|s| s.lease_id = lease);
+            endpoints.set_etcd_status(|s| s.lease_id = lease);
         }
-        if let Some((runtime, attested)) = self.endpoints.take_dirty_shared() {
+        if let Some((runtime, attested)) = endpoints.take_dirty_shared() {
             self.write_shared(&runtime, &attested).await?;
-            self.endpoints.shared_written();
+            endpoints.shared_written();
         }
         if fresh {
-            for (mac, location) in self.endpoints.local_locations() {
+            for (mac, location) in endpoints.local_locations() {
                 let value = serde_json::to_vec(&location).unwrap_or_default();
                 self.etcd.put(&key("endpoints", &mac.to_string()), &value, lease).await?;
             }
         }
-        for (mac, set) in self.endpoints.local_handover_sets() {
+        for (mac, set) in endpoints.local_handover_sets() {
             let value = serde_json::to_vec(&set).unwrap_or_default();
             self.etcd.put(&key("flows", &mac.to_string()), &value, lease).await?;
         }
-        self.poll().await
+        self.poll(endpoints).await
     }
 
     /// Writes the runtime endpoints and attestations of this node, removing the ones
@@ -258,10 +310,10 @@ impl Cluster {
     }
 
     /// Reads where the endpoints are, their flows, and the shared definitions.
-    async fn poll(&self) -> Result<(), EtcdError> {
+    async fn poll(&self, endpoints: &Endpoints) -> Result<(), EtcdError> {
         let locations: Vec<(MacAddr, Location)> = self.get_by_mac("endpoints").await?;
         let flows: Vec<(MacAddr, HandoverSet)> = self.get_by_mac("flows").await?;
-        self.endpoints.merge_remote(locations, flows);
+        endpoints.merge_remote(locations, flows);
         let runtime: Vec<RuntimeEndpoint> = self
             .etcd
             .get_prefix(&format!("{KEY_PREFIX}/runtime/"))
@@ -279,7 +331,7 @@ impl Cluster {
                 Some((name, String::from_utf8_lossy(&kv.value).parse().ok()?))
             })
             .collect();
-        self.endpoints.merge_shared(runtime, attested);
+        endpoints.merge_shared(runtime, attested);
         Ok(())
     }
 
