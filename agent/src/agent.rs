@@ -46,8 +46,7 @@ use crate::{
         self, DATAPATH_OBJECT, Datapath, DatapathOptions, IngressHook, PortStatus, ProgramIds, map_fill::MapFills,
     },
     endpoints::{EndpointOptions, Endpoints, Peers, model::EndpointsStatus, standing::Standing},
-    error::{ControlError, ExplainError, RulesError, WatchError},
-    explain::{ExplainQuery, ExplainReply},
+    error::{ControlError, WatchError},
     export::flow_log::{self, FlowLogOptions, RotatingFile},
     export::ipfix::{self, IpfixOptions},
     export::{
@@ -58,10 +57,11 @@ use crate::{
         FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows, names::RuleNames, payload::SampleStats, rings,
     },
     ifnames::IfNames,
-    last_good::LastGood,
     port_guard::{self, PortGuard, PortGuardStatus},
     ports::{PortSelector, PortWatcher},
-    rule_sync::{LoadedRules, RuleSync, RulesStatus, StartRules},
+    rules::explain::{ExplainError, ExplainQuery, ExplainReply},
+    rules::last_good::LastGood,
+    rules::{LoadedRules, RuleSync, RulesError, RulesStatus, StartRules},
 };
 
 /// How often the kernel flow table is read.

@@ -18,12 +18,12 @@ use crate::{
         parse_labels,
     },
     error::ControlError,
-    explain::{ExplainQuery, ExplainReply, explain_packet},
     export::flow_log::FlowLogOptions,
     export::ipfix::IpfixOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},
     paths::{DEFAULT_SOCKET, default_pin_dir, default_state_dir},
-    rule_sync::LoadedRules,
+    rules::LoadedRules,
+    rules::explain::{ExplainQuery, ExplainReply, explain_packet},
 };
 use backplane_common::Counter;
 
@@ -1310,7 +1310,7 @@ mod tests {
         let observe = render_status(&Status::default());
         assert!(observe.contains("rules:         none: observing only"), "{observe}");
         let status = Status {
-            rules: crate::rule_sync::RulesStatus {
+            rules: crate::rules::RulesStatus {
                 path: Some("/etc/backplane/rules".into()),
                 generation: 2,
                 loaded_at: Some(rfc3339_ms(0)),
@@ -1321,7 +1321,7 @@ mod tests {
                 reloads_rejected: 1,
                 last_error: vec!["broken.yaml:4:9: unknown zone \"nowhere\" in to".into()],
                 last_error_at: Some(rfc3339_ms(1000)),
-                ..crate::rule_sync::RulesStatus::default()
+                ..crate::rules::RulesStatus::default()
             },
             zone_pairs: vec![crate::agent::ZonePairStatus {
                 src_zone: "db".into(),

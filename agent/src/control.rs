@@ -4,7 +4,7 @@
 //! `{"cmd":"follow"}` or `{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9",
 //! "proto":"tcp","port":5432}` (the fields of [`ExplainQuery`]). `flows`, `status` and
 //! `explain` get one reply line (a JSON array of flow records; a status object; an
-//! [`crate::explain::ExplainReply`]); `follow` gets a stream of lines, one per flow event
+//! [`crate::rules::explain::ExplainReply`]); `follow` gets a stream of lines, one per flow event
 //! or record update, until the client goes. Errors are `{"error":"..."}`. Only root
 //! (peer uid 0) is served; the socket itself is mode 0600.
 
@@ -27,8 +27,8 @@ use crate::{
     agent::Agent,
     endpoints::model::RuntimeEndpoint,
     error::ControlError,
-    explain::ExplainQuery,
     flows::{FollowEvent, FollowMessage},
+    rules::explain::ExplainQuery,
 };
 
 /// Longest request line accepted.

@@ -9,10 +9,8 @@
 //! - [`control`]: the control socket's protocol, server and client
 //! - [`agent`]: `backplane run` from start to orderly exit
 //! - [`cli`]: the command line
-//! - [`rule_sync`]: the rules in force: load, put in force, follow their files
-//! - [`rule_watch`]: noticing that rule files changed
-//! - [`last_good`]: the copy of the last good rule files in the state directory
-//! - [`explain`]: the verdict a rule set gives a flow, and why
+//! - [`rules`]: the rules in force: load, put in force, follow their files, the last
+//!   good copy, explain
 //! - [`export`]: Prometheus metrics on `/metrics`, the flow log (JSON lines) and IPFIX
 //! - [`top`]: the zone-by-zone traffic matrix of `backplane top`
 //! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
@@ -28,17 +26,14 @@ pub mod control;
 pub mod datapath;
 pub mod endpoints;
 pub mod error;
-pub mod explain;
 pub mod export;
 pub mod flows;
 pub mod ifnames;
-pub mod last_good;
 pub mod paths;
 pub mod port_guard;
 pub mod ports;
 pub mod privileges;
-pub mod rule_sync;
-pub mod rule_watch;
+pub mod rules;
 pub mod top;
 
 pub use datapath::DATAPATH_OBJECT;

@@ -12,11 +12,22 @@
 //! errors and kept in `status` until a good rule set replaces it.
 //!
 //! Every rule set put in force from the files is saved as the last good copy in the
-//! state directory (see [`crate::last_good`]). At start, rule files that do not load
+//! state directory (see [`crate::rules::last_good`]). At start, rule files that do not load
 //! leave in force what a previous agent left in the kernel ([`StartRules::Inherited`]);
 //! with nothing in force, the last good copy goes in force under each zone's
 //! `on_rules_failure` ([`StartRules::FailureMode`]). Either way the files are watched and
 //! a good rule set replaces it as soon as there is one.
+//!
+//! - this file: [`RuleSync`], the rule set in force and its reloads; what `check` and
+//!   `status` show of a rule set;
+//! - [`watch`]: noticing that the rule files changed; [`last_good`]: the copy of the last
+//!   good rule files; [`explain`]: the verdict a rule set gives a flow, and why;
+//!   [`error`]: why a rule set cannot be loaded or put in force.
+//!
+//! The rules sit above the endpoints and the flows: each rule set put in force carries
+//! the endpoints' overlay ([`crate::endpoints::Endpoints::overlay`]) and is announced to
+//! them, and the names of its zone and policy ids are published for the flow records
+//! ([`crate::flows::names`]); the data path writes it.
 
 use std::{
     path::{Path, PathBuf},
@@ -32,12 +43,19 @@ use crate::{
     clock::{now_unix_ms, rfc3339_ms},
     datapath::Datapath,
     endpoints::Endpoints,
-    error::{ExplainError, RulesError, report},
-    explain::{ExplainQuery, ExplainReply, explain_packet},
+    error::report,
     flows::names::RuleNames,
-    last_good::{self, LastGood},
-    rule_watch::{ChangeDetector, Fingerprint, POLL_PERIOD},
+    rules::explain::{ExplainError, ExplainQuery, ExplainReply, explain_packet},
+    rules::last_good::LastGood,
+    rules::watch::{ChangeDetector, Fingerprint, POLL_PERIOD},
 };
+
+pub mod error;
+pub mod explain;
+pub mod last_good;
+pub mod watch;
+
+pub use error::RulesError;
 
 /// Rule files as read: (path, contents), in load order.
 pub type Sources = Vec<(PathBuf, String)>;

@@ -8,8 +8,43 @@ use std::net::IpAddr;
 
 use backplane_rules::{MacAddr, PacketView, Proto, RuleSet, explain};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::{error::ExplainError, flows::names::default_policy_name};
+use crate::flows::names::default_policy_name;
+
+/// Explaining a flow: arguments that do not describe one.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ExplainError {
+    #[error("{arg}: {value:?} is not an IPv4 or IPv6 address")]
+    BadAddress { arg: &'static str, value: String },
+
+    #[error("--from {from} and --to {to} are of different address families; give two IPv4 or two IPv6 addresses")]
+    MixedFamilies { from: String, to: String },
+
+    #[error("--proto: {0}")]
+    BadProto(String),
+
+    #[error("--proto {proto} is {family} but the addresses are {other}; use --proto {instead}")]
+    WrongIcmp { proto: &'static str, family: &'static str, other: &'static str, instead: &'static str },
+
+    #[error("--port: {proto} has no ports; leave --port out")]
+    PortWithoutPorts { proto: String },
+
+    #[error("--port is required with --proto {proto}: the destination port, 1-65535")]
+    PortRequired { proto: String },
+
+    #[error("--port: 0 is not a destination port; expected 1-65535")]
+    PortZero,
+
+    #[error("{arg}: {reason}")]
+    BadMac { arg: &'static str, reason: String },
+
+    #[error("--from-interface: an interface name cannot be empty")]
+    EmptyInterface,
+
+    #[error("the agent has no rules in force (it runs without --rules); explain offline with --rules PATH")]
+    NoRules,
+}
 
 /// A flow to explain, as given on the command line (and sent to the agent).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
