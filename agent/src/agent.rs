@@ -46,7 +46,7 @@ use crate::{
         self, DATAPATH_OBJECT, Datapath, DatapathOptions, IngressHook, PortStatus, ProgramIds, map_fill::MapFills,
     },
     endpoints::{EndpointOptions, Endpoints, Peers, model::EndpointsStatus, standing::Standing},
-    error::{ControlError, WatchError},
+    error::ControlError,
     export::flow_log::{self, FlowLogOptions, RotatingFile},
     export::ipfix::{self, IpfixOptions},
     export::{
@@ -57,8 +57,8 @@ use crate::{
         FlowRecord, FlowStats, FlowTable, FollowMessage, SharedFlows, names::RuleNames, payload::SampleStats, rings,
     },
     ifnames::IfNames,
-    port_guard::{self, PortGuard, PortGuardStatus},
-    ports::{PortSelector, PortWatcher},
+    ports::guard::{self, PortGuard, PortGuardStatus},
+    ports::{PortSelector, PortWatcher, WatchError},
     rules::explain::{ExplainError, ExplainQuery, ExplainReply},
     rules::last_good::LastGood,
     rules::{LoadedRules, RuleSync, RulesError, RulesStatus, StartRules},
@@ -676,7 +676,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     datapath::prepare_pin_dir(&opts.pin_dir)?;
     // Held until the agent is gone: one agent per pin directory (and port guard table).
     let _pin_lock = datapath::lock_pin_dir(&opts.pin_dir)?;
-    let guard = Arc::new(PortGuard::new(port_guard::table_name(&opts.node, &opts.pin_dir)));
+    let guard = Arc::new(PortGuard::new(guard::table_name(&opts.node, &opts.pin_dir)));
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, &dp_opts)?;
     let ids = dp.program_ids();
     log::info!(

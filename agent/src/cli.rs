@@ -1353,7 +1353,7 @@ mod tests {
 
     #[test]
     fn status_shows_unattached_ports_and_the_port_guard() {
-        use crate::port_guard::{PortGuardStatus, UnattachedPort};
+        use crate::ports::guard::{PortGuardStatus, UnattachedPort};
         let out = render_status(&Status::default());
         assert!(!out.contains("unattached ports"), "{out}");
         assert!(out.contains("port guard:    nft table -, not made"), "{out}");

@@ -21,23 +21,6 @@ pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
     message
 }
 
-/// Following the host's interfaces through netlink.
-#[derive(Debug, Error)]
-pub enum WatchError {
-    #[error("cannot open a netlink socket for link events: {0}")]
-    Socket(#[source] io::Error),
-
-    #[error("cannot list the host's interfaces: {0}")]
-    Dump(#[source] rtnetlink::Error),
-
-    #[error("invalid interface pattern {pattern:?}: {source}")]
-    Pattern {
-        pattern: String,
-        #[source]
-        source: glob::PatternError,
-    },
-}
-
 /// What to do about a failed connection to the control socket.
 fn connect_hint(e: &io::Error) -> &'static str {
     match e.kind() {

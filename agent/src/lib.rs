@@ -2,8 +2,8 @@
 //!
 //! - [`datapath`]: the loaded eBPF object: attaching it to ports, its pins and rule tables,
 //!   the kernel's features, legacy TC filters
-//! - [`ports`]: which interfaces are ports; follow them through netlink
-//! - [`port_guard`]: the nftables table that blocks ports that cannot be attached
+//! - [`ports`]: which interfaces are ports; follow them through netlink; the port guard
+//!   (an nftables table) that blocks ports that cannot be attached
 //! - [`flows`]: the userspace flow table, the ring buffer readers, the names in payload
 //!   samples and of zone and policy ids, the exported flow records
 //! - [`control`]: the control socket's protocol, server and client
@@ -30,7 +30,6 @@ pub mod export;
 pub mod flows;
 pub mod ifnames;
 pub mod paths;
-pub mod port_guard;
 pub mod ports;
 pub mod privileges;
 pub mod rules;

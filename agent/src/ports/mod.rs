@@ -1,4 +1,5 @@
-//! Which interfaces are ports, and following them as they come and go.
+//! Which interfaces are ports, and following them as they come and go; [`guard`]: the
+//! port guard, which cuts off the ports that cannot be attached.
 //!
 //! The watcher is level-triggered: every link event (`RTM_NEWLINK`/`RTM_DELLINK` on
 //! `RTNLGRP_LINK`), and a timer as a safety net for lost netlink messages, triggers a
@@ -7,7 +8,7 @@
 //! soon as it exists under a matching name; a deleted one is forgotten.
 //!
 //! A port that cannot be attached is tried again later, and handed to the port guard
-//! ([`crate::port_guard`]) in the same step: while a rule set is in force a VM port is
+//! ([`guard`]) in the same step: while a rule set is in force a VM port is
 //! blocked from its first failed try until it can be attached, so that no port passes
 //! unjudged; it is tried again every few seconds then, since its VM is cut off. A port
 //! that is only busy (another program is still on it, as a port that just arrived from
@@ -34,14 +35,34 @@ use netlink_packet_route::{
     link::{LinkAttribute, LinkMessage},
 };
 use rtnetlink::{Handle, MulticastGroup};
+use thiserror::Error;
 
 use crate::{
-    datapath::PortError,
-    datapath::{Datapath, IngressHook, role_name},
-    error::{WatchError, report},
+    datapath::{Datapath, IngressHook, PortError, role_name},
+    error::report,
     ifnames::IfNames,
-    port_guard::{Guarding, Left, PortGuard, Unattached},
 };
+
+pub mod guard;
+
+use guard::{Guarding, Left, PortGuard, Unattached};
+
+/// Following the host's interfaces through netlink.
+#[derive(Debug, Error)]
+pub enum WatchError {
+    #[error("cannot open a netlink socket for link events: {0}")]
+    Socket(#[source] std::io::Error),
+
+    #[error("cannot list the host's interfaces: {0}")]
+    Dump(#[source] rtnetlink::Error),
+
+    #[error("invalid interface pattern {pattern:?}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: glob::PatternError,
+    },
+}
 
 /// Safety-net period of a full comparison when no link event arrives.
 const RESYNC_PERIOD: Duration = Duration::from_secs(5);
