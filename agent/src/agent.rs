@@ -38,7 +38,7 @@ use crate::{
     clock::Clock,
     cluster::Cluster,
     cluster::etcd::Etcd,
-    control,
+    control::{ControlError, server},
     datapath::DatapathError,
     datapath::kernel::{self, TcAttach, TcAttachChoice},
     datapath::pin_layout,
@@ -46,7 +46,6 @@ use crate::{
         self, DATAPATH_OBJECT, Datapath, DatapathOptions, IngressHook, PortStatus, ProgramIds, map_fill::MapFills,
     },
     endpoints::{EndpointOptions, Endpoints, Peers, model::EndpointsStatus, standing::Standing},
-    error::ControlError,
     export::flow_log::{self, FlowLogOptions, RotatingFile},
     export::ipfix::{self, IpfixOptions},
     export::{
@@ -642,7 +641,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     if opts.idle_timeout < Duration::from_secs(1) {
         return Err(AgentError::BadIdleTimeout);
     }
-    control::ensure_not_in_use(&opts.socket)?;
+    server::ensure_not_in_use(&opts.socket)?;
     let selector = PortSelector::new(&opts.interfaces, &opts.uplinks)?;
     let dp_opts = opts.datapath_options(check_kernel(opts.tc_attach)?);
     dp_opts.validate()?;
@@ -874,8 +873,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
                 Err(e) => log::warn!("metrics: cannot listen on the default {addr} ({e}); running without /metrics"),
             }
         }
-        let listener = control::bind(&opts.socket)?;
-        tasks.push(tokio::spawn(control::serve(listener, agent)));
+        let listener = server::bind(&opts.socket)?;
+        tasks.push(tokio::spawn(server::serve(listener, agent)));
         log::info!("ready: control socket {}", opts.socket.display());
         Ok::<(), AgentError>(())
     }

@@ -8,7 +8,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 use crate::{
     agent::{self, RunOptions, Status},
     clock::rfc3339_ms,
-    control::{Client, Request},
+    control::{Client, ControlError, Request},
     datapath::IngressHook,
     datapath::kernel::TcAttachChoice,
     endpoints::audit::AuditRecord,
@@ -17,7 +17,6 @@ use crate::{
         model::{EndpointInfo, RuntimeEndpoint},
         parse_labels,
     },
-    error::ControlError,
     export::flow_log::FlowLogOptions,
     export::ipfix::IpfixOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},

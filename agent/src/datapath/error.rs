@@ -194,3 +194,27 @@ pub enum PortError {
         source: io::Error,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::report;
+
+    #[test]
+    fn report_adds_only_unstated_causes() {
+        let e = PortError::Attach {
+            ifname: "tap0".into(),
+            ifindex: 3,
+            program: "from_port",
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(libc::EBUSY),
+            }),
+        };
+        assert_eq!(
+            report(&e),
+            "interface tap0 (ifindex 3): cannot attach from_port: `bpf_link_create` failed: \
+             Device or resource busy (os error 16)"
+        );
+    }
+}

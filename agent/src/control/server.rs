@@ -1,84 +1,30 @@
-//! The control socket: newline-delimited JSON over a Unix socket.
-//!
-//! A client sends one request line, `{"cmd":"flows"}`, `{"cmd":"status"}`,
-//! `{"cmd":"follow"}` or `{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9",
-//! "proto":"tcp","port":5432}` (the fields of [`ExplainQuery`]). `flows`, `status` and
-//! `explain` get one reply line (a JSON array of flow records; a status object; an
-//! [`crate::rules::explain::ExplainReply`]); `follow` gets a stream of lines, one per flow event
-//! or record update, until the client goes. Errors are `{"error":"..."}`. Only root
-//! (peer uid 0) is served; the socket itself is mode 0600.
+//! The agent's side of the control socket: binding it (root only, mode 0600; a stale
+//! socket is replaced, a live agent's is not) and serving each client's request.
 
 use std::{
     fs, io,
     os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, BufReader},
     net::{UnixListener, UnixStream},
     sync::broadcast::error::RecvError,
 };
 
 use crate::{
     agent::Agent,
-    endpoints::model::RuntimeEndpoint,
-    error::ControlError,
+    control::{ControlError, Request, write_error, write_line},
     flows::{FollowEvent, FollowMessage},
-    rules::explain::ExplainQuery,
 };
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// Time a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A request line.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
-    Flows,
-    Status,
-    Follow,
-    /// The verdict the rules in force give a flow, and why.
-    Explain(ExplainQuery),
-    /// Adds an endpoint to the runtime inventory (`backplane endpoint add`).
-    #[serde(rename = "endpoint_add")]
-    EndpointAdd(RuntimeEndpoint),
-    /// Removes a runtime endpoint.
-    #[serde(rename = "endpoint_remove")]
-    EndpointRemove {
-        name: String,
-    },
-    /// Records that an endpoint was patched on a date (`YYYY-MM-DD`).
-    #[serde(rename = "endpoint_attest")]
-    EndpointAttest {
-        name: String,
-        patched_at: String,
-    },
-    /// Every endpoint with its standing and location.
-    #[serde(rename = "endpoint_list")]
-    EndpointList,
-    /// The operator says an endpoint is on this node now (on `to_port`, or where it was
-    /// last seen here).
-    #[serde(rename = "endpoint_moved")]
-    EndpointMoved {
-        name: String,
-        #[serde(default)]
-        to_port: Option<String>,
-    },
-    /// The records of the audit log.
-    Audit,
-}
-
-/// An error reply line.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorReply {
-    pub error: String,
-}
 
 /// Fails if a live agent already serves `path` (checked before anything is touched).
 pub fn ensure_not_in_use(path: &Path) -> Result<(), ControlError> {
@@ -137,17 +83,6 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
             }
         }
     }
-}
-
-async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, value: &T) -> io::Result<()> {
-    let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    w.flush().await
-}
-
-async fn write_error<W: AsyncWrite + Unpin>(w: &mut W, error: impl Into<String>) -> io::Result<()> {
-    write_line(w, &ErrorReply { error: error.into() }).await
 }
 
 async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
@@ -241,120 +176,9 @@ async fn follow<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-/// A connection to the agent, on the CLI's side.
-pub struct Client {
-    path: PathBuf,
-    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
-    writer: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Client {
-    pub async fn connect(path: &Path) -> Result<Self, ControlError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
-        let (read, writer) = stream.into_split();
-        Ok(Self { path: path.to_owned(), reader: BufReader::new(read), writer })
-    }
-
-    /// Sends a request. If the agent closed the connection meanwhile, its reason (an
-    /// error line) is still read and returned.
-    async fn send(&mut self, request: Request) -> Result<(), ControlError> {
-        match write_line(&mut self.writer, &request).await {
-            Ok(()) => Ok(()),
-            Err(e) => match self.next_line::<serde_json::Value>().await {
-                Err(agent @ ControlError::Agent(_)) => Err(agent),
-                _ => Err(ControlError::Io(e)),
-            },
-        }
-    }
-
-    /// Reads one reply line; `None` at the end of the stream.
-    async fn next_line<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ControlError> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).await? == 0 {
-            return Ok(None);
-        }
-        parse_reply(&line).map(Some)
-    }
-
-    /// Sends a request that has one reply.
-    pub async fn call<T: DeserializeOwned>(&mut self, request: Request) -> Result<T, ControlError> {
-        self.send(request).await?;
-        self.next_line().await?.ok_or(ControlError::NoReply)
-    }
-
-    /// Sends `follow` and hands each message to `on_message` until it returns false or
-    /// the agent closes the stream.
-    pub async fn follow(&mut self, mut on_message: impl FnMut(FollowMessage) -> bool) -> Result<(), ControlError> {
-        self.send(Request::Follow).await?;
-        while let Some(msg) = self.next_line::<FollowMessage>().await? {
-            if !on_message(msg) {
-                break;
-            }
-        }
-        log::debug!("follow stream from {} ended", self.path.display());
-        Ok(())
-    }
-}
-
-/// Parses a reply line: an `{"error":...}` object becomes [`ControlError::Agent`].
-pub fn parse_reply<T: DeserializeOwned>(line: &str) -> Result<T, ControlError> {
-    let value: serde_json::Value = serde_json::from_str(line.trim()).map_err(ControlError::BadReply)?;
-    if let Some(error) =
-        value.as_object().filter(|o| o.len() == 1).and_then(|o| o.get("error")).and_then(|e| e.as_str())
-    {
-        return Err(ControlError::Agent(error.to_owned()));
-    }
-    serde_json::from_value(value).map_err(ControlError::BadReply)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_lines() {
-        assert_eq!(serde_json::to_string(&Request::Flows).unwrap(), r#"{"cmd":"flows"}"#);
-        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"cmd":"status"}"#);
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"follow"}"#).unwrap(), Request::Follow);
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
-        let explain = Request::Explain(ExplainQuery {
-            from: "10.30.0.5".into(),
-            to: "10.40.0.9".into(),
-            proto: "tcp".into(),
-            port: Some(5432),
-            ..ExplainQuery::default()
-        });
-        let line = serde_json::to_string(&explain).unwrap();
-        assert!(
-            line.starts_with(r#"{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9","proto":"tcp","port":5432"#),
-            "{line}"
-        );
-        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), explain);
-        // Optional fields may be left out.
-        let short = r#"{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9","proto":"icmp"}"#;
-        assert!(matches!(serde_json::from_str::<Request>(short).unwrap(), Request::Explain(q) if q.port.is_none()));
-    }
-
-    #[test]
-    fn error_replies_become_errors() {
-        let e = parse_reply::<Vec<u32>>(r#"{"error":"permission denied"}"#).unwrap_err();
-        assert!(matches!(e, ControlError::Agent(m) if m == "permission denied"));
-        assert_eq!(parse_reply::<Vec<u32>>("[1,2]\n").unwrap(), vec![1, 2]);
-        assert!(matches!(parse_reply::<Vec<u32>>("{"), Err(ControlError::BadReply(_))));
-    }
-
-    #[test]
-    fn connect_error_says_what_to_do() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let err = rt.block_on(Client::connect(Path::new("/nonexistent/backplane.sock"))).err().unwrap();
-        assert_eq!(
-            err.to_string(),
-            "cannot reach the agent at /nonexistent/backplane.sock: No such file or directory (os error 2) \
-             (is `backplane run` running?)"
-        );
-    }
 
     #[test]
     fn bind_replaces_a_stale_socket_and_refuses_a_live_one() {
