@@ -3,7 +3,8 @@
 
 use std::{
     collections::HashMap,
-    fs, io,
+    fs,
+    io::{self, Read as _},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -22,6 +23,42 @@ use crate::{
 /// Most zones a rule set may define besides `world` (zone ids are 16 bits, 0 is `world`).
 pub const MAX_ZONES: usize = u16::MAX as usize;
 
+/// Most bytes a rule file may have (16 MiB, three times the 5.2 MB of the benchmarks'
+/// generated rule set of 10,000 policies and 100,000 endpoints). [`read_rule_file`] checks
+/// it before reading; [`parse_rules`] refuses a longer text without parsing it. What a
+/// file may make the parser build (its aliases expanded) has bounds of its own, see
+/// `rules/README.md`.
+pub const MAX_FILE_BYTES: usize = 16 << 20;
+
+/// Reads one rule file, refusing it without reading it when it is larger than
+/// [`MAX_FILE_BYTES`] (and reading no more than that if it grows meanwhile).
+pub fn read_rule_file(path: &Path) -> Result<String, RuleError> {
+    let cannot = |e: io::Error| RuleError::whole_file(path, format!("cannot read rule file: {e}"));
+    let file = fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    if len > MAX_FILE_BYTES as u64 {
+        return Err(too_big(path, &format!("{} bytes", yaml::thousands(len))));
+    }
+    let mut text = String::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(MAX_FILE_BYTES as u64 + 1).read_to_string(&mut text).map_err(cannot)?;
+    if text.len() > MAX_FILE_BYTES {
+        return Err(too_big(path, "more than that"));
+    }
+    Ok(text)
+}
+
+/// The error of a rule file longer than [`MAX_FILE_BYTES`].
+fn too_big(path: &Path, len: &str) -> RuleError {
+    RuleError::whole_file(
+        path,
+        format!(
+            "a rule file may have at most {} ({} bytes), this one has {len}; split the rule set into files",
+            yaml::byte_size(MAX_FILE_BYTES),
+            yaml::thousands(MAX_FILE_BYTES)
+        ),
+    )
+}
+
 /// Loads a rule set from a directory (all its `*.yaml` files, in name order) or from
 /// one file. On failure, returns every problem found in every file, in file, line and
 /// column order.
@@ -30,9 +67,9 @@ pub fn load_rules(path: &Path) -> Result<RuleSet, Vec<RuleError>> {
     let mut texts = Vec::with_capacity(files.len());
     let mut errors = Vec::new();
     for file in files {
-        match fs::read_to_string(&file) {
+        match read_rule_file(&file) {
             Ok(text) => texts.push((file, text)),
-            Err(e) => errors.push(RuleError::whole_file(file, format!("cannot read rule file: {e}"))),
+            Err(e) => errors.push(e),
         }
     }
     let parsed = parse_rules(texts.iter().map(|(p, t)| (p.as_path(), t.as_str())));
@@ -165,6 +202,9 @@ impl Loader {
 
     fn file(&mut self, path: &Path, text: &str) {
         self.file = Some(Arc::from(path));
+        if text.len() > MAX_FILE_BYTES {
+            return self.errors.push(too_big(path, &format!("{} bytes", yaml::thousands(text.len()))));
+        }
         let root = match yaml::parse(text) {
             Ok(Some(root)) => root,
             Ok(None) => return,
