@@ -6,7 +6,6 @@ use std::{fmt::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
 use crate::{
-    agent::{self, RunOptions, Status},
     clock::rfc3339_ms,
     control::{Client, ControlError, Request},
     datapath::IngressHook,
@@ -20,9 +19,12 @@ use crate::{
     export::flow_log::FlowLogOptions,
     export::ipfix::IpfixOptions,
     flows::{FlowRecord, FollowEvent, FollowMessage},
+    options::RunOptions,
     paths::{DEFAULT_SOCKET, default_pin_dir, default_state_dir},
     rules::LoadedRules,
     rules::explain::{ExplainQuery, ExplainReply, explain_packet},
+    run,
+    status::Status,
 };
 use backplane_common::Counter;
 
@@ -496,7 +498,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(u8::try_from(usage.exit_code()).unwrap_or(2)));
                 }
             };
-            agent::run(opts).await?;
+            run::run(opts).await?;
         }
         Command::Top(args) => top(&args).await?,
         Command::Flows(args) => flows(args).await?,
@@ -1322,7 +1324,7 @@ mod tests {
                 last_error_at: Some(rfc3339_ms(1000)),
                 ..crate::rules::RulesStatus::default()
             },
-            zone_pairs: vec![crate::agent::ZonePairStatus {
+            zone_pairs: vec![crate::status::ZonePairStatus {
                 src_zone: "db".into(),
                 dst_zone: "web".into(),
                 verdict: "denied".into(),

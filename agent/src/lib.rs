@@ -7,7 +7,9 @@
 //! - [`flows`]: the userspace flow table, the ring buffer readers, the names in payload
 //!   samples and of zone and policy ids, the exported flow records
 //! - [`control`]: the control socket's protocol, server and client
-//! - [`agent`]: `backplane run` from start to orderly exit
+//! - [`run`]: `backplane run` from start to orderly exit, the composition root
+//! - [`agent`], [`options`], [`status`]: the running agent as its servers see it, what it
+//!   is told, what `status` reports
 //! - [`cli`]: the command line
 //! - [`rules`]: the rules in force: load, put in force, follow their files, the last
 //!   good copy, explain
@@ -29,10 +31,13 @@ pub mod error;
 pub mod export;
 pub mod flows;
 pub mod ifnames;
+pub mod options;
 pub mod paths;
 pub mod ports;
 pub mod privileges;
 pub mod rules;
+pub mod run;
+pub mod status;
 pub mod top;
 
 pub use datapath::DATAPATH_OBJECT;

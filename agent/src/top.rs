@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, io::IsTerminal as _};
 
-use crate::agent::Status;
+use crate::status::Status;
 
 /// Whether to colour output written to stdout.
 #[must_use]
@@ -171,7 +171,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, color: bool) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::{ZonePairStatus, ZoneTrafficStatus};
+    use crate::status::{ZonePairStatus, ZoneTrafficStatus};
 
     fn traffic(src: &str, dst: &str, verdict: &str, packets: u64) -> ZoneTrafficStatus {
         ZoneTrafficStatus { src_zone: src.into(), dst_zone: dst.into(), verdict: verdict.into(), packets, bytes: 0 }
