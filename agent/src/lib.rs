@@ -10,11 +10,10 @@
 //! - [`run`]: `backplane run` from start to orderly exit, the composition root
 //! - [`agent`], [`options`], [`status`]: the running agent as its servers see it, what it
 //!   is told, what `status` reports
-//! - [`cli`]: the command line
+//! - [`cli`]: the command line: arguments, dispatch, what the clients print, `top`
 //! - [`rules`]: the rules in force: load, put in force, follow their files, the last
 //!   good copy, explain
 //! - [`export`]: Prometheus metrics on `/metrics`, the flow log (JSON lines) and IPFIX
-//! - [`top`]: the zone-by-zone traffic matrix of `backplane top`
 //! - [`endpoints`]: the endpoint inventory, standing (quarantine, isolation), moves and flow hand-over
 //! - [`cluster`]: nodes sharing endpoints, locations and flows through etcd
 //! - [`privileges`]: the capabilities `backplane run` keeps
@@ -38,7 +37,6 @@ pub mod privileges;
 pub mod rules;
 pub mod run;
 pub mod status;
-pub mod top;
 
 pub use datapath::DATAPATH_OBJECT;
 

@@ -6,9 +6,13 @@
 //! reads of the agent's status; `--once` shows the totals since the agent started.
 //! Colour (ANSI) only when stdout is a terminal and `NO_COLOR` is not set.
 
-use std::{collections::BTreeMap, fmt::Write as _, io::IsTerminal as _};
+use std::{collections::BTreeMap, fmt::Write as _, io::IsTerminal as _, time::Duration};
 
-use crate::status::Status;
+use crate::{
+    cli::TopArgs,
+    control::{Client, ControlError, Request},
+    status::Status,
+};
 
 /// Whether to colour output written to stdout.
 #[must_use]
@@ -166,6 +170,33 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, color: bool) -> String
         }
     }
     o
+}
+
+/// `backplane top`: the zone matrix every second, or once.
+pub async fn run(args: &TopArgs) -> Result<(), ControlError> {
+    let mut client = Client::connect(&args.socket).await?;
+    let first: Status = client.call(Request::Status).await?;
+    if args.once {
+        print!("{}", render(&first, None, false));
+        return Ok(());
+    }
+    let color = stdout_wants_color();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (mut prev, mut at) = (first, std::time::Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now: Status = Client::connect(&args.socket).await?.call(Request::Status).await?;
+        let secs = at.elapsed().as_secs_f64();
+        let screen = render(&now, Some((&prev, secs)), color);
+        if tty {
+            // Home, clear the screen, draw.
+            print!("\x1b[H\x1b[2J{screen}");
+        } else {
+            println!("{screen}");
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        (prev, at) = (now, std::time::Instant::now());
+    }
 }
 
 #[cfg(test)]
