@@ -2,7 +2,6 @@
 //! protocol ([`Request`], the replies, [`ControlError`]); [`server`] is the agent's side,
 //! [`client`] the CLI's.
 //!
-//!
 //! A client sends one request line, `{"cmd":"flows"}`, `{"cmd":"status"}`,
 //! `{"cmd":"follow"}` or `{"cmd":"explain","from":"10.30.0.5","to":"10.40.0.9",
 //! "proto":"tcp","port":5432}` (the fields of [`ExplainQuery`]). `flows`, `status` and

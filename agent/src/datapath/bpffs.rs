@@ -63,7 +63,7 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
 }
 
 /// Creates the pin directory (and its `links/`) on bpffs. What a previous agent left
-/// there is kept: its maps are reused and its links adopted (see [`Datapath::load`]).
+/// there is kept: its maps are reused and its links adopted (see [`super::Datapath::load`]).
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     let err = |source| DatapathError::PinDir { path: pin_dir.to_owned(), source };
     fs::create_dir_all(pin_dir).map_err(err)?;

@@ -33,7 +33,7 @@ pub struct MapFills {
 }
 
 impl MapFills {
-    /// Opens the maps of [`WALKED_MAPS`] pinned in `maps_dir`; one that cannot be opened
+    /// Opens the maps of `WALKED_MAPS` pinned in `maps_dir`; one that cannot be opened
     /// is left out (and said so).
     #[must_use]
     pub fn open(maps_dir: &Path) -> Self {

@@ -1,6 +1,6 @@
 //! What an endpoint may do where it is: its [`Standing`] (active, quarantined or
 //! isolated) and the endpoint entry that says so to the data path, worked out from the
-//! rules in force, its patch date and the node it is on ([`Assessment`]); and the
+//! rules in force, its patch date and the node it is on (`Assessment`); and the
 //! overlay of every endpoint's entry that the agent writes over each compiled rule set.
 //!
 //! - **Quarantined**: its zone's `max_patch_age` is exceeded or its patch date unknown;
