@@ -16,6 +16,7 @@ use crate::{
 
 /// Everything `backplane run` is told.
 #[derive(Clone, Debug)]
+#[expect(clippy::struct_excessive_bools, reason = "each is an independent on/off option of `backplane run`")]
 pub struct RunOptions {
     pub interfaces: Vec<String>,
     pub uplinks: Vec<String>,

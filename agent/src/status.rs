@@ -43,7 +43,7 @@ pub struct Status {
     pub idle_timeout_secs: u64,
     pub detach_on_exit: bool,
     pub program_ids: ProgramIds,
-    /// Rule generation and flags in force (CONFIG[0]).
+    /// Rule generation and flags in force (`CONFIG[0]`).
     pub config_generation: u32,
     pub config_flags: u8,
     pub ports: Vec<PortStatus>,

@@ -57,7 +57,7 @@ impl VnetTap {
     }
 }
 
-/// A virtio-net header for a TCPv4 GSO frame of `hdr_len` bytes of headers cut into
+/// A virtio-net header for a `TCPv4` GSO frame of `hdr_len` bytes of headers cut into
 /// `gso_size`-byte segments, checksum to be completed from `csum_start`.
 fn gso_tcp4_hdr(hdr_len: u16, gso_size: u16) -> [u8; 10] {
     const NEEDS_CSUM: u8 = 1;

@@ -34,9 +34,10 @@ fn verdicts_stay_right_while_the_lru_evicts() {
 
     let flows = 20 * TABLE;
     for i in 0..flows {
-        let a = [10, 1, (i >> 8) as u8, i as u8];
+        let [_, _, hi, lo] = i.to_be_bytes();
+        let a = [10, 1, hi, lo];
         let b = [10, 2, 0, 1];
-        let sport = 1024 + i as u16;
+        let sport = 1024 + u16::from_be_bytes([hi, lo]);
         // a -> b on 80 is allowed; b -> a is a new flow the policy denies.
         assert_eq!(dp.from_port(&tcp4(a, sport, b, 80, TCP_SYN)), XDP_PASS, "allowed flow {i}");
         let back = eth(MAC_A, MAC_B, &[], 0x0800, &ipv4(b, a, 6, &tcp(sport, 22, TCP_SYN, &[])));

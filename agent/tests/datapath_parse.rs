@@ -113,7 +113,7 @@ fn ipv6_with_extension_headers_and_vlan_tags() {
     assert_eq!(v.bytes[0], frame.len() as u64);
 }
 
-/// Every malformed frame passes (XDP_PASS / TC_PASS) and is counted under its reason.
+/// Every malformed frame passes (`XDP_PASS` / `TC_PASS`) and is counted under its reason.
 #[test]
 fn malformed_frames_pass_and_are_counted_by_reason() {
     let good_tcp = ipv4(A, B, 6, &tcp(1, 2, TCP_SYN, &[]));

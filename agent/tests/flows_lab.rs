@@ -144,6 +144,6 @@ fn stopping_with_detach_on_exit_leaves_no_program_or_pin() {
     assert!(maps_dir.join("FLOWS").exists(), "maps are pinned under {}", maps_dir.display());
     assert_eq!(common::links_on(a.host_port()), ["tc-egress", "tc-ingress"], "attached to {}", a.host_port());
     agent.stop();
-    assert!(!pin_dir.exists(), "pin dir removed: {:?}", std::fs::read_dir(&pin_dir).map(|d| d.count()));
+    assert!(!pin_dir.exists(), "pin dir removed: {:?}", std::fs::read_dir(&pin_dir).map(Iterator::count));
     assert!(common::links_on(a.host_port()).is_empty(), "every link of {} detached", a.host_port());
 }

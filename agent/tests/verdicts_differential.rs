@@ -2,6 +2,11 @@
 //! and packets, each rule set written into the kernel tables by the agent's own code
 //! (alternating halves of the double-buffered tables) and each packet judged by the
 //! data path through `BPF_PROG_TEST_RUN`, then by `backplane_rules::evaluate`.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::many_single_char_names,
+    reason = "a seeded generator draws small numbers into wire-width fields; short names mirror the rule file's grammar"
+)]
 
 mod common;
 

@@ -30,7 +30,7 @@ pub struct RunArgs {
     #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
 
-    /// bpffs directory for the pinned maps and links [default: /sys/fs/bpf/backplane/<node>].
+    /// bpffs directory for the pinned maps and links [default: /sys/fs/bpf/backplane/NODE, NODE being --node].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
 
@@ -62,7 +62,7 @@ pub struct RunArgs {
     pub uplink_ingress: IngressHook,
 
     /// How TC programs attach to ports: `tcx` (bpf links, Linux 6.6+), `legacy` (a
-    /// clsact qdisc with cls_bpf filters at preference 1, any kernel) or `auto` (TCX
+    /// `clsact` qdisc with `cls_bpf` filters at preference 1, any kernel) or `auto` (TCX
     /// where the kernel has it). Ports a previous agent attached keep what they have.
     #[arg(long, value_enum, default_value_t = TcAttachChoice::Auto, value_name = "MODE")]
     pub tc_attach: TcAttachChoice,
@@ -130,7 +130,7 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "URL[,URL]")]
     pub etcd: Vec<String>,
 
-    /// Endpoint state and the audit log [default: /var/lib/backplane/<node>].
+    /// Endpoint state and the audit log [default: /var/lib/backplane/NODE].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 

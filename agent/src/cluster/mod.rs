@@ -226,7 +226,9 @@ impl Cluster {
                     }
                 }
                 Err(e) => {
-                    if connected != Some(false) {
+                    if connected == Some(false) {
+                        log::debug!("etcd still unreachable: {e}");
+                    } else {
                         log::error!(
                             "etcd unreachable ({e}); enforcement goes on from local state, retrying with backoff up to {}s",
                             MAX_BACKOFF.as_secs()
@@ -236,8 +238,6 @@ impl Cluster {
                             s.since = Some(rfc3339_ms(now_unix_ms()));
                         });
                         connected = Some(false);
-                    } else {
-                        log::debug!("etcd still unreachable: {e}");
                     }
                     let text = e.to_string();
                     endpoints.set_etcd_status(|s| s.last_error = Some(text));

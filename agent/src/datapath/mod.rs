@@ -459,7 +459,7 @@ impl Datapath {
         ]
     }
 
-    /// The configuration in force (CONFIG[0]).
+    /// The configuration in force (`CONFIG[0]`).
     pub fn config(&self) -> Result<DatapathConfig, MapError> {
         self.config.get(&CONFIG_INDEX, 0)
     }

@@ -122,26 +122,23 @@ impl Endpoints {
         };
         let (ifindex, port) = {
             let dp = self.datapath.lock().expect("datapath lock");
-            match to_port {
-                Some(p) => {
-                    let ifindex = dp
-                        .attached_ports()
-                        .into_iter()
-                        .find(|(_, (n, _))| n == p)
-                        .map(|(i, _)| i)
-                        .ok_or_else(|| format!("{p} is not a port this agent is attached to"))?;
-                    if !dp.is_vm_port(ifindex) {
-                        return Err(format!("{p} is not a VM port"));
-                    }
-                    (ifindex, p.to_owned())
+            if let Some(p) = to_port {
+                let ifindex = dp
+                    .attached_ports()
+                    .into_iter()
+                    .find(|(_, (n, _))| n == p)
+                    .map(|(i, _)| i)
+                    .ok_or_else(|| format!("{p} is not a port this agent is attached to"))?;
+                if !dp.is_vm_port(ifindex) {
+                    return Err(format!("{p} is not a VM port"));
                 }
-                None => {
-                    let st = self.lock();
-                    let b = st.bound.get(&mac).ok_or_else(|| {
-                        format!("endpoint \"{name}\" was not seen on a port here; say where with --to-port")
-                    })?;
-                    (b.ifindex, b.port.clone())
-                }
+                (ifindex, p.to_owned())
+            } else {
+                let st = self.lock();
+                let b = st.bound.get(&mac).ok_or_else(|| {
+                    format!("endpoint \"{name}\" was not seen on a port here; say where with --to-port")
+                })?;
+                (b.ifindex, b.port.clone())
             }
         };
         if to_port.is_some() {
@@ -256,7 +253,8 @@ impl Endpoints {
         if a.kind != ArrivalKind::Move || !self.opts.handover {
             return Handover::default();
         }
-        let set = if a.from_here { self.local_flows(&a.def, a.old_ifindex) } else { self.remote_flows(a.mac).await };
+        let set =
+            if a.from_here { Some(self.local_flows(&a.def, a.old_ifindex)) } else { self.remote_flows(a.mac).await };
         let flows = self.filter_for_standing(s, set);
         let carried = self.install(&flows, a.ifindex) as u64;
         let elapsed_ns = since_ns.map_or_else(
@@ -305,7 +303,7 @@ impl Endpoints {
         let mut st = self.lock();
         for text in &s.placement {
             let text = format!("endpoint {name}: {text}");
-            self.alert(&mut st, text.clone());
+            Self::alert(&mut st, &text);
             let mut record = self.record_here("placement_violation", name, mac, port);
             record.to_labels = self.opts.labels.clone();
             record.state = standing.as_str().into();
@@ -314,7 +312,7 @@ impl Endpoints {
         }
         if s.value.flags & ENDPOINT_QUARANTINED != 0 {
             let text = format!("endpoint {name} quarantined on {}: {}", self.opts.node, s.reasons.join("; "));
-            self.alert(&mut st, text.clone());
+            Self::alert(&mut st, &text);
             let mut record = self.record_here("quarantined", name, mac, port);
             record.state = standing.as_str().into();
             record.detail = text;
@@ -347,10 +345,10 @@ impl Endpoints {
     }
 
     /// The flows of an endpoint that moved between two ports of this node.
-    fn local_flows(&self, def: &Def, old_ifindex: Option<u32>) -> Option<HandoverSet> {
+    fn local_flows(&self, def: &Def, old_ifindex: Option<u32>) -> HandoverSet {
         let entries = self.flows.kernel_entries(|_, v| carried(v));
         let flows = self.to_handover(&entries, old_ifindex, &def.ips);
-        Some(self.handover_set(def, String::new(), 0, flows))
+        self.handover_set(def, String::new(), 0, flows)
     }
 
     /// The flows an endpoint had on another node: from etcd now, else from the copy of
@@ -470,7 +468,7 @@ impl Endpoints {
             st.unknown.insert(mac, (Bound { ifindex, port: port.to_owned() }, zone));
             let text =
                 format!("unknown MAC {mac} on {port} (zone {zone_name}) quarantined until it is in the inventory");
-            self.alert(&mut st, text.clone());
+            Self::alert(&mut st, &text);
             let mut record = self.record_here("unknown_mac", &unknown_name(mac), mac, port);
             record.state = Standing::Quarantined.as_str().into();
             record.detail = text;

@@ -355,7 +355,7 @@ impl Endpoints {
         Self::defs(st).into_iter().find(|d| d.name == name)
     }
 
-    fn alert(&self, st: &mut State, text: String) {
+    fn alert(st: &mut State, text: &str) {
         log::warn!("ALERT: {text}");
         st.alerts.push(format!("{} {text}", rfc3339_ms(now_unix_ms())));
         let excess = st.alerts.len().saturating_sub(ALERTS_KEPT);
@@ -416,7 +416,7 @@ impl Endpoints {
         for (a, b) in now.difference(&st.co_mingled.clone()) {
             let text =
                 format!("co-mingling on node {}: endpoints of zones {a} and {b} must not share a node", self.opts.node);
-            self.alert(st, text.clone());
+            Self::alert(st, &text);
             self.record(AuditRecord {
                 kind: "co_mingling".into(),
                 endpoint: format!("{a}+{b}"),

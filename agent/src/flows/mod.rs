@@ -132,7 +132,7 @@ impl SharedFlows {
 
     /// Reads the kernel map, refreshes the records, expires idle flows. Blocking: a
     /// full map read is one or two syscalls per entry; run it off the async workers.
-    /// The records are merged in parts of [`MERGE_PART`] entries, the table unlocked
+    /// The records are merged in parts of `MERGE_PART` (4,096) entries, the table unlocked
     /// between them, so that flow events never wait for a whole big table.
     pub fn refresh(&self) {
         let mut kernel = self.kernel.lock().expect("kernel flows lock");

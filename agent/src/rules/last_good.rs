@@ -113,7 +113,7 @@ impl LastGood {
         let mut texts = Vec::with_capacity(meta.files.len());
         for name in &meta.files {
             let path = dir.join(name);
-            let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = backplane_rules::read_rule_file(&path).map_err(|e| e.to_string())?;
             texts.push((path, text));
         }
         let rules = parse_rules(texts.iter().map(|(p, t)| (p.as_path(), t.as_str()))).map_err(|errors| {

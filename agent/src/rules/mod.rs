@@ -79,9 +79,10 @@ pub fn read_rules(path: &Path) -> Result<(RuleSet, Sources), Vec<RuleError>> {
     }
     let mut sources = Vec::with_capacity(files.len());
     for file in files {
-        match std::fs::read_to_string(&file) {
+        // Bounded: a file over the size limit is refused before it is read.
+        match backplane_rules::read_rule_file(&file) {
             Ok(text) => sources.push((file, text)),
-            Err(_) => return fallback(),
+            Err(e) => return Err(vec![e]),
         }
     }
     let rules = parse_rules(sources.iter().map(|(p, t)| (p.as_path(), t.as_str())))?;

@@ -59,6 +59,7 @@ impl TestDatapath {
     }
 
     /// Runs `from_port` on a frame and returns the XDP action.
+    #[expect(clippy::wrong_self_convention, reason = "named after the program it runs")]
     pub fn from_port(&mut self, frame: &[u8]) -> u32 {
         self.try_from_port(frame).expect("BPF_PROG_TEST_RUN from_port")
     }
@@ -72,6 +73,7 @@ impl TestDatapath {
     }
 
     /// Runs `to_port` on a frame and returns the TC action.
+    #[expect(clippy::wrong_self_convention, reason = "named after the program it runs")]
     pub fn to_port(&mut self, frame: &[u8]) -> i32 {
         self.try_to_port(frame).expect("BPF_PROG_TEST_RUN to_port")
     }
@@ -80,7 +82,7 @@ impl TestDatapath {
         let tc: &mut SchedClassifier = self.ebpf.program_mut(maps::PROG_TO_PORT).unwrap().try_into().unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
-        tc.test_run(opts).map(|r| r.return_value as i32)
+        tc.test_run(opts).map(|r| r.return_value.cast_signed())
     }
 
     /// Sum over CPUs of one counter.
