@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use backplane_lab::{Leftover, PREFIX, cleanup_stale, leftovers};
 
 use crate::{kernel_guest, util};
@@ -25,7 +25,28 @@ pub(crate) const RUN_MARKER: &str = "BACKPLANE_XTASK_TEST_RUN";
 /// Packages that `cargo test --workspace` must not build for the host.
 const EXCLUDED: &[&str] = &["backplane-ebpf"];
 
+/// The habits a full run holds the code to, before any test: the format of
+/// `rustfmt.toml`, clippy (the workspace's pedantic lints) with warnings as errors over
+/// every target of the default members (the eBPF crate is linted by its own build, with
+/// the nightly toolchain it needs), and documentation without broken links.
+fn check_habits() -> Result<()> {
+    let mut fmt = util::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    let mut clippy = util::cargo();
+    clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+    let mut doc = util::cargo();
+    doc.args(["doc", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings");
+    for (what, command) in [("format", &mut fmt), ("clippy", &mut clippy), ("docs", &mut doc)] {
+        println!("test: {what}: {}", util::describe(command));
+        util::run(command).with_context(|| format!("the {what} check failed"))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn run(cargo_args: &[String], test_args: &[String]) -> Result<()> {
+    if cargo_args.is_empty() && test_args.is_empty() {
+        check_habits()?;
+    }
     for stale in cleanup_stale(PREFIX) {
         println!("test: removed a leftover of an earlier run: {stale}");
     }
