@@ -41,6 +41,23 @@ fn filters(port: &str, hook: &str) -> Vec<(u32, String, u64)> {
     found
 }
 
+/// Another loader's filter on `port`'s ingress, at `priority` and `handle` (0: the
+/// kernel picks): an observing copy of our data path with maps of its own, whose flow
+/// table shows what it saw. Its qdisc must exist.
+fn other_filter(port: &str, priority: u16, handle: u16) -> common::datapath::TestDatapath {
+    let mut other = common::datapath::TestDatapath::load(1024);
+    let prog: &mut SchedClassifier = other.ebpf.program_mut(PROG_FROM_PORT_TC).unwrap().try_into().unwrap();
+    prog.load().expect("load the other program");
+    let handle = aya::programs::tc::TcHandle::new(0, handle);
+    prog.attach_with_options(
+        port,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions { priority, handle, classid: None }),
+    )
+    .expect("attach the other filter");
+    other
+}
+
 /// Our filter (preference 1) on the `hook` of `port`: (name, program id).
 fn ours(port: &str, hook: &str) -> Option<(String, u64)> {
     filters(port, hook).into_iter().find(|f| f.0 == 1).map(|f| (f.1, f.2))
@@ -54,15 +71,7 @@ fn legacy_filters_go_first_enforce_without_an_agent_and_are_upgraded_in_place() 
     // Another product's filter on web's port before backplane starts: an observing copy
     // of our own data path (maps of its own) at the preference tc picks by default.
     aya::programs::tc::qdisc_add_clsact(web.host_port()).expect("add clsact");
-    let mut other = common::datapath::TestDatapath::load(1024);
-    let prog: &mut SchedClassifier = other.ebpf.program_mut(PROG_FROM_PORT_TC).unwrap().try_into().unwrap();
-    prog.load().expect("load the other program");
-    prog.attach_with_options(
-        web.host_port(),
-        TcAttachType::Ingress,
-        TcAttachOptions::Netlink(NlOptions { priority: 100, ..NlOptions::default() }),
-    )
-    .expect("attach the other filter");
+    let other = other_filter(web.host_port(), 100, 0);
 
     let rules = copy_example_rules(&lab, "three-zones");
     let rules_arg = rules.to_str().unwrap();
@@ -189,16 +198,7 @@ fn a_filter_of_someone_else_at_our_preference_and_handle_is_neither_replaced_nor
     // Another loader's program (an observing copy of our data path, maps of its own) at
     // exactly backplane's preference and handle on a's ingress.
     aya::programs::tc::qdisc_add_clsact(a.host_port()).expect("add clsact");
-    let mut other = common::datapath::TestDatapath::load(1024);
-    let prog: &mut SchedClassifier = other.ebpf.program_mut(PROG_FROM_PORT_TC).unwrap().try_into().unwrap();
-    prog.load().expect("load the other program");
-    let handle = aya::programs::tc::TcHandle::new(0, 0x0b9a);
-    prog.attach_with_options(
-        a.host_port(),
-        TcAttachType::Ingress,
-        TcAttachOptions::Netlink(NlOptions { priority: 1, handle, classid: None }),
-    )
-    .expect("attach the other filter");
+    let other = other_filter(a.host_port(), 1, 0x0b9a);
     let foreign = ours(a.host_port(), "ingress").expect("the other filter");
 
     let agent = Agent::start(&lab, &["--tc-attach", "legacy"]);
@@ -240,19 +240,7 @@ fn a_legacy_filter_removed_or_preceded_behind_the_agents_back_is_put_back_first(
 
     // Preceded: another loader's filter at preference 1 (another handle) joins the head
     // of the list cls_bpf walks, ahead of ours.
-    let mut other = common::datapath::TestDatapath::load(1024);
-    let prog: &mut SchedClassifier = other.ebpf.program_mut(PROG_FROM_PORT_TC).unwrap().try_into().unwrap();
-    prog.load().expect("load the other program");
-    prog.attach_with_options(
-        db.host_port(),
-        TcAttachType::Ingress,
-        TcAttachOptions::Netlink(NlOptions {
-            priority: 1,
-            handle: aya::programs::tc::TcHandle::new(0, 7),
-            classid: None,
-        }),
-    )
-    .expect("attach the other filter");
+    let other = other_filter(db.host_port(), 1, 7);
     assert_ne!(first(db.host_port()).map(|f| f.2), Some(from_port_tc), "the other filter came first");
     agent.wait_for(Duration::from_secs(8), "our filter first again on db's ingress", |_| {
         (first(db.host_port()).map(|f| f.2) == Some(from_port_tc)).then_some(())
