@@ -468,7 +468,7 @@ fn switch_to_this_agent(parts: &Parts, adopting: bool, migration: Option<pin_lay
 /// Takes over the port guard a previous agent left: its blocked ports stay blocked until
 /// the first look at the ports.
 async fn take_over_port_guard(parts: &Parts) {
-    let enforcing = parts.datapath.lock().expect("datapath lock").config().is_ok_and(|c| c.flags & CONFIG_ENFORCE != 0);
+    let enforcing = parts.datapath.lock().expect("datapath lock").enforcing();
     let taking_over = Arc::clone(&parts.guard);
     tokio::task::spawn_blocking(move || taking_over.take_over(enforcing))
         .await

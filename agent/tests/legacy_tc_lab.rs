@@ -18,7 +18,6 @@ use backplane_common::maps::PROG_FROM_PORT_TC;
 use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules},
-    frames::{TCP_SYN, eth, ipv4, tcp},
     traffic::{Stream, connects, retransmits},
 };
 
@@ -97,22 +96,7 @@ fn legacy_filters_go_first_enforce_without_an_agent_and_are_upgraded_in_place() 
 
     // web -> db tcp/5432 is allowed, tcp/5433 and db -> web denied. The other filter runs
     // after ours for what ours passes and never sees what ours drops.
-    let syn = |dport: u16| {
-        eth(
-            db.mac(),
-            web.mac(),
-            &[],
-            0x0800,
-            &ipv4(web.ip().octets(), db.ip().octets(), 6, &tcp(41000, dport, TCP_SYN, &[])),
-        )
-    };
-    let capture = Capture::start_filtered(db.host_port(), "tcp dst port 5433");
-    web.send_raw_frames(&[syn(5432), syn(5433)]);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(capture.stop().is_empty(), "the denied SYN never reached db");
-    let seen: Vec<(u16, u16)> = other.flows().into_iter().map(|(k, _)| (k.port_lo, k.port_hi)).collect();
-    assert!(seen.iter().any(|&(a, b)| a == 5432 || b == 5432), "the other filter saw the allowed SYN: {seen:?}");
-    assert!(seen.iter().all(|&(a, b)| a != 5433 && b != 5433), "the other filter saw the dropped SYN: {seen:?}");
+    common::datapath::assert_first_in_chain(&other, &web, &db, 5432, 5433);
 
     let stream = Stream::start(&web, &db, 5432);
     assert!(stream.progress(Duration::from_millis(500)) > 0, "the allowed stream flows");

@@ -22,26 +22,6 @@ fn stream_flow(agent: &Agent, port: u16) -> Value {
         .unwrap_or_else(|| panic!("no flow of the stream in {:#?}", agent.flows()))
 }
 
-/// (port name, xdp link id, tc link id, `from_port` id, `to_port` id) of each port.
-fn links(agent: &Agent) -> Vec<(String, u64, u64, u64, u64)> {
-    let mut out: Vec<_> = agent.status()["ports"]
-        .as_array()
-        .expect("ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_owned(),
-                p["ingress_link_id"].as_u64().unwrap(),
-                p["tc_link_id"].as_u64().unwrap(),
-                p["from_port_id"].as_u64().unwrap(),
-                p["to_port_id"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 #[test]
 fn a_killed_agent_is_adopted_without_a_gap() {
     let lab = Lab::new("bp");
@@ -60,7 +40,7 @@ fn a_killed_agent_is_adopted_without_a_gap() {
         let f = stream_flow(a, 5432);
         (field(&f, "rev_packets") > 10).then_some(f)
     });
-    let links_before = links(&first);
+    let links_before = first.port_links();
     assert_eq!(links_before.len(), 2, "two ports: {links_before:?}");
     assert!(links_before.iter().all(|l| l.1 != 0 && l.2 != 0), "pinned links: {links_before:?}");
     let programs_before = first.status()["program_ids"].clone();
@@ -81,7 +61,7 @@ fn a_killed_agent_is_adopted_without_a_gap() {
     // A new agent on the same pins (with --detach-on-exit: it cleans up at the end).
     let second = Agent::start(&lab, &["--rules", rules_arg]);
     assert!(stream.progress(Duration::from_millis(500)) > 0, "the allowed stream flows on");
-    let links_after = links(&second);
+    let links_after = second.port_links();
     let programs = second.status()["program_ids"].clone();
     for (b, a) in links_before.iter().zip(&links_after) {
         assert_eq!((&b.0, b.1, b.2), (&a.0, a.1, a.2), "the same links, never detached");
@@ -134,7 +114,7 @@ fn a_second_agent_on_the_same_pins_is_refused_and_the_first_goes_on() {
     let a = lab.add_veth_vm("a", "10.79.0.1/24", None, None);
     let b = lab.add_veth_vm("b", "10.79.0.2/24", None, None);
     let first = Agent::start(&lab, &[]);
-    let links_before = links(&first);
+    let links_before = first.port_links();
     let out = std::process::Command::new(common::agent::BACKPLANE)
         .args(["run", "--interfaces", &lab.port_glob(), "--pin-dir"])
         .arg(lab.pin_dir())
@@ -148,7 +128,7 @@ fn a_second_agent_on_the_same_pins_is_refused_and_the_first_goes_on() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("another agent is running on the pin directory"), "{text}");
-    assert_eq!(links(&first), links_before, "the first agent's links are untouched");
+    assert_eq!(first.port_links(), links_before, "the first agent's links are untouched");
     assert!(a.ping(b.ip(), 2), "and it goes on");
     assert!(first.find_flow("icmp", "10.79.0.1", "10.79.0.2").is_some());
     first.stop();

@@ -27,22 +27,9 @@ fn previous_release() -> String {
     })
 }
 
-/// (port, ingress link id, egress link id) of each port.
+/// (port, ingress link id, egress link id) of each port: what an upgrade must keep.
 fn link_ids(agent: &Agent) -> Vec<(String, u64, u64)> {
-    let mut out: Vec<_> = agent.status()["ports"]
-        .as_array()
-        .expect("ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_owned(),
-                p["ingress_link_id"].as_u64().unwrap(),
-                p["tc_link_id"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
+    agent.port_links().into_iter().map(|(name, ingress, egress, _, _)| (name, ingress, egress)).collect()
 }
 
 #[test]

@@ -23,7 +23,7 @@ use aya::{
     EbpfLoader,
     maps::MapType,
     programs::{ProgramType, SchedClassifier, Xdp},
-    sys::{is_map_supported, is_program_supported},
+    sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
 };
 use backplane_common::maps::{
     PROG_BASELINE_LOOKUP, PROG_BASELINE_PASS, PROG_FROM_PORT, PROG_FROM_PORT_TC, PROG_TO_PORT,
@@ -126,6 +126,7 @@ impl KernelReport {
 pub fn probe() -> KernelReport {
     let map = |t: MapType| is_map_supported(t).unwrap_or(false);
     let prog = |t: ProgramType| is_program_supported(t).unwrap_or(false);
+    let helper = |h: BpfHelper| is_helper_supported(ProgramType::SchedClassifier, h).unwrap_or(false);
     let tcx = tcx_supported();
     let features = vec![
         Feature {
@@ -149,7 +150,13 @@ pub fn probe() -> KernelReport {
         Feature {
             name: "ring buffer maps",
             why: "flow events and payload samples to the agent (5.8)",
-            present: map(MapType::RingBuf),
+            present: map(MapType::RingBuf) && helper(BpfHelper::BPF_FUNC_ringbuf_reserve),
+            required: true,
+        },
+        Feature {
+            name: "coarse clock helper",
+            why: "bpf_ktime_get_coarse_ns: flow timestamps and rate limits (5.11)",
+            present: helper(BpfHelper::BPF_FUNC_ktime_get_coarse_ns),
             required: true,
         },
         Feature {
@@ -195,10 +202,8 @@ pub fn tcx_supported() -> bool {
     // attach_flags, prog_ids (u64 pointer), prog_cnt ...: a count of 0 asks for none.
     let mut attr = [0u64; 16];
     attr[0] = 1 | (u64::from(BPF_TCX_INGRESS) << 32);
-    // SAFETY: `attr` is a zeroed bpf_attr of 128 bytes that lives through the call; with
-    // prog_ids null and prog_cnt 0 the kernel writes only into `attr` itself.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    rc == 0
+    // With prog_ids null and prog_cnt 0 the kernel writes only into `attr` itself.
+    super::pins::sys_bpf(BPF_PROG_QUERY, &mut attr).is_ok()
 }
 
 /// The verifier's figures of one program.
@@ -271,12 +276,24 @@ fn deepest_chain(insns: &[aya_obj::generated::bpf_insn]) -> (Vec<u32>, usize) {
     let end_of = |start: usize| starts.iter().copied().find(|&s| s > start).unwrap_or(insns.len());
     let depth = |start: usize| -> u32 {
         let mut deepest = 0i32;
-        for insn in &insns[start..end_of(start)] {
+        let frame = &insns[start..end_of(start)];
+        for (i, insn) in frame.iter().enumerate() {
             let class = insn.code & 0x07;
             // LDX reads through src_reg; ST and STX write through dst_reg.
             let base = if class == 0x01 { insn.src_reg() } else { insn.dst_reg() };
             if matches!(class, 0x01..=0x03) && base == 10 && insn.off < 0 {
                 deepest = deepest.max(-i32::from(insn.off));
+            }
+            // A pointer into the frame handed to a helper or a callee: `rX = r10` (ALU64
+            // MOV X) followed by `rX += -N` (ALU64 ADD K).
+            if insn.code == 0xbf
+                && insn.src_reg() == 10
+                && let Some(next) = frame.get(i + 1)
+                && next.code == 0x07
+                && next.dst_reg() == insn.dst_reg()
+                && next.imm < 0
+            {
+                deepest = deepest.max(-next.imm);
             }
         }
         deepest.unsigned_abs()

@@ -2,11 +2,9 @@
 //! counted by walking them (`BPF_MAP_GET_NEXT_KEY`). The flow table's fill comes from the
 //! flow table's own read instead.
 
-use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
-    path::Path,
-};
+use std::{os::fd::AsFd as _, path::Path};
 
+use super::pins;
 use aya::maps::MapData;
 use backplane_common::maps::{
     ADDR_OWNERS, ANNOUNCES, ENDPOINTS, FRAGMENTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONE_PAIR_STATS, ZONES,
@@ -63,44 +61,17 @@ impl MapFills {
     }
 }
 
-/// `BPF_MAP_GET_NEXT_KEY` from `enum bpf_cmd`.
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-/// `union bpf_attr` as the map element commands use it.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    next_key: u64,
-    flags: u64,
-}
-
 /// Counts a map's keys by walking them (at most `max_entries` + 1 steps).
 fn count_keys(map: &MapData, key_size: usize, max_entries: u32) -> u64 {
-    let fd = map.fd().as_fd().as_raw_fd();
     let mut key = vec![0u8; key_size.max(1)];
     let mut next = vec![0u8; key_size.max(1)];
     let mut n = 0u64;
-    let mut first = true;
     while n <= u64::from(max_entries) {
-        let attr = ElemAttr {
-            map_fd: u32::try_from(fd).unwrap_or(0),
-            _pad: 0,
-            key: if first { 0 } else { key.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: `attr` points to valid buffers of the map's key size for the syscall's
-        // duration; the kernel writes at most key_size bytes into `next`.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, std::ptr::from_ref(&attr), size_of::<ElemAttr>())
-        };
-        if rc != 0 {
-            break;
+        match pins::next_key(map.fd().as_fd(), (n > 0).then_some(key.as_slice()), &mut next) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => break,
         }
         n += 1;
-        first = false;
         std::mem::swap(&mut key, &mut next);
     }
     n

@@ -459,6 +459,13 @@ impl Datapath {
         ]
     }
 
+    /// Whether a rule set is in force. A `CONFIG` that cannot be read counts as enforcing:
+    /// a port is rather blocked than let through unjudged.
+    #[must_use]
+    pub fn enforcing(&self) -> bool {
+        self.config().map_or(true, |c| c.flags & backplane_common::config::CONFIG_ENFORCE != 0)
+    }
+
     /// The configuration in force (`CONFIG[0]`).
     pub fn config(&self) -> Result<DatapathConfig, MapError> {
         self.config.get(&CONFIG_INDEX, 0)

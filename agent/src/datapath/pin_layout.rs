@@ -32,7 +32,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -40,15 +40,14 @@ use backplane_common::maps::{
     CONFIG, ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES,
 };
 
-use crate::datapath::pins::{obj_get, sys_bpf};
+use crate::datapath::pins::{next_key, obj_get, sys_bpf};
 
 /// The double-buffered rule tables: rewritten by the agent, never copied.
 const RULE_TABLES: [&str; 5] = [ENDPOINTS, ZONE_CIDRS, ZONES, POLICIES, VPATCHES];
 
-/// `BPF_MAP_LOOKUP_ELEM`, `BPF_MAP_UPDATE_ELEM`, `BPF_MAP_GET_NEXT_KEY`.
+/// `BPF_MAP_LOOKUP_ELEM`, `BPF_MAP_UPDATE_ELEM`.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 /// `BPF_ANY`, `BPF_NOEXIST`.
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
@@ -201,7 +200,7 @@ fn copy_map(from: &Path, to: &Path, flags: u64) -> io::Result<usize> {
     let mut copied = 0;
     let mut first = true;
     loop {
-        if !next_key(&src, if first { None } else { Some(&key) }, &mut next)? {
+        if !next_key(src.as_fd(), if first { None } else { Some(&key) }, &mut next)? {
             return Ok(copied);
         }
         first = false;
@@ -215,19 +214,6 @@ fn copy_map(from: &Path, to: &Path, flags: u64) -> io::Result<usize> {
             Err(e) if flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// `BPF_MAP_GET_NEXT_KEY`: false at the end of the map.
-fn next_key(fd: &OwnedFd, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(fd.as_raw_fd().cast_unsigned());
-    attr[1] = key.map_or(0, |k| k.as_ptr() as u64);
-    attr[2] = next.as_mut_ptr() as u64;
-    match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     fmt,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -179,6 +179,24 @@ pub(crate) fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Resul
     // the kernel reads (and for info, writes through the pointer inside) only that.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`.
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The key after `key` in the map `fd` (the first key for `None`) into `next`, which
+/// holds the map's key size; false at the end of the map. The one walk over a map's keys
+/// of raw size (map fill for the metrics, the copy of an older pin layout).
+pub(crate) fn next_key(fd: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> std::io::Result<bool> {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(fd.as_raw_fd().cast_unsigned());
+    attr[1] = key.map_or(0, |k| k.as_ptr() as u64);
+    attr[2] = next.as_mut_ptr() as u64;
+    match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Opens the object pinned at `path` (`BPF_OBJ_GET`).

@@ -641,26 +641,14 @@ fn describe(blocked: &BTreeSet<u32>) -> String {
     if blocked.is_empty() {
         return "none".into();
     }
-    let name = |ifindex: u32| {
-        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-        // SAFETY: buf has the IF_NAMESIZE bytes if_indextoname may write.
-        let found = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-        // SAFETY: when not null, if_indextoname wrote a NUL-terminated name into buf.
-        (!found.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
-    };
     blocked
         .iter()
-        .map(|&i| name(i).map_or_else(|| format!("ifindex {i} (no such device)"), |n| format!("{n} (ifindex {i})")))
+        .map(|&i| {
+            crate::ifnames::index_to_name(i)
+                .map_or_else(|| format!("ifindex {i} (no such device)"), |n| format!("{n} (ifindex {i})"))
+        })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The ifindex of the device named `name`, if there is one.
-fn ifindex_of(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: name is a valid NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (ifindex != 0).then_some(ifindex)
 }
 
 /// The objects of kind `kind` (`table`, `set`, ...) in nft's JSON output.
@@ -679,7 +667,7 @@ fn set_members(table: &Value) -> BTreeSet<u32> {
         .flat_map(|s| s["elem"].as_array().into_iter().flatten())
         .filter_map(|e| match e.get("elem").map_or(e, |o| &o["val"]) {
             Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
-            Value::String(s) => ifindex_of(s).or_else(|| s.parse().ok()),
+            Value::String(s) => crate::ifnames::name_to_index(s).or_else(|| s.parse().ok()),
             _ => None,
         })
         .collect()

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use backplane_common::{PortRole, config::CONFIG_ENFORCE};
+use backplane_common::PortRole;
 use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _, stream::BoxStream};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -305,12 +305,6 @@ impl PortWatcher {
 
     /// Lists the links and attaches, detaches or renames ports to match.
     pub async fn reconcile(&mut self, deleted: &HashSet<u32>) -> Result<(), WatchError> {
-        // Legacy filters have no link events: one removed or preceded behind the agent's
-        // back detaches its port here, and the comparison below attaches it again.
-        let reattach = self.datapath.lock().expect("datapath lock").check_legacy_filters();
-        if !reattach.is_empty() {
-            log::warn!("legacy filters missing or preceded on {}: attaching again", reattach.join(", "));
-        }
         let links = list_links(&self.handle).await?;
         for link in &links {
             self.ifnames.remember(link.ifindex, &link.name);
@@ -358,9 +352,7 @@ impl PortWatcher {
     ) -> (Vec<u32>, bool) {
         let mut removed = Vec::new();
         let mut datapath = self.datapath.lock().expect("datapath lock");
-        // A CONFIG that cannot be read counts as enforcing: a port is rather blocked than
-        // let through unjudged.
-        let enforcing = datapath.config().map_or(true, |c| c.flags & CONFIG_ENFORCE != 0);
+        let enforcing = datapath.enforcing();
         // A deleted ifindex may already be reused by a new link: forget the old port first.
         for &ifindex in deleted {
             if let Some(name) = datapath.attached_name(ifindex).map(str::to_owned)
@@ -483,7 +475,15 @@ impl PortWatcher {
                         resync = tokio::time::interval(POLL_PERIOD);
                     }
                 }
-                _ = resync.tick() => {}
+                _ = resync.tick() => {
+                    // Legacy filters have no link events: on the periodic look (not on
+                    // every link event), one removed or preceded behind the agent's back
+                    // detaches its port, and the comparison below attaches it again.
+                    let reattach = self.datapath.lock().expect("datapath lock").check_legacy_filters();
+                    if !reattach.is_empty() {
+                        log::warn!("legacy filters missing or preceded on {}: attaching again", reattach.join(", "));
+                    }
+                }
             }
             if let Err(e) = self.reconcile(&deleted).await {
                 log::warn!("{}", report(&e));

@@ -104,6 +104,30 @@ impl Agent {
         self.cli_json(&["status", "--json"])
     }
 
+    /// (port name, ingress link id, egress link id, program on the ingress, program on the
+    /// egress) of each attached port, sorted by name: what restarts and upgrades must keep
+    /// (the links) and change (the programs).
+    pub fn port_links(&self) -> Vec<(String, u64, u64, u64, u64)> {
+        let field = |p: &Value, f: &str| p[f].as_u64().unwrap_or_else(|| panic!("port without {f}: {p:#}"));
+        let mut out: Vec<_> = self.status()["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| {
+                let name = p["name"].as_str().expect("a port name").to_owned();
+                (
+                    name,
+                    field(p, "ingress_link_id"),
+                    field(p, "tc_link_id"),
+                    field(p, "from_port_id"),
+                    field(p, "to_port_id"),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The one flow matching `proto`, `src` and `dst` (as strings), if any.
     pub fn find_flow(&self, proto: &str, src: &str, dst: &str) -> Option<Value> {
         let matching: Vec<Value> = self

@@ -142,3 +142,34 @@ pub fn pin_foreign_map(path: &std::path::Path, key_size: u32, value_size: u32) {
     // SAFETY: `fd` is ours; the pin keeps the map.
     unsafe { libc::close(fd) };
 }
+
+/// Sends one SYN from `from` to `to` on `allowed` and one on `denied` (a port the rules
+/// deny) and checks that backplane runs first on `from`'s port: the denied SYN never
+/// reaches `to` (a capture on its port), and `other`, another program attached after ours
+/// on the same hook, saw the allowed SYN (the positive control: it runs, and gets what
+/// ours passes) but never the denied one.
+pub fn assert_first_in_chain(
+    other: &TestDatapath,
+    from: &backplane_lab::Vm,
+    to: &backplane_lab::Vm,
+    allowed: u16,
+    denied: u16,
+) {
+    use super::frames::{TCP_SYN, eth, ipv4, tcp};
+    let syn = |dport: u16| {
+        eth(
+            to.mac(),
+            from.mac(),
+            &[],
+            0x0800,
+            &ipv4(from.ip().octets(), to.ip().octets(), 6, &tcp(41000, dport, TCP_SYN, &[])),
+        )
+    };
+    let capture = backplane_lab::Capture::start_filtered(to.host_port(), &format!("tcp dst port {denied}"));
+    from.send_raw_frames(&[syn(allowed), syn(denied)]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(capture.stop().is_empty(), "the denied SYN never reached {}", to.host_port());
+    let seen: Vec<(u16, u16)> = other.flows().into_iter().map(|(k, _)| (k.port_lo, k.port_hi)).collect();
+    assert!(seen.iter().any(|&(a, b)| a == allowed || b == allowed), "the other program saw the allowed SYN: {seen:?}");
+    assert!(seen.iter().all(|&(a, b)| a != denied && b != denied), "the other program saw the dropped SYN: {seen:?}");
+}
