@@ -18,7 +18,7 @@ use backplane_common::maps::PROG_FROM_PORT_TC;
 use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules},
-    traffic::{Stream, connects, retransmits},
+    traffic::{Stream, connects},
 };
 
 /// The `cls_bpf` filters of a hook as `tc filter show` prints them, in the order a packet
@@ -103,7 +103,7 @@ fn legacy_filters_go_first_enforce_without_an_agent_and_are_upgraded_in_place() 
     assert!(!connects(&db, &web, 8080), "db -> web is denied");
 
     // kill -9: the filters stay, and enforce, while no agent runs.
-    let retrans_before = retransmits(&db);
+    let retrans_before = stream.retransmits();
     stream.reset_pause();
     first.kill_9();
     for port in [web.host_port(), db.host_port()] {
@@ -134,7 +134,7 @@ fn legacy_filters_go_first_enforce_without_an_agent_and_are_upgraded_in_place() 
         );
     }
     assert!(stream.progress(Duration::from_millis(500)) > 0, "the allowed stream flows on");
-    assert_eq!(retransmits(&db), retrans_before, "no segment of the stream was lost across the restart");
+    assert_eq!(stream.retransmits(), retrans_before, "no segment of the stream was lost across the restart");
     assert!(!connects(&db, &web, 8082), "db -> web is still denied");
     drop(stream);
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules, field},
-    traffic::{Stream, connects, retransmits},
+    traffic::{Stream, connects},
 };
 use serde_json::Value;
 
@@ -47,7 +47,7 @@ fn a_killed_agent_is_adopted_without_a_gap() {
     let dropped_before = first.status()["counters"]["dropped"].as_u64().unwrap();
 
     // kill -9: nothing is detached, the rules stay in force.
-    let retrans_before = retransmits(&db);
+    let retrans_before = stream.retransmits();
     stream.reset_pause();
     first.kill_9();
     for port in [web.host_port(), db.host_port()] {
@@ -79,7 +79,7 @@ fn a_killed_agent_is_adopted_without_a_gap() {
         "the flow's counters carry on, not reset:\nbefore {before:#}\nafter {after:#}"
     );
     assert_eq!(after["verdict"], "allowed", "{after:#}");
-    assert_eq!(retransmits(&db), retrans_before, "no segment of the stream was lost across the restart");
+    assert_eq!(stream.retransmits(), retrans_before, "no segment of the stream was lost across the restart");
     let pause = stream.longest_pause();
     assert!(pause < Duration::from_secs(1), "the stream never paused long: {pause:?}");
     assert!(!connects(&db, &web, 8082), "db -> web is still denied");

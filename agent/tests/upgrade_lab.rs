@@ -18,7 +18,7 @@ use std::{
 use backplane_lab::{Capture, Lab};
 use common::{
     agent::{Agent, copy_example_rules, field},
-    traffic::{Stream, connects, retransmits},
+    traffic::{Stream, connects},
 };
 
 fn previous_release() -> String {
@@ -58,7 +58,7 @@ fn the_previous_release_is_upgraded_in_place_under_traffic_and_denied_stays_deni
     // While the new agent starts and switches the ports, db keeps trying web:8081.
     let capture = Capture::start_filtered(web.host_port(), "tcp port 8081");
     let done = AtomicBool::new(false);
-    let retrans_before = retransmits(&db);
+    let retrans_before = stream.retransmits();
     stream.reset_pause();
     let (new, (got_through, attempts)) = std::thread::scope(|scope| {
         let prober = scope.spawn(|| {
@@ -94,7 +94,7 @@ fn the_previous_release_is_upgraded_in_place_under_traffic_and_denied_stays_deni
 
     // The stream never stopped, lost nothing, and its flow's counters carry on.
     assert!(stream.progress(Duration::from_millis(500)) > 0, "the allowed stream flows on");
-    assert_eq!(retransmits(&db), retrans_before, "no segment of the stream was lost across the upgrade");
+    assert_eq!(stream.retransmits(), retrans_before, "no segment of the stream was lost across the upgrade");
     let pause = stream.longest_pause();
     assert!(pause < Duration::from_secs(1), "the stream never paused long: {pause:?}");
     let after = new.wait_for(Duration::from_secs(3), "the stream's flow", |a| {

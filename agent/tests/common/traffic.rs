@@ -1,9 +1,10 @@
-//! Traffic between lab VMs for the tests: a long TCP stream that notes its pauses, new
-//! connections, datagrams, and the kernel's retransmission counter.
+//! Traffic between lab VMs for the tests: a long TCP stream that notes its pauses and
+//! its own retransmissions, new connections, datagrams.
 
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,9 +15,12 @@ use std::{
 use backplane_lab::Vm;
 
 /// A TCP connection from `client` to `server` on an allowed port, the server sending
-/// 1000 bytes every 10 ms; the client notes the longest pause between two reads.
+/// 1000 bytes every 10 ms; the client notes the longest pause between two reads, the
+/// server the segments its socket retransmitted (`tcpi_total_retrans`: this connection's
+/// only, so a test's denied connection retrying its SYN is not counted as a loss).
 pub struct Stream {
     received: Arc<AtomicU64>,
+    retransmitted: Arc<AtomicU64>,
     longest_pause: Arc<Mutex<Duration>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -28,7 +32,8 @@ impl Stream {
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
         let longest_pause = Arc::new(Mutex::new(Duration::ZERO));
-        let s = Arc::clone(&stop);
+        let retransmitted = Arc::new(AtomicU64::new(0));
+        let (s, retrans) = (Arc::clone(&stop), Arc::clone(&retransmitted));
         let writer = std::thread::spawn(move || {
             let Ok((mut c, _)) = listener.accept() else { return };
             c.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
@@ -39,6 +44,7 @@ impl Stream {
                     Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                     Err(_) => return,
                 }
+                retrans.store(total_retransmits(&c), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
@@ -62,7 +68,12 @@ impl Stream {
                 }
             }
         });
-        Stream { received, longest_pause, stop, threads: vec![writer, reader] }
+        Stream { received, retransmitted, longest_pause, stop, threads: vec![writer, reader] }
+    }
+
+    /// Segments of this stream the server retransmitted so far.
+    pub fn retransmits(&self) -> u64 {
+        self.retransmitted.load(Ordering::Relaxed)
     }
 
     pub fn bytes(&self) -> u64 {
@@ -94,13 +105,16 @@ impl Drop for Stream {
     }
 }
 
-/// TCP segments the kernel of `vm` retransmitted so far (`TcpRetransSegs`).
-pub fn retransmits(vm: &Vm) -> u64 {
-    let out = vm.run(&["cat", "/proc/net/snmp"]);
-    let tcp: Vec<&str> = out.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    let (names, values) = (tcp[0].split_whitespace(), tcp[1].split_whitespace());
-    let (_, value) = names.zip(values).find(|(n, _)| *n == "RetransSegs").expect("RetransSegs");
-    value.parse().expect("a number")
+/// Segments the kernel retransmitted on `socket` (`TCP_INFO`'s `tcpi_total_retrans`).
+fn total_retransmits(socket: &TcpStream) -> u64 {
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    u64::from(info.tcpi_total_retrans)
 }
 
 /// Whether a new TCP connection from `from` to `to:port` opens within a second.
