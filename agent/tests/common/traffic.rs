@@ -109,9 +109,9 @@ impl Drop for Stream {
 fn total_retransmits(socket: &TcpStream) -> u64 {
     // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).expect("tcp_info fits");
     let rc = unsafe {
-        libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+        libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len)
     };
     assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
     u64::from(info.tcpi_total_retrans)
