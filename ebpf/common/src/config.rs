@@ -6,6 +6,9 @@ pub const CONFIG_INDEX: u32 = 0;
 /// `DatapathConfig::flags` bit: enforce verdicts (drop denied flows). Without it the
 /// data path observes only.
 pub const CONFIG_ENFORCE: u8 = 1 << 0;
+/// `DatapathConfig::flags` bit: some zone has `binding: learn`, so an unbound VM port
+/// sending from a MAC outside the inventory is locked to it (`LEARNED`).
+pub const CONFIG_LEARN: u8 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -20,11 +23,24 @@ pub struct DatapathConfig {
     pub flags: u8,
     /// [`crate::Verdict`] for inter-zone traffic no policy covers.
     pub default_inter_zone: u8,
-    pub _pad: u8,
+    /// What a VM port nobody bound (and that cannot learn) gets: an `UNBOUND_*` value.
+    pub unbound_ports: u8,
     pub _pad2: [u8; 8],
 }
 
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
+
+/// [`DatapathConfig::unbound_ports`]: a VM port nobody bound is quarantined: what it
+/// sends is judged as from a quarantined endpoint (only remediation zones), and so is
+/// what is delivered to it. The default (0, also what an older CONFIG entry reads as).
+pub const UNBOUND_QUARANTINE: u8 = 0;
+/// [`DatapathConfig::unbound_ports`]: everything from and to an unbound VM port is
+/// dropped (counted as `unbound_port`).
+pub const UNBOUND_DENY: u8 = 1;
+/// [`DatapathConfig::unbound_ports`]: an unbound VM port's frames are judged by the
+/// addresses they carry, as before ports were bound: a guest there picks its own zone.
+/// Only for watching a rule set before bindings exist.
+pub const UNBOUND_OBSERVE: u8 = 2;
 
 /// What a port connects the switch to.
 #[repr(u8)]
@@ -44,21 +60,46 @@ pub const PORT_ALLOW_TAGGED: u8 = 1 << 0;
 /// through it, so `to_port` leaves those frames alone. Set by the agent once the ingress
 /// link exists, cleared (with the entry) before it is detached.
 pub const PORT_INGRESS_LIVE: u8 = 1 << 1;
+/// [`PortInfo::flags`]: the bound endpoint has fixed addresses (inventory `ips`,
+/// `allowed_addresses`): a source address must be one `ADDR_OWNERS` gives this port (or
+/// IPv6 link-local). Without it, any address inside the endpoint's zone's networks that
+/// no other port owns.
+pub const PORT_ADDRS_FIXED: u8 = 1 << 2;
 
-/// `PORTS` map value, keyed by ifindex.
+/// [`PortInfo::binding`]: nobody bound the port (the rules' `unbound_ports` applies,
+/// or it learns on first use: see `LEARNED`).
+pub const BINDING_NONE: u8 = 0;
+/// [`PortInfo::binding`]: the host bound the port to an endpoint (`backplane endpoint
+/// bind`, the libvirt hook, an `interface` member, an operator's `moved`).
+pub const BINDING_HOST: u8 = 1;
+/// [`PortInfo::binding`]: the port learned its endpoint on first use (a zone with
+/// `binding: learn`) and the agent confirmed it.
+pub const BINDING_LEARNED: u8 = 2;
+
+/// `PORTS` map value, keyed by ifindex: the port's role and, for a VM port, its binding,
+/// the identity of whatever sends through it. The data path checks every frame's source
+/// MAC against `mac` (one compare) and judges the sender as the bound endpoint; frame
+/// fields never choose it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortInfo {
     /// A [`PortRole`].
     pub role: u8,
     pub flags: u8,
-    /// Zone given to the port by `interface:` members, per rule-table half; 0 = none.
+    /// The zone of the port's identity per rule-table half: the bound endpoint's zone,
+    /// else the zone `interface:` members give the port; 0 = none.
     pub zone: [u16; 2],
     /// Where the agent attached `from_port` (a `PORT_INGRESS_*` value): kept here, in a
     /// pinned map, so that an agent adopting the port's links knows. Not read by the
     /// data path.
     pub ingress: u8,
-    pub _pad: u8,
+    /// A `BINDING_*` value.
+    pub binding: u8,
+    /// The bound endpoint's standing per rule-table half (`ENDPOINT_*` flags).
+    pub standing: [u16; 2],
+    /// The bound endpoint's MAC (when `binding` is not [`BINDING_NONE`]).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 6],
 }
 
 /// [`PortInfo::ingress`]: not recorded (ports attached by an agent that did not record
@@ -71,4 +112,46 @@ pub const PORT_INGRESS_XDP_SKB: u8 = 2;
 /// [`PortInfo::ingress`]: `from_port` as native (driver) XDP.
 pub const PORT_INGRESS_XDP_NATIVE: u8 = 3;
 
-const _: () = assert!(core::mem::size_of::<PortInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
+
+impl PortInfo {
+    /// The port's zone in rule-table half `slot` (written without indexing by a variable,
+    /// which the verifier rejects on some stack copies).
+    #[inline(always)]
+    #[must_use]
+    pub fn zone_in(&self, slot: u8) -> u16 {
+        if slot & 1 == 0 { self.zone[0] } else { self.zone[1] }
+    }
+
+    /// The bound endpoint's standing in rule-table half `slot`.
+    #[inline(always)]
+    #[must_use]
+    pub fn standing_in(&self, slot: u8) -> u16 {
+        if slot & 1 == 0 { self.standing[0] } else { self.standing[1] }
+    }
+}
+
+/// `LEARNED` value, keyed by ifindex: what an unbound VM port in a `binding: learn` zone
+/// locked on first use, before the agent confirms it into `PORTS`. Inserted once
+/// (`BPF_NOEXIST`: the first frame wins); the agent removes it when it unbinds the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedValue {
+    /// The first source MAC the port sent; every later frame must carry it.
+    pub mac: [u8; 6],
+    /// The zone its first address put it in (valid with [`LEARNED_ZONE`]), an id of the
+    /// rule-table half `slot`.
+    pub zone: u16,
+    pub slot: u8,
+    /// `LEARNED_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// [`LearnedValue::flags`]: `zone` is set.
+pub const LEARNED_ZONE: u8 = 1 << 0;
+/// [`LearnedValue::flags`]: the MAC is an inventory endpoint's (its zone and standing
+/// come from `ENDPOINTS`).
+pub const LEARNED_ENDPOINT: u8 = 1 << 1;
+
+const _: () = assert!(core::mem::size_of::<LearnedValue>() == 16);

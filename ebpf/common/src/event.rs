@@ -25,6 +25,9 @@ pub enum Announcement {
     Rarp = 1,
     GratuitousArp = 2,
     NeighborAdvert = 3,
+    /// Not a frame kind: an unbound VM port in a `binding: learn` zone was locked to this
+    /// MAC by its first frame (`LEARNED`); the agent confirms the binding.
+    Learned = 4,
 }
 
 /// `ANNOUNCES` key: a MAC on a port.

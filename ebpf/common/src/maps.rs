@@ -35,6 +35,9 @@ pub const ANNOUNCES: &str = "ANNOUNCES";
 /// `HASH<OwnerKey, OwnerValue>`, kept by the agent's endpoint manager.
 pub const ADDR_OWNERS: &str = "ADDR_OWNERS";
 
+/// What unbound VM ports locked on first use: `HASH<u32 ifindex, LearnedValue>`.
+pub const LEARNED: &str = "LEARNED";
+
 /// Payload samples of the first packets of flows: `RINGBUF` of
 /// [`crate::sample::PayloadSample`], apart from `FLOW_EVENTS` so that samples never crowd
 /// out flow events.
@@ -60,7 +63,9 @@ pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
 /// finds an older version upgrades it (the agent's `pin_layout` module says how).
 /// - 1: the maps directly under the pin directory (agents up to 2026-12-05).
 /// - 2: the maps under `<pin-dir>/v2/`, same types as 1.
-pub const PIN_LAYOUT_VERSION: u32 = 2;
+/// - 3: `PORTS` values grow from 8 to 24 bytes (the port's binding; the first 8 bytes
+///   keep their meaning, so an older entry is copied and zero-extended), `LEARNED` added.
+pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 /// All maps that are pinned under the agent's pin directory, so that they survive
 /// a restart of the agent.
@@ -79,6 +84,7 @@ pub const PINNED_MAPS: &[&str] = &[
     VPATCHES,
     ANNOUNCES,
     ADDR_OWNERS,
+    LEARNED,
     PAYLOAD_SAMPLES,
     SAMPLE_BUDGET,
 ];

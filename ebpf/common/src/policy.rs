@@ -129,6 +129,12 @@ pub struct ZoneKey {
 /// [`ZoneValue::flags`]: quarantined endpoints may reach (and be reached from) this
 /// zone.
 pub const ZONE_REMEDIATION: u8 = 1 << 0;
+/// [`ZoneValue::flags`]: `binding: learn`: an unbound VM port whose first frames put it
+/// in this zone is locked to that MAC and zone (trust on first use).
+pub const ZONE_LEARN: u8 = 1 << 1;
+/// [`ZoneValue::flags`]: the zone has `cidr:` members: an endpoint bound into it without
+/// fixed addresses may send only from inside them.
+pub const ZONE_HAS_CIDRS: u8 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

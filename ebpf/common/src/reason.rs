@@ -68,10 +68,13 @@ pub enum Reason {
     Migrated = 11,
     /// A quarantined endpoint talking to a remediation zone.
     Remediation = 12,
+    /// One end is a VM port nobody bound (`unbound_ports: quarantine`): it reaches only
+    /// remediation zones.
+    UnboundPort = 13,
 }
 
 impl Reason {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::NoRules,
         Self::PolicyAllow,
         Self::PolicyNoMatch,
@@ -85,6 +88,7 @@ impl Reason {
         Self::EstablishedReply,
         Self::Migrated,
         Self::Remediation,
+        Self::UnboundPort,
     ];
 
     #[must_use]
@@ -108,6 +112,7 @@ impl Reason {
             Self::EstablishedReply => "established_reply",
             Self::Migrated => "migrated",
             Self::Remediation => "remediation",
+            Self::UnboundPort => "unbound_port",
         }
     }
 }
@@ -197,6 +202,25 @@ pub enum Counter {
     /// Payload samples skipped because this CPU's budget for the second was spent, or
     /// the frame could not be copied.
     PayloadSamplesSkipped,
+    /// Frames from a bound (or learned) VM port whose source MAC is not the binding's
+    /// (and not an endpoint bound to another port: that is `spoofed`), or whose ARP
+    /// sender hardware address is not the frame's source; dropped while a rule set is in
+    /// force.
+    SpoofedMac,
+    /// Frames from or to a VM port nobody bound, dropped by `unbound_ports: deny` (or
+    /// an unbound port sending from a MAC it may not learn).
+    UnboundPort,
+    /// Unbound VM ports locked to their first MAC (trust on first use, `binding: learn`).
+    PortsLearned,
+    /// Frames judged again where they leave for a VM port, because the receiver the
+    /// flow was judged for is not that port's endpoint (broadcast, multicast, flooded or
+    /// misaddressed copies, ports without a binding).
+    EgressJudged,
+    /// Of those, frames dropped: the copy's receiver may not get it.
+    EgressDenied,
+    /// Frames a VM port sent to its own MAC (a guest never needs the switch for that):
+    /// dropped while a rule set is in force.
+    ToOwnMac,
     /// Number of counters; not a counter.
     Count,
 }
@@ -245,6 +269,12 @@ impl Counter {
         Self::PayloadSamples,
         Self::PayloadSamplesLost,
         Self::PayloadSamplesSkipped,
+        Self::SpoofedMac,
+        Self::UnboundPort,
+        Self::PortsLearned,
+        Self::EgressJudged,
+        Self::EgressDenied,
+        Self::ToOwnMac,
     ];
 
     /// Snake-case name for status output and metric labels.
@@ -286,6 +316,12 @@ impl Counter {
             Self::PayloadSamples => "payload_samples",
             Self::PayloadSamplesLost => "payload_samples_lost",
             Self::PayloadSamplesSkipped => "payload_samples_skipped",
+            Self::SpoofedMac => "spoofed_mac",
+            Self::UnboundPort => "unbound_port",
+            Self::PortsLearned => "ports_learned",
+            Self::EgressJudged => "egress_judged",
+            Self::EgressDenied => "egress_denied",
+            Self::ToOwnMac => "to_own_mac",
             Self::Count => "count",
         }
     }

@@ -7,19 +7,21 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use backplane_common::{
-    DatapathConfig, FlowEventKind, FlowKey, FlowValue, Verdict,
+    DatapathConfig, FlowEventKind, FlowKey, FlowValue, PortInfo, Verdict,
+    config::CONFIG_ENFORCE,
     flow::STATE_ENDED,
     policy::{ZonePairKey, ZonePairStats},
-    reason::Counter,
+    reason::{Counter, Reason},
     sample::SAMPLES_PER_FLOW,
 };
 
 use crate::{
     counters, events,
     frame::Frame,
-    maps::{FLOWS, PORTS, SCRATCH, ZONE_PAIR_STATS},
-    parse::{IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
-    policy::{self, End},
+    identity,
+    maps::{FLOWS, SCRATCH, ZONE_PAIR_STATS},
+    parse::{END_DST, END_SENDS, IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
+    policy::{self, Ident, Judgement},
     sample,
 };
 
@@ -30,6 +32,20 @@ pub enum Hook {
     FromPort,
     /// Leaving the switch through a port (TC egress).
     ToPort,
+}
+
+/// The port a frame is seen on: its ifindex and `PORTS` entry (`None`: not attached).
+#[derive(Clone, Copy)]
+pub struct Port {
+    pub ifindex: u32,
+    pub info: Option<&'static PortInfo>,
+}
+
+impl Port {
+    #[inline(always)]
+    pub fn is_vm(&self) -> bool {
+        identity::is_vm(self.info)
+    }
 }
 
 /// `BPF_NOEXIST`: create only.
@@ -68,7 +84,8 @@ fn idx(dir: u8) -> usize {
 
 /// Tracks one packet of a flow and returns whether it passes.
 #[inline(always)]
-pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u32, ifindex: u32, hook: Hook) -> Action {
+pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u32, port: &Port, hook: Hook) -> Action {
+    let ifindex = port.ifindex;
     let (key, dir) = FlowKey::canonical(
         &packet.src,
         packet.sport,
@@ -82,7 +99,7 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(flow) => flow,
-        None => return create(frame, cfg, &key, dir, packet, len, ifindex, hook, now),
+        None => return create(frame, cfg, &key, dir, packet, len, port, hook, now),
     };
     // SAFETY: pointer from a map lookup, valid for this program run; concurrent
     // updates of counters go through atomics, the rest are single-word stores.
@@ -92,15 +109,9 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
         Hook::FromPort => {
             if flow.ifindex[d] != ifindex {
                 // First frame of this direction, or its sender now sends from another
-                // port: a VM that moved, or one that spoofs another's MAC or address.
-                if policy::is_spoofed(cfg, &packet.src_mac, ifindex) {
-                    counters::inc(Counter::Spoofed);
-                    return Action::Drop;
-                }
-                if policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex, &packet.src_mac)
-                    && crate::ports::is_vm_port(ifindex)
-                {
-                    counters::inc(Counter::SpoofedAddress);
+                // port: a VM that moved, or one that spoofs another's address.
+                if let Err(counter) = sender(cfg, packet, port) {
+                    counters::inc(counter);
                     return Action::Drop;
                 }
                 flow.ifindex[d] = ifindex;
@@ -137,8 +148,9 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
         }
     }
     if flow.generation != cfg.generation {
-        rejudge(cfg, &key, flow, dir, packet, ifindex, hook);
+        rejudge(cfg, &key, flow, dir, packet, port, hook);
     }
+    frame.set_receiver_tag(receiver_tag(flow, dir));
     if flow.verdict >= Verdict::Denied as u8 && counted {
         count_by_zone_pair(flow, len);
     }
@@ -177,29 +189,74 @@ fn count_by_zone_pair(flow: &FlowValue, len: u32) {
     }
 }
 
-/// Zone the rule set in force gives to the port (by its name), 0 if none. Looked up
-/// only when a flow is judged, never on the fast path.
+/// What `to_port` may trust about the receiver a frame was judged for: the receiver's
+/// zone, when the verdict rested on zones alone (no standing, patch or binding of either
+/// end decided it). 0: nothing; the copy is judged again where it leaves.
+pub const TAG_VALID: u16 = 0x8000;
+pub const TAG_ZONE: u16 = 0x3fff;
+
 #[inline(always)]
-fn port_zone(cfg: &DatapathConfig, ifindex: u32) -> u16 {
-    match PORTS.get_ptr(ifindex) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(port) => unsafe { (*port).zone[(cfg.active_slot & 1) as usize] },
-        None => 0,
+fn receiver_tag(flow: &FlowValue, dir: u8) -> u16 {
+    let r = flow.reason;
+    let by_zones_alone = r == Reason::PolicyAllow as u8
+        || r == Reason::IntraZone as u8
+        || r == Reason::DefaultInterZone as u8
+        || r == Reason::PolicyNoMatch as u8;
+    let zone = flow.zone[idx(dir ^ 1)];
+    if by_zones_alone && zone <= TAG_ZONE { TAG_VALID | zone } else { 0 }
+}
+
+/// The sender of a frame entering the switch, with its source address checked: a VM
+/// port's binding (the address must be the endpoint's), else what the frame says (an
+/// uplink carries other nodes' endpoints and the world; a MAC bound to a port here is
+/// spoofed there). `Err`: the counter of a frame to drop.
+#[inline(always)]
+fn sender(cfg: &DatapathConfig, packet: &Packet, port: &Port) -> Result<Ident, Counter> {
+    let slot = cfg.active_slot & 1;
+    match port.info {
+        Some(info) if port.is_vm() && cfg.flags & CONFIG_ENFORCE != 0 => {
+            let ident = identity::port_ident(cfg, info, packet, port.ifindex, END_SENDS);
+            if !identity::address_ok(cfg, info, ident, packet, port.ifindex) {
+                return Err(Counter::SpoofedAddress);
+            }
+            Ok(ident)
+        }
+        _ => {
+            if policy::is_spoofed(cfg, &packet.src_mac, port.ifindex) {
+                return Err(Counter::Spoofed);
+            }
+            let zone = port.info.map_or(0, |p| p.zone_in(slot));
+            Ok(policy::resolve_addr(slot, packet, 0, zone))
+        }
     }
 }
 
-/// The two ends of a packet as the judge sees them: the port's zone belongs to the
-/// sender when the packet enters the switch, to the receiver when it leaves.
+/// The receiver of a frame: the endpoint of the VM port it leaves through (at egress),
+/// else what its destination MAC and address say.
 #[inline(always)]
-fn ends<'a>(packet: &'a Packet, port_zone: u16, hook: Hook) -> (End<'a>, End<'a>) {
-    let (src_pz, dst_pz) = match hook {
-        Hook::FromPort => (port_zone, 0),
-        Hook::ToPort => (0, port_zone),
-    };
-    (
-        End { mac: &packet.src_mac, addr: &packet.src, port_zone: src_pz },
-        End { mac: &packet.dst_mac, addr: &packet.dst, port_zone: dst_pz },
-    )
+fn receiver(cfg: &DatapathConfig, packet: &Packet, port: &Port, hook: Hook) -> Ident {
+    let slot = cfg.active_slot & 1;
+    match port.info {
+        Some(info) if hook == Hook::ToPort && port.is_vm() && cfg.flags & CONFIG_ENFORCE != 0 => {
+            identity::port_ident(cfg, info, packet, port.ifindex, END_DST)
+        }
+        _ => policy::resolve_addr(slot, packet, END_DST, 0),
+    }
+}
+
+/// The identity of one end of a stored flow: the port it was seen sending from, when
+/// that is a VM port here (who opened a flow does not change with who sends next), else
+/// the frame's fields for that end (`END_DST` or its source).
+#[inline(always)]
+fn stored_end(cfg: &DatapathConfig, flow_ifindex: u32, packet: &Packet, end: u8) -> Ident {
+    if flow_ifindex != 0
+        && let Some(info) = identity::port(flow_ifindex)
+        && info.role == backplane_common::PortRole::Vm as u8
+        && cfg.flags & CONFIG_ENFORCE != 0
+    {
+        return identity::port_ident(cfg, info, packet, flow_ifindex, end);
+    }
+    policy::resolve_addr(cfg.active_slot & 1, packet, end, 0)
 }
 
 #[inline(always)]
@@ -211,25 +268,27 @@ fn create<F: Frame>(
     dir: u8,
     packet: &Packet,
     len: u32,
-    ifindex: u32,
+    port: &Port,
     hook: Hook,
     now: u64,
 ) -> Action {
-    if hook == Hook::FromPort && policy::is_spoofed(cfg, &packet.src_mac, ifindex) {
-        // No entry for a spoofed frame: it must not decide the fate of the real
-        // endpoint's flow.
-        counters::inc(Counter::Spoofed);
-        return Action::Drop;
-    }
-    if hook == Hook::FromPort
-        && policy::is_spoofed_addr(cfg, packet.family, &packet.src, ifindex, &packet.src_mac)
-        && crate::ports::is_vm_port(ifindex)
-    {
-        counters::inc(Counter::SpoofedAddress);
-        return Action::Drop;
-    }
-    let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);
-    let j = policy::judge(cfg, packet.family, packet.proto, packet.dport, &src, &dst);
+    let ifindex = port.ifindex;
+    let src = if hook == Hook::FromPort {
+        match sender(cfg, packet, port) {
+            Ok(ident) => ident,
+            Err(counter) => {
+                // No entry for a spoofed frame: it must not decide the fate of the real
+                // endpoint's flow.
+                counters::inc(counter);
+                return Action::Drop;
+            }
+        }
+    } else {
+        // What the host itself sends to a port.
+        policy::resolve_addr(cfg.active_slot & 1, packet, 0, 0)
+    };
+    let dst = receiver(cfg, packet, port, hook);
+    let j = policy::judge(cfg, policy::service(packet.proto, packet.dport), src, dst);
     let d = idx(dir);
     // The new flow's value is built in this CPU's scratch entry (its `value`, beside the
     // `packet` this run parsed): 80 bytes the stack cannot spare on kernels before 6.9.
@@ -266,6 +325,7 @@ fn create<F: Frame>(
     if sampled {
         value.samples = 1;
     }
+    frame.set_receiver_tag(receiver_tag(value, dir));
     if FLOWS.insert(key, &*value, BPF_NOEXIST).is_err() {
         // Another CPU created it first (then count on its entry), or the update failed.
         if let Some(flow) = FLOWS.get_ptr_mut(key) {
@@ -298,7 +358,8 @@ fn create<F: Frame>(
 }
 
 /// Judges an existing flow again under the rule generation now in force, from the
-/// point of view of the side that started it.
+/// point of view of the side that started it, each end by its stored identity (the port
+/// it sent from), not by who sends next.
 #[inline(always)]
 fn rejudge(
     cfg: &DatapathConfig,
@@ -306,16 +367,38 @@ fn rejudge(
     flow: &mut FlowValue,
     dir: u8,
     packet: &Packet,
-    ifindex: u32,
+    port: &Port,
     hook: Hook,
 ) {
-    let (src, dst) = ends(packet, port_zone(cfg, ifindex), hook);
-    let (initiator, responder) = if dir == flow.initiator { (src, dst) } else { (dst, src) };
-    let (_, dport) = key.receiver(flow.initiator);
-    let j = policy::judge(cfg, key.family, key.proto, dport, &initiator, &responder);
+    let j = judge_stored(cfg, key, flow, dir, packet, port, hook);
     flow.zone = by_dir(flow.initiator, j.src_zone, j.dst_zone);
     flow.verdict = j.verdict as u8;
     flow.reason = j.reason as u8;
     flow.policy_id = j.policy_id;
     flow.generation = cfg.generation;
+}
+
+/// The verdict the rules in force give a stored flow, from its initiator's side: each
+/// end by the VM port it was seen sending from; an end not seen yet by the frame in hand
+/// (at egress: the receiving port's endpoint).
+#[inline(always)]
+pub fn judge_stored(
+    cfg: &DatapathConfig,
+    key: &FlowKey,
+    flow: &FlowValue,
+    dir: u8,
+    packet: &Packet,
+    port: &Port,
+    hook: Hook,
+) -> Judgement {
+    let d = idx(dir);
+    let this = stored_end(cfg, flow.ifindex[d], packet, 0);
+    let other = if hook == Hook::ToPort {
+        receiver(cfg, packet, port, hook)
+    } else {
+        stored_end(cfg, flow.ifindex[d ^ 1], packet, END_DST)
+    };
+    let (initiator, responder) = if dir == flow.initiator { (this, other) } else { (other, this) };
+    let (_, dport) = key.receiver(flow.initiator);
+    policy::judge(cfg, policy::service(key.proto, dport), initiator, responder)
 }

@@ -34,6 +34,11 @@ pub trait Frame {
     /// ran (TC: the receive path moves the first 802.1Q/802.1ad tag into the skb), so
     /// that every hook sees the same tags.
     fn offloaded_vlan(&self) -> Option<u16>;
+    /// Leaves `tag` (see `conntrack::TAG_VALID`) on the frame for `to_port`: which
+    /// receiver the ingress program judged it for. TC keeps it in the skb's `tc_index`,
+    /// which the bridge carries from the ingress port to the egress port; XDP has no skb
+    /// to keep it in, so its frames are judged again at egress where it matters.
+    fn set_receiver_tag(&self, tag: u16);
 }
 
 impl Frame for XdpContext {
@@ -69,6 +74,9 @@ impl Frame for XdpContext {
         // Generic and native XDP see the frame as it came, tags included.
         None
     }
+
+    #[inline(always)]
+    fn set_receiver_tag(&self, _tag: u16) {}
 }
 
 impl Frame for TcContext {
@@ -106,6 +114,28 @@ impl Frame for TcContext {
         let skb = unsafe { &*self.skb.skb };
         if skb.vlan_present != 0 { Some(skb.vlan_tci as u16) } else { None }
     }
+
+    #[inline(always)]
+    fn set_receiver_tag(&self, tag: u16) {
+        set_tc_index(self.skb.skb, u32::from(tag));
+    }
+}
+
+/// Writes the skb's `tc_index`. A function of its own: inlined, LLVM keeps the field's
+/// address in a register between writes, and the verifier allows a write to the context
+/// only at a constant offset from the unmodified context pointer.
+#[inline(never)]
+fn set_tc_index(skb: *mut aya_ebpf::bindings::__sk_buff, value: u32) {
+    // SAFETY: `skb` is the context the kernel handed to the program; `tc_index` is one
+    // of the fields a TC program may write.
+    unsafe { (*skb).tc_index = value };
+}
+
+/// The tag an ingress program left on the skb (`tc_index`), 0 when none.
+#[inline(always)]
+pub fn receiver_tag(ctx: &TcContext) -> u16 {
+    // SAFETY: the context pointer is the skb the kernel handed to this program.
+    unsafe { (*ctx.skb.skb).tc_index as u16 }
 }
 
 /// Reads a big-endian `u16` at `offset`.

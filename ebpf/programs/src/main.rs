@@ -15,6 +15,7 @@ mod conntrack;
 mod counters;
 mod events;
 mod frame;
+mod identity;
 mod maps;
 mod parse;
 mod pipeline;
@@ -66,11 +67,17 @@ pub fn to_port(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the skb the kernel handed to this program.
     let (ifindex, came_in) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
     // A frame that entered the switch through an attached port was counted and judged
-    // there, by `from_port`: nothing is left to do for it on the way out. What remains
-    // is what the host itself sends (received on no device) or routes in from ports
-    // that are not attached.
-    if came_in != 0 && ports::ingress_judged(came_in) {
-        return TC_PASS;
+    // there, by `from_port`, for the receiver its addresses named: on the way out to a VM
+    // port it is checked only against that port's endpoint. What remains is what the
+    // host itself sends (received on no device) or routes in from ports that are not
+    // attached.
+    if came_in != 0
+        && let Some(from) = ports::ingress_judged(came_in)
+    {
+        return match pipeline::egress(&ctx, ifindex, from) {
+            Action::Pass => TC_PASS,
+            Action::Drop => TC_ACT_SHOT,
+        };
     }
     match pipeline::handle(&ctx, ifindex, Hook::ToPort) {
         Action::Pass => TC_PASS,

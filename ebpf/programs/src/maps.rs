@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
+    config::LearnedValue,
     event::AnnounceKey,
     flow::{FragmentKey, FragmentPorts},
     policy::{
@@ -71,6 +72,11 @@ pub static ANNOUNCES: LruHashMap<AnnounceKey, u64> = LruHashMap::pinned(16_384, 
 /// for ARP / neighbour discovery from VM ports.
 #[map(name = "ADDR_OWNERS")]
 pub static ADDR_OWNERS: HashMap<OwnerKey, OwnerValue> = HashMap::pinned(262_144, NO_PREALLOC);
+
+/// What unbound VM ports locked on first use; written by the data path (once per
+/// port), confirmed into `PORTS` and removed by the agent.
+#[map(name = "LEARNED")]
+pub static LEARNED: HashMap<u32, LearnedValue> = HashMap::pinned(4096, 0);
 
 #[map(name = "PAYLOAD_SAMPLES")]
 pub static PAYLOAD_SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_DEFAULT, 0);

@@ -62,6 +62,24 @@ pub struct Packet {
     pub frag_offset: u16,
 }
 
+/// [`Packet::end`]: the frame's destination (else its source).
+pub const END_DST: u8 = 1 << 0;
+/// With the frame's source: it is the sender of the frame in hand, whose address may set
+/// a learning port's zone.
+pub const END_SENDS: u8 = 1 << 1;
+
+impl Packet {
+    /// Family, MAC and address of one end of the frame ([`END_DST`] or the source).
+    #[inline(always)]
+    pub fn end(&self, end: u8) -> (u8, &[u8; 6], &[u8; 16]) {
+        if end & END_DST != 0 {
+            (self.family, &self.dst_mac, &self.dst)
+        } else {
+            (self.family, &self.src_mac, &self.src)
+        }
+    }
+}
+
 /// One program run's working memory, in the per-CPU `SCRATCH` map.
 pub struct Scratch {
     pub packet: Packet,

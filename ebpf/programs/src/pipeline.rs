@@ -3,28 +3,33 @@
 //! the kernel.)
 //!
 //! While a rule set is in force, a frame that enters the switch from a VM port is
-//! judged or dropped, never waved through: a frame that cannot be parsed down to a
-//! flow (other than ARP/RARP), a VLAN-tagged frame from a port that may not send
-//! tagged frames, and a later fragment whose first fragment was not seen are dropped
-//! and counted. Without a rule set everything is observed and passed.
+//! judged or dropped, never waved through: its source MAC must be the port's binding
+//! (`identity`), and a frame that cannot be parsed down to a flow (other than ARP/RARP
+//! and neighbour discovery, checked against the binding too), a VLAN-tagged frame from a
+//! port that may not send tagged frames, and a later fragment whose first fragment was
+//! not seen are dropped and counted. A frame the switch delivers to a VM port is judged
+//! again for that port's endpoint when the receiver it was judged for is another
+//! ([`egress`]). Without a rule set everything is observed and passed.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::programs::TcContext;
 use backplane_common::{
-    DatapathConfig,
-    config::{CONFIG_ENFORCE, CONFIG_INDEX},
+    DatapathConfig, FlowKey, PortInfo, PortRole, Verdict,
+    config::{BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, PORT_INGRESS_TC, UNBOUND_DENY},
     event::Announcement,
     flow::{FAMILY_IPV4, FAMILY_IPV6, FragmentKey, FragmentPorts},
     reason::Counter,
 };
 
 use crate::{
-    conntrack::{self, Action, Hook},
+    conntrack::{self, Action, Hook, Port, TAG_VALID, TAG_ZONE},
     counters, events,
-    frame::Frame,
-    maps::{CONFIG, FRAGMENTS, SCRATCH},
-    parse::{self, FRAG_FIRST, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_TCP, Packet, Parsed},
+    frame::{self, Frame},
+    identity::{self, Sender},
+    maps::{CONFIG, FLOWS, FRAGMENTS, SCRATCH},
+    parse::{self, END_DST, END_SENDS, FRAG_FIRST, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_TCP, Packet, Parsed},
     policy,
-    ports::{is_vm_port, port_may_send_tagged},
+    ports::port_may_send_tagged,
 };
 
 #[inline(always)]
@@ -40,10 +45,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
         counters::inc(Counter::Packets);
         counters::add(Counter::Bytes, u64::from(len));
     }
-    let cfg = match CONFIG.get(CONFIG_INDEX) {
-        Some(cfg) => *cfg,
-        None => DatapathConfig::default(),
-    };
+    let cfg = config();
     // Only frames entering the switch from a port are held to the rules here; what the
     // switch delivers was judged where it entered (or comes from the host itself).
     let enforcing = cfg.flags & CONFIG_ENFORCE != 0 && hook == Hook::FromPort;
@@ -58,6 +60,36 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
     // and, at TC and XDP, bottom halves disabled).
     let packet = unsafe { &mut (*scratch).packet };
     *packet = Packet::new();
+    let port = Port { ifindex, info: if cfg.flags & CONFIG_ENFORCE != 0 { identity::port(ifindex) } else { None } };
+    let vm = port.is_vm();
+    if hook == Hook::FromPort {
+        // Whatever a guest (or an earlier program) left in the skb says nothing.
+        frame.set_receiver_tag(0);
+    }
+    // Every frame from a VM port carries the binding's MAC (or locks a learning port),
+    // checked on the Ethernet header before anything else is read.
+    let mut sender = Sender::Unbound;
+    if enforcing
+        && vm
+        && let Some(info) = port.info
+    {
+        // Read into the scratch packet (which the parser fills again): no stack spent.
+        let (Some(dst_mac), Some(src_mac)) = (frame.load::<[u8; 6]>(0), frame.load::<[u8; 6]>(6)) else {
+            return drop(Counter::UnjudgedDropped);
+        };
+        packet.dst_mac = dst_mac;
+        packet.src_mac = src_mac;
+        match identity::check_mac(&cfg, ifindex, info, &packet.src_mac) {
+            Ok(s) => sender = s,
+            Err(counter) => return drop(counter),
+        }
+        if packet.dst_mac == packet.src_mac {
+            return drop(Counter::ToOwnMac);
+        }
+        if let Sender::Learned = sender {
+            events::announce(Announcement::Learned, &packet.src_mac, &packet.src, 0, 0, ifindex, now());
+        }
+    }
     let action = match parse::parse(frame, packet) {
         Parsed::Flow => {
             if enforcing && packet.vlan_tags != 0 && !port_may_send_tagged(ifindex) {
@@ -67,7 +99,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
                 if packet.frag == FRAG_FIRST {
                     remember_fragment_ports(packet);
                 }
-                conntrack::track(frame, &cfg, packet, len, ifindex, hook)
+                conntrack::track(frame, &cfg, packet, len, &port, hook)
             }
         }
         Parsed::Fragment => {
@@ -88,10 +120,10 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
                 counters::inc(Counter::OverlappingFragment);
                 Action::Drop
             } else if fill_fragment_ports(packet) {
-                conntrack::track(frame, &cfg, packet, len, ifindex, hook)
+                conntrack::track(frame, &cfg, packet, len, &port, hook)
             } else {
                 counters::inc(Counter::FragmentWithoutFirst);
-                if enforcing && is_vm_port(ifindex) { Action::Drop } else { Action::Pass }
+                if enforcing && vm { Action::Drop } else { Action::Pass }
             }
         }
         Parsed::Announce(announce) => {
@@ -100,21 +132,20 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             }
             let ip = announce.sender_ip;
             let addr = [ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            if enforcing
-                && (policy::is_spoofed(&cfg, &packet.src_mac, ifindex)
-                    || policy::is_spoofed(&cfg, &announce.sender_mac, ifindex))
-            {
+            if enforcing && vm && announce.sender_mac != packet.src_mac {
+                // ARP inspection: the sender hardware address is the frame's source,
+                // which is the binding's.
+                counters::inc(Counter::SpoofedMac);
+                Action::Drop
+            } else if enforcing && !vm && policy::is_spoofed(&cfg, &announce.sender_mac, ifindex) {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing
-                && policy::is_spoofed_addr(&cfg, FAMILY_IPV4, &addr, ifindex, &announce.sender_mac)
-                && is_vm_port(ifindex)
-            {
+            } else if enforcing && vm && !claim_arp(&cfg, &port, packet, &addr) {
                 // The sender's own MAC, another endpoint's address: ARP cache poisoning.
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
             } else {
-                if hook == Hook::FromPort && (announce.rarp || announce.gratuitous) {
+                if hook == Hook::FromPort && (announce.rarp || announce.gratuitous) && announces(&sender, vm) {
                     let kind = if announce.rarp { Announcement::Rarp } else { Announcement::GratuitousArp };
                     events::announce(kind, &announce.sender_mac, &addr, FAMILY_IPV4, announce.vlan, ifindex, now());
                 }
@@ -122,20 +153,17 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             }
         }
         Parsed::Neighbor { icmp_type, announce } => {
-            if enforcing && matches!(icmp_type, ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT) && is_vm_port(ifindex) {
+            if enforcing && matches!(icmp_type, ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT) && vm {
                 counters::inc(Counter::RouterAdvertFromVm);
                 Action::Drop
-            } else if enforcing && policy::is_spoofed(&cfg, &packet.src_mac, ifindex) {
+            } else if enforcing && !vm && policy::is_spoofed(&cfg, &packet.src_mac, ifindex) {
                 counters::inc(Counter::Spoofed);
                 Action::Drop
-            } else if enforcing
-                && policy::is_spoofed_addr(&cfg, FAMILY_IPV6, &packet.src, ifindex, &packet.src_mac)
-                && is_vm_port(ifindex)
-            {
+            } else if enforcing && vm && !claim_ok(&cfg, &port, packet) {
                 counters::inc(Counter::SpoofedAddress);
                 Action::Drop
             } else {
-                if hook == Hook::FromPort && announce {
+                if hook == Hook::FromPort && announce && announces(&sender, vm) {
                     events::announce(
                         Announcement::NeighborAdvert,
                         &packet.src_mac,
@@ -153,7 +181,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             if hook == Hook::FromPort {
                 counters::inc(reason);
             }
-            if enforcing && is_vm_port(ifindex) {
+            if enforcing && vm {
                 counters::inc(Counter::UnjudgedDropped);
                 Action::Drop
             } else {
@@ -165,6 +193,118 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
         counters::inc(Counter::Dropped);
     }
     action
+}
+
+#[inline(always)]
+fn config() -> DatapathConfig {
+    match CONFIG.get(CONFIG_INDEX) {
+        Some(cfg) => *cfg,
+        None => DatapathConfig::default(),
+    }
+}
+
+#[inline(always)]
+fn drop(counter: Counter) -> Action {
+    counters::inc(counter);
+    counters::inc(Counter::Dropped);
+    Action::Drop
+}
+
+/// Whether a VM port may claim the address in `packet.src` (with `packet.family`) in ARP
+/// or neighbour discovery: an address of its endpoint (as for the source of a flow), or
+/// the unspecified address of a probe.
+#[inline(always)]
+fn claim_ok(cfg: &DatapathConfig, port: &Port, packet: &Packet) -> bool {
+    let Some(info) = port.info else { return true };
+    let ident = identity::port_ident(cfg, info, packet, port.ifindex, END_SENDS);
+    identity::address_ok(cfg, info, ident, packet, port.ifindex)
+}
+
+/// [`claim_ok`] for the sender address of an ARP frame (put where a flow's source is).
+#[inline(always)]
+fn claim_arp(cfg: &DatapathConfig, port: &Port, packet: &mut Packet, addr: &[u8; 16]) -> bool {
+    packet.family = FAMILY_IPV4;
+    packet.src = *addr;
+    claim_ok(cfg, port, packet)
+}
+
+/// Whether an announcement goes to the agent: from an uplink (it says nothing there),
+/// or from a VM port whose frames carry its binding's (or learned) MAC. An announcement
+/// is a hint that the endpoint behind the port showed up, never a claim on another.
+#[inline(always)]
+fn announces(sender: &Sender, vm: bool) -> bool {
+    !vm || !matches!(sender, Sender::Unbound)
+}
+
+/// A frame the switch delivers through VM port `ifindex` after the ingress program of
+/// port `from` judged it: passed when the receiver it was judged for has this port's
+/// zone and nothing but zones decided (the tag the TC ingress program left); else the
+/// copy is judged again with this port's endpoint as its receiver (broadcast, multicast
+/// and flooded copies, a misaddressed frame riding a flow judged for someone else, a
+/// port without a binding). Uplinks and ports without rules pass.
+#[inline(always)]
+pub fn egress(ctx: &TcContext, ifindex: u32, from: &PortInfo) -> Action {
+    let cfg = config();
+    if cfg.flags & CONFIG_ENFORCE == 0 {
+        return Action::Pass;
+    }
+    let Some(to) = identity::port(ifindex) else { return Action::Pass };
+    if to.role != PortRole::Vm as u8 {
+        return Action::Pass;
+    }
+    let slot = cfg.active_slot & 1;
+    if from.ingress == PORT_INGRESS_TC {
+        let tag = frame::receiver_tag(ctx);
+        if tag & TAG_VALID != 0
+            && to.binding != BINDING_NONE
+            && tag & TAG_ZONE == to.zone_in(slot)
+            && to.standing_in(slot) == 0
+        {
+            return Action::Pass;
+        }
+    }
+    counters::inc(Counter::EgressJudged);
+    let port = Port { ifindex, info: Some(to) };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return Action::Drop };
+    // SAFETY: as in `handle`: this CPU's slot, valid for this program run.
+    let packet = unsafe { &mut (*scratch).packet };
+    *packet = Packet::new();
+    let ready = match parse::parse(ctx, packet) {
+        Parsed::Flow => true,
+        Parsed::Fragment => fill_fragment_ports(packet),
+        // ARP and neighbour discovery were checked where they entered; what could not be
+        // parsed from an uplink is judged there (issue: nothing unjudged).
+        _ => false,
+    };
+    if !ready {
+        return Action::Pass;
+    }
+    let receiver = identity::port_ident(&cfg, to, packet, ifindex, END_DST);
+    if receiver.unbound() && cfg.unbound_ports == UNBOUND_DENY {
+        counters::inc(Counter::EgressDenied);
+        return drop(Counter::UnboundPort);
+    }
+    let (key, dir) = FlowKey::canonical(
+        &packet.src,
+        packet.sport,
+        &packet.dst,
+        packet.dport,
+        packet.vlan,
+        packet.proto,
+        packet.family,
+    );
+    let verdict = match FLOWS.get_ptr(&key) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(flow) => conntrack::judge_stored(&cfg, &key, unsafe { &*flow }, dir, packet, &port, Hook::ToPort).verdict,
+        None => {
+            let src = policy::resolve_addr(slot, packet, 0, 0);
+            policy::judge(&cfg, policy::service(packet.proto, packet.dport), src, receiver).verdict
+        }
+    };
+    if verdict == Verdict::Denied {
+        return drop(Counter::EgressDenied);
+    }
+    Action::Pass
 }
 
 #[inline(always)]

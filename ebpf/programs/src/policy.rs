@@ -1,6 +1,8 @@
-//! Judging a new flow: endpoint resolution (exact MAC, longest-prefix CIDR, port) and
-//! the zone-pair policy lookup. All tables are read from the half named by the
-//! configuration's `active_slot`, so a packet sees one whole rule set.
+//! Judging a new flow: the zone-pair policy lookup between two identities, and the
+//! identity of an end that no port vouches for (exact MAC, longest-prefix CIDR). The
+//! identity of a VM port's end comes from its binding (`identity`). All tables are read
+//! from the half named by the configuration's `active_slot`, so a packet sees one whole
+//! rule set.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use backplane_common::{
@@ -8,22 +10,36 @@ use backplane_common::{
     config::CONFIG_ENFORCE,
     policy::{
         ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey,
-        MODE_AUDIT, OWNER_ELSEWHERE, OwnerKey, PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE,
-        POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, VPATCH_KEY_BITS, VpatchKey,
-        ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
+        MODE_AUDIT, PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE,
+        POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, VPATCH_KEY_BITS, VpatchKey, ZONE_REMEDIATION, ZONE_WORLD,
+        ZoneKey,
     },
     reason::Reason,
 };
 
-use crate::maps::{ADDR_OWNERS, ENDPOINTS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
+use crate::maps::{ENDPOINTS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES};
+use crate::parse::Packet;
 
-/// One end of a flow, as the judge sees it.
-pub struct End<'a> {
-    pub mac: &'a [u8; 6],
-    pub addr: &'a [u8; 16],
-    /// Zone of the port this end is behind, when the packet is seen on that end's own
-    /// port; 0 otherwise.
-    pub port_zone: u16,
+/// One end of a flow as the judge sees it: its zone, its standing (`ENDPOINT_*` flags,
+/// and [`IDENT_UNBOUND`]) and its endpoint id (for virtual patches). Eight bytes, so that
+/// the functions returning it return it in a register, not through the stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ident {
+    pub zone: u16,
+    pub flags: u16,
+    pub endpoint_id: u32,
+}
+
+/// [`Ident::flags`]: no binding vouches for this end (an unbound port, or an end known by
+/// address): a quarantine of it is `unbound_port`.
+pub const IDENT_UNBOUND: u16 = 1 << 15;
+
+impl Ident {
+    #[inline(always)]
+    pub fn unbound(&self) -> bool {
+        self.flags & IDENT_UNBOUND != 0
+    }
 }
 
 pub struct Judgement {
@@ -34,9 +50,18 @@ pub struct Judgement {
     pub dst_zone: u16,
 }
 
-/// Decides the verdict for a flow started by `src` towards `dst` on `proto`/`dport`.
+/// `proto` and `dport` of a flow as [`judge`] takes them (one register).
 #[inline(always)]
-pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End, dst: &End) -> Judgement {
+pub fn service(proto: u8, dport: u16) -> u32 {
+    (u32::from(proto) << 16) | u32::from(dport)
+}
+
+/// Decides the verdict for a flow started by `src` towards `dst` on [`service`]. Not
+/// inlined: its keys would take stack slots in every caller (the BPF stack is 512 bytes
+/// for the whole call chain); its arguments travel in registers.
+#[inline(never)]
+pub fn judge(cfg: &DatapathConfig, service: u32, src: Ident, dst: Ident) -> Judgement {
+    let (proto, dport, src, dst) = ((service >> 16) as u8, service as u16, &src, &dst);
     if cfg.flags & CONFIG_ENFORCE == 0 {
         return Judgement {
             verdict: Verdict::Observed,
@@ -47,8 +72,6 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
         };
     }
     let slot = cfg.active_slot & 1;
-    let src = resolve(slot, family, src);
-    let dst = resolve(slot, family, dst);
     let (src_zone, dst_zone) = (src.zone, dst.zone);
     let mut j =
         Judgement { verdict: Verdict::Denied, reason: Reason::Isolated, policy_id: POLICY_ID_NONE, src_zone, dst_zone };
@@ -62,12 +85,16 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
         if src_ok && dst_ok {
             j.verdict = Verdict::Allowed;
             j.reason = Reason::Remediation;
+        } else if (src.unbound() && src.flags & ENDPOINT_QUARANTINED != 0)
+            || (dst.unbound() && dst.flags & ENDPOINT_QUARANTINED != 0)
+        {
+            j.reason = Reason::UnboundPort;
         } else {
             j.reason = Reason::Quarantined;
         }
         return j;
     }
-    for (end, patched) in [(&src, src.flags & ENDPOINT_PATCHED != 0), (&dst, dst.flags & ENDPOINT_PATCHED != 0)] {
+    for (end, patched) in [(src, src.flags & ENDPOINT_PATCHED != 0), (dst, dst.flags & ENDPOINT_PATCHED != 0)] {
         if !patched {
             continue;
         }
@@ -125,35 +152,37 @@ pub fn judge(cfg: &DatapathConfig, family: u8, proto: u8, dport: u16, src: &End,
     j
 }
 
-/// An end once resolved: its zone, and the endpoint's flags and id when its MAC is a
-/// known endpoint.
-struct Resolved {
-    zone: u16,
-    flags: u16,
-    endpoint_id: u32,
+/// The identity of the endpoint with MAC `mac` in the rule-table half `slot`, if the
+/// inventory (or the agent) knows it.
+#[inline(always)]
+pub fn endpoint_ident(slot: u8, mac: &[u8; 6]) -> Option<Ident> {
+    let ep = ENDPOINTS.get_ptr(EndpointKey { slot, _pad: 0, mac: *mac })?;
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let ep = unsafe { &*ep };
+    Some(Ident { zone: ep.zone, flags: ep.flags & !IDENT_UNBOUND, endpoint_id: ep.endpoint_id })
 }
 
-/// Zone of one end: its MAC's endpoint entry, else the longest CIDR prefix holding its
-/// address, else the zone of the port it is behind, else `world`.
-#[inline(always)]
-fn resolve(slot: u8, family: u8, end: &End) -> Resolved {
-    if let Some(ep) = ENDPOINTS.get_ptr(EndpointKey { slot, _pad: 0, mac: *end.mac }) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        let ep = unsafe { *ep };
-        return Resolved { zone: ep.zone, flags: ep.flags, endpoint_id: ep.endpoint_id };
+/// The identity of an end no port of this node vouches for (the far end of a flow, what
+/// an uplink carries): its MAC's endpoint entry, else the longest CIDR prefix holding its
+/// address, else `port_zone` (an `interface:` zone) when not 0, else `world`.
+#[inline(never)]
+pub fn resolve_addr(slot: u8, packet: &Packet, end: u8, port_zone: u16) -> Ident {
+    let (family, mac, addr) = packet.end(end);
+    if let Some(ident) = endpoint_ident(slot, mac) {
+        return ident;
     }
     let bits = if family == backplane_common::flow::FAMILY_IPV4 { 32 } else { 128 };
-    let key = AddrKey { slot, family, _pad: [0; 2], addr: *end.addr };
+    let key = AddrKey { slot, family, _pad: [0; 2], addr: *addr };
     let zone = match ZONE_CIDRS.get(Key::new(ADDR_KEY_HEADER_BITS + bits, key)) {
         Some(zone) => *zone as u16,
-        None if end.port_zone != 0 => end.port_zone,
+        None if port_zone != 0 => port_zone,
         None => ZONE_WORLD,
     };
-    Resolved { zone, flags: 0, endpoint_id: 0 }
+    Ident { zone, flags: IDENT_UNBOUND, endpoint_id: 0 }
 }
 
 #[inline(always)]
-fn zone_flags(slot: u8, zone: u16) -> u8 {
+pub fn zone_flags(slot: u8, zone: u16) -> u8 {
     match ZONES.get_ptr(ZoneKey { slot, _pad: 0, zone }) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         Some(z) => unsafe { (*z).flags },
@@ -168,28 +197,6 @@ pub fn is_spoofed(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> bool {
     match ENDPOINTS.get_ptr(EndpointKey { slot: cfg.active_slot & 1, _pad: 0, mac: *mac }) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
         Some(ep) => unsafe { (*ep).ifindex != 0 && (*ep).ifindex != ifindex },
-        None => false,
-    }
-}
-
-/// Whether a frame entering through port `ifindex` that sends from (or claims) the
-/// IP address `addr` spoofs it: while a rule set is in force, the address belongs to an
-/// endpoint bound to another port. Callers ask only for VM ports: an uplink carries
-/// routed and hairpinned frames with any source address. Addresses nobody owns are anyone's (DHCP, link-local,
-/// endpoints outside the inventory).
-/// An address whose owner is bound on another node is spoofed by any other MAC: the
-/// owner itself may show up here (it migrates) before the agent binds it.
-#[inline(always)]
-pub fn is_spoofed_addr(cfg: &DatapathConfig, family: u8, addr: &[u8; 16], ifindex: u32, mac: &[u8; 6]) -> bool {
-    if cfg.flags & CONFIG_ENFORCE == 0 {
-        return false;
-    }
-    match ADDR_OWNERS.get_ptr(&OwnerKey { family, _pad: [0; 3], addr: *addr }) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(owner) => unsafe {
-            let owner = &*owner;
-            owner.ifindex != 0 && owner.ifindex != ifindex && !(owner.ifindex == OWNER_ELSEWHERE && owner.mac == *mac)
-        },
         None => false,
     }
 }

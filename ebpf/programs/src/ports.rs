@@ -3,31 +3,19 @@
 //! frames. One lookup each, inlined into the programs.
 
 use backplane_common::{
-    PortRole,
+    PortInfo, PortRole,
     config::{PORT_ALLOW_TAGGED, PORT_INGRESS_LIVE},
 };
 
 use crate::maps::PORTS;
 
-/// Whether `ifindex` is an attached port whose ingress program runs (VM port or uplink):
-/// what enters through it has been counted and judged.
+/// The entry of `ifindex` when it is an attached port whose ingress program runs (VM
+/// port or uplink): what enters through it has been counted and judged.
 #[inline(always)]
-pub fn ingress_judged(ifindex: u32) -> bool {
-    match PORTS.get_ptr(ifindex) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(port) => unsafe { (*port).flags & PORT_INGRESS_LIVE != 0 },
-        None => false,
-    }
-}
-
-/// Whether `ifindex` is an attached VM port (not an uplink, not unknown).
-#[inline(always)]
-pub fn is_vm_port(ifindex: u32) -> bool {
-    match PORTS.get_ptr(ifindex) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(port) => unsafe { (*port).role == PortRole::Vm as u8 },
-        None => false,
-    }
+pub fn ingress_judged(ifindex: u32) -> Option<&'static PortInfo> {
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let port = unsafe { &*PORTS.get_ptr(ifindex)? };
+    (port.flags & PORT_INGRESS_LIVE != 0).then_some(port)
 }
 
 /// Uplinks carry tagged traffic; a VM port only when the operator allowed it.

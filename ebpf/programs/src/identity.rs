@@ -1,0 +1,255 @@
+//! Who sends and who receives, from the port and never from the frame.
+//!
+//! A guest is root in its VM and writes any frame. The one thing it cannot choose is
+//! the port its frame arrives on, and the host side (the orchestrator, the operator)
+//! says which endpoint sits behind that port: the port's binding in `PORTS`. So:
+//! - every frame from a bound VM port must carry the binding's MAC (one compare, on
+//!   every frame: the bridge learns where a MAC lives from every frame);
+//! - the sender of a new flow is the bound endpoint (its zone and standing); the frame's
+//!   source address is *checked against* it (the endpoint's addresses, or its zone's
+//!   networks), never used to choose it;
+//! - an unbound port in a `binding: learn` zone locks itself to its first MAC and the
+//!   zone of its first address (`LEARNED`, trust on first use) and the agent confirms
+//!   it; any other unbound port gets the rules' `unbound_ports` (quarantine by default);
+//! - a frame delivered to a VM port is for that port's endpoint: where the flow was
+//!   judged for another receiver, the copy is judged again (see `pipeline::egress`).
+
+use aya_ebpf::maps::lpm_trie::Key;
+use backplane_common::{
+    DatapathConfig, PortInfo, PortRole,
+    config::{
+        BINDING_NONE, CONFIG_LEARN, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue, PORT_ADDRS_FIXED, UNBOUND_DENY,
+        UNBOUND_OBSERVE,
+    },
+    flow::FAMILY_IPV4,
+    policy::{
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_QUARANTINED, EndpointKey, OWNER_ELSEWHERE, OwnerKey, ZONE_HAS_CIDRS,
+        ZONE_LEARN, ZONE_WORLD,
+    },
+    reason::Counter,
+};
+
+use crate::{
+    maps::{ADDR_OWNERS, ENDPOINTS, LEARNED, PORTS, ZONE_CIDRS},
+    parse::{END_SENDS, Packet},
+    policy::{self, IDENT_UNBOUND, Ident},
+};
+
+/// `BPF_NOEXIST`: create only.
+const BPF_NOEXIST: u64 = 1;
+
+/// The `PORTS` entry of `ifindex`, if the port is attached (read in place: a copy would
+/// cost the stack).
+#[inline(always)]
+pub fn port(ifindex: u32) -> Option<&'static PortInfo> {
+    // SAFETY: a pointer returned by a map lookup is valid for this program run, which is
+    // all the `'static` here is used for.
+    PORTS.get_ptr(ifindex).map(|p| unsafe { &*p })
+}
+
+#[inline(always)]
+pub fn is_vm(port: Option<&PortInfo>) -> bool {
+    matches!(port, Some(p) if p.role == PortRole::Vm as u8)
+}
+
+/// What the first check of a frame from a VM port found.
+pub enum Sender {
+    /// The frame carries the port's MAC (bound, or learned on first use).
+    Bound,
+    /// This frame locked the unbound port to its MAC (trust on first use): the agent is
+    /// told, and confirms the binding.
+    Learned,
+    /// Nobody bound the port and it did not learn (yet): `unbound_ports` applies.
+    Unbound,
+}
+
+/// Checks the source MAC of a frame entering the switch from VM port `ifindex` against
+/// the port's binding, and locks an unbound port in a learning zone to its first MAC.
+/// `Err` names the counter of a frame to drop.
+// Not inlined, as the other checks of this module: each inlined copy would take stack
+// slots of its own in the caller's 512 bytes; called, they share one frame.
+#[inline(never)]
+pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &[u8; 6]) -> Result<Sender, Counter> {
+    if port.binding != BINDING_NONE {
+        if *src_mac == port.mac {
+            return Ok(Sender::Bound);
+        }
+        return Err(wrong_mac(cfg, src_mac, ifindex));
+    }
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    if let Some(learned) = LEARNED.get_ptr(ifindex).map(|l| unsafe { *l }) {
+        if learned.mac == *src_mac {
+            return Ok(Sender::Bound);
+        }
+        return Err(wrong_mac(cfg, src_mac, ifindex));
+    }
+    if src_mac[0] & 1 != 0 || *src_mac == [0; 6] {
+        // A group or zero source MAC is no endpoint's.
+        return Err(Counter::SpoofedMac);
+    }
+    let slot = cfg.active_slot & 1;
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let endpoint = ENDPOINTS.get_ptr(EndpointKey { slot, _pad: 0, mac: *src_mac }).map(|e| unsafe { *e });
+    let learnable = match endpoint {
+        Some(ep) if ep.ifindex != 0 && ep.ifindex != ifindex => return Err(Counter::Spoofed),
+        // An inventory endpoint's MAC: only where its zone learns (else the host binds it).
+        Some(ep) => policy::zone_flags(slot, ep.zone) & ZONE_LEARN != 0,
+        // Another MAC: locked here when learning is on (the zone comes with its address)
+        // or when `interface:` members give the port its zone.
+        None => cfg.flags & CONFIG_LEARN != 0 || port.zone_in(slot) != 0,
+    };
+    if !learnable {
+        if cfg.unbound_ports == UNBOUND_DENY {
+            return Err(Counter::UnboundPort);
+        }
+        return Ok(Sender::Unbound);
+    }
+    let flags = if endpoint.is_some() { LEARNED_ENDPOINT } else { 0 };
+    let value = LearnedValue { mac: *src_mac, zone: 0, slot, flags, _pad: [0; 6] };
+    if LEARNED.insert(ifindex, &value, BPF_NOEXIST).is_ok() {
+        crate::counters::inc(Counter::PortsLearned);
+        return Ok(Sender::Learned);
+    }
+    // Another CPU locked it first: this frame must carry what it locked.
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    match LEARNED.get_ptr(ifindex).map(|l| unsafe { *l }) {
+        Some(l) if l.mac == *src_mac => Ok(Sender::Bound),
+        _ => Err(Counter::SpoofedMac),
+    }
+}
+
+/// A frame from a VM port with a MAC that is not the port's: `spoofed` when the MAC is
+/// an endpoint bound to another port (what that counter always counted), else
+/// `spoofed_mac`.
+#[inline(always)]
+fn wrong_mac(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> Counter {
+    if policy::is_spoofed(cfg, mac, ifindex) { Counter::Spoofed } else { Counter::SpoofedMac }
+}
+
+/// Whether a frame from VM port `ifindex` locked (`LEARNED`) but not yet confirmed may
+/// take the zone of `addr`: the first address from a learning zone's networks sets the
+/// zone; later ones must be in the same zone.
+#[inline(always)]
+fn learned_zone(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16]) -> Option<u16> {
+    let slot = cfg.active_slot & 1;
+    let learned = LEARNED.get_ptr_mut(ifindex)?;
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let learned = unsafe { &mut *learned };
+    if learned.flags & LEARNED_ZONE != 0 {
+        return (learned.slot == slot).then_some(learned.zone);
+    }
+    if learned.flags & LEARNED_ENDPOINT != 0 || is_unspecified(family, addr) {
+        return None;
+    }
+    let zone = cidr_zone(slot, family, addr)?;
+    if policy::zone_flags(slot, zone) & ZONE_LEARN == 0 {
+        return None;
+    }
+    learned.zone = zone;
+    learned.slot = slot;
+    learned.flags |= LEARNED_ZONE;
+    Some(zone)
+}
+
+/// The identity of the endpoint behind VM port `ifindex`, for judging a flow: the bound
+/// (or learned) endpoint's, else the zone `interface:` members give the port (its MAC
+/// locked on first use), else the zone a learning port's first address chose. `mac` and
+/// `addr` are the frame's fields of this end; when it `sends` the frame, `addr` may set a
+/// learning port's zone, never a bound port's. With `unbound_ports: observe`, an unbound
+/// port is judged by the frame's fields as before bindings.
+#[inline(never)]
+pub fn port_ident(cfg: &DatapathConfig, port: &PortInfo, packet: &Packet, ifindex: u32, end: u8) -> Ident {
+    let (family, _, addr) = packet.end(end);
+    let sends = end & END_SENDS != 0;
+    let slot = cfg.active_slot & 1;
+    if port.binding != BINDING_NONE {
+        return policy::endpoint_ident(slot, &port.mac).unwrap_or(Ident {
+            zone: port.zone_in(slot),
+            flags: port.standing_in(slot),
+            endpoint_id: 0,
+        });
+    }
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    if let Some(learned) = LEARNED.get_ptr(ifindex).map(|l| unsafe { &*l }) {
+        if let Some(ident) = policy::endpoint_ident(slot, &learned.mac) {
+            return ident;
+        }
+        if port.zone_in(slot) != 0 {
+            return Ident { zone: port.zone_in(slot), flags: 0, endpoint_id: 0 };
+        }
+        let zone = if sends {
+            learned_zone(cfg, ifindex, family, addr)
+        } else {
+            (learned.flags & LEARNED_ZONE != 0 && learned.slot == slot).then_some(learned.zone)
+        };
+        if let Some(zone) = zone {
+            return Ident { zone, flags: 0, endpoint_id: 0 };
+        }
+    }
+    if cfg.unbound_ports == UNBOUND_OBSERVE {
+        return policy::resolve_addr(slot, packet, end, port.zone_in(slot));
+    }
+    unbound_ident(slot, port)
+}
+
+/// An unbound port under `unbound_ports: quarantine` (or a learning port before its
+/// zone is known): quarantined, in the zone `interface:` members give the port.
+#[inline(always)]
+pub fn unbound_ident(slot: u8, port: &PortInfo) -> Ident {
+    let zone = port.zone_in(slot);
+    Ident {
+        zone: if zone != 0 { zone } else { ZONE_WORLD },
+        flags: ENDPOINT_QUARANTINED | IDENT_UNBOUND,
+        endpoint_id: 0,
+    }
+}
+
+#[inline(always)]
+fn is_unspecified(family: u8, addr: &[u8; 16]) -> bool {
+    if family == FAMILY_IPV4 { addr[..4] == [0; 4] } else { *addr == [0; 16] }
+}
+
+#[inline(always)]
+fn is_link_local_v6(family: u8, addr: &[u8; 16]) -> bool {
+    family != FAMILY_IPV4 && addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
+}
+
+#[inline(always)]
+fn cidr_zone(slot: u8, family: u8, addr: &[u8; 16]) -> Option<u16> {
+    let bits = if family == FAMILY_IPV4 { 32 } else { 128 };
+    let key = AddrKey { slot, family, _pad: [0; 2], addr: *addr };
+    ZONE_CIDRS.get(Key::new(ADDR_KEY_HEADER_BITS + bits, key)).map(|z| *z as u16)
+}
+
+/// Whether VM port `ifindex`, whose sender is `ident`, may send from (or claim) the
+/// frame's source address (`packet.src`):
+/// - an address `ADDR_OWNERS` gives to a port: only that port (or, for an owner bound on
+///   another node, its own MAC arriving here);
+/// - the unspecified address (DHCP, duplicate address detection) and IPv6 link-local
+///   addresses nobody owns: any port;
+/// - any other address: not when the binding's addresses are fixed; else inside the
+///   sender's zone's networks when it has some.
+///
+/// Unbound ports (quarantined, or judged by address under `observe`) are held to the
+/// owners only.
+#[inline(never)]
+pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &Packet, ifindex: u32) -> bool {
+    let (family, mac, addr) = (packet.family, &packet.src_mac, &packet.src);
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    if let Some(owner) = ADDR_OWNERS.get_ptr(&OwnerKey { family, _pad: [0; 3], addr: *addr }).map(|o| unsafe { *o }) {
+        return owner.ifindex == 0
+            || owner.ifindex == ifindex
+            || (owner.ifindex == OWNER_ELSEWHERE && owner.mac == *mac);
+    }
+    if ident.unbound() || is_unspecified(family, addr) || is_link_local_v6(family, addr) {
+        return true;
+    }
+    if port.flags & PORT_ADDRS_FIXED != 0 {
+        return false;
+    }
+    let slot = cfg.active_slot & 1;
+    if policy::zone_flags(slot, ident.zone) & ZONE_HAS_CIDRS == 0 {
+        return true;
+    }
+    cidr_zone(slot, family, addr) == Some(ident.zone)
+}
