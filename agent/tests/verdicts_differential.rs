@@ -249,7 +249,7 @@ fn kernel_verdicts_equal_the_reference_evaluator() {
         for i in 0..per_set {
             let probe = random_packet(&mut rng, &pool, 1 + (set * per_set + i) as u16);
             let ifname = probe.view.src_interface.as_deref().or(probe.view.dst_interface.as_deref()).unwrap();
-            write_port_zones(&mut ports, slot, &compiled, [(LOOPBACK_IFINDEX, ifname)]).unwrap();
+            write_port_zones(&mut ports, slot, &compiled, [(LOOPBACK_IFINDEX, ifname)], &Default::default()).unwrap();
             let expected = evaluate(&rules, &probe.view);
             let dropped = if probe.egress {
                 let action = dp.to_port(&probe.frame);

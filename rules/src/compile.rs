@@ -15,15 +15,15 @@ use backplane_common::{
     policy::{
         ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_PATCHED, EndpointKey, EndpointValue, MODE_AUDIT, MODE_ENFORCE,
         POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE, POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS,
-        PolicyKey, PolicyValue, VPATCH_KEY_PROTO_BITS, VpatchKey, VpatchValue, ZONE_REMEDIATION, ZONE_WORLD, ZoneKey,
-        ZoneValue,
+        PolicyKey, PolicyValue, VPATCH_KEY_PROTO_BITS, VpatchKey, VpatchValue, ZONE_HAS_CIDRS, ZONE_LEARN,
+        ZONE_REMEDIATION, ZONE_WORLD, ZoneKey, ZoneValue,
     },
 };
 use globset::{GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ruleset::{Access, MemberMatch, Mode, RuleSet, WORLD},
+    ruleset::{Access, Binding, MemberMatch, Mode, RuleSet, UnboundPorts, WORLD},
     types::MacAddr,
 };
 
@@ -303,6 +303,13 @@ pub struct CompiledRules {
     pub pair_markers: Vec<PolicyEntry>,
     /// `DatapathConfig::default_inter_zone`: a `Verdict` as u8.
     pub default_inter_zone: u8,
+    /// `DatapathConfig::unbound_ports`: an `UNBOUND_*` value.
+    pub unbound_ports: u8,
+    /// Some zone learns bindings on first use (`CONFIG_LEARN`).
+    pub learn: bool,
+    /// `world` learns too (`CONFIG_LEARN_WORLD`): a port whose first address is in no
+    /// zone's networks is locked into `world` (unless `world` says `binding: host`).
+    pub learn_world: bool,
     /// Policy names by policy id.
     pub policy_names: Vec<String>,
     /// Virtual patches by patch id.
@@ -374,7 +381,13 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
             Access::Allow => Verdict::Allowed,
             Access::Deny => Verdict::Denied,
         };
-        let flags = if zone.endpoints.remediation { ZONE_REMEDIATION } else { 0 };
+        let mut flags = if zone.endpoints.remediation { ZONE_REMEDIATION } else { 0 };
+        if zone.binding == Binding::Learn {
+            flags |= ZONE_LEARN;
+        }
+        if zone.members.iter().any(|m| matches!(m.matcher, MemberMatch::Cidr(_))) {
+            flags |= ZONE_HAS_CIDRS;
+        }
         zones.push(ZoneEntry { zone: zid, value: ZoneValue { intra_zone: intra as u8, flags, _pad: [0; 2] } });
         for member in &zone.members {
             match &member.matcher {
@@ -419,7 +432,17 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         Access::Allow => Verdict::Allowed,
         Access::Deny => Verdict::Denied,
     } as u8;
+    let learn_world = rules.zone(WORLD).is_none_or(|w| w.binding == Binding::Learn);
+    let learn = learn_world || rules.zones.iter().any(|z| z.binding == Binding::Learn);
+    let unbound_ports = match rules.unbound_ports {
+        UnboundPorts::Quarantine => backplane_common::config::UNBOUND_QUARANTINE,
+        UnboundPorts::Deny => backplane_common::config::UNBOUND_DENY,
+        UnboundPorts::Observe => backplane_common::config::UNBOUND_OBSERVE,
+    };
     CompiledRules {
+        unbound_ports,
+        learn,
+        learn_world,
         endpoints,
         cidrs,
         interfaces,

@@ -86,6 +86,7 @@ impl RuleSet {
                     location,
                     endpoints: crate::ZoneEndpoints::default(),
                     on_rules_failure: OnRulesFailure::Closed,
+                    binding: crate::Binding::default(),
                 },
             );
         }
@@ -120,6 +121,7 @@ impl RuleSet {
             default_inter_zone_at: None,
             endpoints: self.endpoints.clone(),
             virtual_patches: self.virtual_patches.clone(),
+            unbound_ports: self.unbound_ports,
         }
     }
 }

@@ -31,6 +31,6 @@ pub use inventory::{
     check_endpoint_name,
 };
 pub use load::{MAX_FILE_BYTES, MAX_ZONES, load_rules, parse_rules, read_rule_file, rule_files};
-pub use ruleset::{Access, AllowEntry, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet, WORLD, Zone};
+pub use ruleset::{Access, AllowEntry, Binding, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet, UnboundPorts, WORLD, Zone};
 pub use types::{Cidr, MacAddr, PortRange, Proto, SourcePos};
 pub use yaml::{MAX_ALIAS_NODES, MAX_LOOKAHEAD, MAX_NESTING, MAX_NODES, MAX_SCALAR_BYTES};

@@ -160,6 +160,7 @@ struct Loader {
     zones: Vec<Zone>,
     policies: Vec<PendingPolicy>,
     default_inter_zone: Option<(Access, SourcePos)>,
+    unbound_ports: Option<(crate::UnboundPorts, SourcePos)>,
     /// Index in `zones` by name.
     zone_index: HashMap<String, usize>,
     /// Index in `policies` by name.
@@ -213,7 +214,7 @@ impl Loader {
         if root.is_null() {
             return;
         }
-        let allowed = ["zones", "policies", "default_inter_zone", "endpoints", "virtual_patches"];
+        let allowed = ["zones", "policies", "default_inter_zone", "unbound_ports", "endpoints", "virtual_patches"];
         let Some(top) = self.fields_with(&root, "a rule file", &allowed, 3) else { return };
         if let Some(zones) = top.get("zones") {
             self.zones(zones);
@@ -223,6 +224,9 @@ impl Loader {
         }
         if let Some(node) = top.get("default_inter_zone") {
             self.default_inter_zone(node);
+        }
+        if let Some(node) = top.get("unbound_ports") {
+            self.unbound_ports(node);
         }
         if let Some(node) = top.get("endpoints") {
             self.endpoints(node);
@@ -335,6 +339,7 @@ impl Loader {
                 location: self.loc(key.pos),
                 endpoints: ZoneEndpoints::default(),
                 on_rules_failure: crate::OnRulesFailure::default(),
+                binding: crate::Binding::default(),
             };
             self.zone_body(&mut zone, value);
             self.zone_index.insert(zone.name.clone(), self.zones.len());
@@ -357,6 +362,7 @@ impl Loader {
             "must_not_share_node_with",
             "unknown_macs",
             "on_rules_failure",
+            "binding",
         ];
         let Some(fields) = self.fields_with(node, &what, &allowed, 2) else { return };
         if let Some(v) = fields.get("intra_zone") {
@@ -370,6 +376,14 @@ impl Loader {
                     let msg = format!("expected closed or open for on_rules_failure, found \"{other}\"");
                     self.error(v.pos, msg);
                 }
+                None => {}
+            }
+        }
+        if let Some(v) = fields.get("binding") {
+            match self.scalar(v, "binding: learn or host") {
+                Some("learn") => zone.binding = crate::Binding::Learn,
+                Some("host") => zone.binding = crate::Binding::Host,
+                Some(other) => self.error(v.pos, format!("expected learn or host for binding, found \"{other}\"")),
                 None => {}
             }
         }
@@ -827,6 +841,24 @@ impl Loader {
         endpoints
     }
 
+    fn unbound_ports(&mut self, node: &Node) {
+        let value = match self.scalar(node, "unbound_ports: quarantine, deny or observe") {
+            Some("quarantine") => crate::UnboundPorts::Quarantine,
+            Some("deny") => crate::UnboundPorts::Deny,
+            Some("observe") => crate::UnboundPorts::Observe,
+            Some(other) => {
+                let msg = format!("expected quarantine, deny or observe for unbound_ports, found \"{other}\"");
+                return self.error(node.pos, msg);
+            }
+            None => return,
+        };
+        if let Some((_, first)) = &self.unbound_ports {
+            let msg = format!("unbound_ports is set twice (first at {first})");
+            return self.error(node.pos, msg);
+        }
+        self.unbound_ports = Some((value, self.loc(node.pos)));
+    }
+
     fn default_inter_zone(&mut self, node: &Node) {
         let Some(access) = self.access(node, "default_inter_zone") else { return };
         if let Some((_, first)) = &self.default_inter_zone {
@@ -880,6 +912,7 @@ impl Loader {
             default_inter_zone_at,
             endpoints,
             virtual_patches: self.virtual_patches,
+            unbound_ports: self.unbound_ports.map(|(u, _)| u).unwrap_or_default(),
         })
     }
 }

@@ -32,6 +32,60 @@ pub struct RuleSet {
     pub endpoints: Vec<Endpoint>,
     /// `virtual_patches:`, in written order; a patch's id is its index here.
     pub virtual_patches: Vec<VirtualPatch>,
+    /// What a VM port nobody bound gets (`unbound_ports:`).
+    pub unbound_ports: UnboundPorts,
+}
+
+/// A zone's `binding:` setting: who may say that a VM port's endpoint is in the zone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Binding {
+    /// Trust on first use: an unbound VM port is locked to the first source MAC it sends
+    /// and, for a MAC outside the inventory, to the zone of the first address it sends
+    /// from inside this zone's networks (as a switch's port security learns). What that
+    /// trusts: the first frames of a port decide its identity, so a guest that sends
+    /// before the VM meant to be there (or a VM that boots with another's MAC while that
+    /// one is not running here) takes that identity. The default, so that rule sets
+    /// written before bindings existed keep working.
+    #[default]
+    Learn,
+    /// Only the host binds (`backplane endpoint bind`, the libvirt hook): an unbound port
+    /// never becomes this zone's.
+    Host,
+}
+
+impl Binding {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Learn => "learn",
+            Self::Host => "host",
+        }
+    }
+}
+
+/// The rule set's `unbound_ports:` setting: what a VM port gets while nobody bound it
+/// and it cannot learn an identity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum UnboundPorts {
+    /// Judged as a quarantined endpoint: it reaches only remediation zones.
+    #[default]
+    Quarantine,
+    /// Everything from and to it is dropped.
+    Deny,
+    /// Judged by the addresses its frames carry, as before bindings: a guest there picks
+    /// its own zone. For watching a rule set before bindings exist.
+    Observe,
+}
+
+impl UnboundPorts {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quarantine => "quarantine",
+            Self::Deny => "deny",
+            Self::Observe => "observe",
+        }
+    }
 }
 
 impl RuleSet {
@@ -137,6 +191,8 @@ pub struct Zone {
     /// What the zone gets when the rules cannot be loaded at start and nothing is in
     /// force (see [`RuleSet::failure_rules`]).
     pub on_rules_failure: crate::OnRulesFailure,
+    /// Who may bind a VM port into the zone.
+    pub binding: Binding,
 }
 
 /// One `members:` entry: something that puts an end of a flow into a zone.

@@ -29,6 +29,7 @@ use crate::{
 };
 
 pub mod args;
+pub mod libvirt_hook;
 pub mod render;
 pub mod top;
 
@@ -68,6 +69,9 @@ pub enum Command {
     /// Show what the running kernel offers the data path (exit 1 if a required feature
     /// is missing) and, with --programs, each program's verifier figures.
     Kernel(KernelArgs),
+    /// libvirt's qemu hook (deploy/libvirt/qemu runs it, the domain XML on stdin): binds
+    /// each interface's MAC to its tap when a guest starts, unbinds it when it stops.
+    LibvirtHook(libvirt_hook::LibvirtHookArgs),
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +127,27 @@ pub enum EndpointCommand {
     List {
         #[arg(long)]
         json: bool,
+    },
+    /// Bind a VM port to the endpoint behind it (the host's word, as the libvirt hook
+    /// says it): the port's frames must carry the endpoint's MAC and are judged as it.
+    Bind {
+        /// The endpoint's name [or give --mac].
+        name: Option<String>,
+        /// The VM port (tap) the endpoint is behind.
+        #[arg(long, value_name = "IFACE")]
+        port: String,
+        /// The endpoint's MAC: an inventory endpoint's, or any other (then its zone is
+        /// learned from its first address where zones allow it, else it is quarantined).
+        #[arg(long, value_name = "MAC")]
+        mac: Option<String>,
+        /// The orchestrator's name of the VM, for the audit log.
+        #[arg(long, value_name = "NAME")]
+        domain: Option<String>,
+    },
+    /// The VM behind a port is gone: unbind the port.
+    Unbind {
+        #[arg(long, value_name = "IFACE")]
+        port: String,
     },
     /// Tell this node's agent that an endpoint is here now (its flows follow it).
     Moved {
@@ -280,6 +305,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => return Ok(check(&args)),
         Command::Kernel(args) => return kernel_report(&args),
+        Command::LibvirtHook(args) => return Ok(libvirt_hook::run(&args).await),
         Command::Explain(args) => return explain(&args).await,
         Command::Endpoint(args) => endpoint_command(args).await?,
         Command::Audit(args) => {
@@ -318,6 +344,17 @@ async fn endpoint_command(args: EndpointArgs) -> anyhow::Result<()> {
             } else {
                 print!("{}", render_endpoints(&list));
             }
+        }
+        EndpointCommand::Bind { name, port, mac, domain } => {
+            if name.is_none() == mac.is_none() {
+                anyhow::bail!("say which endpoint: its NAME or --mac MAC (one of them)");
+            }
+            let info: EndpointInfo = client.call(Request::EndpointBind { port, mac, name, domain }).await?;
+            print!("{}", render_endpoints(std::slice::from_ref(&info)));
+        }
+        EndpointCommand::Unbind { port } => {
+            let _: serde_json::Value = client.call(Request::EndpointUnbind { port: port.clone() }).await?;
+            println!("unbound {port}");
         }
         EndpointCommand::Moved { name, to_port } => {
             let info: EndpointInfo = client.call(Request::EndpointMoved { name, to_port }).await?;

@@ -57,6 +57,23 @@ pub enum Request {
         #[serde(default)]
         to_port: Option<String>,
     },
+    /// The host says which endpoint is behind a VM port (`backplane endpoint bind`, the
+    /// libvirt hook): the endpoint with `mac` (or named `name`) is bound to `port`; what
+    /// the port sends is judged as that endpoint, and frames from any other MAC are
+    /// dropped. `domain`: the orchestrator's name for the VM, for the audit log.
+    #[serde(rename = "endpoint_bind")]
+    EndpointBind {
+        port: String,
+        #[serde(default)]
+        mac: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        domain: Option<String>,
+    },
+    /// The host says the VM behind `port` is gone (or leaving): the port is unbound.
+    #[serde(rename = "endpoint_unbind")]
+    EndpointUnbind { port: String },
     /// The records of the audit log.
     Audit,
 }

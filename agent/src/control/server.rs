@@ -147,6 +147,16 @@ async fn handle_client(stream: UnixStream, agent: &Agent) -> io::Result<()> {
             Ok(info) => write_line(&mut write, &info).await,
             Err(e) => write_error(&mut write, e).await,
         },
+        Request::EndpointBind { port, mac, name, domain } => {
+            match agent.endpoints().bind(&port, mac.as_deref(), name.as_deref(), domain.as_deref()).await {
+                Ok(info) => write_line(&mut write, &info).await,
+                Err(e) => write_error(&mut write, e).await,
+            }
+        }
+        Request::EndpointUnbind { port } => match agent.endpoints().unbind(&port) {
+            Ok(()) => write_line(&mut write, &serde_json::json!({"unbound": port})).await,
+            Err(e) => write_error(&mut write, e).await,
+        },
         Request::Audit => write_line(&mut write, &agent.endpoints().audit_records()).await,
     }
 }

@@ -445,6 +445,9 @@ impl Datapath {
         let zone = self.port_zone(name);
         let hook = self.hook_for(role);
         let info = PortInfo { role: role as u8, zone: [zone, zone], ingress: hook.port_info(), ..PortInfo::default() };
+        // A fresh port starts unbound: a lock on first use left under its ifindex was
+        // another device's.
+        self.set_learned(ifindex, None);
         self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
             ifname: name.into(),
             ifindex,
@@ -681,6 +684,8 @@ impl Datapath {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => log::warn!("{}: cannot remove PORTS entry: {}", port.name, report(&e)),
         }
+        // What the port locked on first use was its VM's; the next device is another.
+        self.set_learned(ifindex, None);
         port.ingress.detach();
         port.tc.detach();
         true

@@ -36,10 +36,10 @@ use aya::{
 };
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
-    config::{CONFIG_ENFORCE, CONFIG_INDEX},
+    config::{BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedValue, PORT_ADDRS_FIXED},
     config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT,
         PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
     },
     policy::{ZonePairKey, ZonePairStats},
@@ -264,6 +264,8 @@ pub struct Datapath {
     /// ingress hook is XDP need it, and they are refused with this reason.
     xdp_unavailable: Option<String>,
     ports_map: BpfHashMap<MapData, u32, PortInfo>,
+    /// What unbound VM ports locked on first use (see the data path's `identity`).
+    learned: BpfHashMap<MapData, u32, LearnedValue>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     ports: BTreeMap<u32, AttachedPort>,
@@ -272,6 +274,18 @@ pub struct Datapath {
     zone_pair_stats: PerCpuHashMap<MapData, ZonePairKey, ZonePairStats>,
     /// The compiled rule set in force, which gives ports their zones; `None`: observe only.
     rules: Option<Arc<CompiledRules>>,
+}
+
+/// What the endpoints want a VM port bound to, for one half of the rule tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortBinding {
+    /// `BINDING_HOST` or `BINDING_LEARNED`.
+    pub kind: u8,
+    pub mac: [u8; 6],
+    /// The endpoint's addresses are fixed (inventory `ips`).
+    pub fixed: bool,
+    pub zone: u16,
+    pub standing: u16,
 }
 
 /// A rule set written into the half of the rule tables that is not in force, waiting for
@@ -337,6 +351,7 @@ impl Datapath {
         let samples =
             RingBuf::try_from(take_map(&mut ebpf, PAYLOAD_SAMPLES)?).map_err(DatapathError::map(PAYLOAD_SAMPLES))?;
         let ports_map = BpfHashMap::try_from(take_map(&mut ebpf, PORTS)?).map_err(DatapathError::map(PORTS))?;
+        let learned = BpfHashMap::try_from(take_map(&mut ebpf, LEARNED)?).map_err(DatapathError::map(LEARNED))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
         // A new CONFIG is all zeros: generation 0, observe only until rule sets arrive. An
         // adopted one keeps the generation in force (see `observe_only`).
@@ -361,6 +376,7 @@ impl Datapath {
             program_ids: ProgramIds { from_port, from_port_tc, to_port },
             xdp_unavailable,
             ports_map,
+            learned,
             counters,
             config,
             ports: BTreeMap::new(),
@@ -512,7 +528,7 @@ impl Datapath {
         let slot = rule_tables::next_slot(&config);
         self.rule_tables.write_slot_with(slot, &compiled, overlay)?;
         let ports: Vec<(u32, &str)> = self.ports.iter().map(|(&i, p)| (i, p.name.as_str())).collect();
-        rule_tables::write_port_zones(&mut self.ports_map, slot, &compiled, ports)?;
+        rule_tables::write_port_zones(&mut self.ports_map, slot, &compiled, ports, overlay)?;
         Ok(StagedRules { slot, compiled })
     }
 
@@ -538,8 +554,13 @@ impl Datapath {
 
     /// Writes what the endpoints want changed in the half `slot` of the rule tables
     /// (the half in force, one entry at a time: a packet sees the old or the new entry).
-    /// Every entry is tried; a failure is logged and leaves that entry as it was.
+    /// Every entry is tried; a failure is logged and leaves that entry as it was. The
+    /// ports' bindings are written first: a standing that tightens closes `to_port`'s
+    /// shortcut before the entry changes.
     pub fn write_endpoints(&mut self, slot: u8, change: &EndpointChange) -> EndpointChangeDone {
+        if let Some(bindings) = &change.ports {
+            self.write_port_bindings(slot, bindings);
+        }
         let tables = &mut self.rule_tables;
         let mut done = EndpointChangeDone::default();
         for (mac, value) in &change.write {
@@ -567,6 +588,72 @@ impl Datapath {
         }
         done.owners = change.owners.as_ref().map(|owners| tables.set_owners(owners));
         done
+    }
+
+    /// Writes the bindings of the attached VM ports into `PORTS` for the half `slot`: a
+    /// port in `bindings` gets its endpoint's MAC, zone and standing; any other VM port is
+    /// unbound (its zone: the one `interface:` members give it).
+    pub fn write_port_bindings(&mut self, slot: u8, bindings: &std::collections::HashMap<u32, PortBinding>) {
+        let vm_ports: Vec<(u32, String)> = self
+            .ports
+            .iter()
+            .filter(|(_, p)| p.role == PortRole::Vm)
+            .map(|(&i, p)| (i, p.name.clone()))
+            .collect();
+        for (ifindex, name) in vm_ports {
+            let Ok(info) = self.ports_map.get(&ifindex, 0) else { continue };
+            let s = usize::from(slot & 1);
+            let mut new = info;
+            match bindings.get(&ifindex) {
+                Some(b) => {
+                    new.binding = b.kind;
+                    new.mac = b.mac;
+                    new.zone[s] = b.zone;
+                    new.standing[s] = b.standing;
+                    new.flags = if b.fixed { new.flags | PORT_ADDRS_FIXED } else { new.flags & !PORT_ADDRS_FIXED };
+                }
+                None => {
+                    new.binding = BINDING_NONE;
+                    new.mac = [0; 6];
+                    new.standing = [0; 2];
+                    new.zone[s] = self.port_zone(&name);
+                    new.flags &= !PORT_ADDRS_FIXED;
+                }
+            }
+            if new != info
+                && let Err(e) = self.ports_map.insert(ifindex, new, 0)
+            {
+                log::error!("{name}: cannot write its binding into PORTS: {}", report(&e));
+            }
+        }
+    }
+
+    /// What VM port `ifindex` locked on first use, if it did.
+    #[must_use]
+    pub fn learned(&self, ifindex: u32) -> Option<LearnedValue> {
+        self.learned.get(&ifindex, 0).ok()
+    }
+
+    /// Every port's lock on first use (a previous agent's too: the map is pinned).
+    #[must_use]
+    pub fn all_learned(&self) -> Vec<(u32, LearnedValue)> {
+        self.learned.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Sets what VM port `ifindex` is locked to (the host said which MAC is behind it,
+    /// and its zone is still to learn), or clears the lock (`None`: the port's VM is
+    /// gone, or the host bound it).
+    pub fn set_learned(&mut self, ifindex: u32, value: Option<LearnedValue>) {
+        let result = match value {
+            Some(v) => self.learned.insert(ifindex, v, 0),
+            None => match self.learned.remove(&ifindex) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(e) = result {
+            log::error!("cannot write LEARNED for ifindex {ifindex}: {}", report(&e));
+        }
     }
 
     /// The flags of the endpoint entries in the half of the rule tables in force;

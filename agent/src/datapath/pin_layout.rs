@@ -37,13 +37,16 @@ use std::{
 };
 
 use backplane_common::maps::{
-    CONFIG, ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES,
+    CONFIG, ENDPOINTS, PORTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES,
 };
 
 use crate::datapath::pins::{next_key, obj_get, sys_bpf};
 
 /// The double-buffered rule tables: rewritten by the agent, never copied.
 const RULE_TABLES: [&str; 5] = [ENDPOINTS, ZONE_CIDRS, ZONES, POLICIES, VPATCHES];
+/// Maps whose values grew at their end since an older layout (`PORTS`: 8 bytes up to
+/// layout 2, 24 from 3; the binding fields start unbound).
+const GROWN: [&str; 1] = [PORTS];
 
 /// `BPF_MAP_LOOKUP_ELEM`, `BPF_MAP_UPDATE_ELEM`.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -130,7 +133,7 @@ pub fn upgrade(version: u32, from: &Path, to: &Path, resume: bool) -> Result<Mig
         if !old.exists() || RULE_TABLES.contains(&name) || (resume && name == CONFIG) {
             continue;
         }
-        let n = copy_map(&old, &new, if resume { BPF_NOEXIST } else { BPF_ANY })
+        let n = copy_map(&old, &new, if resume { BPF_NOEXIST } else { BPF_ANY }, GROWN.contains(&name))
             .map_err(|e| format!("copying {name} from {} to {}: {e}", old.display(), new.display()))?;
         copied.push((name, n));
     }
@@ -143,7 +146,7 @@ impl Migration {
     /// when the last program that uses them does). Returns the flows copied late.
     #[must_use = "the number of flows copied late is worth a log line"]
     pub fn finish(self) -> usize {
-        let late = copy_map(&self.from.join(FLOWS), &self.to.join(FLOWS), BPF_NOEXIST).unwrap_or_else(|e| {
+        let late = copy_map(&self.from.join(FLOWS), &self.to.join(FLOWS), BPF_NOEXIST, false).unwrap_or_else(|e| {
             log::warn!("upgrade: copying the last flows of layout {}: {e}", self.version);
             0
         });
@@ -179,13 +182,16 @@ fn layout(path: &Path) -> io::Result<(u32, usize, usize)> {
 /// Copies every entry of the map pinned at `from` into the map pinned at `to` with
 /// update `flags`; entries that vanish while being copied are skipped, and with
 /// `BPF_NOEXIST` entries already in `to` are left as they are. Returns the number copied.
-fn copy_map(from: &Path, to: &Path, flags: u64) -> io::Result<usize> {
+/// `grown`: the map's values grew at their end in this layout (their old bytes keep
+/// their meaning): each old value is copied and zero-extended.
+fn copy_map(from: &Path, to: &Path, flags: u64, grown: bool) -> io::Result<usize> {
     let (map_type, key_size, value_size) = layout(from)?;
     if map_type == RINGBUF {
         return Ok(0);
     }
     let (to_type, to_key, to_value) = layout(to)?;
-    if (to_type, to_key, to_value) != (map_type, key_size, value_size) {
+    let extends = grown && (to_type, to_key) == (map_type, key_size) && to_value > value_size;
+    if !extends && (to_type, to_key, to_value) != (map_type, key_size, value_size) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
@@ -197,6 +203,7 @@ fn copy_map(from: &Path, to: &Path, flags: u64) -> io::Result<usize> {
     let mut key = vec![0u8; key_size.max(1)];
     let mut next = vec![0u8; key_size.max(1)];
     let mut value = vec![0u8; value_size.max(1)];
+    let mut grown_value = vec![0u8; to_value.max(1)];
     let mut copied = 0;
     let mut first = true;
     loop {
@@ -208,7 +215,13 @@ fn copy_map(from: &Path, to: &Path, flags: u64) -> io::Result<usize> {
         if !elem(&src, BPF_MAP_LOOKUP_ELEM, &key, &mut value, 0)? {
             continue;
         }
-        match elem(&dst, BPF_MAP_UPDATE_ELEM, &key, &mut value, flags) {
+        let value = if extends {
+            grown_value[..value_size].copy_from_slice(&value);
+            &mut grown_value
+        } else {
+            &mut value
+        };
+        match elem(&dst, BPF_MAP_UPDATE_ELEM, &key, value, flags) {
             Ok(_) => copied += 1,
             // Already there (arrays always are): left as it is.
             Err(e) if flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST) => {}

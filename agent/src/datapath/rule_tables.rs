@@ -13,7 +13,7 @@ use aya::{
 };
 use backplane_common::{
     DatapathConfig, PortInfo,
-    config::{CONFIG_ENFORCE, CONFIG_INDEX},
+    config::{CONFIG_ENFORCE, CONFIG_INDEX, CONFIG_LEARN, CONFIG_LEARN_WORLD},
     maps::{ADDR_OWNERS, CONFIG, ENDPOINTS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONES},
     policy::{
         AddrKey, EndpointKey, EndpointValue, OwnerKey, OwnerValue, PolicyKey, PolicyValue, VpatchKey, VpatchValue,
@@ -46,6 +46,9 @@ pub struct EndpointChange {
     pub remove_vpatches: Vec<VpatchEntry>,
     /// What `ADDR_OWNERS` must hold; `None`: left as it is.
     pub owners: Option<std::collections::HashMap<OwnerKey, OwnerValue>>,
+    /// The binding of every VM port (ports not here are unbound); `None`: left as
+    /// they are.
+    pub ports: Option<std::collections::HashMap<u32, crate::datapath::PortBinding>>,
 }
 
 /// What was written of an [`EndpointChange`].
@@ -359,17 +362,38 @@ impl RuleTables {
     }
 }
 
-/// Sets each attached port's zone for `slot` from the rule set's interface members.
-/// `ports` yields (ifindex, name).
+/// Sets each attached port's zone and standing for `slot`: a bound port's from its
+/// endpoint's entry in `overlay` (the entries whose `ifindex` is the port), any other's
+/// from the rule set's interface members. `ports` yields (ifindex, name).
 pub fn write_port_zones<'a>(
     ports_map: &mut HashMap<MapData, u32, PortInfo>,
     slot: u8,
     rules: &CompiledRules,
     ports: impl IntoIterator<Item = (u32, &'a str)>,
+    overlay: &EndpointOverlay,
 ) -> Result<(), TableError> {
+    let s = usize::from(slot & 1);
     for (ifindex, name) in ports {
         let Ok(mut info) = ports_map.get(&ifindex, 0) else { continue };
-        info.zone[usize::from(slot & 1)] = rules.zone_for_interface(name).unwrap_or(0);
+        let bound = (info.binding != backplane_common::config::BINDING_NONE)
+            .then(|| overlay.endpoints.iter().find(|(mac, v)| v.ifindex == ifindex && mac.0 == info.mac))
+            .flatten();
+        match bound {
+            Some((_, value)) => {
+                info.zone[s] = value.zone;
+                info.standing[s] = value.flags;
+            }
+            // A learned port outside the inventory keeps its zone (zone ids last across
+            // rule sets).
+            None if info.binding != backplane_common::config::BINDING_NONE => {
+                info.zone[s] = info.zone[s ^ 1];
+                info.standing[s] = 0;
+            }
+            None => {
+                info.zone[s] = rules.zone_for_interface(name).unwrap_or(0);
+                info.standing[s] = 0;
+            }
+        }
         ports_map.insert(ifindex, info, 0).map_err(map_err(PORTS))?;
     }
     Ok(())
@@ -384,11 +408,19 @@ pub fn activate(
 ) -> Result<u32, TableError> {
     let old = config.get(&CONFIG_INDEX, 0).map_err(map_err(CONFIG))?;
     let generation = old.generation.wrapping_add(1).max(1);
+    let mut flags = (old.flags | CONFIG_ENFORCE) & !(CONFIG_LEARN | CONFIG_LEARN_WORLD);
+    if rules.learn {
+        flags |= CONFIG_LEARN;
+    }
+    if rules.learn_world {
+        flags |= CONFIG_LEARN_WORLD;
+    }
     let new = DatapathConfig {
         generation,
         active_slot: slot & 1,
-        flags: old.flags | CONFIG_ENFORCE,
+        flags,
         default_inter_zone: rules.default_inter_zone,
+        unbound_ports: rules.unbound_ports,
         ..DatapathConfig::default()
     };
     config.set(CONFIG_INDEX, new, 0).map_err(map_err(CONFIG))?;

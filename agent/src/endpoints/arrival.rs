@@ -104,11 +104,21 @@ impl Endpoints {
             // Seen through an uplink: the endpoint is on another node; etcd says which.
             return;
         }
+        if event.key.proto == Announcement::Learned as u8 {
+            return self.learned(mac, event.ifindex, &port, event.ts_ns).await;
+        }
         let kind = match event.key.proto {
             k if k == Announcement::Rarp as u8 => "rarp",
             k if k == Announcement::GratuitousArp as u8 => "gratuitous arp",
             _ => "neighbour advertisement",
         };
+        // A hint, never a claim: only the MAC the port is bound or locked to counts.
+        let bound_here = self.lock().bound.get(&mac).is_some_and(|b| b.ifindex == event.ifindex);
+        let locked_here = self.datapath.lock().expect("datapath lock").learned(event.ifindex).is_some_and(|l| l.mac == mac.0);
+        if !bound_here && !locked_here {
+            log::debug!("{mac} announced itself on {port} ({kind}), which is not bound to it: ignored");
+            return;
+        }
         log::debug!("{mac} announced itself on {port} ({kind})");
         self.arrive(mac, event.ifindex, &port, Some(event.ts_ns), kind).await;
     }
@@ -148,13 +158,17 @@ impl Endpoints {
                 st.bound.remove(&mac);
             }
         }
-        self.arrive(mac, ifindex, &port, None, "operator").await;
+        if to_port.is_some() {
+            self.arrive_bound(mac, ifindex, &port, "operator").await;
+        } else {
+            self.arrive(mac, ifindex, &port, None, "operator").await;
+        }
         self.info(name)
     }
 
     /// An endpoint is on port `ifindex` here: bind it, and if it came from elsewhere,
     /// carry its flows. `since_ns`: the kernel time of the announcement.
-    async fn arrive(self: &Arc<Self>, mac: MacAddr, ifindex: u32, port: &str, since_ns: Option<u64>, cause: &str) {
+    pub(super) async fn arrive(self: &Arc<Self>, mac: MacAddr, ifindex: u32, port: &str, since_ns: Option<u64>, cause: &str) {
         let started = Instant::now();
         let Some(arrival) = self.classify(mac, ifindex, port, cause).await else { return };
         let location = self.bind_here(&arrival);
@@ -232,7 +246,8 @@ impl Endpoints {
         };
         let mut st = self.lock();
         st.bound.retain(|m, b| *m == a.mac || b.ifindex != a.ifindex);
-        st.bound.insert(a.mac, Bound { ifindex: a.ifindex, port: a.port.to_owned() });
+        let host = st.bound.get(&a.mac).is_some_and(|b| b.host && b.ifindex == a.ifindex);
+        st.bound.insert(a.mac, Bound { ifindex: a.ifindex, port: a.port.to_owned(), host });
         st.locations.insert(a.mac, location.clone());
         location
     }
@@ -465,7 +480,7 @@ impl Endpoints {
         let Some(zone_name) = quarantine else { return };
         {
             let mut st = self.lock();
-            st.unknown.insert(mac, (Bound { ifindex, port: port.to_owned() }, zone));
+            st.unknown.insert(mac, (Bound { ifindex, port: port.to_owned(), host: false }, zone));
             let text =
                 format!("unknown MAC {mac} on {port} (zone {zone_name}) quarantined until it is in the inventory");
             Self::alert(&mut st, &text);
@@ -482,6 +497,8 @@ impl Endpoints {
         let gone: Vec<(MacAddr, Bound)> = {
             let mut st = self.lock();
             st.unknown.retain(|_, (b, _)| b.ifindex != ifindex);
+            st.learned_ports.remove(&ifindex);
+            st.host_bindings.retain(|h| h.ifindex != ifindex);
             let gone: Vec<(MacAddr, Bound)> =
                 st.bound.iter().filter(|(_, b)| b.ifindex == ifindex).map(|(m, b)| (*m, b.clone())).collect();
             gone

@@ -100,7 +100,9 @@ impl Endpoints {
                 .collect();
             Self::address_owners(wanted, &elsewhere, ips_of)
         });
+        let ports = st.bindings_restored.then(|| Self::port_bindings(st, wanted));
         EndpointChange {
+            ports,
             write: write.collect(),
             reset: reset.collect(),
             add_vpatches: vpatches.difference(&st.written_vpatches).copied().collect(),

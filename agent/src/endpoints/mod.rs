@@ -39,6 +39,7 @@ use crate::{
 
 pub mod arrival;
 pub mod audit;
+pub mod binding;
 pub mod kernel_sync;
 pub mod model;
 pub mod peers;
@@ -83,6 +84,9 @@ struct Persisted {
     /// MAC to last known location.
     #[serde(default)]
     locations: BTreeMap<String, Location>,
+    /// What the host bound (`endpoint bind`), by port.
+    #[serde(default)]
+    host_bindings: Vec<binding::HostBinding>,
 }
 
 /// An endpoint as the agent knows it: from the inventory or added at run time.
@@ -102,6 +106,8 @@ struct Def {
 struct Bound {
     ifindex: u32,
     port: String,
+    /// The host bound it (`endpoint bind`, `moved`); else the port locked it on first use.
+    host: bool,
 }
 
 #[derive(Default)]
@@ -116,6 +122,10 @@ struct State {
     bound: HashMap<MacAddr, Bound>,
     /// MACs outside the inventory quarantined on a port here: (port binding, zone id).
     unknown: HashMap<MacAddr, (Bound, u16)>,
+    /// Ports locked on first use to a MAC outside the inventory, by ifindex.
+    learned_ports: HashMap<u32, binding::LearnedPort>,
+    /// What the host bound, as the state file keeps it.
+    host_bindings: Vec<binding::HostBinding>,
     /// Endpoint ids of runtime endpoints and unknown MACs.
     ids: HashMap<MacAddr, u32>,
     next_id: u32,
@@ -230,6 +240,7 @@ impl Endpoints {
                     // re-established by announcements.
                     state.locations =
                         p.locations.into_iter().filter_map(|(m, l)| Some((m.parse::<MacAddr>().ok()?, l))).collect();
+                    state.host_bindings = p.host_bindings;
                     log::info!(
                         "endpoint state from {}: {} runtime endpoints, {} attestations, {} locations",
                         path.display(),
@@ -261,6 +272,7 @@ impl Endpoints {
             runtime: st.runtime.values().cloned().collect(),
             attested: st.attested.iter().map(|(n, d)| (n.clone(), d.to_string())).collect(),
             locations: st.locations.iter().map(|(m, l)| (m.to_string(), l.clone())).collect(),
+            host_bindings: st.host_bindings.clone(),
         };
         let path = self.opts.state_dir.join(STATE_FILE);
         let tmp = self.opts.state_dir.join(format!("{STATE_FILE}.tmp"));
@@ -744,25 +756,10 @@ impl Endpoints {
         }
     }
 
-    /// Binds the endpoints last seen on this node's ports again, to the ports attached
-    /// now (without writing the kernel): called once the adopted ports are known, before
-    /// the rules go in force, so that the first rule tables already bind their MACs.
+    /// Binds again what was bound on the adopted ports (see
+    /// [`Endpoints::restore_port_bindings`]): never by a port's name alone.
     pub fn bind_last_locations(&self) -> usize {
-        let ports: HashMap<String, u32> = {
-            let dp = self.datapath.lock().expect("datapath lock");
-            dp.attached_ports().into_iter().filter(|(i, _)| dp.is_vm_port(*i)).map(|(i, (n, _))| (n, i)).collect()
-        };
-        let mut st = self.lock();
-        let mine: Vec<(MacAddr, Location)> =
-            st.locations.iter().filter(|(_, l)| l.node == self.opts.node).map(|(m, l)| (*m, l.clone())).collect();
-        let mut n = 0;
-        for (mac, loc) in mine {
-            if let Some(&ifindex) = ports.get(&loc.port) {
-                st.bound.insert(mac, Bound { ifindex, port: loc.port.clone() });
-                n += 1;
-            }
-        }
-        n
+        self.restore_port_bindings()
     }
 
     /// Binds the endpoints last seen here to their ports once every port is attached,

@@ -9,6 +9,9 @@ pub const CONFIG_ENFORCE: u8 = 1 << 0;
 /// `DatapathConfig::flags` bit: some zone has `binding: learn`, so an unbound VM port
 /// sending from a MAC outside the inventory is locked to it (`LEARNED`).
 pub const CONFIG_LEARN: u8 = 1 << 1;
+/// `DatapathConfig::flags` bit: `world` learns too: a learning port whose first address
+/// is in no zone's networks is locked into `world`.
+pub const CONFIG_LEARN_WORLD: u8 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

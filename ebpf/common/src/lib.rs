@@ -47,6 +47,7 @@ user_pod!(
     flow::FragmentPorts,
     DatapathConfig,
     PortInfo,
+    config::LearnedValue,
     policy::PolicyKey,
     policy::PolicyValue,
     policy::EndpointKey,

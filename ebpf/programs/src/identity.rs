@@ -18,7 +18,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use backplane_common::{
     DatapathConfig, PortInfo, PortRole,
     config::{
-        BINDING_NONE, CONFIG_LEARN, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue, PORT_ADDRS_FIXED, UNBOUND_DENY,
+        BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue, PORT_ADDRS_FIXED, UNBOUND_DENY,
         UNBOUND_OBSERVE,
     },
     flow::FAMILY_IPV4,
@@ -141,10 +141,12 @@ fn learned_zone(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16])
     if learned.flags & LEARNED_ENDPOINT != 0 || is_unspecified(family, addr) {
         return None;
     }
-    let zone = cidr_zone(slot, family, addr)?;
-    if policy::zone_flags(slot, zone) & ZONE_LEARN == 0 {
-        return None;
-    }
+    let zone = match cidr_zone(slot, family, addr) {
+        Some(zone) if policy::zone_flags(slot, zone) & ZONE_LEARN != 0 => zone,
+        Some(_) => return None,
+        None if cfg.flags & CONFIG_LEARN_WORLD != 0 && !is_link_local_v6(family, addr) => ZONE_WORLD,
+        None => return None,
+    };
     learned.zone = zone;
     learned.slot = slot;
     learned.flags |= LEARNED_ZONE;
@@ -227,8 +229,9 @@ fn cidr_zone(slot: u8, family: u8, addr: &[u8; 16]) -> Option<u16> {
 ///   another node, its own MAC arriving here);
 /// - the unspecified address (DHCP, duplicate address detection) and IPv6 link-local
 ///   addresses nobody owns: any port;
-/// - any other address: not when the binding's addresses are fixed; else inside the
-///   sender's zone's networks when it has some.
+/// - any other address: not when the binding's addresses are fixed; else one that the
+///   zones' networks give the sender's zone (or no zone, for a sender whose zone has no
+///   networks), so that no node judging it by address puts it in another zone.
 ///
 /// Unbound ports (quarantined, or judged by address under `observe`) are held to the
 /// owners only.
@@ -247,9 +250,11 @@ pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &
     if port.flags & PORT_ADDRS_FIXED != 0 {
         return false;
     }
+    // The address must not put the sender in another zone (another node judges what it
+    // sends by address): inside its zone's networks, or in none when its zone has none.
     let slot = cfg.active_slot & 1;
-    if policy::zone_flags(slot, ident.zone) & ZONE_HAS_CIDRS == 0 {
-        return true;
+    match cidr_zone(slot, family, addr) {
+        Some(zone) => zone == ident.zone,
+        None => policy::zone_flags(slot, ident.zone) & ZONE_HAS_CIDRS == 0,
     }
-    cidr_zone(slot, family, addr) == Some(ident.zone)
 }
