@@ -57,7 +57,7 @@ fn setup(enforce: bool, role: PortRole, victim_port: u32) -> Setup {
         let compiled = compile(&rules, &ZoneIds::new());
         let mut config: Array<MapData, DatapathConfig> = Array::try_from(dp.ebpf.take_map(CONFIG).unwrap()).unwrap();
         tables.write_slot(0, &compiled).expect("write the rules");
-        write_port_zones(&mut ports, 0, &compiled, [(LOOPBACK_IFINDEX, "lo")]).unwrap();
+        write_port_zones(&mut ports, 0, &compiled, [(LOOPBACK_IFINDEX, "lo")], &Default::default()).unwrap();
         activate(&mut config, 0, &compiled).expect("activate");
         let zone_a = compiled.zone_ids.id("a").expect("zone a");
         let victim = EndpointValue { zone: zone_a, ifindex: victim_port, ..EndpointValue::default() };
