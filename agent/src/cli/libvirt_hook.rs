@@ -190,7 +190,8 @@ pub fn parse_config(text: &str) -> (BTreeMap<String, String>, Vec<String>) {
         let line = line.strip_prefix("export ").map_or(line, str::trim_start);
         let parsed = line.split_once('=').and_then(|(key, value)| {
             let key = key.trim();
-            let valid = !key.is_empty() && key.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            let valid =
+                !key.is_empty() && key.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
             valid.then(|| (key.to_owned(), unquote(value.trim()).to_owned()))
         });
         match parsed {
@@ -395,7 +396,11 @@ impl Hook<'_> {
                     iface.describe(index)
                 )),
                 (Some(_), None) => {
-                    self.say(format!("domain '{}': {} has no <mac address>: not bound", self.domain, iface.describe(index)));
+                    self.say(format!(
+                        "domain '{}': {} has no <mac address>: not bound",
+                        self.domain,
+                        iface.describe(index)
+                    ));
                 }
             }
         }
@@ -441,9 +446,9 @@ impl Hook<'_> {
                     }
                 }
                 self.say(format!(
-                    "domain '{}' not started: a port nobody bound is not started (failure policy closed; \
-                     {ON_FAILURE_KEY}=start-quarantined in {CONFIG_FILE} starts it with the port unbound, \
-                     quarantined)",
+                    "domain '{}' not started (failure policy closed: no guest starts on a port nobody bound; \
+                     {ON_FAILURE_KEY}=start-quarantined in {CONFIG_FILE} lets it start with the port \
+                     unbound, quarantined)",
                     self.domain
                 ));
                 1
@@ -478,7 +483,7 @@ impl Hook<'_> {
                     self.say(format!("domain '{}': {port} not unbound: the agent says: {reason}", self.domain));
                 }
                 Err(e) => self.say(format!(
-                    "domain '{}': cannot unbind {port} ({}); the agent unbinds it when the port goes away",
+                    "domain '{}': cannot unbind {port}: {}; the agent unbinds a port when it goes away",
                     self.domain,
                     report(&e)
                 )),
@@ -669,13 +674,7 @@ mod tests {
     }
 
     /// Runs the hook on `xml` with `agent`; returns the exit status and what it said.
-    fn hook(
-        op: &str,
-        sub: &str,
-        xml: &str,
-        on_failure: OnFailure,
-        agent: &mut FakeBindings,
-    ) -> (u8, Vec<String>) {
+    fn hook(op: &str, sub: &str, xml: &str, on_failure: OnFailure, agent: &mut FakeBindings) -> (u8, Vec<String>) {
         let config = config(on_failure);
         let mut hook = Hook { domain: "web-1", config: &config, said: Vec::new() };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -686,8 +685,7 @@ mod tests {
     #[test]
     fn interfaces_of_a_running_domain() {
         let ifaces = parse_interfaces(RUNNING).unwrap();
-        let summary: Vec<_> =
-            ifaces.iter().map(|i| (i.kind.as_str(), i.mac.as_deref(), i.target.as_deref())).collect();
+        let summary: Vec<_> = ifaces.iter().map(|i| (i.kind.as_str(), i.mac.as_deref(), i.target.as_deref())).collect();
         assert_eq!(
             summary,
             [
@@ -840,6 +838,38 @@ mod tests {
         let (c, w) = HookConfig::resolve(None, typo, &file);
         assert_eq!(c.on_failure, OnFailure::Closed);
         assert!(w[0].contains("start_quarantined") && w[0].contains("the environment"), "{w:?}");
+    }
+
+    #[test]
+    fn libvirts_arguments() {
+        use clap::Parser as _;
+
+        use crate::cli::{Cli, Command};
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Command::LibvirtHook(a)) => (a.domain, a.operation, a.sub_operation, a.extra, a.socket),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        let (domain, op, sub, extra, socket) = parse(&["backplane", "libvirt-hook", "web-1", "start", "begin", "-"]);
+        assert_eq!(
+            (domain.as_str(), op.as_str(), sub.as_str(), extra, socket),
+            ("web-1", "start", "begin", vec!["-".to_owned()], None)
+        );
+        // As deploy/libvirt/qemu runs it: a domain named like an option is still a name.
+        let (domain, _, _, extra, socket) = parse(&[
+            "backplane",
+            "libvirt-hook",
+            "--socket",
+            "/run/x.sock",
+            "--",
+            "--odd",
+            "release",
+            "end",
+            "migrated",
+        ]);
+        assert_eq!(
+            (domain.as_str(), extra, socket),
+            ("--odd", vec!["migrated".to_owned()], Some("/run/x.sock".into()))
+        );
     }
 
     fn config_at(socket: &str, on_failure: OnFailure) -> HookConfig {

@@ -648,6 +648,7 @@ impl Datapath {
             Some(v) => self.learned.insert(ifindex, v, 0),
             None => match self.learned.remove(&ifindex) {
                 Err(MapError::KeyNotFound) => Ok(()),
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
                 other => other,
             },
         };

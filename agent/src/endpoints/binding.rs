@@ -201,11 +201,17 @@ impl Endpoints {
         let Some(lock) = lock.filter(|l| l.mac == mac.0) else { return };
         log::info!("{port}: locked to {mac} on first use");
         let known = Self::def_by_mac(&self.lock(), mac).is_some();
+        // An `interface:` zone may quarantine a MAC outside the inventory (an arrival
+        // handles that too).
+        self.arrive(mac, ifindex, port, Some(since_ns), "first use").await;
         if known || lock.flags & LEARNED_ENDPOINT != 0 {
-            self.arrive(mac, ifindex, port, Some(since_ns), "first use").await;
+            return;
+        }
+        let port_zone = self.datapath.lock().expect("datapath lock").zone_of_port(ifindex);
+        if port_zone != 0 {
+            // The port's name gave it its zone: nothing left to learn.
+            self.confirm_learned(ifindex, port, mac, port_zone);
         } else {
-            // An `interface:` zone may quarantine a MAC outside the inventory.
-            self.arrive(mac, ifindex, port, Some(since_ns), "first use").await;
             Arc::clone(self).follow_learning(ifindex, port.to_owned(), mac);
         }
     }

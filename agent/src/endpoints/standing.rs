@@ -174,6 +174,17 @@ impl Endpoints {
                 EndpointValue { zone, flags: ENDPOINT_QUARANTINED, endpoint_id, ifindex: bound.ifindex, _pad: [0; 4] };
             overlay.endpoints.push((mac, value));
         }
+        // Ports locked on first use to a MAC outside the inventory: the MAC is the port's
+        // endpoint, in the zone its first address (or the port's name) chose, so that
+        // frames to it are judged for that zone where they enter the switch.
+        let learned: Vec<(u32, super::binding::LearnedPort)> = st.learned_ports.iter().map(|(i, l)| (*i, *l)).collect();
+        for (ifindex, l) in learned {
+            if overlay.endpoints.iter().any(|(m, _)| *m == l.mac) {
+                continue;
+            }
+            let endpoint_id = Self::id_for(st, l.mac);
+            overlay.endpoints.push((l.mac, EndpointValue { zone: l.zone, flags: 0, endpoint_id, ifindex, _pad: [0; 4] }));
+        }
         overlay
     }
 }

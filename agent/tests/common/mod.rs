@@ -5,6 +5,7 @@ pub mod agent;
 pub mod datapath;
 pub mod frames;
 pub mod hostile;
+pub mod scapy;
 pub mod traffic;
 
 /// The data path links the kernel has on host port `port`, by kind: `xdp`, `tc-ingress`,

@@ -87,7 +87,7 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             return drop(Counter::ToOwnMac);
         }
         if let Sender::Learned = sender {
-            events::announce(Announcement::Learned, &packet.src_mac, &packet.src, 0, 0, ifindex, now());
+            events::announce(Announcement::Learned, &packet.src_mac, &packet.src, FAMILY_IPV4, 0, ifindex, now());
         }
     }
     let action = match parse::parse(frame, packet) {
