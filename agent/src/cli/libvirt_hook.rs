@@ -68,7 +68,7 @@ pub struct LibvirtHookArgs {
     /// guest stopped.
     #[arg(allow_hyphen_values = true)]
     pub extra: Vec<String>,
-    /// The agent's control socket [default: $BACKPLANE_SOCKET, else BACKPLANE_SOCKET in
+    /// The agent's control socket [default: `$BACKPLANE_SOCKET`, else `BACKPLANE_SOCKET` in
     /// /etc/default/backplane-libvirt-hook, else /run/backplane/backplane.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
