@@ -24,6 +24,8 @@ pub(crate) const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "prometheus",
     "nfdump",
+    // identity_lab: hostile guests write their frames with scapy.
+    "python3-scapy",
     // `cargo xtask test-kernel`: a QEMU guest with a busybox initramfs; modinfo reads the
     // guest kernel's module dependencies.
     "qemu-system-x86",
