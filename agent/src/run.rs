@@ -214,8 +214,8 @@ fn load_datapath(opts: &RunOptions, checked: &mut Checked) -> Result<Loaded, Age
     // agent's maps, its ports switched to this agent's programs once the rules are in
     // force. Its rule tables are not carried, so nothing of it counts as in force here.
     let found = pin_layout::find(&opts.pin_dir);
-    let pins = datapath::check_pins(DATAPATH_OBJECT, dp_opts, &found.dir(&opts.pin_dir))?;
     let upgrading = matches!(found, pin_layout::Found::Older { .. });
+    let pins = datapath::check_pins(DATAPATH_OBJECT, dp_opts, &found.dir(&opts.pin_dir), upgrading)?;
     let inherited = datapath::pinned_config(&found.dir(&opts.pin_dir))
         .filter(|c| pins.adopting() && !upgrading && c.flags & CONFIG_ENFORCE != 0);
     // Rule files that do not load keep what is in force, or put the last good copy in

@@ -71,10 +71,15 @@ fn the_previous_release_is_upgraded_in_place_under_traffic_and_denied_stays_deni
             }
             (got_through, attempts)
         });
-        let new = Agent::start(&lab, &["--rules", rules_arg]);
-        std::thread::sleep(Duration::from_secs(2));
+        // A failed start must stop the prober too, or the scope would wait for it forever.
+        let new = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let new = Agent::start(&lab, &["--rules", rules_arg]);
+            std::thread::sleep(Duration::from_secs(2));
+            new
+        }));
         done.store(true, Ordering::Relaxed);
-        (new, prober.join().expect("the prober"))
+        let probed = prober.join().expect("the prober");
+        (new.unwrap_or_else(|e| std::panic::resume_unwind(e)), probed)
     });
     assert_eq!(got_through, 0, "a denied connection got through during the upgrade");
     assert!(attempts >= 2, "the denied flow was tried during the upgrade ({attempts} times)");

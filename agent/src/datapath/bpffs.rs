@@ -98,12 +98,21 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File, DatapathError> {
 /// upgrades: see [`pin_layout`]) against the layouts the object defines: a map of
 /// another layout would be misread by the new programs, so the start ends (nothing
 /// touched; a previous data path stays attached and in force).
-pub fn check_pins(object: &[u8], opts: &DatapathOptions, maps_dir: &Path) -> Result<PinCheck, DatapathError> {
+pub fn check_pins(
+    object: &[u8],
+    opts: &DatapathOptions,
+    maps_dir: &Path,
+    upgrading: bool,
+) -> Result<PinCheck, DatapathError> {
     let sizes =
         [(FLOWS, opts.flow_table_size), (FLOW_EVENTS, opts.ring_size), (PAYLOAD_SAMPLES, opts.payload_ring_size)];
     let wanted = pins::object_layouts(object, &sizes).map_err(DatapathError::ObjectMaps)?;
-    let check = pins::check_pinned_maps(maps_dir, &wanted)
+    let mut check = pins::check_pinned_maps(maps_dir, &wanted)
         .map_err(|reason| DatapathError::PinnedMaps { path: maps_dir.to_owned(), reason })?;
+    if upgrading {
+        // An older layout's map whose values grew since is copied and zero-extended.
+        check.mismatches.retain(|m| !super::pin_layout::grown_from(m.map, &m.pinned, &m.wanted));
+    }
     if !check.mismatches.is_empty() {
         return Err(DatapathError::IncompatiblePins { path: opts.pin_dir.clone(), mismatches: check.mismatches });
     }

@@ -59,6 +59,15 @@ const PER_CPU_TYPES: [u32; 3] = [5, 6, 10];
 /// `BPF_MAP_TYPE_RINGBUF`: nothing in it to carry.
 const RINGBUF: u32 = 27;
 
+/// Whether map `name` of an older layout, pinned as `pinned`, is the same map as this
+/// layout's `wanted` but for values that grew at their end (copied zero-extended).
+#[must_use]
+pub fn grown_from(name: &str, pinned: &super::pins::MapLayout, wanted: &super::pins::MapLayout) -> bool {
+    GROWN.contains(&name)
+        && (pinned.map_type, pinned.key_size, pinned.flags) == (wanted.map_type, wanted.key_size, wanted.flags)
+        && pinned.value_size < wanted.value_size
+}
+
 /// Where the maps of layout `version` are pinned under `pin_dir`.
 #[must_use]
 pub fn maps_dir(pin_dir: &Path, version: u32) -> PathBuf {

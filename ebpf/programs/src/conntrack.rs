@@ -371,11 +371,22 @@ fn rejudge(
     hook: Hook,
 ) {
     let j = judge_stored(cfg, key, flow, dir, packet, port, hook);
-    flow.zone = by_dir(flow.initiator, j.src_zone, j.dst_zone);
-    flow.verdict = j.verdict as u8;
-    flow.reason = j.reason as u8;
-    flow.policy_id = j.policy_id;
+    record_judgement(flow, &j);
     flow.generation = cfg.generation;
+}
+
+/// Writes a judgement (from the flow's initiator's side) into the flow.
+#[inline(always)]
+pub fn record_judgement(flow: &mut FlowValue, j: &Judgement) {
+    let zone = by_dir(flow.initiator, j.src_zone, j.dst_zone);
+    if flow.zone != zone {
+        flow.zone = zone;
+    }
+    if flow.verdict != j.verdict as u8 || flow.reason != j.reason as u8 || flow.policy_id != j.policy_id {
+        flow.verdict = j.verdict as u8;
+        flow.reason = j.reason as u8;
+        flow.policy_id = j.policy_id;
+    }
 }
 
 /// The verdict the rules in force give a stored flow, from its initiator's side: each

@@ -141,6 +141,15 @@ fn learned_zone(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16])
     if learned.flags & LEARNED_ENDPOINT != 0 || is_unspecified(family, addr) {
         return None;
     }
+    // Another port's address picks nothing (and is dropped as spoofed by the caller).
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    if let Some(owner) = ADDR_OWNERS.get_ptr(&OwnerKey { family, _pad: [0; 3], addr: *addr }).map(|o| unsafe { &*o })
+        && owner.ifindex != 0
+        && owner.ifindex != ifindex
+        && !(owner.ifindex == OWNER_ELSEWHERE && owner.mac == learned.mac)
+    {
+        return None;
+    }
     let zone = match cidr_zone(slot, family, addr) {
         Some(zone) if policy::zone_flags(slot, zone) & ZONE_LEARN != 0 => zone,
         Some(_) => return None,
@@ -188,7 +197,10 @@ pub fn port_ident(cfg: &DatapathConfig, port: &PortInfo, packet: &Packet, ifinde
             return Ident { zone, flags: 0, endpoint_id: 0 };
         }
     }
-    if cfg.unbound_ports == UNBOUND_OBSERVE {
+    // Under `observe`, and, where ports learn, for a port that has not sent yet (a VM
+    // that is silent since the agent started: it cannot be locked before it speaks),
+    // the frame's fields say who the end is.
+    if cfg.unbound_ports == UNBOUND_OBSERVE || (!sends && cfg.flags & CONFIG_LEARN != 0) {
         return policy::resolve_addr(slot, packet, end, port.zone_in(slot));
     }
     unbound_ident(slot, port)

@@ -293,9 +293,19 @@ pub fn egress(ctx: &TcContext, ifindex: u32, from: &PortInfo) -> Action {
         packet.proto,
         packet.family,
     );
-    let verdict = match FLOWS.get_ptr(&key) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(flow) => conntrack::judge_stored(&cfg, &key, unsafe { &*flow }, dir, packet, &port, Hook::ToPort).verdict,
+    let verdict = match FLOWS.get_ptr_mut(&key) {
+        Some(flow) => {
+            // SAFETY: a pointer returned by a map lookup is valid for this program run.
+            let flow = unsafe { &mut *flow };
+            let j = conntrack::judge_stored(&cfg, &key, flow, dir, packet, &port, Hook::ToPort);
+            if packet.dst_mac[0] & 1 == 0 {
+                // A unicast frame has one receiver: this port's endpoint is the flow's
+                // (its record says so from now on, and its next frames take the
+                // shortcut). A broadcast or multicast copy is judged for this port only.
+                conntrack::record_judgement(flow, &j);
+            }
+            j.verdict
+        }
         None => {
             let src = policy::resolve_addr(slot, packet, 0, 0);
             policy::judge(&cfg, policy::service(packet.proto, packet.dport), src, receiver).verdict
