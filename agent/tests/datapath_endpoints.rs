@@ -1,14 +1,22 @@
 //! Endpoints in the data path: announcements (RARP, gratuitous ARP, unsolicited
-//! neighbour advertisements) reach the agent once per burst; a MAC bound to a port
-//! cannot be used from another; quarantine, remediation zones and virtual patches
-//! decide before zone policy; router advertisements from VMs are dropped.
+//! neighbour advertisements) reach the agent once per burst, and from a VM port only
+//! for the MAC it is bound to; a MAC bound to a port cannot be used from another, and a
+//! bound port sends only its binding's MAC; quarantine, remediation zones and virtual
+//! patches, the standing of the endpoint a port is bound to, decide before zone policy
+//! (at both ends: a copy delivered to a quarantined endpoint's port is judged for it);
+//! router advertisements from VMs are dropped.
+//!
+//! A VM port's sender is its binding (`PortInfo::binding`, `mac`), never the frame: each
+//! test binds the port a frame comes from to the endpoint it stands for. `BPF_PROG_TEST_RUN`
+//! runs a program as if on loopback; a second VM port is a veth device of the test's own
+//! (`TestLinks`), given to the program through its context.
 
 mod common;
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use backplane_common::{
     DatapathConfig, FlowEvent, FlowEventKind, PortInfo, PortRole, Verdict,
-    config::CONFIG_ENFORCE,
+    config::{BINDING_HOST, CONFIG_ENFORCE, PORT_INGRESS_LIVE, PORT_INGRESS_TC},
     event::Announcement,
     maps::{CONFIG, ENDPOINTS, FLOW_EVENTS, PORTS, VPATCHES, ZONES},
     policy::{
@@ -17,18 +25,37 @@ use backplane_common::{
     },
     reason::{Counter, Reason},
 };
-use common::{datapath::TestDatapath, frames::*};
+use common::{
+    datapath::{TestDatapath, TestLinks},
+    frames::*,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+/// `TC_ACT_UNSPEC`: the classifiers pass a frame by handing it to the next program.
+const TC_PASS: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
 const LOOPBACK_IFINDEX: u32 = 1;
 const A: [u8; 4] = [10, 0, 0, 1];
 const B: [u8; 4] = [10, 0, 0, 2];
+const C: [u8; 4] = [10, 0, 0, 3];
+/// A MAC no endpoint has.
+const MAC_C: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x0c];
 
+/// Enforcing an empty rule set (everything `world`, inter-zone allowed), with the
+/// loopback port a VM port bound to `MAC_A`, the source of `tcp4` frames.
 fn enforcing_datapath() -> TestDatapath {
+    let mut dp = enforcing_datapath_unbound();
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_A, 0, 0);
+    dp
+}
+
+/// As [`enforcing_datapath`], with the loopback port a VM port nobody bound: under the
+/// configuration's default (`unbound_ports: quarantine`, nothing learns) its sender is
+/// quarantined.
+fn enforcing_datapath_unbound() -> TestDatapath {
     let mut dp = TestDatapath::load(1024);
-    let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
-    ports.insert(LOOPBACK_IFINDEX, PortInfo { role: PortRole::Vm as u8, ..PortInfo::default() }, 0).unwrap();
+    unbind_port(&mut dp, LOOPBACK_IFINDEX);
     let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
     config
         .set(
@@ -43,6 +70,38 @@ fn enforcing_datapath() -> TestDatapath {
         )
         .unwrap();
     dp
+}
+
+/// Makes `ifindex` a VM port the host bound to `mac`, with the zone and standing of its
+/// endpoint (as the agent writes them from the endpoint's entry).
+fn bind_port(dp: &mut TestDatapath, ifindex: u32, mac: [u8; 6], zone: u16, standing: u16) {
+    let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
+    let info = PortInfo {
+        role: PortRole::Vm as u8,
+        binding: BINDING_HOST,
+        mac,
+        zone: [zone; 2],
+        standing: [standing; 2],
+        ..PortInfo::default()
+    };
+    ports.insert(ifindex, info, 0).unwrap();
+}
+
+/// Makes `ifindex` a VM port nobody bound (and no `interface:` member gives a zone).
+fn unbind_port(dp: &mut TestDatapath, ifindex: u32) {
+    let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
+    ports.insert(ifindex, PortInfo { role: PortRole::Vm as u8, ..PortInfo::default() }, 0).unwrap();
+}
+
+/// Marks the port's ingress program as attached (`PORT_INGRESS_LIVE`, at TC): what
+/// `to_port` delivers after it entered there was judged there, and is judged again only
+/// for a receiving port whose endpoint is not the one it was judged for.
+fn ingress_live(dp: &mut TestDatapath, ifindex: u32) {
+    let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
+    let mut info = ports.get(&ifindex, 0).unwrap();
+    info.flags |= PORT_INGRESS_LIVE;
+    info.ingress = PORT_INGRESS_TC;
+    ports.insert(ifindex, info, 0).unwrap();
 }
 
 fn endpoint(dp: &mut TestDatapath, mac: [u8; 6], value: EndpointValue) {
@@ -105,31 +164,79 @@ fn gratuitous_arp_and_unsolicited_neighbour_advertisements_announce_addresses() 
 
 #[test]
 fn a_mac_bound_to_another_port_is_spoofed_and_makes_no_flow() {
-    let mut dp = enforcing_datapath();
+    // From a port nobody bound: another port's MAC neither passes nor locks the port.
+    let mut dp = enforcing_datapath_unbound();
     endpoint(&mut dp, MAC_A, EndpointValue { zone: 0, ifindex: 4242, ..EndpointValue::default() });
     let frame = tcp4(A, 1000, B, 80, TCP_SYN);
     assert_eq!(dp.from_port(&frame), XDP_DROP);
     assert_eq!(dp.from_port(&arp(0x0806, 2, MAC_A, A, B)), XDP_DROP, "ARP with the bound MAC from another port");
     assert_eq!(dp.counter(Counter::Spoofed), 2);
     assert!(dp.flows().is_empty(), "a spoofed frame creates no flow entry");
-    // Bound to this very port: not spoofed.
+    // From a port bound to another endpoint (B): every frame must carry B's MAC. A's,
+    // bound elsewhere, is `spoofed`; a MAC that is nobody's is `spoofed_mac`.
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_B, 0, 0);
+    assert_eq!(dp.from_port(&frame), XDP_DROP);
+    assert_eq!(dp.from_port(&arp(0x0806, 2, MAC_A, A, B)), XDP_DROP);
+    assert_eq!(dp.counter(Counter::Spoofed), 4);
+    let nobodys = eth(MAC_B, MAC_C, &[], 0x0800, &ipv4(C, B, 6, &tcp(1000, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port(&nobodys), XDP_DROP, "a MAC that is not the binding's");
+    assert_eq!(dp.counter(Counter::SpoofedMac), 1);
+    assert_eq!(dp.counter(Counter::Spoofed), 4, "not another endpoint's MAC");
+    assert!(dp.flows().is_empty(), "a spoofed frame creates no flow entry");
+    // Bound to this very port (its endpoint entry and the port's binding): not spoofed.
     endpoint(&mut dp, MAC_A, EndpointValue { zone: 0, ifindex: LOOPBACK_IFINDEX, ..EndpointValue::default() });
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_A, 0, 0);
     assert_eq!(dp.from_port(&frame), XDP_PASS);
+    assert_eq!(dp.from_port(&arp(0x0806, 2, MAC_A, A, B)), XDP_PASS);
+    // Its own MAC as destination: a guest never needs the switch for that.
+    let to_itself = eth(MAC_A, MAC_A, &[], 0x0800, &ipv4(A, B, 6, &tcp(1001, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port(&to_itself), XDP_DROP);
+    assert_eq!(dp.counter(Counter::ToOwnMac), 1);
+    assert_eq!((dp.counter(Counter::Spoofed), dp.counter(Counter::SpoofedMac)), (4, 1), "none counted as spoofed");
+}
+
+/// The flow whose ports are `sport` and `dport`.
+fn flow(dp: &TestDatapath, sport: u16, dport: u16) -> backplane_common::FlowValue {
+    let flows = dp.flows();
+    let found = flows.iter().find(|(k, _)| (k.port_lo, k.port_hi) == (sport, dport) || (k.port_lo, k.port_hi) == (dport, sport));
+    found.unwrap_or_else(|| panic!("a flow {sport} -> {dport}: {flows:?}")).1
 }
 
 #[test]
 fn quarantined_endpoints_reach_only_remediation_zones() {
     let mut dp = enforcing_datapath();
-    // A (quarantined) in zone 1; B in zone 2, then zone 3 (remediation).
+    // A (quarantined) in zone 1, bound to this port; B in zone 2, then zone 3
+    // (remediation). A's quarantine is the standing of the endpoint the port is bound to.
     endpoint(
         &mut dp,
         MAC_A,
-        EndpointValue { zone: 1, flags: ENDPOINT_QUARANTINED, endpoint_id: 1, ..EndpointValue::default() },
+        EndpointValue {
+            zone: 1,
+            flags: ENDPOINT_QUARANTINED,
+            endpoint_id: 1,
+            ifindex: LOOPBACK_IFINDEX,
+            ..EndpointValue::default()
+        },
     );
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_A, 1, ENDPOINT_QUARANTINED);
     endpoint(&mut dp, MAC_B, EndpointValue { zone: 2, endpoint_id: 2, ..EndpointValue::default() });
     assert_eq!(dp.from_port(&tcp4(A, 1000, B, 80, TCP_SYN)), XDP_DROP);
-    let v = dp.flows()[0].1;
+    let v = flow(&dp, 1000, 80);
     assert_eq!((v.verdict, v.reason), (Verdict::Denied as u8, Reason::Quarantined as u8));
+    // The guest cannot leave its quarantine by sending as someone else: a frame with a
+    // MAC that is not the binding's is dropped, not judged as another sender.
+    let other_mac = eth(MAC_B, MAC_C, &[], 0x0800, &ipv4(A, B, 6, &tcp(1002, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port(&other_mac), XDP_DROP);
+    assert_eq!(dp.counter(Counter::SpoofedMac), 1);
+    assert!(dp.flows().iter().all(|(k, _)| k.port_lo != 1002 && k.port_hi != 1002), "no flow for it");
+    // A port nobody bound is quarantined the same way (`unbound_ports: quarantine`, the
+    // default), with its own reason.
+    unbind_port(&mut dp, LOOPBACK_IFINDEX);
+    let from_unbound = |sport| eth(MAC_B, MAC_C, &[], 0x0800, &ipv4(C, B, 6, &tcp(sport, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port(&from_unbound(1003)), XDP_DROP);
+    let v = flow(&dp, 1003, 80);
+    assert_eq!((v.verdict, v.reason), (Verdict::Denied as u8, Reason::UnboundPort as u8));
+
     let mut zones: HashMap<&mut MapData, ZoneKey, ZoneValue> =
         HashMap::try_from(dp.ebpf.map_mut(ZONES).unwrap()).unwrap();
     zones
@@ -140,19 +247,63 @@ fn quarantined_endpoints_reach_only_remediation_zones() {
         )
         .unwrap();
     endpoint(&mut dp, MAC_B, EndpointValue { zone: 3, endpoint_id: 2, ..EndpointValue::default() });
+    assert_eq!(dp.from_port(&from_unbound(1004)), XDP_PASS, "an unbound port reaches a remediation zone");
+    let v = flow(&dp, 1004, 80);
+    assert_eq!((v.verdict, v.reason), (Verdict::Allowed as u8, Reason::Remediation as u8));
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_A, 1, ENDPOINT_QUARANTINED);
     assert_eq!(dp.from_port(&tcp4(A, 1001, B, 80, TCP_SYN)), XDP_PASS);
-    let v = dp.flows().into_iter().find(|(k, _)| k.port_lo == 80 && k.port_hi == 1001 || k.port_lo == 1001).unwrap().1;
+    let v = flow(&dp, 1001, 80);
     assert_eq!((v.verdict, v.reason), (Verdict::Allowed as u8, Reason::Remediation as u8));
 }
 
 #[test]
+fn what_is_delivered_to_a_quarantined_endpoints_port_is_judged_for_it() {
+    // Only remediation zones reach a quarantined endpoint, whatever the frame's
+    // destination MAC says: a sender names someone else (a MAC that is nobody's, judged
+    // `world`) and the switch delivers the copy to the quarantined endpoint's port.
+    let links = TestLinks::new();
+    let [sender_port, peer_port] = links.ifindex;
+    let mut dp = enforcing_datapath();
+    // The sender: C in zone 2, on a port whose ingress program runs.
+    endpoint(&mut dp, MAC_C, EndpointValue { zone: 2, endpoint_id: 3, ifindex: sender_port, ..EndpointValue::default() });
+    bind_port(&mut dp, sender_port, MAC_C, 2, 0);
+    ingress_live(&mut dp, sender_port);
+    // B in zone 2 on the other port; A (quarantined, zone 1) on loopback.
+    endpoint(&mut dp, MAC_B, EndpointValue { zone: 2, endpoint_id: 2, ifindex: peer_port, ..EndpointValue::default() });
+    bind_port(&mut dp, peer_port, MAC_B, 2, 0);
+    endpoint(
+        &mut dp,
+        MAC_A,
+        EndpointValue {
+            zone: 1,
+            flags: ENDPOINT_QUARANTINED,
+            endpoint_id: 1,
+            ifindex: LOOPBACK_IFINDEX,
+            ..EndpointValue::default()
+        },
+    );
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_A, 1, ENDPOINT_QUARANTINED);
+    let misaddressed = eth([0x52, 0x54, 0, 0, 0, 0x0d], MAC_C, &[], 0x0800, &ipv4(C, A, 6, &tcp(3000, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port_on(sender_port, &misaddressed), XDP_PASS, "judged for the receiver it names");
+    // The copy for B (zone 2, like C) passes: the positive control.
+    assert_eq!(dp.to_port_on(peer_port, sender_port, &misaddressed), TC_PASS);
+    let before = dp.counter(Counter::EgressDenied);
+    assert_eq!(dp.to_port_on(LOOPBACK_IFINDEX, sender_port, &misaddressed), TC_ACT_SHOT, "the copy for A");
+    assert_eq!(dp.counter(Counter::EgressDenied), before + 1);
+}
+
+#[test]
 fn a_virtual_patch_denies_its_protocol_and_port_to_and_from_the_tagged_endpoint() {
+    // A on loopback (bound to MAC_A); B, the patched endpoint, on a port of its own.
+    let links = TestLinks::new();
+    let b_port = links.ifindex[0];
     let mut dp = enforcing_datapath();
     endpoint(
         &mut dp,
         MAC_B,
-        EndpointValue { zone: 0, flags: ENDPOINT_PATCHED, endpoint_id: 7, ..EndpointValue::default() },
+        EndpointValue { zone: 0, flags: ENDPOINT_PATCHED, endpoint_id: 7, ifindex: b_port, ..EndpointValue::default() },
     );
+    bind_port(&mut dp, b_port, MAC_B, 0, ENDPOINT_PATCHED);
     let mut patches: LpmTrie<&mut MapData, VpatchKey, VpatchValue> =
         LpmTrie::try_from(dp.ebpf.map_mut(VPATCHES).unwrap()).unwrap();
     let key =
@@ -160,10 +311,15 @@ fn a_virtual_patch_denies_its_protocol_and_port_to_and_from_the_tagged_endpoint(
     patches.insert(&Key::new(VPATCH_KEY_BITS, key), VpatchValue { patch_id: 3, _pad: [0; 4] }, 0).unwrap();
     assert_eq!(dp.from_port(&tcp4(A, 1000, B, 445, TCP_SYN)), XDP_DROP, "to the patched endpoint");
     assert_eq!(dp.from_port(&tcp4(A, 1000, B, 80, TCP_SYN)), XDP_PASS, "another port");
-    let f = dp.flows().into_iter().find(|(k, _)| k.port_hi == 445 || k.port_lo == 445).unwrap().1;
+    let f = flow(&dp, 1000, 445);
     assert_eq!((f.verdict, f.reason, f.policy_id), (Verdict::Denied as u8, Reason::VirtualPatch as u8, 3));
-    let from_b = eth(MAC_A, MAC_B, &[], 0x0800, &ipv4(B, A, 6, &tcp(2000, 445, TCP_SYN, &[])));
-    assert_eq!(dp.from_port(&from_b), XDP_DROP, "from the patched endpoint");
+    // From B's own port, as B: the patch holds for what it sends, and only on 445.
+    let from_b = |dport| eth(MAC_A, MAC_B, &[], 0x0800, &ipv4(B, A, 6, &tcp(2000, dport, TCP_SYN, &[])));
+    assert_eq!(dp.from_port_on(b_port, &from_b(445)), XDP_DROP, "from the patched endpoint");
+    let f = flow(&dp, 2000, 445);
+    assert_eq!((f.verdict, f.reason, f.policy_id), (Verdict::Denied as u8, Reason::VirtualPatch as u8, 3));
+    assert_eq!(dp.from_port_on(b_port, &from_b(80)), XDP_PASS, "from the patched endpoint, another port");
+    assert_eq!((dp.counter(Counter::Spoofed), dp.counter(Counter::SpoofedMac)), (0, 0), "each from its own port");
 }
 
 #[test]

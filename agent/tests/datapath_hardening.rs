@@ -2,13 +2,17 @@
 //! fragment's ports, and frames that cannot be judged (malformed, not IP, tagged from a
 //! VM port, later fragments without a first one) are dropped and counted, where without
 //! rules they are passed.
+//!
+//! None of this is about who sends: the simulated VM port is bound to the MAC its frames
+//! come from (`MAC_A`), so that each frame is judged as that port's endpoint's and what
+//! is tested is what the frame's shape does.
 
 mod common;
 
 use aya::maps::{Array, HashMap, MapData};
 use backplane_common::{
     DatapathConfig, PortInfo, PortRole, Verdict,
-    config::{CONFIG_ENFORCE, PORT_ALLOW_TAGGED},
+    config::{BINDING_HOST, CONFIG_ENFORCE, PORT_ALLOW_TAGGED},
     maps::{CONFIG, PORTS},
     reason::Counter,
 };
@@ -22,11 +26,15 @@ const B: [u8; 4] = [10, 0, 0, 2];
 
 /// Loads the data path with `BPF_PROG_TEST_RUN`'s port (loopback) registered with
 /// `role` and `flags`, enforcing an empty rule set (everything is `world`, allowed) or
-/// only observing.
+/// only observing. As a VM port it is bound to `MAC_A`, the source of every frame here.
 fn datapath(enforce: bool, role: PortRole, flags: u8) -> TestDatapath {
     let mut dp = TestDatapath::load(1024);
     let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
-    ports.insert(LOOPBACK_IFINDEX, PortInfo { role: role as u8, flags, ..PortInfo::default() }, 0).unwrap();
+    let port = match role {
+        PortRole::Vm => PortInfo { role: role as u8, flags, binding: BINDING_HOST, mac: MAC_A, ..PortInfo::default() },
+        PortRole::Uplink => PortInfo { role: role as u8, flags, ..PortInfo::default() },
+    };
+    ports.insert(LOOPBACK_IFINDEX, port, 0).unwrap();
     if enforce {
         let mut config: Array<&mut MapData, DatapathConfig> =
             Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();

@@ -148,6 +148,17 @@ fn show_counters(agent: &Agent, when: &str) {
     eprintln!("counters {when}: {}", shown.join(" "));
 }
 
+/// Prints the agent's flow records whose text mentions `needle` (diagnostics for the
+/// report of a breach, not an oracle).
+fn show_flows(agent: &Agent, needle: &str) {
+    for flow in agent.flows() {
+        let text = flow.to_string();
+        if text.contains(needle) {
+            eprintln!("flow: {text}");
+        }
+    }
+}
+
 /// Waits for what is on its way, then stops the capture.
 fn settle(capture: Capture) -> Vec<Packet> {
     std::thread::sleep(Duration::from_millis(400));
@@ -987,6 +998,7 @@ fn a_frame_to_a_victims_mac_with_a_foreign_destination_address_is_not_delivered_
         ],
     );
     let (at_db, at_web2) = (settle(at_db), settle(at_web2));
+    show_flows(&agent, "4300");
     assert!(from_sport(&at_db, 43010) > 0, "positive control: web -> db:5432 addressed to db reaches db");
     assert!(from_sport(&at_web2, 43011) > 0, "positive control: web -> web2:22 reaches web2");
     let att_mac = mac_bytes(ATT_MAC);
@@ -1138,6 +1150,7 @@ fn udp_to_a_link_local_address_in_a_multicast_frame_does_not_reach_the_victims_s
     let text = |d: &Vec<u8>| String::from_utf8_lossy(d).into_owned();
     eprintln!("db's service got {:?}", at_db.iter().map(text).collect::<Vec<_>>());
     eprintln!("web2's service got {:?}", at_web2.iter().map(text).collect::<Vec<_>>());
+    show_counters(&agent, "after");
     for marker in ["to-web2-all-nodes", "to-web2-unicast-link-local"] {
         assert!(at_web2.iter().any(|d| text(d) == marker), "positive control: web2's service got {marker}");
     }
@@ -1151,7 +1164,6 @@ fn udp_to_a_link_local_address_in_a_multicast_frame_does_not_reach_the_victims_s
         breaches
             .check(!at_db.iter().any(|d| text(d) == marker), format!("db's service on udp/53 did not get {marker}"));
     }
-    show_counters(&agent, "after");
     agent.stop();
     breaches.assert_none();
 }

@@ -85,6 +85,60 @@ impl TestDatapath {
         tc.test_run(opts).map(|r| r.return_value.cast_signed())
     }
 
+    /// Runs `from_port` as if the frame entered through device `ifindex` (an existing
+    /// device, e.g. one of [`TestLinks`]; 1 is loopback, where a run without a context
+    /// goes): the XDP context's `ingress_ifindex`.
+    #[expect(clippy::wrong_self_convention, reason = "named after the program it runs")]
+    pub fn from_port_on(&mut self, ifindex: u32, frame: &[u8]) -> u32 {
+        self.try_from_port_on(ifindex, frame).expect("BPF_PROG_TEST_RUN from_port")
+    }
+
+    pub fn try_from_port_on(&mut self, ifindex: u32, frame: &[u8]) -> Result<u32, aya::programs::ProgramError> {
+        let xdp: &mut Xdp = self.ebpf.program_mut(maps::PROG_FROM_PORT).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel wants data 0 and data_end the frame's length.
+        let len = u32::try_from(frame.len()).expect("a frame shorter than 4 GiB");
+        let ctx: Vec<u8> = [0, len, 0, ifindex, 0, 0].iter().flat_map(|v: &u32| v.to_ne_bytes()).collect();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
+        xdp.test_run(opts).map(|r| r.return_value)
+    }
+
+    /// Runs `to_port` as if the frame left through device `ifindex` after entering the
+    /// switch through device `came_in` (0: sent by the host itself): the `__sk_buff`'s
+    /// `ifindex` and `ingress_ifindex`. Both must exist, or be 0 (`came_in`) or 1.
+    #[expect(clippy::wrong_self_convention, reason = "named after the program it runs")]
+    pub fn to_port_on(&mut self, ifindex: u32, came_in: u32, frame: &[u8]) -> i32 {
+        self.try_to_port_on(ifindex, came_in, frame).expect("BPF_PROG_TEST_RUN to_port")
+    }
+
+    pub fn try_to_port_on(
+        &mut self,
+        ifindex: u32,
+        came_in: u32,
+        frame: &[u8],
+    ) -> Result<i32, aya::programs::ProgramError> {
+        let tc: &mut SchedClassifier = self.ebpf.program_mut(maps::PROG_TO_PORT).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        // The head of struct __sk_buff, up to `ifindex` (the kernel zero-fills the rest):
+        // `ingress_ifindex` at byte 36, `ifindex` at byte 40.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&came_in.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
+        tc.test_run(opts).map(|r| r.return_value.cast_signed())
+    }
+
     /// Sum over CPUs of one counter.
     pub fn counter(&self, c: Counter) -> u64 {
         let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).unwrap()).unwrap();
@@ -94,6 +148,57 @@ impl TestDatapath {
     pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
         let m: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(self.ebpf.map(maps::FLOWS).unwrap()).unwrap();
         m.iter().map(|r| r.unwrap()).collect()
+    }
+}
+
+/// A veth pair made for a test, so that a program can run as if on ports other than
+/// loopback (`from_port_on`, `to_port_on`): `ifindex` are the two devices'. Deleted on
+/// drop, also when the test panics.
+pub struct TestLinks {
+    name: String,
+    pub ifindex: [u32; 2],
+}
+
+impl TestLinks {
+    pub fn new() -> Self {
+        static LINKS: AtomicU32 = AtomicU32::new(0);
+        // Named as the lab names its veth ports (`bpv`, 5 base-36 digits of the pid, 2 of
+        // a counter, the index), so that `backplane_lab::cleanup_stale` knows them as this
+        // live process's (and removes them once it is gone); the counter runs down from
+        // the top so as not to meet a lab's of this process.
+        let n = 36 * 36 - 1 - LINKS.fetch_add(1, Ordering::Relaxed) % (36 * 36);
+        let suffix = format!("{}{}", base36(std::process::id(), 5), base36(n, 2));
+        let names = ["0", "1"].map(|index| format!("bpv{suffix}{index}"));
+        let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status().expect("run ip");
+        assert!(
+            ip(&["link", "add", &names[0], "type", "veth", "peer", "name", &names[1]]).success(),
+            "ip link add {} type veth",
+            names[0]
+        );
+        // Made before the ifindexes are read: a panic below still deletes the pair.
+        let mut links = Self { name: names[0].clone(), ifindex: [0; 2] };
+        links.ifindex = names.map(|name| {
+            let text = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex")).expect("the link's ifindex");
+            text.trim().parse::<u32>().expect("an ifindex")
+        });
+        links
+    }
+}
+
+fn base36(mut value: u32, digits: usize) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = vec![b'0'; digits];
+    for d in out.iter_mut().rev() {
+        *d = DIGITS[(value % 36) as usize];
+        value /= 36;
+    }
+    String::from_utf8(out).expect("ASCII digits")
+}
+
+impl Drop for TestLinks {
+    fn drop(&mut self) {
+        // Deleting one end of a veth pair deletes both.
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.name]).status();
     }
 }
 

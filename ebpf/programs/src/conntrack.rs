@@ -197,11 +197,14 @@ pub const TAG_ZONE: u16 = 0x3fff;
 
 #[inline(always)]
 fn receiver_tag(flow: &FlowValue, dir: u8) -> u16 {
+    // A flow handed over by another node (`migrated`) keeps the verdict it had there,
+    // for the zones it had there: its receiver is checked by zone like the rest.
     let r = flow.reason;
     let by_zones_alone = r == Reason::PolicyAllow as u8
         || r == Reason::IntraZone as u8
         || r == Reason::DefaultInterZone as u8
-        || r == Reason::PolicyNoMatch as u8;
+        || r == Reason::PolicyNoMatch as u8
+        || r == Reason::Migrated as u8;
     let zone = flow.zone[idx(dir ^ 1)];
     if by_zones_alone && zone <= TAG_ZONE { TAG_VALID | zone } else { 0 }
 }
