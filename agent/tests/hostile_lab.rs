@@ -24,6 +24,10 @@ fn the_agent_survives_the_corpus_and_drops_what_spoofs_a_bound_endpoint() {
     let rules = copy_example_rules(&lab, "three-zones");
     let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap()]);
 
+    // The host binds the attacker's port to the attacker VM's MAC (as the libvirt hook
+    // does): whatever else it sends from is not its own.
+    let bound = agent.cli(&["endpoint", "bind", "--port", attacker.host_port(), "--mac", &attacker.mac_string()]);
+    assert!(bound.status.success(), "{}", String::from_utf8_lossy(&bound.stderr));
     // The victim is a known endpoint, bound to its port once it announces itself.
     let mac = victim.mac_string();
     let added = agent.cli(&["endpoint", "add", "victim", "--mac", &mac, "--ip", "10.30.0.2", "--ip", "fd00:30::2"]);

@@ -41,6 +41,10 @@ const COUNTER_DROP_REASONS: &[(&str, Counter)] = &[
     ("tagged_from_vm_port", Counter::TaggedFromVmPort),
     ("unjudged", Counter::UnjudgedDropped),
     ("router_advert_from_vm", Counter::RouterAdvertFromVm),
+    ("spoofed_mac", Counter::SpoofedMac),
+    ("unbound_port", Counter::UnboundPort),
+    ("to_own_mac", Counter::ToOwnMac),
+    ("egress_denied", Counter::EgressDenied),
 ];
 
 /// Raises a counter to `total` (never lowers it).
@@ -298,7 +302,9 @@ impl Metrics {
             raise(&self.zone_pair_bytes.with_label_values(&[src, dst, verdict]), *bytes);
         }
         for (label, c) in COUNTER_DROP_REASONS {
-            drops.insert((*label).to_owned(), get(*c));
+            // `unbound_port` is also a verdict reason (`unbound_ports: quarantine`); the
+            // counter holds what `deny` dropped.
+            *drops.entry((*label).to_owned()).or_default() += get(*c);
         }
         let named: u64 = drops.values().sum();
         drops.insert("other".into(), get(Counter::Dropped).saturating_sub(named));

@@ -134,8 +134,12 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
             let addr = [ip[0], ip[1], ip[2], ip[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
             if enforcing && vm && announce.sender_mac != packet.src_mac {
                 // ARP inspection: the sender hardware address is the frame's source,
-                // which is the binding's.
-                counters::inc(Counter::SpoofedMac);
+                // which is the binding's (`spoofed` when it is another port's endpoint).
+                counters::inc(if policy::is_spoofed(&cfg, &announce.sender_mac, ifindex) {
+                    Counter::Spoofed
+                } else {
+                    Counter::SpoofedMac
+                });
                 Action::Drop
             } else if enforcing && !vm && policy::is_spoofed(&cfg, &announce.sender_mac, ifindex) {
                 counters::inc(Counter::Spoofed);
@@ -281,7 +285,6 @@ pub fn egress(ctx: &TcContext, ifindex: u32, from: &PortInfo) -> Action {
     }
     let receiver = identity::port_ident(&cfg, to, packet, ifindex, END_DST);
     if receiver.unbound() && cfg.unbound_ports == UNBOUND_DENY {
-        counters::inc(Counter::EgressDenied);
         return drop(Counter::UnboundPort);
     }
     let (key, dir) = FlowKey::canonical(
