@@ -187,6 +187,8 @@ impl Agent {
         let (ports_blocked, ports_unguarded) = self.port_guard.status().counts();
         let datapath = self.datapath.lock().expect("datapath lock");
         let ports_attached = datapath.attached().len();
+        let port_bindings =
+            datapath.port_status().into_iter().filter(|p| !p.binding.is_empty()).map(|p| p.binding).collect();
         let kernel_flags = if endpoints.total > 0 { None } else { datapath.endpoint_flags_in_force() };
         let programs = datapath.program_stats();
         drop(datapath);
@@ -242,6 +244,7 @@ impl Agent {
             ports_attached,
             ports_blocked,
             ports_unguarded,
+            port_bindings,
             rule_reloads_ok: rules.reloads_ok,
             rule_reloads_rejected: rules.reloads_rejected,
             rules_generation: config.generation,

@@ -229,6 +229,14 @@ pub struct PortStatus {
     pub ingress_link_id: u32,
     #[serde(default)]
     pub tc_link_id: u32,
+    /// Who says which endpoint is behind a VM port: `host`, `learned` (first use,
+    /// confirmed), `locked` (its first MAC locked, identity not confirmed yet), or `none`
+    /// (the rules' `unbound_ports` applies). Empty for uplinks.
+    #[serde(default)]
+    pub binding: String,
+    /// The MAC a VM port is bound or locked to.
+    #[serde(default)]
+    pub bound_mac: Option<String>,
 }
 
 /// Maps that other parts of the agent own once the data path is loaded.
@@ -720,7 +728,10 @@ impl Datapath {
                 let (ingress_link_id, from_port_id) =
                     p.ingress.link_ids().unwrap_or((0, self.program_ids.ingress(p.hook)));
                 let (tc_link_id, to_port_id) = p.tc.link_ids().unwrap_or((0, self.program_ids.to_port));
+                let (binding, bound_mac) = self.binding_of(ifindex, p.role);
                 PortStatus {
+                    binding,
+                    bound_mac,
                     name: p.name.clone(),
                     ifindex,
                     role: role_name(p.role).into(),
@@ -734,6 +745,22 @@ impl Datapath {
                 }
             })
             .collect()
+    }
+
+    /// How a port is bound, as `status` says it (see [`PortStatus::binding`]).
+    fn binding_of(&self, ifindex: u32, role: PortRole) -> (String, Option<String>) {
+        if role != PortRole::Vm {
+            return (String::new(), None);
+        }
+        let mac = |m: [u8; 6]| Some(backplane_rules::MacAddr(m).to_string());
+        match self.ports_map.get(&ifindex, 0) {
+            Ok(info) if info.binding == backplane_common::config::BINDING_HOST => ("host".into(), mac(info.mac)),
+            Ok(info) if info.binding != BINDING_NONE => ("learned".into(), mac(info.mac)),
+            _ => match self.learned(ifindex) {
+                Some(l) => ("locked".into(), mac(l.mac)),
+                None => ("none".into(), None),
+            },
+        }
     }
 
     /// All counters, summed over CPUs, in [`Counter::ALL`] order. A counter the map

@@ -699,6 +699,17 @@ impl Endpoints {
     /// `backplane endpoint list`.
     #[must_use]
     pub fn list(&self) -> Vec<EndpointInfo> {
+        // The data path's lock before the state's, as everywhere.
+        let (port_names, unbound): (HashMap<u32, String>, Vec<(String, Option<String>)>) = {
+            let dp = self.datapath.lock().expect("datapath lock");
+            let ports = dp.port_status();
+            let unbound = ports
+                .iter()
+                .filter(|p| p.binding == "none" || p.binding == "locked")
+                .map(|p| (p.name.clone(), p.bound_mac.clone()))
+                .collect();
+            (ports.into_iter().map(|p| (p.ifindex, p.name)).collect(), unbound)
+        };
         let mut st = self.lock();
         let mut out: Vec<EndpointInfo> = Self::defs(&st).iter().map(|d| self.info_locked(&mut st, d)).collect();
         let names = st.compiled.clone();
@@ -714,6 +725,41 @@ impl Endpoints {
                 port: Some(bound.port.clone()),
                 here: true,
                 endpoint_id: st.ids.get(mac).copied().unwrap_or(0),
+                ..EndpointInfo::default()
+            });
+        }
+        // Ports locked on first use to a MAC outside the inventory.
+        for (ifindex, l) in &st.learned_ports {
+            if st.unknown.contains_key(&l.mac) {
+                continue;
+            }
+            out.push(EndpointInfo {
+                name: unknown_name(l.mac),
+                mac: mac_text(l.mac),
+                source: "learned".into(),
+                zone: names.as_ref().and_then(|c| c.zone_ids.name(l.zone)).map(str::to_owned),
+                state: Standing::Active,
+                reasons: vec!["locked to its port on first use".into()],
+                node: Some(self.opts.node.clone()),
+                port: port_names.get(ifindex).cloned(),
+                here: true,
+                endpoint_id: st.ids.get(&l.mac).copied().unwrap_or(0),
+                ..EndpointInfo::default()
+            });
+        }
+        // VM ports nobody bound: the rules' `unbound_ports` applies to them, and an
+        // operator must see them (a VM there may be cut off).
+        let mode = st.rules.as_ref().map_or("observe", |r| r.unbound_ports.as_str());
+        for (port, mac) in unbound {
+            out.push(EndpointInfo {
+                name: format!("unbound:{port}"),
+                mac: mac.unwrap_or_default(),
+                source: "unbound".into(),
+                state: if mode == "quarantine" { Standing::Quarantined } else { Standing::Active },
+                reasons: vec![format!("no binding on this port: unbound_ports {mode}")],
+                node: Some(self.opts.node.clone()),
+                port: Some(port),
+                here: true,
                 ..EndpointInfo::default()
             });
         }

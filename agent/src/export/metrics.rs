@@ -30,6 +30,9 @@ pub const ENDPOINT_STATES: &[&str] = &["active", "quarantined", "isolated"];
 /// Port states of `backplane_ports`.
 pub const PORT_STATES: &[&str] = &["attached", "blocked", "unguarded"];
 
+/// Bindings of `backplane_port_bindings` (`PortStatus::binding` of VM ports).
+pub const PORT_BINDINGS: &[&str] = &["host", "learned", "locked", "none"];
+
 /// Exporters counted in `backplane_export_*`.
 pub const EXPORTERS: &[&str] = &["flow_log", "ipfix"];
 
@@ -76,6 +79,7 @@ pub struct Metrics {
     rules_generation: IntGauge,
     endpoints: IntGaugeVec,
     ports: IntGaugeVec,
+    port_bindings: IntGaugeVec,
     migrations: IntCounterVec,
     program_run_time: CounterVec,
     program_runs: IntCounterVec,
@@ -182,6 +186,13 @@ impl Metrics {
                 "Ports that match --interfaces/--uplink, by state: attached, blocked (not attached, cut off by the \
                  port guard while rules are in force), unguarded (not attached, passing unjudged).",
                 &["state"],
+            ),
+            port_bindings: gauge_vec(
+                &r,
+                "backplane_port_bindings",
+                "Attached VM ports by who says which endpoint is behind them: host, learned (first use), locked (first \
+                 MAC locked, identity not confirmed yet), none (the rules' unbound_ports applies).",
+                &["binding"],
             ),
             migrations: counter_vec(
                 &r,
@@ -328,6 +339,10 @@ impl Metrics {
         self.ports.with_label_values(&["attached"]).set(n(s.ports_attached));
         self.ports.with_label_values(&["blocked"]).set(n(s.ports_blocked));
         self.ports.with_label_values(&["unguarded"]).set(n(s.ports_unguarded));
+        for binding in PORT_BINDINGS {
+            let count = s.port_bindings.iter().filter(|b| b == binding).count();
+            self.port_bindings.with_label_values(&[binding]).set(n(count));
+        }
 
         raise(&self.rule_reloads.with_label_values(&["ok"]), s.rule_reloads_ok);
         raise(&self.rule_reloads.with_label_values(&["rejected"]), s.rule_reloads_rejected);
@@ -417,6 +432,8 @@ pub struct Scrape {
     pub ports_attached: usize,
     pub ports_blocked: usize,
     pub ports_unguarded: usize,
+    /// The binding of each attached VM port ([`PORT_BINDINGS`]).
+    pub port_bindings: Vec<String>,
     /// Changes of the rule files put in force and rejected, and the generation in force.
     pub rule_reloads_ok: u64,
     pub rule_reloads_rejected: u64,
