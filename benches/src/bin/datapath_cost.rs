@@ -22,7 +22,7 @@ use backplane_benches::{
     report,
 };
 use backplane_common::{
-    DatapathConfig, FlowKey, FlowValue, Verdict,
+    DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole, Verdict,
     config::CONFIG_ENFORCE,
     flow::FAMILY_IPV4,
     maps,
@@ -134,6 +134,17 @@ fn install_policies(ebpf: &mut Ebpf, n: u32) -> anyhow::Result<()> {
             }
         }
     }
+    // BPF_PROG_TEST_RUN's port (loopback, ifindex 1) is a VM port bound to the sender
+    // (MAC_A) in zone 1, as a port the host bound: every frame pays the binding's checks.
+    let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(ebpf.map_mut(maps::PORTS).context("map")?)?;
+    let bound = PortInfo {
+        role: PortRole::Vm as u8,
+        zone: [1, 1],
+        binding: backplane_common::config::BINDING_HOST,
+        mac: frames::MAC_A,
+        ..PortInfo::default()
+    };
+    ports.insert(1, bound, 0)?;
     let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(ebpf.map_mut(maps::CONFIG).context("map")?)?;
     config.set(
         0,
