@@ -16,9 +16,12 @@ mod common;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use backplane_common::{
     DatapathConfig, FlowEvent, FlowEventKind, PortInfo, PortRole, Verdict,
-    config::{BINDING_HOST, CONFIG_ENFORCE, PORT_INGRESS_LIVE, PORT_INGRESS_TC},
+    config::{
+        BINDING_HOST, CONFIG_ENFORCE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ZONE, LearnedValue, PORT_INGRESS_LIVE,
+        PORT_INGRESS_TC, UNBOUND_DENY, UNBOUND_QUARANTINE,
+    },
     event::Announcement,
-    maps::{CONFIG, ENDPOINTS, FLOW_EVENTS, PORTS, VPATCHES, ZONES},
+    maps::{CONFIG, ENDPOINTS, FLOW_EVENTS, LEARNED, PORTS, VPATCHES, ZONES},
     policy::{
         ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue, VPATCH_KEY_BITS, VpatchKey, VpatchValue,
         ZONE_REMEDIATION, ZoneKey, ZoneValue,
@@ -163,6 +166,107 @@ fn gratuitous_arp_and_unsolicited_neighbour_advertisements_announce_addresses() 
 }
 
 #[test]
+fn a_vm_port_announces_only_the_mac_it_is_bound_to() {
+    // An announcement moves an endpoint's binding in the agent: while enforcing, a VM
+    // port announces its binding's MAC, and nothing else.
+    let mut dp = enforcing_datapath();
+    assert_eq!(dp.from_port(&arp(0x8035, 3, MAC_A, [0; 4], [0; 4])), XDP_PASS, "its own MAC");
+    assert_eq!(dp.from_port(&arp(0x8035, 3, MAC_C, [0; 4], [0; 4])), XDP_DROP, "another MAC");
+    let mut lying = arp(0x0806, 1, MAC_C, C, C);
+    lying[6..12].copy_from_slice(&MAC_A);
+    assert_eq!(dp.from_port(&lying), XDP_DROP, "ARP whose sender is not the frame's source");
+    assert_eq!(dp.counter(Counter::SpoofedMac), 2);
+    // A port nobody bound (quarantined, learning off) may ARP, and announces nothing.
+    unbind_port(&mut dp, LOOPBACK_IFINDEX);
+    let gratuitous = arp(0x0806, 1, MAC_B, B, B);
+    assert_eq!(dp.from_port(&gratuitous), XDP_PASS, "ARP is needed and passes");
+    // Bound to B, the same frame is B's announcement.
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_B, 0, 0);
+    assert_eq!(dp.from_port(&gratuitous), XDP_PASS);
+    let ann = announcements(&mut dp);
+    let got: Vec<(u8, [u8; 6])> = ann.iter().map(|e| (e.key.proto, e.key.addr_lo[..6].try_into().unwrap())).collect();
+    assert_eq!(got, [(Announcement::Rarp as u8, MAC_A), (Announcement::GratuitousArp as u8, MAC_B)]);
+}
+
+#[test]
+fn an_unbound_port_locks_to_its_first_mac_where_zones_learn() {
+    let mut dp = enforcing_datapath_unbound();
+    let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
+    let mut cfg = config.get(&0, 0).unwrap();
+    cfg.flags |= CONFIG_LEARN | CONFIG_LEARN_WORLD;
+    config.set(0, cfg, 0).unwrap();
+    // The first frame locks the port to C (no zone has networks: its address puts it in
+    // `world`, which learns) and tells the agent.
+    let from_c = eth(MAC_B, MAC_C, &[], 0x0800, &ipv4(C, B, 6, &tcp(4000, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port(&from_c), XDP_PASS);
+    let learned: HashMap<&MapData, u32, LearnedValue> = HashMap::try_from(dp.ebpf.map(LEARNED).unwrap()).unwrap();
+    let locked = learned.get(&LOOPBACK_IFINDEX, 0).expect("the port locked");
+    assert_eq!((locked.mac, locked.zone, locked.flags), (MAC_C, 0, LEARNED_ZONE));
+    assert_eq!(dp.counter(Counter::PortsLearned), 1);
+    let v = flow(&dp, 4000, 80);
+    assert_eq!((v.verdict, v.reason), (Verdict::Allowed as u8, Reason::IntraZone as u8), "judged as learned: world");
+    let ann = announcements(&mut dp);
+    assert_eq!(ann.len(), 1, "{ann:?}");
+    assert_eq!((ann[0].key.proto, &ann[0].key.addr_lo[..6]), (Announcement::Learned as u8, &MAC_C[..]));
+    // From then on the port sends C's MAC only.
+    assert_eq!(dp.from_port(&tcp4(A, 4001, B, 80, TCP_SYN)), XDP_DROP, "another MAC on the locked port");
+    assert_eq!(dp.counter(Counter::SpoofedMac), 1);
+    assert_eq!(dp.from_port(&from_c), XDP_PASS, "its own");
+    // A MAC bound to another port never locks a port.
+    let mut other = enforcing_datapath_unbound();
+    let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(other.ebpf.map_mut(CONFIG).unwrap()).unwrap();
+    config.set(0, cfg, 0).unwrap();
+    endpoint(&mut other, MAC_A, EndpointValue { zone: 0, ifindex: 4242, ..EndpointValue::default() });
+    assert_eq!(other.from_port(&tcp4(A, 4002, B, 80, TCP_SYN)), XDP_DROP);
+    assert_eq!((other.counter(Counter::Spoofed), other.counter(Counter::PortsLearned)), (1, 0));
+}
+
+#[test]
+fn unbound_ports_deny_drops_what_an_unbound_port_sends() {
+    let mut dp = enforcing_datapath_unbound();
+    let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
+    let mut cfg = config.get(&0, 0).unwrap();
+    cfg.unbound_ports = UNBOUND_DENY;
+    config.set(0, cfg, 0).unwrap();
+    assert_eq!(dp.from_port(&tcp4(A, 5000, B, 80, TCP_SYN)), XDP_DROP);
+    assert_eq!(dp.from_port(&arp(0x0806, 1, MAC_A, A, B)), XDP_DROP, "ARP too");
+    assert_eq!(dp.counter(Counter::UnboundPort), 2);
+    assert!(dp.flows().is_empty());
+    bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_A, 0, 0);
+    assert_eq!(dp.from_port(&tcp4(A, 5000, B, 80, TCP_SYN)), XDP_PASS, "once bound");
+    // And what the switch delivers to an unbound port from another, even from a
+    // remediation zone (which reaches a quarantined one).
+    unbind_port(&mut dp, LOOPBACK_IFINDEX);
+    let links = TestLinks::new();
+    let sender_port = links.ifindex[0];
+    let mut zones: HashMap<&mut MapData, ZoneKey, ZoneValue> =
+        HashMap::try_from(dp.ebpf.map_mut(ZONES).unwrap()).unwrap();
+    zones
+        .insert(
+            ZoneKey { slot: 0, _pad: 0, zone: 3 },
+            ZoneValue { intra_zone: Verdict::Allowed as u8, flags: ZONE_REMEDIATION, _pad: [0; 2] },
+            0,
+        )
+        .unwrap();
+    endpoint(
+        &mut dp,
+        MAC_B,
+        EndpointValue { zone: 3, endpoint_id: 2, ifindex: sender_port, ..EndpointValue::default() },
+    );
+    bind_port(&mut dp, sender_port, MAC_B, 3, 0);
+    ingress_live(&mut dp, sender_port);
+    let to_a = eth(MAC_A, MAC_B, &[], 0x0800, &ipv4(B, A, 6, &tcp(5001, 22, TCP_SYN, &[])));
+    assert_eq!(dp.from_port_on(sender_port, &to_a), XDP_PASS, "B may send (its receiver is judged where it leaves)");
+    assert_eq!(dp.to_port_on(LOOPBACK_IFINDEX, sender_port, &to_a), TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::UnboundPort), 3);
+    // Positive control: under the default (quarantine) the same copy reaches it.
+    cfg.unbound_ports = UNBOUND_QUARANTINE;
+    let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
+    config.set(0, cfg, 0).unwrap();
+    assert_eq!(dp.to_port_on(LOOPBACK_IFINDEX, sender_port, &to_a), TC_PASS, "a remediation zone reaches it");
+}
+
+#[test]
 fn a_mac_bound_to_another_port_is_spoofed_and_makes_no_flow() {
     // From a port nobody bound: another port's MAC neither passes nor locks the port.
     let mut dp = enforcing_datapath_unbound();
@@ -198,7 +302,9 @@ fn a_mac_bound_to_another_port_is_spoofed_and_makes_no_flow() {
 /// The flow whose ports are `sport` and `dport`.
 fn flow(dp: &TestDatapath, sport: u16, dport: u16) -> backplane_common::FlowValue {
     let flows = dp.flows();
-    let found = flows.iter().find(|(k, _)| (k.port_lo, k.port_hi) == (sport, dport) || (k.port_lo, k.port_hi) == (dport, sport));
+    let found = flows
+        .iter()
+        .find(|(k, _)| (k.port_lo, k.port_hi) == (sport, dport) || (k.port_lo, k.port_hi) == (dport, sport));
     found.unwrap_or_else(|| panic!("a flow {sport} -> {dport}: {flows:?}")).1
 }
 
@@ -265,7 +371,11 @@ fn what_is_delivered_to_a_quarantined_endpoints_port_is_judged_for_it() {
     let [sender_port, peer_port] = links.ifindex;
     let mut dp = enforcing_datapath();
     // The sender: C in zone 2, on a port whose ingress program runs.
-    endpoint(&mut dp, MAC_C, EndpointValue { zone: 2, endpoint_id: 3, ifindex: sender_port, ..EndpointValue::default() });
+    endpoint(
+        &mut dp,
+        MAC_C,
+        EndpointValue { zone: 2, endpoint_id: 3, ifindex: sender_port, ..EndpointValue::default() },
+    );
     bind_port(&mut dp, sender_port, MAC_C, 2, 0);
     ingress_live(&mut dp, sender_port);
     // B in zone 2 on the other port; A (quarantined, zone 1) on loopback.
@@ -283,7 +393,8 @@ fn what_is_delivered_to_a_quarantined_endpoints_port_is_judged_for_it() {
         },
     );
     bind_port(&mut dp, LOOPBACK_IFINDEX, MAC_A, 1, ENDPOINT_QUARANTINED);
-    let misaddressed = eth([0x52, 0x54, 0, 0, 0, 0x0d], MAC_C, &[], 0x0800, &ipv4(C, A, 6, &tcp(3000, 80, TCP_SYN, &[])));
+    let misaddressed =
+        eth([0x52, 0x54, 0, 0, 0, 0x0d], MAC_C, &[], 0x0800, &ipv4(C, A, 6, &tcp(3000, 80, TCP_SYN, &[])));
     assert_eq!(dp.from_port_on(sender_port, &misaddressed), XDP_PASS, "judged for the receiver it names");
     // The copy for B (zone 2, like C) passes: the positive control.
     assert_eq!(dp.to_port_on(peer_port, sender_port, &misaddressed), TC_PASS);
