@@ -33,6 +33,8 @@ const ATT_MAC: &str = "52:54:00:30:00:0a";
 const WEB2_MAC: &str = "52:54:00:30:00:02";
 /// The database (10.40.0.1).
 const DB_MAC: &str = "52:54:00:40:00:01";
+/// A second database (10.40.0.2).
+const DB2_MAC: &str = "52:54:00:40:00:02";
 /// An administrator's VM (10.50.0.5), in mgmt.
 const ADMIN_MAC: &str = "52:54:00:50:00:05";
 /// A `mac:` member of mgmt that no VM here has.
@@ -61,8 +63,8 @@ impl Breaches {
     }
 }
 
-/// A lab VM with both address families, prefixes wide enough that every zone is on-link.
-/// `tap`: a real tap port, fed as QEMU feeds one (the hostile guests have one).
+/// A lab VM, its prefixes wide enough that every zone is on-link. `tap`: a real tap
+/// port, fed as QEMU feeds one (the hostile guests have one).
 fn add_vm(lab: &Lab, tap: bool, name: &str, ip4: &str, ip6: Option<&str>, mac: &str) -> Vm {
     if tap { lab.add_tap_vm(name, ip4, ip6, Some(mac)) } else { lab.add_veth_vm(name, ip4, ip6, Some(mac)) }
 }
@@ -314,10 +316,11 @@ fn a_vm_sending_from_an_unused_address_of_another_zone_reaches_nothing_that_zone
     let db = add_vm(&lab, false, "db", "10.40.0.1/8", Some("fd00:40::1/16"), DB_MAC);
     let rules = three_zones(&lab, "", "");
     let agent = start_agent(&lab, &rules, &[]);
-    // The attacker's port learns it (its first frame is honest); the host binds db's.
+    // The attacker's port learns it (its first frame is honest); the host binds db's
+    // before db boots, as the libvirt hook does when it starts a VM.
+    host_bind(&agent, &db, None);
     boot(&att);
     boot(&db);
-    host_bind(&agent, &db, None);
     let _ssh = listen(&db, 22);
     let _pg = listen(&db, 5432);
     let mut breaches = Breaches::default();
@@ -971,53 +974,85 @@ fn a_frame_to_a_victims_mac_with_a_foreign_destination_address_is_not_delivered_
     let att = add_vm(&lab, true, "att", "10.30.0.10/8", Some("fd00:30::10/16"), ATT_MAC);
     let web2 = add_vm(&lab, false, "web2", "10.30.0.2/8", Some("fd00:30::2/16"), WEB2_MAC);
     let db = add_vm(&lab, false, "db", "10.40.0.1/8", Some("fd00:40::1/16"), DB_MAC);
+    let db2 = add_vm(&lab, false, "db2", "10.40.0.2/8", Some("fd00:40::2/16"), DB2_MAC);
     let rules = three_zones(&lab, "", "");
     let agent = start_agent(&lab, &rules, &[]);
-    for vm in [&att, &web2, &db] {
+    // The host binds db2's port before db2 boots (the libvirt hook starting a VM), and
+    // db's while db runs (the hook's `reconnect`, after the host's daemon restarted).
+    host_bind(&agent, &db2, None);
+    for vm in [&att, &web2, &db, &db2] {
         boot(vm);
     }
     host_bind(&agent, &db, None);
     let mut breaches = Breaches::default();
 
-    let (d, w) = (DB_MAC, WEB2_MAC);
-    let at_db = db.capture(Some("ip or ip6"));
     let at_web2 = web2.capture(Some("tcp"));
-    scapy::sendp(
-        &att,
-        &[
-            // To db's MAC, addressed to web2 (web -> web is allowed), to mgmt (audited, so
-            // it passes), to the world, over IPv6.
-            format!("Ether(dst='{d}')/IP(src='10.30.0.10', dst='10.30.0.2')/TCP(sport=43001, dport=22, flags='S')"),
-            format!("Ether(dst='{d}')/IP(src='10.30.0.10', dst='10.50.0.9')/TCP(sport=43002, dport=22, flags='S')"),
-            format!("Ether(dst='{d}')/IP(src='10.30.0.10', dst='192.0.2.7')/UDP(sport=43003, dport=53)/Raw(b'world')"),
-            format!("Ether(dst='{d}')/IPv6(src='fd00:30::10', dst='fd00:30::2')/TCP(sport=43004, dport=22, flags='S')"),
-            format!("Ether(dst='{d}')/IP(src='10.30.0.10', dst='10.30.0.2')/ICMP(id=0x7a7a)"),
-            // Positive controls: to db as db, to web2 as web2.
-            format!("Ether(dst='{d}')/IP(src='10.30.0.10', dst='10.40.0.1')/TCP(sport=43010, dport=5432, flags='S')"),
-            format!("Ether(dst='{w}')/IP(src='10.30.0.10', dst='10.30.0.2')/TCP(sport=43011, dport=22, flags='S')"),
-        ],
-    );
-    let (at_db, at_web2) = (settle(at_db), settle(at_web2));
-    show_flows(&agent, "4300");
-    assert!(from_sport(&at_db, 43010) > 0, "positive control: web -> db:5432 addressed to db reaches db");
-    assert!(from_sport(&at_web2, 43011) > 0, "positive control: web -> web2:22 reaches web2");
-    let att_mac = mac_bytes(ATT_MAC);
-    let foreign: Vec<Seen> = at_db
-        .iter()
-        .filter_map(seen)
-        .filter(|s| s.src_mac == att_mac && s.dst != "10.40.0.1" && s.dst != "fd00:40::1")
-        .collect();
-    for s in &foreign {
-        eprintln!("delivered to db: {} -> {} proto {} port {}", s.src, s.dst, s.proto, s.dport);
+    let (at_db, at_db2) = (db.capture(Some("ip or ip6")), db2.capture(Some("ip or ip6")));
+    let w = WEB2_MAC;
+    let mut frames = Vec::new();
+    for (victim, mac, ip, ip6, base) in
+        [("db", DB_MAC, "10.40.0.1", "fd00:40::1", 43000), ("db2", DB2_MAC, "10.40.0.2", "fd00:40::2", 43100)]
+    {
+        eprintln!("to {victim}: source ports {}-{}", base + 1, base + 10);
+        frames.extend([
+            // To the victim's MAC, addressed to web2 (web -> web is allowed), to mgmt
+            // (audited, so it passes), to the world, over IPv6; each to a service web may
+            // not reach on db (web -> db allows tcp/5432 and ICMP only).
+            format!(
+                "Ether(dst='{mac}')/IP(src='10.30.0.10', dst='10.30.0.2')/TCP(sport={}, dport=22, flags='S')",
+                base + 1
+            ),
+            format!(
+                "Ether(dst='{mac}')/IP(src='10.30.0.10', dst='10.50.0.9')/TCP(sport={}, dport=22, flags='S')",
+                base + 2
+            ),
+            format!("Ether(dst='{mac}')/IP(src='10.30.0.10', dst='192.0.2.7')/UDP(sport={}, dport=53)", base + 3),
+            format!(
+                "Ether(dst='{mac}')/IPv6(src='fd00:30::10', dst='fd00:30::2')/TCP(sport={}, dport=22, flags='S')",
+                base + 4
+            ),
+            // Positive control: to the victim as the victim.
+            format!(
+                "Ether(dst='{mac}')/IP(src='10.30.0.10', dst='{ip}')/TCP(sport={}, dport=5432, flags='S')",
+                base + 10
+            ),
+            format!(
+                "Ether(dst='{mac}')/IPv6(src='fd00:30::10', dst='{ip6}')/TCP(sport={}, dport=5432, flags='S')",
+                base + 11
+            ),
+        ]);
     }
-    for (what, dst) in [
-        ("web2's address (intra-zone)", "10.30.0.2"),
-        ("a mgmt address (audited)", "10.50.0.9"),
-        ("a world address", "192.0.2.7"),
-        ("web2's IPv6 address", "fd00:30::2"),
-    ] {
-        let n = foreign.iter().filter(|s| s.dst == dst).count();
-        breaches.check(n == 0, format!("a frame to db's MAC for {what} is not delivered to db ({n} seen)"));
+    // Positive control: to web2 as web2.
+    frames
+        .push(format!("Ether(dst='{w}')/IP(src='10.30.0.10', dst='10.30.0.2')/TCP(sport=43211, dport=22, flags='S')"));
+    scapy::sendp(&att, &frames);
+    let (at_db, at_db2, at_web2) = (settle(at_db), settle(at_db2), settle(at_web2));
+    show_flows(&agent, "\"dst_port\":22");
+    assert!(from_sport(&at_web2, 43211) > 0, "positive control: web -> web2:22 reaches web2");
+    let att_mac = mac_bytes(ATT_MAC);
+    for (victim, packets, own, own6, base) in
+        [("db", &at_db, "10.40.0.1", "fd00:40::1", 43000), ("db2", &at_db2, "10.40.0.2", "fd00:40::2", 43100)]
+    {
+        assert!(from_sport(packets, base + 10) > 0, "positive control: web -> {victim}:5432 reaches {victim}");
+        assert!(from_sport(packets, base + 11) > 0, "positive control: web -> [{victim}]:5432 reaches {victim}");
+        let bound = if victim == "db" { "bound while running" } else { "bound before boot" };
+        let foreign: Vec<Seen> = packets
+            .iter()
+            .filter_map(seen)
+            .filter(|s| s.src_mac == att_mac && matches!(s.proto, 6 | 17) && s.dst != own && s.dst != own6)
+            .collect();
+        for (what, dst) in [
+            ("web2's address (intra-zone)", "10.30.0.2"),
+            ("a mgmt address (audited)", "10.50.0.9"),
+            ("a world address", "192.0.2.7"),
+            ("web2's IPv6 address", "fd00:30::2"),
+        ] {
+            let n = foreign.iter().filter(|s| s.dst == dst).count();
+            breaches.check(
+                n == 0,
+                format!("a frame to {victim}'s MAC ({bound}) for {what} is not delivered to {victim} ({n} seen)"),
+            );
+        }
     }
     show_counters(&agent, "after");
     agent.stop();
@@ -1112,10 +1147,10 @@ fn udp_to_a_link_local_address_in_a_multicast_frame_does_not_reach_the_victims_s
     let db = add_vm(&lab, false, "db", "10.40.0.1/8", Some("fd00:40::1/16"), DB_MAC);
     let rules = three_zones(&lab, "", "");
     let agent = start_agent(&lab, &rules, &[]);
+    host_bind(&agent, &db, None);
     for vm in [&att, &web2, &db] {
         boot(vm);
     }
-    host_bind(&agent, &db, None);
     let (att_ll, web2_ll, db_ll) = (link_local(&att), link_local(&web2), link_local(&db));
     let db_dns = udp_service(&db, 53);
     let web2_dns = udp_service(&web2, 53);
@@ -1140,9 +1175,10 @@ fn udp_to_a_link_local_address_in_a_multicast_frame_does_not_reach_the_victims_s
             format!(
                 "Ether(src='{a}', dst='ff:ff:ff:ff:ff:ff')/IP(src='10.30.0.10', dst='10.40.0.1')/UDP(sport=44005, dport=53)/Raw(b'to-db-v4-broadcast')"
             ),
-            // Positive controls: the same frames for web2 (web -> web is allowed).
-            udp6("33:33:00:00:00:01", &web2_ll, 44011, "to-web2-all-nodes"),
+            // For web2 (web -> web is allowed): the positive control, unicast; and the
+            // multicast frame, which the switch may deliver to web2 or drop for all.
             udp6(w, &web2_ll, 44012, "to-web2-unicast-link-local"),
+            udp6("33:33:00:00:00:01", &web2_ll, 44011, "to-web2-all-nodes"),
         ],
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -1151,9 +1187,10 @@ fn udp_to_a_link_local_address_in_a_multicast_frame_does_not_reach_the_victims_s
     eprintln!("db's service got {:?}", at_db.iter().map(text).collect::<Vec<_>>());
     eprintln!("web2's service got {:?}", at_web2.iter().map(text).collect::<Vec<_>>());
     show_counters(&agent, "after");
-    for marker in ["to-web2-all-nodes", "to-web2-unicast-link-local"] {
-        assert!(at_web2.iter().any(|d| text(d) == marker), "positive control: web2's service got {marker}");
-    }
+    assert!(
+        at_web2.iter().any(|d| text(d) == "to-web2-unicast-link-local"),
+        "positive control: web2's service got the datagram to its link-local address"
+    );
     for marker in [
         "to-db-all-nodes",
         "to-db-solicited-node",
