@@ -24,9 +24,12 @@ fn the_agent_survives_the_corpus_and_drops_what_spoofs_a_bound_endpoint() {
     let rules = copy_example_rules(&lab, "three-zones");
     let agent = Agent::start(&lab, &["--rules", rules.to_str().unwrap()]);
 
-    // The host binds the attacker's port to the attacker VM's MAC (as the libvirt hook
-    // does): whatever else it sends from is not its own.
-    let bound = agent.cli(&["endpoint", "bind", "--port", attacker.host_port(), "--mac", &attacker.mac_string()]);
+    // The attacker VM is an endpoint of the web zone (10.30.0.66), and the host binds its
+    // port to it (as the libvirt hook does): whatever else it sends from is not its own.
+    let att_mac = attacker.mac_string();
+    let added = agent.cli(&["endpoint", "add", "att", "--mac", &att_mac, "--ip", "10.30.0.66", "--zone", "web"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let bound = agent.cli(&["endpoint", "bind", "att", "--port", attacker.host_port()]);
     assert!(bound.status.success(), "{}", String::from_utf8_lossy(&bound.stderr));
     // The victim is a known endpoint, bound to its port once it announces itself.
     let mac = victim.mac_string();
@@ -49,6 +52,8 @@ fn the_agent_survives_the_corpus_and_drops_what_spoofs_a_bound_endpoint() {
             }
             let mut frame = frame.clone();
             replace_mac(&mut frame, VICTIM_MAC, victim.mac());
+            // The corpus's own MAC is the attacker VM's: the one its port is bound to.
+            replace_mac(&mut frame, common::frames::MAC_A, attacker.mac());
             spoofs += u64::from(seq.spoofs_victim);
             frames.push(frame);
         }

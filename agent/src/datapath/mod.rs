@@ -36,10 +36,10 @@ use aya::{
 };
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
-    config::{BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedValue, PORT_ADDRS_FIXED},
+    config::{BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedValue, MacKey, PORT_ADDRS_FIXED},
     config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PORT_MACS, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT,
         PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
     },
     policy::{ZonePairKey, ZonePairStats},
@@ -274,6 +274,7 @@ pub struct Datapath {
     ports_map: BpfHashMap<MapData, u32, PortInfo>,
     /// What unbound VM ports locked on first use (see the data path's `identity`).
     learned: BpfHashMap<MapData, u32, LearnedValue>,
+    port_macs: BpfHashMap<MapData, MacKey, u32>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     ports: BTreeMap<u32, AttachedPort>,
@@ -292,7 +293,8 @@ pub struct PortBinding {
     pub mac: [u8; 6],
     /// The endpoint's addresses are fixed (inventory `ips`).
     pub fixed: bool,
-    pub zone: u16,
+    /// Its zone; `None`: the one `interface:` members give the port.
+    pub zone: Option<u16>,
     pub standing: u16,
 }
 
@@ -360,6 +362,8 @@ impl Datapath {
             RingBuf::try_from(take_map(&mut ebpf, PAYLOAD_SAMPLES)?).map_err(DatapathError::map(PAYLOAD_SAMPLES))?;
         let ports_map = BpfHashMap::try_from(take_map(&mut ebpf, PORTS)?).map_err(DatapathError::map(PORTS))?;
         let learned = BpfHashMap::try_from(take_map(&mut ebpf, LEARNED)?).map_err(DatapathError::map(LEARNED))?;
+        let port_macs =
+            BpfHashMap::try_from(take_map(&mut ebpf, PORT_MACS)?).map_err(DatapathError::map(PORT_MACS))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
         // A new CONFIG is all zeros: generation 0, observe only until rule sets arrive. An
         // adopted one keeps the generation in force (see `observe_only`).
@@ -385,6 +389,7 @@ impl Datapath {
             xdp_unavailable,
             ports_map,
             learned,
+            port_macs,
             counters,
             config,
             ports: BTreeMap::new(),
@@ -616,7 +621,7 @@ impl Datapath {
                 Some(b) => {
                     new.binding = b.kind;
                     new.mac = b.mac;
-                    new.zone[s] = b.zone;
+                    new.zone[s] = b.zone.unwrap_or_else(|| self.port_zone(&name));
                     new.standing[s] = b.standing;
                     new.flags = if b.fixed { new.flags | PORT_ADDRS_FIXED } else { new.flags & !PORT_ADDRS_FIXED };
                 }
@@ -652,13 +657,24 @@ impl Datapath {
     /// and its zone is still to learn), or clears the lock (`None`: the port's VM is
     /// gone, or the host bound it).
     pub fn set_learned(&mut self, ifindex: u32, value: Option<LearnedValue>) {
+        let not_found = |r: Result<(), MapError>| match r {
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        };
+        // `PORT_MACS` says which port a locked MAC is behind: it follows `LEARNED`.
+        if let Ok(old) = self.learned.get(&ifindex, 0) {
+            let key = MacKey { mac: old.mac, _pad: [0; 2] };
+            if self.port_macs.get(&key, 0).is_ok_and(|i| i == ifindex) {
+                let _ = not_found(self.port_macs.remove(&key));
+            }
+        }
         let result = match value {
-            Some(v) => self.learned.insert(ifindex, v, 0),
-            None => match self.learned.remove(&ifindex) {
-                Err(MapError::KeyNotFound) => Ok(()),
-                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                other => other,
-            },
+            Some(v) => self
+                .learned
+                .insert(ifindex, v, 0)
+                .and_then(|()| self.port_macs.insert(MacKey { mac: v.mac, _pad: [0; 2] }, ifindex, 0)),
+            None => not_found(self.learned.remove(&ifindex)),
         };
         if let Err(e) = result {
             log::error!("cannot write LEARNED for ifindex {ifindex}: {}", report(&e));

@@ -383,10 +383,10 @@ pub fn write_port_zones<'a>(
                 info.zone[s] = value.zone;
                 info.standing[s] = value.flags;
             }
-            // A learned port outside the inventory keeps its zone (zone ids last across
-            // rule sets).
+            // A learned port outside the inventory: the zone its name gives it under these
+            // rules, else the zone it learned (zone ids last across rule sets).
             None if info.binding != backplane_common::config::BINDING_NONE => {
-                info.zone[s] = info.zone[s ^ 1];
+                info.zone[s] = rules.zone_for_interface(name).unwrap_or(info.zone[s ^ 1]);
                 info.standing[s] = 0;
             }
             None => {

@@ -45,11 +45,12 @@ pub struct HostBinding {
 }
 
 /// A port outside the inventory locked on first use, with the zone its first address
-/// chose (a zone id, which lasts across rule sets).
+/// chose (a zone id, which lasts across rule sets), or `None`: the zone its name gives
+/// it (`interface:` members), whatever the rules in force say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct LearnedPort {
     pub mac: MacAddr,
-    pub zone: u16,
+    pub zone: Option<u16>,
 }
 
 /// The device MAC of a port, as sysfs shows it.
@@ -209,8 +210,8 @@ impl Endpoints {
         }
         let port_zone = self.datapath.lock().expect("datapath lock").zone_of_port(ifindex);
         if port_zone != 0 {
-            // The port's name gave it its zone: nothing left to learn.
-            self.confirm_learned(ifindex, port, mac, port_zone);
+            // The port's name gives it its zone: nothing left to learn.
+            self.confirm_learned(ifindex, port, mac, None);
         } else {
             Arc::clone(self).follow_learning(ifindex, port.to_owned(), mac);
         }
@@ -227,7 +228,7 @@ impl Endpoints {
                 let lock = self.datapath.lock().expect("datapath lock").learned(ifindex);
                 match lock {
                     Some(l) if l.mac == mac.0 && l.flags & LEARNED_ZONE != 0 => {
-                        self.confirm_learned(ifindex, &port, mac, l.zone);
+                        self.confirm_learned(ifindex, &port, mac, Some(l.zone));
                         return;
                     }
                     Some(l) if l.mac == mac.0 => {}
@@ -241,14 +242,17 @@ impl Endpoints {
         });
     }
 
-    fn confirm_learned(&self, ifindex: u32, port: &str, mac: MacAddr, zone: u16) {
+    fn confirm_learned(&self, ifindex: u32, port: &str, mac: MacAddr, zone: Option<u16>) {
         {
             let mut st = self.lock();
             if st.unknown.values().any(|(b, _)| b.ifindex == ifindex) {
                 // Quarantined as a MAC outside the inventory on an `interface:` port.
                 return;
             }
-            let zone_name = st.compiled.as_ref().and_then(|c| c.zone_ids.name(zone).map(str::to_owned));
+            let zone_name = match zone {
+                Some(z) => st.compiled.as_ref().and_then(|c| c.zone_ids.name(z).map(str::to_owned)),
+                None => Some("of the port's name".to_owned()),
+            };
             st.learned_ports.insert(ifindex, LearnedPort { mac, zone });
             let mut record = self.record_here("learned", &super::unknown_name(mac), mac, port);
             record.detail = format!("locked on first use in zone {}", zone_name.as_deref().unwrap_or("?"));
@@ -265,7 +269,11 @@ impl Endpoints {
             let dp = self.datapath.lock().expect("datapath lock");
             dp.attached_ports().into_iter().filter(|(i, _)| dp.is_vm_port(*i)).map(|(i, (n, _))| (i, n)).collect()
         };
-        let learned = self.datapath.lock().expect("datapath lock").all_learned();
+        let (learned, port_zones) = {
+            let dp = self.datapath.lock().expect("datapath lock");
+            let zones: std::collections::HashMap<u32, u16> = ports.keys().map(|&i| (i, dp.zone_of_port(i))).collect();
+            (dp.all_learned(), zones)
+        };
         let mut st = self.lock();
         let mut n = 0;
         let records = std::mem::take(&mut st.host_bindings);
@@ -293,7 +301,10 @@ impl Endpoints {
                 st.bound.entry(mac).or_insert(Bound { ifindex, port: port.clone(), host: false });
                 n += 1;
             } else if lock.flags & LEARNED_ZONE != 0 {
-                st.learned_ports.insert(ifindex, LearnedPort { mac, zone: lock.zone });
+                st.learned_ports.insert(ifindex, LearnedPort { mac, zone: Some(lock.zone) });
+                n += 1;
+            } else if port_zones.get(&ifindex).is_some_and(|z| *z != 0) {
+                st.learned_ports.insert(ifindex, LearnedPort { mac, zone: None });
                 n += 1;
             }
         }
@@ -318,7 +329,7 @@ impl Endpoints {
                     kind: if host { BINDING_HOST } else { BINDING_LEARNED },
                     mac: mac.0,
                     fixed: ips_of.get(mac).copied().unwrap_or(false),
-                    zone: value.zone,
+                    zone: Some(value.zone),
                     standing: value.flags,
                 },
             );

@@ -737,7 +737,7 @@ impl Endpoints {
                 name: unknown_name(l.mac),
                 mac: mac_text(l.mac),
                 source: "learned".into(),
-                zone: names.as_ref().and_then(|c| c.zone_ids.name(l.zone)).map(str::to_owned),
+                zone: l.zone.and_then(|z| names.as_ref().and_then(|c| c.zone_ids.name(z))).map(str::to_owned),
                 state: Standing::Active,
                 reasons: vec!["locked to its port on first use".into()],
                 node: Some(self.opts.node.clone()),

@@ -179,11 +179,13 @@ impl Endpoints {
         // frames to it are judged for that zone where they enter the switch.
         let learned: Vec<(u32, super::binding::LearnedPort)> = st.learned_ports.iter().map(|(i, l)| (*i, *l)).collect();
         for (ifindex, l) in learned {
+            // A port whose name gives it its zone has no entry: its zone follows the rules.
+            let Some(zone) = l.zone else { continue };
             if overlay.endpoints.iter().any(|(m, _)| *m == l.mac) {
                 continue;
             }
             let endpoint_id = Self::id_for(st, l.mac);
-            overlay.endpoints.push((l.mac, EndpointValue { zone: l.zone, flags: 0, endpoint_id, ifindex, _pad: [0; 4] }));
+            overlay.endpoints.push((l.mac, EndpointValue { zone, flags: 0, endpoint_id, ifindex, _pad: [0; 4] }));
         }
         overlay
     }

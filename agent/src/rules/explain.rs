@@ -114,6 +114,8 @@ impl ExplainQuery {
             dport,
             src_interface,
             dst_interface: None,
+            src_port: None,
+            dst_port: None,
         })
     }
 }

@@ -158,3 +158,13 @@ pub const LEARNED_ZONE: u8 = 1 << 0;
 pub const LEARNED_ENDPOINT: u8 = 1 << 1;
 
 const _: () = assert!(core::mem::size_of::<LearnedValue>() == 16);
+
+/// `PORT_MACS` key: a MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacKey {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<MacKey>() == 8);

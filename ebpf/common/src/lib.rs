@@ -48,6 +48,7 @@ user_pod!(
     DatapathConfig,
     PortInfo,
     config::LearnedValue,
+    config::MacKey,
     policy::PolicyKey,
     policy::PolicyValue,
     policy::EndpointKey,

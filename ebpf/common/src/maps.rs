@@ -37,6 +37,9 @@ pub const ADDR_OWNERS: &str = "ADDR_OWNERS";
 
 /// What unbound VM ports locked on first use: `HASH<u32 ifindex, LearnedValue>`.
 pub const LEARNED: &str = "LEARNED";
+/// Which port a locked MAC is behind, for judging frames sent to it before the agent
+/// confirmed it: `HASH<MacKey, u32 ifindex>`, written with `LEARNED`.
+pub const PORT_MACS: &str = "PORT_MACS";
 
 /// Payload samples of the first packets of flows: `RINGBUF` of
 /// [`crate::sample::PayloadSample`], apart from `FLOW_EVENTS` so that samples never crowd
@@ -85,6 +88,7 @@ pub const PINNED_MAPS: &[&str] = &[
     ANNOUNCES,
     ADDR_OWNERS,
     LEARNED,
+    PORT_MACS,
     PAYLOAD_SAMPLES,
     SAMPLE_BUDGET,
 ];

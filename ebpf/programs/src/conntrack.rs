@@ -243,7 +243,15 @@ fn receiver(cfg: &DatapathConfig, packet: &Packet, port: &Port, hook: Hook) -> I
         Some(info) if hook == Hook::ToPort && port.is_vm() && cfg.flags & CONFIG_ENFORCE != 0 => {
             identity::port_ident(cfg, info, packet, port.ifindex, END_DST)
         }
-        _ => policy::resolve_addr(slot, packet, END_DST, 0),
+        // A VM port of this node locked to the destination MAC on first use (the agent
+        // may not have confirmed it yet); else the frame's fields.
+        _ => match identity::local_receiver(packet) {
+            0 => policy::resolve_addr(slot, packet, END_DST, 0),
+            ifindex => match identity::port(ifindex) {
+                Some(info) => identity::port_ident(cfg, info, packet, ifindex, END_DST),
+                None => policy::resolve_addr(slot, packet, END_DST, 0),
+            },
+        },
     }
 }
 

@@ -18,7 +18,8 @@ use aya_ebpf::maps::lpm_trie::Key;
 use backplane_common::{
     DatapathConfig, PortInfo, PortRole,
     config::{
-        BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue, PORT_ADDRS_FIXED, UNBOUND_DENY,
+        BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue, MacKey,
+        PORT_ADDRS_FIXED, UNBOUND_DENY,
         UNBOUND_OBSERVE,
     },
     flow::FAMILY_IPV4,
@@ -30,7 +31,7 @@ use backplane_common::{
 };
 
 use crate::{
-    maps::{ADDR_OWNERS, ENDPOINTS, LEARNED, PORTS, ZONE_CIDRS},
+    maps::{ADDR_OWNERS, ENDPOINTS, LEARNED, PORT_MACS, PORTS, ZONE_CIDRS},
     parse::{END_SENDS, Packet},
     policy::{self, IDENT_UNBOUND, Ident},
 };
@@ -104,10 +105,18 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
         }
         return Ok(Sender::Unbound);
     }
+    // A MAC another port of this node is locked to is that port's (a clone here is a
+    // spoof; a VM that moved between two ports here is locked again once its old port
+    // is gone).
+    let other = local_receiver_of(src_mac);
+    if other != 0 && other != ifindex {
+        return Err(Counter::Spoofed);
+    }
     let flags = if endpoint.is_some() { LEARNED_ENDPOINT } else { 0 };
     let value = LearnedValue { mac: *src_mac, zone: 0, slot, flags, _pad: [0; 6] };
     if LEARNED.insert(ifindex, &value, BPF_NOEXIST).is_ok() {
         crate::counters::inc(Counter::PortsLearned);
+        let _ = PORT_MACS.insert(&MacKey { mac: *src_mac, _pad: [0; 2] }, &ifindex, 0);
         return Ok(Sender::Learned);
     }
     // Another CPU locked it first: this frame must carry what it locked.
@@ -269,4 +278,35 @@ pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &
         Some(zone) => zone == ident.zone,
         None => policy::zone_flags(slot, ident.zone) & ZONE_HAS_CIDRS == 0,
     }
+}
+
+/// The VM port of this node a frame's destination MAC is locked to (on first use, maybe
+/// before the agent confirmed it), for judging a new flow where it enters the switch; 0
+/// when no port here is.
+#[inline(never)]
+pub fn local_receiver(packet: &Packet) -> u32 {
+    local_receiver_of(&packet.dst_mac)
+}
+
+/// The VM port of this node locked or bound to `mac`, 0 when none.
+#[inline(always)]
+fn local_receiver_of(mac: &[u8; 6]) -> u32 {
+    if mac[0] & 1 != 0 {
+        return 0;
+    }
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let Some(ifindex) = PORT_MACS.get_ptr(&MacKey { mac: *mac, _pad: [0; 2] }).map(|i| unsafe { *i }) else {
+        return 0;
+    };
+    let Some(port) = port(ifindex) else { return 0 };
+    let ours = if port.binding != BINDING_NONE {
+        port.mac == *mac
+    } else {
+        match LEARNED.get_ptr(ifindex) {
+            // SAFETY: a pointer returned by a map lookup is valid for this program run.
+            Some(l) => unsafe { (*l).mac == *mac },
+            None => false,
+        }
+    };
+    if ours { ifindex } else { 0 }
 }

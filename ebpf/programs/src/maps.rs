@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
-    config::LearnedValue,
+    config::{LearnedValue, MacKey},
     event::AnnounceKey,
     flow::{FragmentKey, FragmentPorts},
     policy::{
@@ -77,6 +77,10 @@ pub static ADDR_OWNERS: HashMap<OwnerKey, OwnerValue> = HashMap::pinned(262_144,
 /// port), confirmed into `PORTS` and removed by the agent.
 #[map(name = "LEARNED")]
 pub static LEARNED: HashMap<u32, LearnedValue> = HashMap::pinned(4096, 0);
+
+/// Which port each `LEARNED` MAC is behind (written with it; removed by the agent).
+#[map(name = "PORT_MACS")]
+pub static PORT_MACS: HashMap<MacKey, u32> = HashMap::pinned(4096, 0);
 
 #[map(name = "PAYLOAD_SAMPLES")]
 pub static PAYLOAD_SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_DEFAULT, 0);
