@@ -299,6 +299,16 @@ fn create<F: Frame>(
         policy::resolve_addr(cfg.active_slot & 1, packet, 0, 0)
     };
     let dst = receiver(cfg, packet, port, hook);
+    if hook == Hook::ToPort
+        && port.is_vm()
+        && dst.unbound()
+        && cfg.unbound_ports == backplane_common::config::UNBOUND_DENY
+        && cfg.flags & CONFIG_ENFORCE != 0
+    {
+        // What the host sends to a port nobody bound, under `unbound_ports: deny`.
+        counters::inc(Counter::UnboundPort);
+        return Action::Drop;
+    }
     let j = policy::judge(cfg, policy::service(packet.proto, packet.dport), src, dst);
     let d = idx(dir);
     // The new flow's value is built in this CPU's scratch entry (its `value`, beside the
