@@ -498,6 +498,7 @@ impl Endpoints {
             let mut st = self.lock();
             st.unknown.retain(|_, (b, _)| b.ifindex != ifindex);
             st.learned_ports.remove(&ifindex);
+            st.host_unknown.remove(&ifindex);
             st.host_bindings.retain(|h| h.ifindex != ifindex);
             let gone: Vec<(MacAddr, Bound)> =
                 st.bound.iter().filter(|(_, b)| b.ifindex == ifindex).map(|(m, b)| (*m, b.clone())).collect();

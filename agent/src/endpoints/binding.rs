@@ -95,6 +95,7 @@ impl Endpoints {
             st.bound.retain(|m, b| !(b.ifindex == ifindex && *m != mac));
             st.unknown.retain(|m, (b, _)| !(b.ifindex == ifindex && *m != mac));
             st.learned_ports.remove(&ifindex);
+            st.host_unknown.remove(&ifindex);
             st.host_bindings.retain(|h| h.port != port && h.ifindex != ifindex);
             st.host_bindings.push(record.clone());
             if def.is_some() && st.bound.get(&mac).is_some_and(|b| b.ifindex == ifindex) {
@@ -103,13 +104,24 @@ impl Endpoints {
             }
             self.persist(&st);
         }
-        let lock = LearnedValue { mac: mac.0, ..LearnedValue::default() };
-        {
+        let learned_zone = {
             let mut dp = self.datapath.lock().expect("datapath lock");
-            // The lock of a MAC outside the inventory waits for its zone; an inventory
-            // endpoint's binding is written with the endpoint entries below.
-            dp.set_learned(ifindex, def.is_none().then_some(lock));
-        }
+            let current = dp.learned(ifindex).filter(|l| l.mac == mac.0);
+            match (&def, current) {
+                // Locked to this MAC already (the VM runs): keep what it learned.
+                (None, Some(l)) => (l.flags & LEARNED_ZONE != 0).then_some(l.zone),
+                // The lock of a MAC outside the inventory waits for its zone.
+                (None, None) => {
+                    dp.set_learned(ifindex, Some(LearnedValue { mac: mac.0, ..LearnedValue::default() }));
+                    None
+                }
+                // An inventory endpoint's binding is written with the endpoint entries.
+                (Some(_), _) => {
+                    dp.set_learned(ifindex, None);
+                    None
+                }
+            }
+        };
         let by = domain.map_or_else(|| "host".to_owned(), |d| format!("host (domain {d})"));
         log::info!("{port}: bound to {mac} by the {by}");
         match def {
@@ -118,8 +130,16 @@ impl Endpoints {
                 self.info(&def.name)
             }
             None => {
-                self.sync_kernel();
-                Arc::clone(self).follow_learning(ifindex, port.to_owned(), mac);
+                self.lock().host_unknown.insert(ifindex);
+                let port_zone = self.datapath.lock().expect("datapath lock").zone_of_port(ifindex);
+                if port_zone != 0 {
+                    self.confirm_learned(ifindex, port, mac, None);
+                } else if let Some(zone) = learned_zone {
+                    self.confirm_learned(ifindex, port, mac, Some(zone));
+                } else {
+                    self.sync_kernel();
+                    Arc::clone(self).follow_learning(ifindex, port.to_owned(), mac);
+                }
                 Ok(self.unknown_info(mac, port))
             }
         }
@@ -144,6 +164,7 @@ impl Endpoints {
                 st.bound.retain(|_, b| b.ifindex != ifindex);
                 st.unknown.retain(|_, (b, _)| b.ifindex != ifindex);
                 st.learned_ports.remove(&ifindex);
+                st.host_unknown.remove(&ifindex);
             }
             self.persist(&st);
             had_record || had_binding
@@ -287,8 +308,10 @@ impl Endpoints {
             }
             if Self::def_by_mac(&st, mac).is_some() {
                 st.bound.insert(mac, Bound { ifindex: h.ifindex, port: h.port.clone(), host: true });
-                n += 1;
+            } else {
+                st.host_unknown.insert(h.ifindex);
             }
+            n += 1;
             st.host_bindings.push(h);
         }
         for (ifindex, lock) in learned {
@@ -336,7 +359,7 @@ impl Endpoints {
         }
         for (&ifindex, l) in &st.learned_ports {
             out.entry(ifindex).or_insert(PortBinding {
-                kind: BINDING_LEARNED,
+                kind: if st.host_unknown.contains(&ifindex) { BINDING_HOST } else { BINDING_LEARNED },
                 mac: l.mac.0,
                 fixed: false,
                 zone: l.zone,

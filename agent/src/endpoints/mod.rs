@@ -126,6 +126,8 @@ struct State {
     learned_ports: HashMap<u32, binding::LearnedPort>,
     /// What the host bound, as the state file keeps it.
     host_bindings: Vec<binding::HostBinding>,
+    /// Ports the host bound to a MAC outside the inventory (their binding is the host's).
+    host_unknown: HashSet<u32>,
     /// Endpoint ids of runtime endpoints and unknown MACs.
     ids: HashMap<MacAddr, u32>,
     next_id: u32,
