@@ -307,6 +307,10 @@ pub struct CompiledRules {
     pub unbound_ports: u8,
     /// Some zone learns bindings on first use (`CONFIG_LEARN`).
     pub learn: bool,
+    /// MACs of `infrastructure:`: `ENDPOINTS` entries owned by no port of this node
+    /// ([`OWNER_INFRA`](backplane_common::policy::OWNER_INFRA)), so that no VM port sends
+    /// from them or locks itself to them.
+    pub infrastructure_macs: Vec<MacAddr>,
     /// `world` learns too (`CONFIG_LEARN_WORLD`): a port whose first address is in no
     /// zone's networks is locked into `world` (unless `world` says `binding: host`).
     pub learn_world: bool,
@@ -440,6 +444,7 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         UnboundPorts::Observe => backplane_common::config::UNBOUND_OBSERVE,
     };
     CompiledRules {
+        infrastructure_macs: rules.infrastructure.iter().filter_map(|i| i.mac).collect(),
         unbound_ports,
         learn,
         learn_world,

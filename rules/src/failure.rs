@@ -122,6 +122,7 @@ impl RuleSet {
             endpoints: self.endpoints.clone(),
             virtual_patches: self.virtual_patches.clone(),
             unbound_ports: self.unbound_ports,
+            infrastructure: self.infrastructure.clone(),
         }
     }
 }

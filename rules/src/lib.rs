@@ -24,13 +24,16 @@ pub use compile::{
     VpatchEntry, ZoneEntry, ZoneIds, compile, port_prefixes,
 };
 pub use error::RuleError;
-pub use evaluate::{DecidedBy, Decision, EndMatch, Explanation, PacketView, ZoneMatch, evaluate, explain, zone_of};
+pub use evaluate::{
+    DecidedBy, Decision, EndMatch, Explanation, OtherBinding, PacketView, PortBinding, PortIdentity, PortZone, ZoneMatch,
+    evaluate, explain, zone_of,
+};
 pub use failure::{FAILURE_POLICY_PREFIX, OnRulesFailure};
 pub use inventory::{
     DenyEntry, Endpoint, OnViolation, PatchAge, PatchDate, UnknownMacs, VirtualPatch, ZoneEndpoints,
     check_endpoint_name,
 };
 pub use load::{MAX_FILE_BYTES, MAX_ZONES, load_rules, parse_rules, read_rule_file, rule_files};
-pub use ruleset::{Access, AllowEntry, Binding, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet, UnboundPorts, WORLD, Zone};
+pub use ruleset::{Access, AllowEntry, Binding, Infrastructure, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet, UnboundPorts, WORLD, Zone};
 pub use types::{Cidr, MacAddr, PortRange, Proto, SourcePos};
 pub use yaml::{MAX_ALIAS_NODES, MAX_LOOKAHEAD, MAX_NESTING, MAX_NODES, MAX_SCALAR_BYTES};

@@ -161,6 +161,7 @@ struct Loader {
     policies: Vec<PendingPolicy>,
     default_inter_zone: Option<(Access, SourcePos)>,
     unbound_ports: Option<(crate::UnboundPorts, SourcePos)>,
+    infrastructure: Vec<crate::Infrastructure>,
     /// Index in `zones` by name.
     zone_index: HashMap<String, usize>,
     /// Index in `policies` by name.
@@ -214,7 +215,8 @@ impl Loader {
         if root.is_null() {
             return;
         }
-        let allowed = ["zones", "policies", "default_inter_zone", "unbound_ports", "endpoints", "virtual_patches"];
+        let allowed =
+            ["zones", "policies", "default_inter_zone", "unbound_ports", "infrastructure", "endpoints", "virtual_patches"];
         let Some(top) = self.fields_with(&root, "a rule file", &allowed, 3) else { return };
         if let Some(zones) = top.get("zones") {
             self.zones(zones);
@@ -227,6 +229,9 @@ impl Loader {
         }
         if let Some(node) = top.get("unbound_ports") {
             self.unbound_ports(node);
+        }
+        if let Some(node) = top.get("infrastructure") {
+            self.infrastructure(node);
         }
         if let Some(node) = top.get("endpoints") {
             self.endpoints(node);
@@ -841,6 +846,51 @@ impl Loader {
         endpoints
     }
 
+    /// `infrastructure: { NAME: { mac: MAC, ips: [ADDR, ...] } }`.
+    fn infrastructure(&mut self, node: &Node) {
+        if node.is_null() {
+            return;
+        }
+        let Value::Map(entries) = &node.value else {
+            return self.error(
+                node.pos,
+                format!("expected infrastructure (a mapping of names to {{ mac, ips }}), found {}", node.kind()),
+            );
+        };
+        for (key, value) in entries {
+            let Some(name) = self.scalar(key, "an infrastructure name") else { continue };
+            let name = name.to_owned();
+            if let Some(first) = self.infrastructure.iter().find(|i| i.name == name) {
+                let msg = format!("infrastructure \"{name}\" is defined twice (first at {})", first.location);
+                self.error(key.pos, msg);
+                continue;
+            }
+            let what = format!("infrastructure \"{name}\"");
+            let Some(fields) = self.fields(value, &what, &["mac", "ips"]) else { continue };
+            let mac = fields.get("mac").and_then(|n| {
+                let text = self.scalar(n, "a MAC address")?;
+                text.parse::<MacAddr>().map_err(|e| self.error(n.pos, e)).ok()
+            });
+            let mut ips = Vec::new();
+            for item in fields.get("ips").map(|l| self.list(l, "ips").unwrap_or(&[])).unwrap_or(&[]) {
+                let Some(text) = self.scalar(item, "an IP address") else { continue };
+                match text.parse::<IpAddr>() {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => self.error(
+                        item.pos,
+                        format!("\"{text}\" is not an IP address; expected an IPv4 or IPv6 address like 10.30.0.254"),
+                    ),
+                }
+            }
+            if mac.is_none() && ips.is_empty() {
+                self.error(key.pos, format!("{what} names neither a mac nor ips: nothing to protect"));
+                continue;
+            }
+            let location = self.loc(key.pos);
+            self.infrastructure.push(crate::Infrastructure { name, mac, ips, location });
+        }
+    }
+
     fn unbound_ports(&mut self, node: &Node) {
         let value = match self.scalar(node, "unbound_ports: quarantine, deny or observe") {
             Some("quarantine") => crate::UnboundPorts::Quarantine,
@@ -876,6 +926,22 @@ impl Loader {
             self.errors.push(at.error(format!("too many zones ({user_zones}); a rule set has at most {MAX_ZONES}")));
         }
         let endpoints = self.finish_inventory();
+        for infra in &self.infrastructure {
+            for e in &endpoints {
+                if infra.mac == Some(e.mac) {
+                    self.errors.push(infra.location.error(format!(
+                        "MAC {} of infrastructure \"{}\" is endpoint \"{}\"'s ({}): infrastructure is never a VM's",
+                        e.mac, infra.name, e.name, e.location
+                    )));
+                }
+                if let Some(ip) = infra.ips.iter().find(|ip| e.ips.contains(ip)) {
+                    self.errors.push(infra.location.error(format!(
+                        "address {ip} of infrastructure \"{}\" is endpoint \"{}\"'s ({}): infrastructure is never a VM's",
+                        infra.name, e.name, e.location
+                    )));
+                }
+            }
+        }
         let mut policies = Vec::with_capacity(self.policies.len());
         for p in self.policies {
             for (name, at, field) in [(&p.policy.from, &p.from_at, "from"), (&p.policy.to, &p.to_at, "to")] {
@@ -913,6 +979,7 @@ impl Loader {
             endpoints,
             virtual_patches: self.virtual_patches,
             unbound_ports: self.unbound_ports.map(|(u, _)| u).unwrap_or_default(),
+            infrastructure: self.infrastructure,
         })
     }
 }

@@ -34,6 +34,18 @@ pub struct RuleSet {
     pub virtual_patches: Vec<VirtualPatch>,
     /// What a VM port nobody bound gets (`unbound_ports:`).
     pub unbound_ports: UnboundPorts,
+    /// `infrastructure:`: gateways, DHCP and DNS servers behind the uplink, whose MACs and
+    /// addresses no VM port may send from or claim.
+    pub infrastructure: Vec<Infrastructure>,
+}
+
+/// One `infrastructure:` entry.
+#[derive(Clone, Debug)]
+pub struct Infrastructure {
+    pub name: String,
+    pub mac: Option<crate::MacAddr>,
+    pub ips: Vec<std::net::IpAddr>,
+    pub location: SourcePos,
 }
 
 /// A zone's `binding:` setting: who may say that a VM port's endpoint is in the zone.

@@ -39,6 +39,8 @@ fn packet(src: &str, dst: &str, proto: u8, dport: u16) -> PacketView {
         dport,
         src_interface: None,
         dst_interface: None,
+        src_port: None,
+        dst_port: None,
     }
 }
 

@@ -41,6 +41,8 @@ fn packet(src: &str, dst: &str, proto: u8, dport: u16) -> PacketView {
         dport,
         src_interface: None,
         dst_interface: None,
+        src_port: None,
+        dst_port: None,
     }
 }
 

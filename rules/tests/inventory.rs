@@ -43,7 +43,9 @@ fn the_inventory_example_compiles() {
 
     let c = compile(&rules, &ZoneIds::new());
     let remediation = c.zone_ids.id("remediation").unwrap();
-    let flags: Vec<(u16, u8)> = c.zones.iter().map(|z| (z.zone, z.value.flags)).filter(|(_, f)| *f != 0).collect();
+    // Only the remediation zone says so (the other flags: `binding`, `cidr` members).
+    let flags: Vec<(u16, u8)> =
+        c.zones.iter().map(|z| (z.zone, z.value.flags & ZONE_REMEDIATION)).filter(|(_, f)| *f != 0).collect();
     assert_eq!(flags, vec![(remediation, ZONE_REMEDIATION)]);
     // Endpoints: web-1 (patched by its tag), db-1; ids from 1.
     let web_entry = c.endpoint(MacAddr([0x52, 0x54, 0, 0x30, 0, 1])).unwrap();
@@ -90,6 +92,8 @@ fn a_whole_protocol_patch_and_the_evaluator_places_endpoints_by_mac() {
         dport: 80,
         src_interface: None,
         dst_interface: None,
+        src_port: None,
+        dst_port: None,
     };
     let d = evaluate(&rules, &packet);
     assert_eq!((d.src_zone.as_str(), d.dst_zone.as_str()), ("db", "web"));

@@ -242,6 +242,8 @@ fn compiled_tables_decide_as_the_evaluator() {
                 dport: u16::try_from(rng.below(210)).unwrap(),
                 src_interface,
                 dst_interface,
+                src_port: None,
+                dst_port: None,
             };
             let want = evaluate(&rules, &p);
             let got = judge(&compiled, &p);
@@ -290,6 +292,8 @@ fn reserved_protocol_255() {
         dport: 0,
         src_interface: None,
         dst_interface: None,
+        src_port: None,
+        dst_port: None,
     };
     assert_eq!(evaluate(&rules, &p).verdict, Verdict::Denied);
     assert_eq!(judge(&c, &p).verdict, Verdict::Denied, "the marker's reserved protocol must not be allowed");

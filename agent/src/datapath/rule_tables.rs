@@ -226,6 +226,12 @@ impl RuleTables {
             self.endpoints.insert(k, e.value, 0).map_err(map_err(ENDPOINTS))?;
             keys.endpoints.push(k);
         }
+        for mac in &rules.infrastructure_macs {
+            let k = EndpointKey { slot: slot & 1, _pad: 0, mac: mac.0 };
+            let value = EndpointValue { ifindex: backplane_common::policy::OWNER_INFRA, ..EndpointValue::default() };
+            self.endpoints.insert(k, value, 0).map_err(map_err(ENDPOINTS))?;
+            keys.endpoints.push(k);
+        }
         for e in &rules.cidrs {
             let (len, k) = e.key(slot);
             self.cidrs.insert(&Key::new(len, k), e.zone, 0).map_err(map_err(ZONE_CIDRS))?;

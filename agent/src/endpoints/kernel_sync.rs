@@ -98,7 +98,16 @@ impl Endpoints {
                 .filter(|(m, l)| l.node != self.opts.node && !st.bound.contains_key(*m))
                 .map(|(m, _)| *m)
                 .collect();
-            Self::address_owners(wanted, &elsewhere, ips_of)
+            let mut owners = Self::address_owners(wanted, &elsewhere, ips_of);
+            // Infrastructure addresses are no VM port's, whatever the inventory says.
+            for infra in st.rules.iter().flat_map(|r| r.infrastructure.iter()) {
+                let mac = infra.mac.map_or([0; 6], |m| m.0);
+                for ip in &infra.ips {
+                    let owner = OwnerValue { ifindex: backplane_common::policy::OWNER_INFRA, endpoint_id: 0, mac, _pad: [0; 2] };
+                    owners.insert(owner_key(*ip), owner);
+                }
+            }
+            owners
         });
         let ports = st.bindings_restored.then(|| Self::port_bindings(st, wanted));
         EndpointChange {

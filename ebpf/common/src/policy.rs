@@ -116,6 +116,10 @@ pub struct OwnerValue {
 
 /// [`OwnerValue::ifindex`]: the owner is bound on another node of the cluster.
 pub const OWNER_ELSEWHERE: u32 = u32::MAX;
+/// [`OwnerValue::ifindex`] and [`EndpointValue::ifindex`]: infrastructure behind the
+/// uplink (a gateway, a DHCP or DNS server, the rules' `infrastructure:`): no VM port
+/// may send from or claim its address or MAC.
+pub const OWNER_INFRA: u32 = u32::MAX - 1;
 
 /// `ZONES` key.
 #[repr(C)]

@@ -10,7 +10,7 @@ use backplane_common::{
     config::CONFIG_ENFORCE,
     policy::{
         ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ISOLATED, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey,
-        MODE_AUDIT, PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE,
+        MODE_AUDIT, OWNER_INFRA, PAIR_MARKER_PROTO, POLICY_ID_DEFAULT_INTER_ZONE, POLICY_ID_INTRA_ZONE, POLICY_ID_NONE,
         POLICY_KEY_BITS, POLICY_KEY_PROTO_BITS, PolicyKey, VPATCH_KEY_BITS, VpatchKey, ZONE_REMEDIATION, ZONE_WORLD,
         ZoneKey,
     },
@@ -196,7 +196,9 @@ pub fn zone_flags(slot: u8, zone: u16) -> u8 {
 pub fn is_spoofed(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> bool {
     match ENDPOINTS.get_ptr(EndpointKey { slot: cfg.active_slot & 1, _pad: 0, mac: *mac }) {
         // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(ep) => unsafe { (*ep).ifindex != 0 && (*ep).ifindex != ifindex },
+        // Infrastructure is spoofed from VM ports (checked where their frames enter); an
+        // uplink carries it.
+        Some(ep) => unsafe { (*ep).ifindex != 0 && (*ep).ifindex != ifindex && (*ep).ifindex != OWNER_INFRA },
         None => false,
     }
 }
