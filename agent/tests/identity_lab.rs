@@ -886,7 +886,10 @@ fn claims_of_the_gateways_address_or_mac_from_a_vm_port_are_dropped() {
     let att = add_vm(&lab, true, "att", "10.30.0.10/8", Some("fd00:30::10/16"), ATT_MAC);
     let victim = add_vm(&lab, false, "victim", "10.30.0.2/8", Some("fd00:30::2/16"), WEB2_MAC);
     let gw = lab.add_uplink("gw", "10.30.0.254/8", Some("fd00:30::fe/16"), Some(GW_MAC));
-    let rules = three_zones(&lab, "", "");
+    // The operator names the segment's gateway as infrastructure: its MAC and addresses
+    // are no VM port's.
+    let infra = format!("infrastructure:\n  gateway: {{ mac: \"{GW_MAC}\", ips: [10.30.0.254, \"fd00:30::fe\"] }}\n");
+    let rules = three_zones(&lab, "", &infra);
     let agent = start_agent(&lab, &rules, &["--uplink", &lab.uplink_glob()]);
     boot(&att);
     boot(&victim);

@@ -310,7 +310,9 @@ pub struct CompiledRules {
     /// MACs of `infrastructure:`: `ENDPOINTS` entries owned by no port of this node
     /// ([`OWNER_INFRA`](backplane_common::policy::OWNER_INFRA)), so that no VM port sends
     /// from them or locks itself to them.
-    pub infrastructure_macs: Vec<MacAddr>,
+    /// Each with the zone its first address's networks give it (else `world`), as a
+    /// frame from it is judged.
+    pub infrastructure_macs: Vec<(MacAddr, u16)>,
     /// `world` learns too (`CONFIG_LEARN_WORLD`): a port whose first address is in no
     /// zone's networks is locked into `world` (unless `world` says `binding: host`).
     pub learn_world: bool,
@@ -444,7 +446,25 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         UnboundPorts::Observe => backplane_common::config::UNBOUND_OBSERVE,
     };
     CompiledRules {
-        infrastructure_macs: rules.infrastructure.iter().filter_map(|i| i.mac).collect(),
+        infrastructure_macs: rules
+            .infrastructure
+            .iter()
+            .filter_map(|i| {
+                let zone = i.ips.first().and_then(|ip| {
+                    rules
+                        .zones
+                        .iter()
+                        .flat_map(|z| z.members.iter().map(move |m| (z, m)))
+                        .filter_map(|(z, m)| match m.matcher {
+                            MemberMatch::Cidr(c) if c.contains(*ip) => Some((c.prefix_len(), z.name.as_str())),
+                            _ => None,
+                        })
+                        .max_by_key(|(len, _)| *len)
+                        .and_then(|(_, name)| zone_ids.id(name))
+                });
+                Some((i.mac?, zone.unwrap_or(ZONE_WORLD)))
+            })
+            .collect(),
         unbound_ports,
         learn,
         learn_world,

@@ -226,9 +226,10 @@ impl RuleTables {
             self.endpoints.insert(k, e.value, 0).map_err(map_err(ENDPOINTS))?;
             keys.endpoints.push(k);
         }
-        for mac in &rules.infrastructure_macs {
+        for (mac, zone) in &rules.infrastructure_macs {
             let k = EndpointKey { slot: slot & 1, _pad: 0, mac: mac.0 };
-            let value = EndpointValue { ifindex: backplane_common::policy::OWNER_INFRA, ..EndpointValue::default() };
+            let value =
+                EndpointValue { zone: *zone, ifindex: backplane_common::policy::OWNER_INFRA, ..EndpointValue::default() };
             self.endpoints.insert(k, value, 0).map_err(map_err(ENDPOINTS))?;
             keys.endpoints.push(k);
         }
