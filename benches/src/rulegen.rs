@@ -286,6 +286,8 @@ mod tests {
             dport,
             src_interface: None,
             dst_interface: None,
+            src_port: None,
+            dst_port: None,
         };
         assert_eq!(backplane_rules::evaluate(&rules, &view(5201, 6)).verdict, Verdict::Allowed);
         assert_eq!(backplane_rules::evaluate(&rules, &view(9000, 17)).verdict, Verdict::Allowed);

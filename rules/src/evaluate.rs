@@ -28,10 +28,13 @@
 //! enter through. So the sender of a frame from a VM port is whoever the port is bound
 //! to, and the frame is dropped before any flow is judged ([`Decision::dropped`] names
 //! the data path's counter) when:
-//! - its source MAC is not the binding's (`spoofed`, when the MAC is an endpoint bound
-//!   to another port of this node; else `spoofed_mac`);
+//! - its source MAC is not the binding's (`spoofed`, when the MAC lives elsewhere: an
+//!   endpoint bound to another port of this node, or the rules' `infrastructure:`; else
+//!   `spoofed_mac`), or, from a port nobody bound, a group or zero MAC (`spoofed_mac`);
 //! - its destination MAC is its source MAC (`to_own_mac`);
-//! - its source address is another port's (an address an endpoint bound elsewhere owns),
+//! - its source address is another port's (an address an endpoint bound elsewhere owns,
+//!   unless the frame is that endpoint's own MAC arriving from another node) or
+//!   `infrastructure:`'s,
 //!   or, for a bound endpoint, not one of its fixed addresses (inventory `ips`, runtime
 //!   `allowed_addresses`) when it has some, else outside its zone's networks (an address
 //!   of another zone's `cidr` members; any address in none, when its zone has none)
@@ -392,6 +395,12 @@ fn interface_zone<'a>(rules: &'a RuleSet, ifname: &str) -> Option<(&'a Zone, &'a
     })
 }
 
+/// The `infrastructure:` entry with this MAC: it lives behind the uplink, never behind a
+/// VM port.
+fn infrastructure_mac(rules: &RuleSet, mac: MacAddr) -> Option<&crate::ruleset::Infrastructure> {
+    rules.infrastructure.iter().find(|i| i.mac == Some(mac))
+}
+
 /// Whether an unbound VM port may learn an endpoint of this zone (`binding: learn`, the
 /// default, also `world`'s).
 fn learns(rules: &RuleSet, zone: &str) -> bool {
@@ -533,7 +542,16 @@ fn by_frame(rules: &RuleSet, port: &PortIdentity, mac: MacAddr, ip: IpAddr) -> E
 /// is dropped.
 fn sender(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Result<End, Box<Dropped>> {
     let mac = p.src_mac;
-    let here = port.others.iter().any(|o| o.here && o.mac == mac);
+    // A MAC that lives elsewhere: an endpoint bound to another port here, or
+    // infrastructure behind the uplink.
+    let elsewhere = port
+        .others
+        .iter()
+        .find(|o| o.here && o.mac == mac)
+        .map(|_| "an endpoint bound to another port".to_owned())
+        .or_else(|| {
+            infrastructure_mac(rules, mac).map(|i| format!("infrastructure \"{}\"'s ({})", i.name, i.location))
+        });
     let own_mac = |end: &EndMatch| {
         (p.dst_mac == mac).then(|| {
             Box::new(Dropped {
@@ -546,10 +564,9 @@ fn sender(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Result<End, B
     let (end, fixed, is_bound) = if let Some(b) = &port.binding {
         let (found, fixed) = bound(rules, port, b);
         if mac != b.mac {
-            let (counter, whose) = if here {
-                (Counter::Spoofed, "an endpoint bound to another port")
-            } else {
-                (Counter::SpoofedMac, "not the port's")
+            let (counter, whose) = match elsewhere {
+                Some(whose) => (Counter::Spoofed, whose),
+                None => (Counter::SpoofedMac, "not the port's".to_owned()),
             };
             let why = format!("source MAC {mac} is {whose}: port {} is bound to {}", port.name, b.mac);
             return Err(Box::new(Dropped { counter, why, end: found }));
@@ -560,15 +577,20 @@ fn sender(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Result<End, B
         if mac.0[0] & 1 != 0 || mac.0 == [0; 6] {
             return spoofed(Counter::SpoofedMac, format!("source MAC {mac} is a group or zero MAC, no endpoint's"));
         }
-        if here {
-            return spoofed(Counter::Spoofed, format!("source MAC {mac} is an endpoint bound to another port"));
+        if let Some(whose) = elsewhere {
+            return spoofed(Counter::Spoofed, format!("source MAC {mac} is {whose}"));
         }
         match first_use(rules, port, p) {
             FirstUse::Learns(found, fixed) => (End::new(found), fixed, true),
             FirstUse::LocksMac => {
-                // Its MAC is the port's from now on; who sends is not known yet.
-                if let Some(d) = own_mac(&quarantined(rules, port)) {
+                // Its MAC is the port's from now on; who sends is not known yet (but
+                // an address that is someone else's is not its, whoever it is).
+                let end = quarantined(rules, port);
+                if let Some(d) = own_mac(&end) {
                     return Err(d);
+                }
+                if let Some(Err(why)) = owned(rules, port, p) {
+                    return Err(Box::new(Dropped { counter: Counter::SpoofedAddress, why, end }));
                 }
                 (unbound(rules, port, mac, p.src_ip)?, Vec::new(), false)
             }
@@ -584,6 +606,25 @@ fn sender(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Result<End, B
     }
 }
 
+/// Whether someone owns the frame's source address (infrastructure, an endpoint bound
+/// to another port or on another node): `Err` says whose it is when the frame is not
+/// the owner's (no port but the owner's sends from it, bound or not); `Ok` when it is
+/// (the owner's MAC arriving from another node). `None`: nobody owns it.
+fn owned(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Option<Result<(), String>> {
+    let ip = p.src_ip;
+    if let Some(infra) = rules.infrastructure.iter().find(|i| i.ips.contains(&ip)) {
+        return Some(Err(format!("source address {ip} is infrastructure \"{}\"'s ({})", infra.name, infra.location)));
+    }
+    let owner = port.others.iter().find(|o| o.addresses.contains(&ip))?;
+    Some(if owner.here {
+        Err(format!("source address {ip} belongs to {}, bound to another port", owner.mac))
+    } else if owner.mac != p.src_mac {
+        Err(format!("source address {ip} belongs to {}, bound on another node", owner.mac))
+    } else {
+        Ok(())
+    })
+}
+
 /// Why the frame's source address is not the sender's to send from, if it is not.
 fn address_problem(
     rules: &RuleSet,
@@ -594,14 +635,8 @@ fn address_problem(
     p: &PacketView,
 ) -> Option<String> {
     let ip = p.src_ip;
-    if let Some(owner) = port.others.iter().find(|o| o.addresses.contains(&ip)) {
-        return if owner.here {
-            Some(format!("source address {ip} belongs to {}, bound to another port", owner.mac))
-        } else if owner.mac != p.src_mac {
-            Some(format!("source address {ip} belongs to {}, bound on another node", owner.mac))
-        } else {
-            None
-        };
+    if let Some(owner) = owned(rules, port, p) {
+        return owner.err();
     }
     if fixed.contains(&ip) || !is_bound || is_unspecified(ip) || is_link_local_v6(ip) {
         return None;
@@ -719,7 +754,7 @@ fn write_match(f: &mut fmt::Formatter<'_>, zone: &str, by: &ZoneMatch) -> fmt::R
             }
         }
         ZoneMatch::Unbound { port, frame: None } => {
-            write!(f, "zone {zone}: port {port} is bound to nobody and learns nothing from this frame")
+            write!(f, "zone {zone}: port {port} is bound to nobody")
         }
         ZoneMatch::Unbound { port, frame: Some(frame) } => {
             write!(f, "port {port} is bound to nobody, so its frame says: ")?;

@@ -324,3 +324,23 @@ fn the_receiver_is_the_ports_endpoint() {
     let d = evaluate(&host_only("unbound_ports: observe"), &p);
     judged(&d, Verdict::Allowed, Reason::IntraZone, ("web", "web"));
 }
+
+#[test]
+fn infrastructure_is_no_ports() {
+    let r = rules("infrastructure:\n  gw: { mac: \"02:00:00:00:55:01\", ips: [10.30.0.1] }");
+    let gw = "02:00:00:00:55:01";
+    // Its MAC lives behind the uplink: forged by a bound port, or sent by one nobody bound
+    // (which never locks itself to it).
+    let web1 = port("vnet1", Some((WEB_1, None, &[])));
+    dropped(&evaluate(&r, &from_port(web1, gw, "10.30.0.5", "10.40.0.7", 5432)), Counter::Spoofed);
+    let text = explain(&r, &from_port(port("vnet5", None), gw, "10.30.0.50", "10.40.0.7", 5432)).to_string();
+    assert!(text.contains("source MAC 02:00:00:00:55:01 is infrastructure \"gw\"'s (r.yaml:"), "{text}");
+    dropped(&evaluate(&r, &from_port(port("vnet5", None), gw, "10.30.0.50", "10.40.0.7", 5432)), Counter::Spoofed);
+    // Its addresses are no port's, though in web's network.
+    let loose = port("vnet3", Some((STRANGER, Some("web"), &[])));
+    dropped(&evaluate(&r, &from_port(loose, STRANGER, "10.30.0.1", "10.40.0.7", 5432)), Counter::SpoofedAddress);
+    dropped(
+        &evaluate(&r, &from_port(port("vnet5", None), STRANGER, "10.30.0.1", "10.40.0.7", 5432)),
+        Counter::SpoofedAddress,
+    );
+}

@@ -28,6 +28,8 @@ pub fn rules_input(data: &[u8]) {
         dport: 5432,
         src_interface: Some("tap0".into()),
         dst_interface: None,
+        src_port: None,
+        dst_port: None,
     };
     let _ = evaluate(&rules, &packet);
     let failure = rules.failure_rules();
