@@ -520,7 +520,10 @@ fn compile_inventory(
     for e in &rules.endpoints {
         let zone = rules.endpoint_zone(e).and_then(|z| zone_ids.id(z)).unwrap_or(ZONE_WORLD);
         let has_patches = rules.patches_for(&e.tags).next().is_some();
-        let flags = if has_patches { ENDPOINT_PATCHED } else { 0 };
+        let mut flags = if has_patches { ENDPOINT_PATCHED } else { 0 };
+        if !e.ips.is_empty() {
+            flags |= backplane_common::policy::ENDPOINT_ADDRS_FIXED;
+        }
         let entry = if let Some(member) = endpoints.iter_mut().find(|x| x.mac == e.mac) {
             member.value.flags |= flags;
             *member

@@ -105,6 +105,9 @@ impl Endpoints {
             let c = compiled.as_ref()?;
             (s.value.zone != ZONE_WORLD).then(|| c.zone_ids.name(s.value.zone).map(str::to_owned)).flatten()
         });
+        if !def.ips.is_empty() {
+            s.value.flags |= backplane_common::policy::ENDPOINT_ADDRS_FIXED;
+        }
         if let (Some(rules), Some(c)) = (&rules, &compiled) {
             if rules.patches_for(&def.tags).next().is_some()
                 || !c.vpatch_entries(s.value.endpoint_id, &def.tags).is_empty()

@@ -34,6 +34,10 @@ pub const ENDPOINT_ISOLATED: u16 = 1 << 1;
 /// [`EndpointValue::flags`]: virtual patches apply to the endpoint (look it up in
 /// `VPATCHES`).
 pub const ENDPOINT_PATCHED: u16 = 1 << 2;
+/// [`EndpointValue::flags`]: the endpoint has fixed addresses (inventory `ips`): wherever
+/// it is bound or locked, it sends only from those (as `ADDR_OWNERS` gives them to its
+/// port), IPv6 link-local and the unspecified address.
+pub const ENDPOINT_ADDRS_FIXED: u16 = 1 << 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use crate::{
     frame::Frame,
     identity,
     maps::{FLOWS, SCRATCH, ZONE_PAIR_STATS},
-    parse::{END_DST, END_SENDS, IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
+    parse::{END_DST, END_SENDS, END_SPOKE, IPPROTO_TCP, Packet, TCP_FIN, TCP_RST},
     policy::{self, Ident, Judgement},
     sample,
 };
@@ -219,6 +219,13 @@ fn sender(cfg: &DatapathConfig, packet: &Packet, port: &Port) -> Result<Ident, C
     match port.info {
         Some(info) if port.is_vm() && cfg.flags & CONFIG_ENFORCE != 0 => {
             let ident = identity::port_ident(cfg, info, packet, port.ifindex, END_SENDS);
+            if ident.unbound()
+                && ident.flags & backplane_common::policy::ENDPOINT_QUARANTINED != 0
+                && cfg.unbound_ports == backplane_common::config::UNBOUND_DENY
+            {
+                // Locked on first use, but no identity learned: `deny` drops it.
+                return Err(Counter::UnboundPort);
+            }
             if !identity::address_ok(cfg, info, ident, packet, port.ifindex) {
                 return Err(Counter::SpoofedAddress);
             }
@@ -265,7 +272,7 @@ fn stored_end(cfg: &DatapathConfig, flow_ifindex: u32, packet: &Packet, end: u8)
         && info.role == backplane_common::PortRole::Vm as u8
         && cfg.flags & CONFIG_ENFORCE != 0
     {
-        return identity::port_ident(cfg, info, packet, flow_ifindex, end);
+        return identity::port_ident(cfg, info, packet, flow_ifindex, end | END_SPOKE);
     }
     policy::resolve_addr(cfg.active_slot & 1, packet, end, 0)
 }

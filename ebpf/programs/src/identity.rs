@@ -24,7 +24,7 @@ use backplane_common::{
     },
     flow::FAMILY_IPV4,
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_QUARANTINED, EndpointKey, OWNER_ELSEWHERE, OwnerKey, ZONE_HAS_CIDRS,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ADDRS_FIXED, ENDPOINT_QUARANTINED, EndpointKey, OWNER_ELSEWHERE, OwnerKey, ZONE_HAS_CIDRS,
         ZONE_LEARN, ZONE_WORLD,
     },
     reason::Counter,
@@ -32,7 +32,7 @@ use backplane_common::{
 
 use crate::{
     maps::{ADDR_OWNERS, ENDPOINTS, LEARNED, PORT_MACS, PORTS, ZONE_CIDRS},
-    parse::{END_SENDS, Packet},
+    parse::{END_SENDS, END_SPOKE, Packet},
     policy::{self, IDENT_UNBOUND, Ident},
 };
 
@@ -132,7 +132,13 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
 /// `spoofed_mac`.
 #[inline(always)]
 fn wrong_mac(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> Counter {
-    if policy::is_spoofed(cfg, mac, ifindex) { Counter::Spoofed } else { Counter::SpoofedMac }
+    let slot = cfg.active_slot & 1;
+    match ENDPOINTS.get_ptr(EndpointKey { slot, _pad: 0, mac: *mac }) {
+        // Another port's endpoint, or infrastructure.
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(ep) if unsafe { (*ep).ifindex != 0 && (*ep).ifindex != ifindex } => Counter::Spoofed,
+        _ => Counter::SpoofedMac,
+    }
 }
 
 /// Whether a frame from VM port `ifindex` locked (`LEARNED`) but not yet confirmed may
@@ -209,8 +215,11 @@ pub fn port_ident(cfg: &DatapathConfig, port: &PortInfo, packet: &Packet, ifinde
     // Under `observe`, and, where ports learn, for a port that has not sent yet (a VM
     // that is silent since the agent started: it cannot be locked before it speaks),
     // the frame's fields say who the end is.
-    if cfg.unbound_ports == UNBOUND_OBSERVE || (!sends && cfg.flags & CONFIG_LEARN != 0) {
-        return policy::resolve_addr(slot, packet, end, port.zone_in(slot));
+    let silent = end & (END_SENDS | END_SPOKE) == 0 && LEARNED.get_ptr(ifindex).is_none();
+    if cfg.unbound_ports == UNBOUND_OBSERVE || (silent && cfg.flags & CONFIG_LEARN != 0) {
+        // Placed by the frame, still unbound: no binding vouches for it.
+        let ident = policy::resolve_addr(slot, packet, end, port.zone_in(slot));
+        return Ident { flags: ident.flags | IDENT_UNBOUND, ..ident };
     }
     unbound_ident(slot, port)
 }
@@ -268,7 +277,7 @@ pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &
     if ident.unbound() || is_unspecified(family, addr) || is_link_local_v6(family, addr) {
         return true;
     }
-    if port.flags & PORT_ADDRS_FIXED != 0 {
+    if port.flags & PORT_ADDRS_FIXED != 0 || ident.flags & ENDPOINT_ADDRS_FIXED != 0 {
         return false;
     }
     // The address must not put the sender in another zone (another node judges what it

@@ -67,6 +67,8 @@ pub const END_DST: u8 = 1 << 0;
 /// With the frame's source: it is the sender of the frame in hand, whose address may set
 /// a learning port's zone.
 pub const END_SENDS: u8 = 1 << 1;
+/// The end's port has sent (a stored flow's end): it is not a port that never spoke.
+pub const END_SPOKE: u8 = 1 << 2;
 
 impl Packet {
     /// Family, MAC and address of one end of the frame ([`END_DST`] or the source).
