@@ -219,15 +219,15 @@ fn sender(cfg: &DatapathConfig, packet: &Packet, port: &Port) -> Result<Ident, C
     match port.info {
         Some(info) if port.is_vm() && cfg.flags & CONFIG_ENFORCE != 0 => {
             let ident = identity::port_ident(cfg, info, packet, port.ifindex, END_SENDS);
+            if !identity::address_ok(cfg, info, ident, packet, port.ifindex) {
+                return Err(Counter::SpoofedAddress);
+            }
             if ident.unbound()
                 && ident.flags & backplane_common::policy::ENDPOINT_QUARANTINED != 0
                 && cfg.unbound_ports == backplane_common::config::UNBOUND_DENY
             {
                 // Locked on first use, but no identity learned: `deny` drops it.
                 return Err(Counter::UnboundPort);
-            }
-            if !identity::address_ok(cfg, info, ident, packet, port.ifindex) {
-                return Err(Counter::SpoofedAddress);
             }
             Ok(ident)
         }
