@@ -258,6 +258,7 @@ fn load_datapath(opts: &RunOptions, checked: &mut Checked) -> Result<Loaded, Age
     let adopting = pins.adopting();
     if adopting {
         let ports = dp.adopt_links(|name| checked.selector.role(name));
+        dp.ports_changed();
         log::info!(
             "adopting the data path a previous agent left in {}: {} maps reused, {} port(s) ({}) still running its \
              programs until they are replaced; {}",

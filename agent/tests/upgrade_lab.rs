@@ -78,8 +78,8 @@ fn the_previous_release_is_upgraded_in_place_under_traffic_and_denied_stays_deni
             new
         }));
         done.store(true, Ordering::Relaxed);
-        let probed = prober.join().expect("the prober");
-        (new.unwrap_or_else(|e| std::panic::resume_unwind(e)), probed)
+        let tries = prober.join().expect("the prober");
+        (new.unwrap_or_else(|e| std::panic::resume_unwind(e)), tries)
     });
     assert_eq!(got_through, 0, "a denied connection got through during the upgrade");
     assert!(attempts >= 2, "the denied flow was tried during the upgrade ({attempts} times)");

@@ -573,18 +573,15 @@ fn random_probe(rng: &mut Rng, pool: &Pool, rules: &RuleSet, mode: Mode, two_por
         Some(a) if mode == Mode::Bound => source_address(rng, pool, rules, a, &owned_by_others, v6),
         _ => random_host(rng, pool, v6),
     };
-    let (dst_mac, dst_ip) = match b.as_ref().and_then(|b| b.binding.as_ref()) {
-        Some(bb) => {
-            let mac = if rng.chance(80) { bb.mac } else { random_mac(rng, pool, rules) };
-            let fixed: Vec<IpAddr> =
-                fixed_addresses(rules, bb.mac, &bb.addresses).into_iter().filter(|ip| ip.is_ipv6() == v6).collect();
-            let ip = if !fixed.is_empty() && rng.chance(50) { *rng.pick(&fixed) } else { random_host(rng, pool, v6) };
-            (mac, ip)
-        }
-        None => {
-            let mac = if rng.chance(3) { src_mac } else { random_mac(rng, pool, rules) };
-            (mac, random_host(rng, pool, v6))
-        }
+    let (dst_mac, dst_ip) = if let Some(bb) = b.as_ref().and_then(|b| b.binding.as_ref()) {
+        let mac = if rng.chance(80) { bb.mac } else { random_mac(rng, pool, rules) };
+        let fixed: Vec<IpAddr> =
+            fixed_addresses(rules, bb.mac, &bb.addresses).into_iter().filter(|ip| ip.is_ipv6() == v6).collect();
+        let ip = if !fixed.is_empty() && rng.chance(50) { *rng.pick(&fixed) } else { random_host(rng, pool, v6) };
+        (mac, ip)
+    } else {
+        let mac = if rng.chance(3) { src_mac } else { random_mac(rng, pool, rules) };
+        (mac, random_host(rng, pool, v6))
     };
     let proto = *rng.pick(&[6u8, 17, 132, 47, if v6 { 58 } else { 1 }]);
     let dport = match proto {
@@ -715,38 +712,35 @@ fn write_state(
             info.flags |= PORT_INGRESS_LIVE;
             info.ingress = PORT_INGRESS_XDP_SKB;
         }
-        match &port.binding {
-            Some(b) => {
-                let fixed = fixed_addresses(rules, b.mac, &b.addresses);
-                let entry = compiled.endpoint(b.mac);
-                let zone = entry
-                    .map(|e| e.value.zone)
-                    .or_else(|| b.zone.as_deref().map(|z| compiled.zone_ids.id(z).expect("a zone of the rules")))
-                    .or_else(|| compiled.zone_for_interface(&port.name))
-                    .unwrap_or(0);
-                info.binding = BINDING_HOST;
-                info.mac = b.mac.0;
-                info.zone[s] = zone;
-                info.standing[s] = entry.map_or(0, |e| e.value.flags);
-                if !fixed.is_empty() {
-                    info.flags |= PORT_ADDRS_FIXED;
-                }
-                // The bound endpoint's entry says where it is bound (for a MAC outside the
-                // rules, the agent makes one, in the binding's zone).
-                let value = match entry {
-                    Some(e) => EndpointValue { ifindex, ..e.value },
-                    None => EndpointValue { zone, flags: 0, endpoint_id: 10_000 + ifindex, ifindex, _pad: [0; 4] },
-                };
-                tables.write_endpoint(slot, b.mac, value).unwrap();
-                touched.push(b.mac);
-                for ip in &fixed {
-                    own(b.mac, ip, ifindex);
-                }
+        if let Some(b) = &port.binding {
+            let fixed = fixed_addresses(rules, b.mac, &b.addresses);
+            let entry = compiled.endpoint(b.mac);
+            let zone = entry
+                .map(|e| e.value.zone)
+                .or_else(|| b.zone.as_deref().map(|z| compiled.zone_ids.id(z).expect("a zone of the rules")))
+                .or_else(|| compiled.zone_for_interface(&port.name))
+                .unwrap_or(0);
+            info.binding = BINDING_HOST;
+            info.mac = b.mac.0;
+            info.zone[s] = zone;
+            info.standing[s] = entry.map_or(0, |e| e.value.flags);
+            if !fixed.is_empty() {
+                info.flags |= PORT_ADDRS_FIXED;
             }
-            None => {
-                info.binding = BINDING_NONE;
-                info.zone[s] = compiled.zone_for_interface(&port.name).unwrap_or(0);
+            // The bound endpoint's entry says where it is bound (for a MAC outside the
+            // rules, the agent makes one, in the binding's zone).
+            let value = match entry {
+                Some(e) => EndpointValue { ifindex, ..e.value },
+                None => EndpointValue { zone, flags: 0, endpoint_id: 10_000 + ifindex, ifindex, _pad: [0; 4] },
+            };
+            tables.write_endpoint(slot, b.mac, value).unwrap();
+            touched.push(b.mac);
+            for ip in &fixed {
+                own(b.mac, ip, ifindex);
             }
+        } else {
+            info.binding = BINDING_NONE;
+            info.zone[s] = compiled.zone_for_interface(&port.name).unwrap_or(0);
         }
         maps.ports.insert(ifindex, info, 0).unwrap();
     }

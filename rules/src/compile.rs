@@ -446,25 +446,7 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         UnboundPorts::Observe => backplane_common::config::UNBOUND_OBSERVE,
     };
     CompiledRules {
-        infrastructure_macs: rules
-            .infrastructure
-            .iter()
-            .filter_map(|i| {
-                let zone = i.ips.first().and_then(|ip| {
-                    rules
-                        .zones
-                        .iter()
-                        .flat_map(|z| z.members.iter().map(move |m| (z, m)))
-                        .filter_map(|(z, m)| match m.matcher {
-                            MemberMatch::Cidr(c) if c.contains(*ip) => Some((c.prefix_len(), z.name.as_str())),
-                            _ => None,
-                        })
-                        .max_by_key(|(len, _)| *len)
-                        .and_then(|(_, name)| zone_ids.id(name))
-                });
-                Some((i.mac?, zone.unwrap_or(ZONE_WORLD)))
-            })
-            .collect(),
+        infrastructure_macs: compile_infrastructure(rules, &zone_ids),
         unbound_ports,
         learn,
         learn_world,
@@ -481,6 +463,28 @@ pub fn compile(rules: &RuleSet, zone_ids: &ZoneIds) -> CompiledRules {
         patches,
         vpatches,
     }
+}
+
+/// The MACs of `infrastructure:`, each with the zone its first address's networks give
+/// it (longest prefix), else `world`.
+fn compile_infrastructure(rules: &RuleSet, zone_ids: &ZoneIds) -> Vec<(MacAddr, u16)> {
+    let zone_of = |ip: IpAddr| {
+        rules
+            .zones
+            .iter()
+            .flat_map(|z| z.members.iter().map(move |m| (z, m)))
+            .filter_map(|(z, m)| match m.matcher {
+                MemberMatch::Cidr(c) if c.contains(ip) => Some((c.prefix_len(), z.name.as_str())),
+                _ => None,
+            })
+            .max_by_key(|(len, _)| *len)
+            .and_then(|(_, name)| zone_ids.id(name))
+    };
+    rules
+        .infrastructure
+        .iter()
+        .filter_map(|i| Some((i.mac?, i.ips.first().and_then(|ip| zone_of(*ip)).unwrap_or(ZONE_WORLD))))
+        .collect()
 }
 
 /// The virtual patches by id: tag and denied (protocol, port prefix).

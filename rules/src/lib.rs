@@ -25,8 +25,8 @@ pub use compile::{
 };
 pub use error::RuleError;
 pub use evaluate::{
-    DecidedBy, Decision, EndMatch, Explanation, OtherBinding, PacketView, PortBinding, PortIdentity, PortZone, ZoneMatch,
-    evaluate, explain, zone_of,
+    DecidedBy, Decision, EndMatch, Explanation, OtherBinding, PacketView, PortBinding, PortIdentity, PortZone,
+    ZoneMatch, evaluate, explain, zone_of,
 };
 pub use failure::{FAILURE_POLICY_PREFIX, OnRulesFailure};
 pub use inventory::{
@@ -34,6 +34,9 @@ pub use inventory::{
     check_endpoint_name,
 };
 pub use load::{MAX_FILE_BYTES, MAX_ZONES, load_rules, parse_rules, read_rule_file, rule_files};
-pub use ruleset::{Access, AllowEntry, Binding, Infrastructure, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet, UnboundPorts, WORLD, Zone};
+pub use ruleset::{
+    Access, AllowEntry, Binding, Infrastructure, InterfaceGlob, Member, MemberMatch, Mode, Policy, RuleSet,
+    UnboundPorts, WORLD, Zone,
+};
 pub use types::{Cidr, MacAddr, PortRange, Proto, SourcePos};
 pub use yaml::{MAX_ALIAS_NODES, MAX_LOOKAHEAD, MAX_NESTING, MAX_NODES, MAX_SCALAR_BYTES};

@@ -215,8 +215,15 @@ impl Loader {
         if root.is_null() {
             return;
         }
-        let allowed =
-            ["zones", "policies", "default_inter_zone", "unbound_ports", "infrastructure", "endpoints", "virtual_patches"];
+        let allowed = [
+            "zones",
+            "policies",
+            "default_inter_zone",
+            "unbound_ports",
+            "infrastructure",
+            "endpoints",
+            "virtual_patches",
+        ];
         let Some(top) = self.fields_with(&root, "a rule file", &allowed, 3) else { return };
         if let Some(zones) = top.get("zones") {
             self.zones(zones);
@@ -872,7 +879,7 @@ impl Loader {
                 text.parse::<MacAddr>().map_err(|e| self.error(n.pos, e)).ok()
             });
             let mut ips = Vec::new();
-            for item in fields.get("ips").map(|l| self.list(l, "ips").unwrap_or(&[])).unwrap_or(&[]) {
+            for item in fields.get("ips").map_or(&[][..], |l| self.list(l, "ips").unwrap_or(&[])) {
                 let Some(text) = self.scalar(item, "an IP address") else { continue };
                 match text.parse::<IpAddr>() {
                     Ok(ip) => ips.push(ip),

@@ -73,7 +73,9 @@ pub enum Request {
     },
     /// The host says the VM behind `port` is gone (or leaving): the port is unbound.
     #[serde(rename = "endpoint_unbind")]
-    EndpointUnbind { port: String },
+    EndpointUnbind {
+        port: String,
+    },
     /// The records of the audit log.
     Audit,
 }

@@ -331,6 +331,7 @@ impl Datapath {
         if let Err(e) = result {
             log::warn!("{name}: cannot mark its ingress program live in PORTS: {}", report(&e));
         }
+        self.ports_changed();
     }
 
     /// The hook `from_port` gets on a new port of `role`.
@@ -431,6 +432,12 @@ impl Datapath {
     /// egress) to a port and registers it in `PORTS`. On failure nothing of the port is
     /// left behind.
     pub fn attach_port(&mut self, ifindex: u32, name: &str, role: PortRole) -> Result<(), PortError> {
+        let result = self.attach_port_entry(ifindex, name, role);
+        self.ports_changed();
+        result
+    }
+
+    fn attach_port_entry(&mut self, ifindex: u32, name: &str, role: PortRole) -> Result<(), PortError> {
         if name_to_index(name) != Some(ifindex) {
             return Err(PortError::Vanished { ifname: name.into(), ifindex });
         }
@@ -686,6 +693,7 @@ impl Datapath {
         }
         // What the port locked on first use was its VM's; the next device is another.
         self.set_learned(ifindex, None);
+        self.ports_changed();
         port.ingress.detach();
         port.tc.detach();
         true
@@ -710,6 +718,7 @@ impl Datapath {
                 Err(e) => log::warn!("{new_name}: cannot read its PORTS entry: {}", report(&e)),
             }
         }
+        self.ports_changed();
     }
 }
 

@@ -39,8 +39,8 @@ use backplane_common::{
     config::{BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedValue, MacKey, PORT_ADDRS_FIXED},
     config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PORT_MACS, PIN_LAYOUT_VERSION, PINNED_MAPS, PORTS, PROG_FROM_PORT,
-        PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORT_MACS,
+        PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
     },
     policy::{ZonePairKey, ZonePairStats},
 };
@@ -362,8 +362,7 @@ impl Datapath {
             RingBuf::try_from(take_map(&mut ebpf, PAYLOAD_SAMPLES)?).map_err(DatapathError::map(PAYLOAD_SAMPLES))?;
         let ports_map = BpfHashMap::try_from(take_map(&mut ebpf, PORTS)?).map_err(DatapathError::map(PORTS))?;
         let learned = BpfHashMap::try_from(take_map(&mut ebpf, LEARNED)?).map_err(DatapathError::map(LEARNED))?;
-        let port_macs =
-            BpfHashMap::try_from(take_map(&mut ebpf, PORT_MACS)?).map_err(DatapathError::map(PORT_MACS))?;
+        let port_macs = BpfHashMap::try_from(take_map(&mut ebpf, PORT_MACS)?).map_err(DatapathError::map(PORT_MACS))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
         // A new CONFIG is all zeros: generation 0, observe only until rule sets arrive. An
         // adopted one keeps the generation in force (see `observe_only`).
@@ -607,37 +606,47 @@ impl Datapath {
     /// port in `bindings` gets its endpoint's MAC, zone and standing; any other VM port is
     /// unbound (its zone: the one `interface:` members give it).
     pub fn write_port_bindings(&mut self, slot: u8, bindings: &std::collections::HashMap<u32, PortBinding>) {
-        let vm_ports: Vec<(u32, String)> = self
-            .ports
-            .iter()
-            .filter(|(_, p)| p.role == PortRole::Vm)
-            .map(|(&i, p)| (i, p.name.clone()))
-            .collect();
+        let vm_ports: Vec<(u32, String)> =
+            self.ports.iter().filter(|(_, p)| p.role == PortRole::Vm).map(|(&i, p)| (i, p.name.clone())).collect();
+        let mut changed = false;
         for (ifindex, name) in vm_ports {
             let Ok(info) = self.ports_map.get(&ifindex, 0) else { continue };
             let s = usize::from(slot & 1);
             let mut new = info;
-            match bindings.get(&ifindex) {
-                Some(b) => {
-                    new.binding = b.kind;
-                    new.mac = b.mac;
-                    new.zone[s] = b.zone.unwrap_or_else(|| self.port_zone(&name));
-                    new.standing[s] = b.standing;
-                    new.flags = if b.fixed { new.flags | PORT_ADDRS_FIXED } else { new.flags & !PORT_ADDRS_FIXED };
-                }
-                None => {
-                    new.binding = BINDING_NONE;
-                    new.mac = [0; 6];
-                    new.standing = [0; 2];
-                    new.zone[s] = self.port_zone(&name);
-                    new.flags &= !PORT_ADDRS_FIXED;
+            if let Some(b) = bindings.get(&ifindex) {
+                new.binding = b.kind;
+                new.mac = b.mac;
+                new.zone[s] = b.zone.unwrap_or_else(|| self.port_zone(&name));
+                new.standing[s] = b.standing;
+                new.flags = if b.fixed { new.flags | PORT_ADDRS_FIXED } else { new.flags & !PORT_ADDRS_FIXED };
+            } else {
+                new.binding = BINDING_NONE;
+                new.mac = [0; 6];
+                new.standing = [0; 2];
+                new.zone[s] = self.port_zone(&name);
+                new.flags &= !PORT_ADDRS_FIXED;
+            }
+            if new != info {
+                changed = true;
+                if let Err(e) = self.ports_map.insert(ifindex, new, 0) {
+                    log::error!("{name}: cannot write its binding into PORTS: {}", report(&e));
                 }
             }
-            if new != info
-                && let Err(e) = self.ports_map.insert(ifindex, new, 0)
-            {
-                log::error!("{name}: cannot write its binding into PORTS: {}", report(&e));
-            }
+        }
+        if changed {
+            self.ports_changed();
+        }
+    }
+
+    /// Tells the data path that `PORTS` changed (`DatapathConfig::ports_epoch`), so that
+    /// no CPU goes on with its copy of an entry.
+    pub fn ports_changed(&mut self) {
+        let result = self.config.get(&CONFIG_INDEX, 0).and_then(|c| {
+            let ports_epoch = c.ports_epoch.wrapping_add(1).max(1);
+            self.config.set(CONFIG_INDEX, DatapathConfig { ports_epoch, ..c }, 0)
+        });
+        if let Err(e) = result {
+            log::error!("cannot tell the data path that PORTS changed: {}", report(&e));
         }
     }
 

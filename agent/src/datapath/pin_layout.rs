@@ -37,7 +37,7 @@ use std::{
 };
 
 use backplane_common::maps::{
-    CONFIG, ENDPOINTS, PORTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, VPATCHES, ZONE_CIDRS, ZONES,
+    CONFIG, ENDPOINTS, FLOWS, PIN_LAYOUT_VERSION, PINNED_MAPS, POLICIES, PORTS, VPATCHES, ZONE_CIDRS, ZONES,
 };
 
 use crate::datapath::pins::{next_key, obj_get, sys_bpf};

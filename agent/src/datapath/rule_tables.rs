@@ -228,8 +228,11 @@ impl RuleTables {
         }
         for (mac, zone) in &rules.infrastructure_macs {
             let k = EndpointKey { slot: slot & 1, _pad: 0, mac: mac.0 };
-            let value =
-                EndpointValue { zone: *zone, ifindex: backplane_common::policy::OWNER_INFRA, ..EndpointValue::default() };
+            let value = EndpointValue {
+                zone: *zone,
+                ifindex: backplane_common::policy::OWNER_INFRA,
+                ..EndpointValue::default()
+            };
             self.endpoints.insert(k, value, 0).map_err(map_err(ENDPOINTS))?;
             keys.endpoints.push(k);
         }
@@ -428,6 +431,9 @@ pub fn activate(
         flags,
         default_inter_zone: rules.default_inter_zone,
         unbound_ports: rules.unbound_ports,
+        // The ports' zones of the half put in force changed: no CPU keeps its copy (0
+        // stays 0: whoever writes `PORTS` without `Datapath::ports_changed` gets no copies).
+        ports_epoch: if old.ports_epoch == 0 { 0 } else { old.ports_epoch.wrapping_add(1).max(1) },
         ..DatapathConfig::default()
     };
     config.set(CONFIG_INDEX, new, 0).map_err(map_err(CONFIG))?;

@@ -114,7 +114,8 @@ impl Endpoints {
         };
         // A hint, never a claim: only the MAC the port is bound or locked to counts.
         let bound_here = self.lock().bound.get(&mac).is_some_and(|b| b.ifindex == event.ifindex);
-        let locked_here = self.datapath.lock().expect("datapath lock").learned(event.ifindex).is_some_and(|l| l.mac == mac.0);
+        let locked_here =
+            self.datapath.lock().expect("datapath lock").learned(event.ifindex).is_some_and(|l| l.mac == mac.0);
         if !bound_here && !locked_here {
             log::debug!("{mac} announced itself on {port} ({kind}), which is not bound to it: ignored");
             return;
@@ -168,7 +169,14 @@ impl Endpoints {
 
     /// An endpoint is on port `ifindex` here: bind it, and if it came from elsewhere,
     /// carry its flows. `since_ns`: the kernel time of the announcement.
-    pub(super) async fn arrive(self: &Arc<Self>, mac: MacAddr, ifindex: u32, port: &str, since_ns: Option<u64>, cause: &str) {
+    pub(super) async fn arrive(
+        self: &Arc<Self>,
+        mac: MacAddr,
+        ifindex: u32,
+        port: &str,
+        since_ns: Option<u64>,
+        cause: &str,
+    ) {
         let started = Instant::now();
         let Some(arrival) = self.classify(mac, ifindex, port, cause).await else { return };
         let location = self.bind_here(&arrival);

@@ -124,25 +124,21 @@ impl Endpoints {
         };
         let by = domain.map_or_else(|| "host".to_owned(), |d| format!("host (domain {d})"));
         log::info!("{port}: bound to {mac} by the {by}");
-        match def {
-            Some(def) => {
-                self.arrive_bound(mac, ifindex, port, "host").await;
-                self.info(&def.name)
-            }
-            None => {
-                self.lock().host_unknown.insert(ifindex);
-                let port_zone = self.datapath.lock().expect("datapath lock").zone_of_port(ifindex);
-                if port_zone != 0 {
-                    self.confirm_learned(ifindex, port, mac, None);
-                } else if let Some(zone) = learned_zone {
-                    self.confirm_learned(ifindex, port, mac, Some(zone));
-                } else {
-                    self.sync_kernel();
-                    Arc::clone(self).follow_learning(ifindex, port.to_owned(), mac);
-                }
-                Ok(self.unknown_info(mac, port))
-            }
+        if let Some(def) = def {
+            self.arrive_bound(mac, ifindex, port, "host").await;
+            return self.info(&def.name);
         }
+        self.lock().host_unknown.insert(ifindex);
+        let port_zone = self.datapath.lock().expect("datapath lock").zone_of_port(ifindex);
+        if port_zone != 0 {
+            self.confirm_learned(ifindex, port, mac, None);
+        } else if let Some(zone) = learned_zone {
+            self.confirm_learned(ifindex, port, mac, Some(zone));
+        } else {
+            self.sync_kernel();
+            Arc::clone(self).follow_learning(ifindex, port.to_owned(), mac);
+        }
+        Ok(self.unknown_info(mac, port))
     }
 
     /// `backplane endpoint unbind`: the VM behind `port` is gone or leaving.

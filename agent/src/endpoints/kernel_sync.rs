@@ -103,7 +103,12 @@ impl Endpoints {
             for infra in st.rules.iter().flat_map(|r| r.infrastructure.iter()) {
                 let mac = infra.mac.map_or([0; 6], |m| m.0);
                 for ip in &infra.ips {
-                    let owner = OwnerValue { ifindex: backplane_common::policy::OWNER_INFRA, endpoint_id: 0, mac, _pad: [0; 2] };
+                    let owner = OwnerValue {
+                        ifindex: backplane_common::policy::OWNER_INFRA,
+                        endpoint_id: 0,
+                        mac,
+                        _pad: [0; 2],
+                    };
                     owners.insert(owner_key(*ip), owner);
                 }
             }

@@ -702,7 +702,8 @@ impl Endpoints {
     #[must_use]
     pub fn list(&self) -> Vec<EndpointInfo> {
         // The data path's lock before the state's, as everywhere.
-        let (port_names, unbound): (HashMap<u32, String>, Vec<(String, Option<String>)>) = {
+        type Unbound = Vec<(String, Option<String>)>;
+        let (port_names, unbound): (HashMap<u32, String>, Unbound) = {
             let dp = self.datapath.lock().expect("datapath lock");
             let ports = dp.port_status();
             let unbound = ports

@@ -83,6 +83,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Zone id of address 10.a.b.x: zones are /24s numbered from 1.
+/// `fd00:0:<zone>::<host>`: the zone's IPv6 network is `fd00:0:<zone>::/48`.
+fn zone_v6(zone: u16, host: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..2].copy_from_slice(&[0xfd, 0x00]);
+    a[4..6].copy_from_slice(&zone.to_be_bytes());
+    a[15] = host;
+    a
+}
+
 fn zone_cidr(zone: u16) -> [u8; 4] {
     [10, (zone >> 8) as u8, (zone & 0xff) as u8, 0]
 }
@@ -107,6 +116,10 @@ fn install_policies(ebpf: &mut Ebpf, n: u32) -> anyhow::Result<()> {
                 u32::from(z),
                 0,
             )?;
+            // The same zone in IPv6 (the established IPv6 scenario goes zone 1 -> zone 2).
+            let key =
+                AddrKey { slot: 0, family: backplane_common::flow::FAMILY_IPV6, _pad: [0; 2], addr: zone_v6(z, 0) };
+            cidrs.insert(&Key::new(ADDR_KEY_HEADER_BITS + 48, key), u32::from(z), 0)?;
         }
     }
     let mut policies: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
@@ -152,6 +165,8 @@ fn install_policies(ebpf: &mut Ebpf, n: u32) -> anyhow::Result<()> {
             generation: 1,
             flags: CONFIG_ENFORCE,
             default_inter_zone: Verdict::Denied as u8,
+            // As the agent sets it: the data path may keep its copy of the port's entry.
+            ports_epoch: 1,
             ..Default::default()
         },
         0,
@@ -211,7 +226,7 @@ fn main() -> anyhow::Result<()> {
         frames::MAC_A,
         &[],
         0x86dd,
-        &frames::ipv6(frames::v6(1), frames::v6(2), 6, &frames::tcp(40000, 5432, frames::TCP_ACK, &[])),
+        &frames::ipv6(zone_v6(1, 10), zone_v6(2, 20), 6, &frames::tcp(40000, 5432, frames::TCP_ACK, &[])),
     );
     let denied = frames::tcp4(a, 40001, b, 9999, frames::TCP_SYN);
     let mut rows = Vec::new();

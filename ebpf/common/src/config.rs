@@ -28,7 +28,11 @@ pub struct DatapathConfig {
     pub default_inter_zone: u8,
     /// What a VM port nobody bound (and that cannot learn) gets: an `UNBOUND_*` value.
     pub unbound_ports: u8,
-    pub _pad2: [u8; 8],
+    /// Changes whenever the agent changes `PORTS` (never 0 once it manages the ports): the
+    /// data path may keep the entry of the port it saw last per CPU while it stays the
+    /// same. 0: no such promise, every frame looks its port up.
+    pub ports_epoch: u32,
+    pub _pad2: [u8; 4],
 }
 
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);

@@ -19,13 +19,12 @@ use backplane_common::{
     DatapathConfig, PortInfo, PortRole,
     config::{
         BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue, MacKey,
-        PORT_ADDRS_FIXED, UNBOUND_DENY,
-        UNBOUND_OBSERVE,
+        PORT_ADDRS_FIXED, UNBOUND_DENY, UNBOUND_OBSERVE,
     },
     flow::FAMILY_IPV4,
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ADDRS_FIXED, ENDPOINT_QUARANTINED, EndpointKey, OWNER_ELSEWHERE, OwnerKey, ZONE_HAS_CIDRS,
-        ZONE_LEARN, ZONE_WORLD,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ADDRS_FIXED, ENDPOINT_QUARANTINED, EndpointKey, OWNER_ELSEWHERE,
+        OwnerKey, ZONE_HAS_CIDRS, ZONE_LEARN, ZONE_WORLD,
     },
     reason::Counter,
 };
@@ -46,6 +45,27 @@ pub fn port(ifindex: u32) -> Option<&'static PortInfo> {
     // SAFETY: a pointer returned by a map lookup is valid for this program run, which is
     // all the `'static` here is used for.
     PORTS.get_ptr(ifindex).map(|p| unsafe { &*p })
+}
+
+/// [`port`] through this CPU's copy of the entry it looked up last, while the agent's
+/// `ports_epoch` says `PORTS` did not change since: one lookup saved on nearly every
+/// frame (a port's frames come in bursts on a CPU).
+#[inline(always)]
+pub fn cached_port(cache: *mut crate::parse::PortCache, ifindex: u32, epoch: u32) -> Option<&'static PortInfo> {
+    // SAFETY: `cache` is this CPU's slot of the per-CPU SCRATCH map, valid for this run.
+    let c = unsafe { &mut *cache };
+    if epoch != 0 && c.epoch == epoch && c.ifindex == ifindex {
+        // SAFETY: as above; the copy is not written again during this run.
+        return if c.present { Some(unsafe { &(*cache).info }) } else { None };
+    }
+    let found = port(ifindex);
+    c.ifindex = ifindex;
+    c.epoch = epoch;
+    c.present = found.is_some();
+    if let Some(info) = found {
+        c.info = *info;
+    }
+    found
 }
 
 #[inline(always)]

@@ -85,8 +85,20 @@ impl Packet {
 /// One program run's working memory, in the per-CPU `SCRATCH` map.
 pub struct Scratch {
     pub packet: Packet,
+    /// The `PORTS` entry of the port this CPU saw last, under `ports_epoch`.
+    pub port: PortCache,
     /// A new flow's value, built before it is inserted into `FLOWS`.
     pub value: backplane_common::FlowValue,
+}
+
+/// One CPU's copy of a `PORTS` entry, valid while `DatapathConfig::ports_epoch` is
+/// `epoch` (never for epoch 0).
+pub struct PortCache {
+    pub ifindex: u32,
+    pub epoch: u32,
+    /// Whether the port has an entry (`info` is it).
+    pub present: bool,
+    pub info: backplane_common::PortInfo,
 }
 
 /// `Packet::frag`: the first fragment of a fragmented datagram (it has the ports).
