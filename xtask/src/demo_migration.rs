@@ -188,9 +188,12 @@ pub(crate) fn run(bin: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_secs(2));
         say(&format!("web received {} bytes; hv1's flow table:", received.load(Ordering::Relaxed)));
         print!("{}", cli(bin, &a1, &["flows"])?);
-        say("moving db's port from hv1 to hv2 (same MAC and address), then db sends RARP as QEMU does");
+        say("moving db's port from hv1 to hv2 (same MAC and address); hv2 binds it as the libvirt hook does, \
+             then db sends RARP as QEMU does (a hint, not authority)");
         lab.move_vm(&db, &hv1, &hv2);
         wait_until("db's port attached on hv2", Duration::from_secs(10), || port_attached(bin, &a2, &db))?;
+        // What deploy/libvirt/qemu runs on the destination when the domain starts there.
+        print!("{}", cli(bin, &a2, &["endpoint", "bind", "db", "--port", db.host_port(), "--domain", "db"])?);
         // Five RARP frames over 350 ms, as QEMU announces a migrated VM.
         let rarp = announce(&db, true);
         for delay_ms in [0, 50, 100, 100, 100] {
