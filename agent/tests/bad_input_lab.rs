@@ -86,8 +86,13 @@ fn an_endpoint_with_a_mac_or_address_already_known_is_refused() {
     assert!(!bad.status.success(), "a malformed MAC is refused: {}", String::from_utf8_lossy(&bad.stdout));
     let list = agent.cli_json(&["endpoint", "list", "--json"]);
     // (The list also shows the lab VM's port: locked on first use, or unbound.)
-    let names: Vec<&str> =
-        list.as_array().unwrap().iter().filter(|e| e["source"] == "runtime").filter_map(|e| e["name"].as_str()).collect();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["source"] == "runtime")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
     assert_eq!(names, ["db-7"], "{list:#}");
     agent.stop();
 }
