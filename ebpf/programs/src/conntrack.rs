@@ -399,21 +399,27 @@ fn rejudge(
     hook: Hook,
 ) {
     let j = judge_stored(cfg, key, flow, dir, packet, port, hook);
-    record_judgement(flow, &j);
+    record_judgement_always(flow, &j);
     flow.generation = cfg.generation;
 }
 
 /// Writes a judgement (from the flow's initiator's side) into the flow.
 #[inline(always)]
+fn record_judgement_always(flow: &mut FlowValue, j: &Judgement) {
+    flow.zone = by_dir(flow.initiator, j.src_zone, j.dst_zone);
+    flow.verdict = j.verdict as u8;
+    flow.reason = j.reason as u8;
+    flow.policy_id = j.policy_id;
+}
+
+/// Writes the judgement of a copy delivered to a VM port into its flow, when it judged
+/// other ends or gave another verdict than the flow's: the same ends and verdict keep what
+/// the flow records (a flow handed over from another node stays `migrated`).
+#[inline(always)]
 pub fn record_judgement(flow: &mut FlowValue, j: &Judgement) {
     let zone = by_dir(flow.initiator, j.src_zone, j.dst_zone);
-    if flow.zone != zone {
-        flow.zone = zone;
-    }
-    if flow.verdict != j.verdict as u8 || flow.reason != j.reason as u8 || flow.policy_id != j.policy_id {
-        flow.verdict = j.verdict as u8;
-        flow.reason = j.reason as u8;
-        flow.policy_id = j.policy_id;
+    if flow.zone != zone || flow.verdict != j.verdict as u8 {
+        record_judgement_always(flow, j);
     }
 }
 
