@@ -437,7 +437,10 @@ pub fn judge_stored(
     hook: Hook,
 ) -> Judgement {
     let d = idx(dir);
-    let this = stored_end(cfg, flow.ifindex[d], packet, 0);
+    // The sender of the frame in hand, on its own port: a port locked on first use whose
+    // zone is still unknown learns it from this frame's address (as a new flow would).
+    let sends = if hook == Hook::FromPort && flow.ifindex[d] == port.ifindex { END_SENDS } else { 0 };
+    let this = stored_end(cfg, flow.ifindex[d], packet, sends);
     let other = if hook == Hook::ToPort {
         receiver(cfg, packet, port, hook)
     } else {

@@ -147,6 +147,20 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
     }
 }
 
+/// Whether an unbound port would lock itself to `mac` on its next frame (see
+/// [`check_mac`]).
+#[inline(always)]
+fn learnable(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, mac: &[u8; 6]) -> bool {
+    let slot = cfg.active_slot & 1;
+    match ENDPOINTS.get_ptr(EndpointKey { slot, _pad: 0, mac: *mac }) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(ep) => unsafe {
+            ((*ep).ifindex == 0 || (*ep).ifindex == ifindex) && policy::zone_flags(slot, (*ep).zone) & ZONE_LEARN != 0
+        },
+        None => cfg.flags & CONFIG_LEARN != 0 || port.zone_in(slot) != 0,
+    }
+}
+
 /// A frame from a VM port with a MAC that is not the port's: `spoofed` when the MAC is
 /// an endpoint bound to another port (what that counter always counted), else
 /// `spoofed_mac`.
@@ -166,6 +180,19 @@ fn wrong_mac(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> Counter {
 /// zone; later ones must be in the same zone.
 #[inline(always)]
 fn learned_zone(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16]) -> Option<u16> {
+    learned_zone_of(cfg, ifindex, family, addr)
+}
+
+/// [`learned_zone`] for the frame in hand of a locked port whose zone is still unknown,
+/// also on an established flow (a port that spoke to an earlier data path locks on its
+/// next frame, which belongs to a flow it already has).
+#[inline(never)]
+pub fn learn_from(cfg: &DatapathConfig, ifindex: u32, packet: &Packet) {
+    let _ = learned_zone_of(cfg, ifindex, packet.family, &packet.src);
+}
+
+#[inline(always)]
+fn learned_zone_of(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16]) -> Option<u16> {
     let slot = cfg.active_slot & 1;
     let learned = LEARNED.get_ptr_mut(ifindex)?;
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
@@ -235,7 +262,11 @@ pub fn port_ident(cfg: &DatapathConfig, port: &PortInfo, packet: &Packet, ifinde
     // Under `observe`, and, where ports learn, for a port that has not sent yet (a VM
     // that is silent since the agent started: it cannot be locked before it speaks),
     // the frame's fields say who the end is.
-    let silent = end & (END_SENDS | END_SPOKE) == 0 && LEARNED.get_ptr(ifindex).is_none();
+    // A port that has not locked yet: one that never sent, or (a stored end) one whose MAC
+    // would lock it when it next sends (it spoke to an earlier data path: an upgrade).
+    let silent = end & END_SENDS == 0
+        && LEARNED.get_ptr(ifindex).is_none()
+        && (end & END_SPOKE == 0 || learnable(cfg, ifindex, port, packet.end(end).1));
     if cfg.unbound_ports == UNBOUND_OBSERVE || (silent && cfg.flags & CONFIG_LEARN != 0) {
         // Placed by the frame, still unbound: no binding vouches for it.
         let ident = policy::resolve_addr(slot, packet, end, port.zone_in(slot));

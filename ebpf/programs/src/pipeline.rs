@@ -110,6 +110,13 @@ pub fn handle<F: Frame>(frame: &F, ifindex: u32, hook: Hook) -> Action {
                 if packet.frag == FRAG_FIRST {
                     remember_fragment_ports(packet);
                 }
+                if enforcing
+                    && !matches!(sender, Sender::Unbound)
+                    && port.info.is_some_and(|i| i.binding == BINDING_NONE)
+                {
+                    // Locked, not confirmed yet: its zone may come with this address.
+                    identity::learn_from(&cfg, ifindex, packet);
+                }
                 conntrack::track(frame, &cfg, packet, len, &port, hook)
             }
         }
