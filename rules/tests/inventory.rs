@@ -3,7 +3,9 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use backplane_common::policy::{ENDPOINT_PATCHED, VPATCH_KEY_BITS, VPATCH_KEY_PROTO_BITS, ZONE_REMEDIATION};
+use backplane_common::policy::{
+    ENDPOINT_ADDRS_FIXED, ENDPOINT_PATCHED, VPATCH_KEY_BITS, VPATCH_KEY_PROTO_BITS, ZONE_REMEDIATION,
+};
 use backplane_rules::{
     MacAddr, OnViolation, PacketView, RuleSet, UnknownMacs, ZoneIds, compile, evaluate, load_rules, parse_rules,
 };
@@ -50,9 +52,10 @@ fn the_inventory_example_compiles() {
     // Endpoints: web-1 (patched by its tag), db-1; ids from 1.
     let web_entry = c.endpoint(MacAddr([0x52, 0x54, 0, 0x30, 0, 1])).unwrap();
     assert_eq!(web_entry.value.zone, c.zone_ids.id("web").unwrap());
-    assert_eq!(web_entry.value.flags, ENDPOINT_PATCHED);
+    // Patched by its tag; its inventory `ips` are the only ones it may send from.
+    assert_eq!(web_entry.value.flags, ENDPOINT_PATCHED | ENDPOINT_ADDRS_FIXED);
     let db_entry = c.endpoint(MacAddr([0x52, 0x54, 0, 0x40, 0, 1])).unwrap();
-    assert_eq!((db_entry.value.zone, db_entry.value.flags), (c.zone_ids.id("db").unwrap(), 0));
+    assert_eq!((db_entry.value.zone, db_entry.value.flags), (c.zone_ids.id("db").unwrap(), ENDPOINT_ADDRS_FIXED));
     assert_ne!(web_entry.value.endpoint_id, db_entry.value.endpoint_id);
     // 445 and 137-139 (137/16, 138/15) for web-1 only.
     let mut v: Vec<(u32, u8, u16, u32, u32)> =
