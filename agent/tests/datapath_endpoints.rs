@@ -450,3 +450,37 @@ fn router_advertisements_from_vm_ports_are_dropped_while_enforcing() {
     let mut observing = TestDatapath::load(64);
     assert_eq!(observing.from_port(&ra), XDP_PASS);
 }
+
+#[test]
+fn a_flow_direction_from_another_port_must_be_that_ports_to_use() {
+    // A (active, on loopback) opens a flow to B. Q, quarantined on another port, sends a
+    // frame of the same direction from A's address (nobody owns it, so the address check
+    // lets it through): judged as Q, the flow's verdict does not hold for it.
+    let links = TestLinks::new();
+    let q_port = links.ifindex[0];
+    let mut dp = enforcing_datapath();
+    endpoint(
+        &mut dp,
+        MAC_C,
+        EndpointValue {
+            zone: 0,
+            flags: ENDPOINT_QUARANTINED,
+            endpoint_id: 3,
+            ifindex: q_port,
+            ..EndpointValue::default()
+        },
+    );
+    bind_port(&mut dp, q_port, MAC_C, 0, ENDPOINT_QUARANTINED);
+    let from_a = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4(A, B, 6, &tcp(4000, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port(&from_a), XDP_PASS, "A's own flow");
+    let injected = eth(MAC_B, MAC_C, &[], 0x0800, &ipv4(A, B, 6, &tcp(4000, 80, TCP_ACK, &[])));
+    let before = dp.counter(Counter::ForeignSender);
+    assert_eq!(dp.from_port_on(q_port, &injected), XDP_DROP, "Q may not ride A's flow");
+    assert_eq!(dp.counter(Counter::ForeignSender), before + 1);
+    let (_, value) = dp.flows().pop().expect("the flow");
+    assert_eq!(value.ifindex[usize::from(value.initiator & 1)], LOOPBACK_IFINDEX, "the flow still knows A's port");
+    assert_eq!(value.verdict, Verdict::Allowed as u8, "and its verdict");
+    // The positive control: A's next frame passes.
+    let again = eth(MAC_B, MAC_A, &[], 0x0800, &ipv4(A, B, 6, &tcp(4000, 80, TCP_ACK, &[])));
+    assert_eq!(dp.from_port(&again), XDP_PASS);
+}

@@ -48,6 +48,7 @@ const COUNTER_DROP_REASONS: &[(&str, Counter)] = &[
     ("unbound_port", Counter::UnboundPort),
     ("to_own_mac", Counter::ToOwnMac),
     ("egress_denied", Counter::EgressDenied),
+    ("foreign_sender", Counter::ForeignSender),
 ];
 
 /// Raises a counter to `total` (never lowers it).

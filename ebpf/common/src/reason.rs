@@ -221,6 +221,10 @@ pub enum Counter {
     /// Frames a VM port sent to its own MAC (a guest never needs the switch for that):
     /// dropped while a rule set is in force.
     ToOwnMac,
+    /// Frames of a flow's direction sent from another port than the flow knew for it,
+    /// by an end the flow's verdict does not hold for (judged as itself, it would be
+    /// denied): an injection into another endpoint's flow; dropped, the flow untouched.
+    ForeignSender,
     /// Number of counters; not a counter.
     Count,
 }
@@ -275,6 +279,7 @@ impl Counter {
         Self::EgressJudged,
         Self::EgressDenied,
         Self::ToOwnMac,
+        Self::ForeignSender,
     ];
 
     /// Snake-case name for status output and metric labels.
@@ -322,6 +327,7 @@ impl Counter {
             Self::EgressJudged => "egress_judged",
             Self::EgressDenied => "egress_denied",
             Self::ToOwnMac => "to_own_mac",
+            Self::ForeignSender => "foreign_sender",
             Self::Count => "count",
         }
     }

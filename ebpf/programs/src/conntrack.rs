@@ -109,9 +109,22 @@ pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u3
         Hook::FromPort => {
             if flow.ifindex[d] != ifindex {
                 // First frame of this direction, or its sender now sends from another
-                // port: a VM that moved, or one that spoofs another's address.
-                if let Err(counter) = sender(cfg, packet, port) {
-                    counters::inc(counter);
+                // port: a VM that moved, or one that spoofs another's address, or one
+                // that injects into a flow it may not have.
+                let this = match sender(cfg, packet, port) {
+                    Ok(ident) => ident,
+                    Err(counter) => {
+                        counters::inc(counter);
+                        return Action::Drop;
+                    }
+                };
+                // The flow's verdict must hold for this sender as itself.
+                let other = stored_end(cfg, flow.ifindex[d ^ 1], packet, END_DST);
+                let (initiator, responder) = if dir == flow.initiator { (this, other) } else { (other, this) };
+                let (_, dport) = key.receiver(flow.initiator);
+                let j = policy::judge(cfg, policy::service(key.proto, dport), initiator, responder);
+                if j.verdict == Verdict::Denied && flow.verdict != Verdict::Denied as u8 {
+                    counters::inc(Counter::ForeignSender);
                     return Action::Drop;
                 }
                 flow.ifindex[d] = ifindex;
