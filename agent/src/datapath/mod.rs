@@ -505,6 +505,21 @@ impl Datapath {
         self.ports.get(&ifindex).map(|p| p.name.as_str())
     }
 
+    /// The attached port named `name`: its ifindex and role.
+    #[must_use]
+    pub fn port_named(&self, name: &str) -> Option<(u32, PortRole)> {
+        self.ports.iter().find(|(_, p)| p.name == name).map(|(&i, p)| (i, p.role))
+    }
+
+    /// The ifindex of the attached VM port named `name`; the error says why not.
+    pub fn vm_port_named(&self, name: &str) -> Result<u32, String> {
+        match self.port_named(name) {
+            Some((ifindex, PortRole::Vm)) => Ok(ifindex),
+            Some(_) => Err(format!("{name} is not a VM port")),
+            None => Err(format!("{name} is not a port this agent is attached to")),
+        }
+    }
+
     /// Attached ports by ifindex: name and role.
     #[must_use]
     pub fn attached_ports(&self) -> BTreeMap<u32, (String, PortRole)> {

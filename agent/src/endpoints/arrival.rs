@@ -134,16 +134,7 @@ impl Endpoints {
         let (ifindex, port) = {
             let dp = self.datapath.lock().expect("datapath lock");
             if let Some(p) = to_port {
-                let ifindex = dp
-                    .attached_ports()
-                    .into_iter()
-                    .find(|(_, (n, _))| n == p)
-                    .map(|(i, _)| i)
-                    .ok_or_else(|| format!("{p} is not a port this agent is attached to"))?;
-                if !dp.is_vm_port(ifindex) {
-                    return Err(format!("{p} is not a VM port"));
-                }
-                (ifindex, p.to_owned())
+                (dp.vm_port_named(p)?, p.to_owned())
             } else {
                 let st = self.lock();
                 let b = st.bound.get(&mac).ok_or_else(|| {

@@ -143,10 +143,7 @@ impl Endpoints {
 
     /// `backplane endpoint unbind`: the VM behind `port` is gone or leaving.
     pub fn unbind(self: &Arc<Self>, port: &str) -> Result<(), String> {
-        let ifindex = {
-            let dp = self.datapath.lock().expect("datapath lock");
-            dp.attached_ports().into_iter().find(|(_, (n, _))| n == port).map(|(i, _)| i)
-        };
+        let ifindex = self.datapath.lock().expect("datapath lock").vm_port_named(port).ok();
         let known = {
             let mut st = self.lock();
             let before = st.host_bindings.len();
@@ -181,8 +178,8 @@ impl Endpoints {
         loop {
             {
                 let dp = self.datapath.lock().expect("datapath lock");
-                if let Some((ifindex, (_, _))) = dp.attached_ports().into_iter().find(|(_, (n, _))| n == port) {
-                    return if dp.is_vm_port(ifindex) { Ok(ifindex) } else { Err(format!("{port} is not a VM port")) };
+                if dp.port_named(port).is_some() {
+                    return dp.vm_port_named(port);
                 }
             }
             if started.elapsed() > ATTACH_WAIT {

@@ -86,15 +86,7 @@ fn idx(dir: u8) -> usize {
 #[inline(always)]
 pub fn track<F: Frame>(frame: &F, cfg: &DatapathConfig, packet: &Packet, len: u32, port: &Port, hook: Hook) -> Action {
     let ifindex = port.ifindex;
-    let (key, dir) = FlowKey::canonical(
-        &packet.src,
-        packet.sport,
-        &packet.dst,
-        packet.dport,
-        packet.vlan,
-        packet.proto,
-        packet.family,
-    );
+    let (key, dir) = packet.flow_key();
     // SAFETY: reading the kernel's monotonic clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let flow = match FLOWS.get_ptr_mut(&key) {

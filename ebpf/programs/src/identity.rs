@@ -175,24 +175,19 @@ fn wrong_mac(cfg: &DatapathConfig, mac: &[u8; 6], ifindex: u32) -> Counter {
     }
 }
 
-/// Whether a frame from VM port `ifindex` locked (`LEARNED`) but not yet confirmed may
-/// take the zone of `addr`: the first address from a learning zone's networks sets the
-/// zone; later ones must be in the same zone.
-#[inline(always)]
-fn learned_zone(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16]) -> Option<u16> {
-    learned_zone_of(cfg, ifindex, family, addr)
-}
-
 /// [`learned_zone`] for the frame in hand of a locked port whose zone is still unknown,
 /// also on an established flow (a port that spoke to an earlier data path locks on its
 /// next frame, which belongs to a flow it already has).
 #[inline(never)]
 pub fn learn_from(cfg: &DatapathConfig, ifindex: u32, packet: &Packet) {
-    let _ = learned_zone_of(cfg, ifindex, packet.family, &packet.src);
+    let _ = learned_zone(cfg, ifindex, packet.family, &packet.src);
 }
 
+/// Whether a frame from VM port `ifindex` locked (`LEARNED`) but not yet confirmed may
+/// take the zone of `addr`: the first address from a learning zone's networks sets the
+/// zone; later ones must be in the same zone.
 #[inline(always)]
-fn learned_zone_of(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16]) -> Option<u16> {
+fn learned_zone(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16]) -> Option<u16> {
     let slot = cfg.active_slot & 1;
     let learned = LEARNED.get_ptr_mut(ifindex)?;
     // SAFETY: a pointer returned by a map lookup is valid for this program run.

@@ -71,6 +71,20 @@ pub const END_SENDS: u8 = 1 << 1;
 pub const END_SPOKE: u8 = 1 << 2;
 
 impl Packet {
+    /// The flow this packet belongs to, and its direction in the flow's key.
+    #[inline(always)]
+    pub fn flow_key(&self) -> (backplane_common::FlowKey, u8) {
+        backplane_common::FlowKey::canonical(
+            &self.src,
+            self.sport,
+            &self.dst,
+            self.dport,
+            self.vlan,
+            self.proto,
+            self.family,
+        )
+    }
+
     /// Family, MAC and address of one end of the frame ([`END_DST`] or the source).
     #[inline(always)]
     pub fn end(&self, end: u8) -> (u8, &[u8; 6], &[u8; 16]) {

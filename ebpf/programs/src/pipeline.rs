@@ -322,15 +322,7 @@ pub fn egress(ctx: &TcContext, ifindex: u32, from: &PortInfo) -> Action {
     if receiver.unbound() && cfg.unbound_ports == UNBOUND_DENY {
         return drop(Counter::UnboundPort);
     }
-    let (key, dir) = FlowKey::canonical(
-        &packet.src,
-        packet.sport,
-        &packet.dst,
-        packet.dport,
-        packet.vlan,
-        packet.proto,
-        packet.family,
-    );
+    let (key, dir) = packet.flow_key();
     let verdict = match FLOWS.get_ptr_mut(&key) {
         Some(flow) => {
             // SAFETY: a pointer returned by a map lookup is valid for this program run.
