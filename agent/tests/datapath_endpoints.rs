@@ -23,8 +23,8 @@ use backplane_common::{
     event::Announcement,
     maps::{CONFIG, ENDPOINTS, FLOW_EVENTS, LEARNED, PORTS, VPATCHES, ZONES},
     policy::{
-        ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue, VPATCH_KEY_BITS, VpatchKey, VpatchValue,
-        ZONE_REMEDIATION, ZoneKey, ZoneValue,
+        ENDPOINT_ELSEWHERE, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue, VPATCH_KEY_BITS,
+        VpatchKey, VpatchValue, ZONE_LEARN, ZONE_REMEDIATION, ZoneKey, ZoneValue,
     },
     reason::{Counter, Reason},
 };
@@ -219,6 +219,37 @@ fn an_unbound_port_locks_to_its_first_mac_where_zones_learn() {
     endpoint(&mut other, MAC_A, EndpointValue { zone: 0, ifindex: 4242, ..EndpointValue::default() });
     assert_eq!(other.from_port(&tcp4(A, 4002, B, 80, TCP_SYN)), XDP_DROP);
     assert_eq!((other.counter(Counter::Spoofed), other.counter(Counter::PortsLearned)), (1, 0));
+}
+
+/// A port that locks itself on first use to the MAC of an inventory endpoint that
+/// another node holds (its entry says `ENDPOINT_ELSEWHERE`) is not that endpoint: it is
+/// judged as an unbound port until the agent confirms a move.
+#[test]
+fn a_port_locked_to_an_endpoint_another_node_holds_is_judged_unbound() {
+    let run = |flags: u16| {
+        let mut dp = enforcing_datapath_unbound();
+        let mut zones: HashMap<&mut MapData, ZoneKey, ZoneValue> =
+            HashMap::try_from(dp.ebpf.map_mut(ZONES).unwrap()).unwrap();
+        let learning = ZoneValue { intra_zone: Verdict::Allowed as u8, flags: ZONE_LEARN, _pad: [0; 2] };
+        zones.insert(ZoneKey { slot: 0, _pad: 0, zone: 1 }, learning, 0).unwrap();
+        endpoint(&mut dp, MAC_A, EndpointValue { zone: 1, flags, endpoint_id: 1, ..EndpointValue::default() });
+        let verdict = dp.from_port(&tcp4(A, 6000, B, 80, TCP_SYN));
+        let learned: HashMap<&MapData, u32, LearnedValue> = HashMap::try_from(dp.ebpf.map(LEARNED).unwrap()).unwrap();
+        let locked = learned.get(&LOOPBACK_IFINDEX, 0).ok().map(|l| l.mac);
+        let v = flow(&dp, 6000, 80);
+        (verdict, locked, v.verdict, v.reason)
+    };
+    // Positive control: nobody else holds A, the port is A (inter-zone allowed here).
+    assert_eq!(
+        run(0),
+        (XDP_PASS, Some(MAC_A), Verdict::Allowed as u8, Reason::DefaultInterZone as u8),
+        "an endpoint nobody holds is taken on first use"
+    );
+    assert_eq!(
+        run(ENDPOINT_ELSEWHERE),
+        (XDP_DROP, Some(MAC_A), Verdict::Denied as u8, Reason::UnboundPort as u8),
+        "held: judged as an unbound port (quarantined)"
+    );
 }
 
 #[test]

@@ -512,3 +512,96 @@ fn a_vm_on_another_node_cannot_claim_an_address_bound_elsewhere() {
     drop(attacker);
     drop(web);
 }
+
+/// Echo requests from `src` (an IPv4 address) among captured packets.
+fn echo_requests_from(packets: &[backplane_lab::Packet], src: [u8; 4]) -> usize {
+    packets
+        .iter()
+        .filter(|p| p.is_icmp_echo() && p.ethertype() == Some(0x0800))
+        .filter(|p| p.data.get(26..30) == Some(&src[..]) && p.data.get(34) == Some(&8))
+        .count()
+}
+
+/// A guest on node B takes the MAC of db, bound on node A, on a fresh port: its port
+/// locks to that MAC on first use and announces it as QEMU does after a migration. That
+/// is the guest's word only, and node A still has db's port: nothing moves (no binding,
+/// no flow, A keeps db), and what node B's switch delivers to the claiming port for db is
+/// not delivered. Once the claimer is gone and db really moves (its port leaves A), the
+/// same announcement is a move and db's stream goes on.
+#[test]
+fn a_claim_of_an_endpoint_another_node_holds_moves_nothing_until_that_node_lets_go() {
+    let c = Cluster::new("", "");
+    let _etcd = c.etcd();
+    let a = c.agent(&c.a, "jurisdiction=eu,rack=r1", &[]);
+    let b = c.agent(&c.b, "jurisdiction=eu,rack=r2", &[]);
+    let web = c.lab.add_vm(&c.a, "web", "10.30.0.1/8", Some(WEB_MAC));
+    let db = c.lab.add_vm(&c.a, "db", "10.40.0.1/8", Some(DB_MAC));
+    boot(&a, &web);
+    boot(&a, &db);
+    for name in ["web", "db"] {
+        a.wait_for(Duration::from_secs(5), "the endpoint bound on A", |a| {
+            (a.endpoint(name)["here"] == true).then_some(())
+        });
+    }
+    b.wait_for(Duration::from_secs(10), "db located on node A", |b| {
+        (b.endpoint("db")["node"] == "nodea").then_some(())
+    });
+    let web2 = c.lab.add_vm(&c.b, "web2", "10.30.0.2/8", Some("02:00:00:30:00:02"));
+    boot(&b, &web2);
+    assert!(ping(&web2, &db), "positive control: web2 on B pings db on A");
+    let stream = Stream::start(&web, &db, 5432);
+    assert!(stream.progress(Duration::from_secs(2)) > 20_000, "db streams to web before the claim");
+
+    // The claimer: a fresh VM on B whose interface has db's MAC (another address).
+    let att = c.lab.add_vm(&c.b, "att", "10.40.0.66/8", Some(DB_MAC));
+    b.wait_for(Duration::from_secs(10), "the claimer's port attached", |b| {
+        b.status()["ports"].as_array().unwrap().iter().any(|p| p["name"] == att.host_port()).then_some(())
+    });
+    let at_att = att.capture(Some("icmp"));
+    announce_like_qemu(&att);
+    // Time for whatever the agents do with it (B asks etcd, A would see a move).
+    std::thread::sleep(Duration::from_millis(1500));
+    // While the claimer keeps B's switch pointing db's MAC at its port, web2 pings db.
+    let pinger = std::thread::spawn({
+        let (netns, dst) = (web2.netns().to_owned(), db.ip().to_string());
+        move || {
+            Command::new("ip")
+                .args(["netns", "exec", &netns, "ping", "-n", "-q", "-c", "6", "-i", "0.2", "-W", "1", &dst])
+                .output()
+        }
+    });
+    for _ in 0..8 {
+        att.send_raw_frames(&[garp(&att)]);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let _ = pinger.join();
+    std::thread::sleep(Duration::from_millis(300));
+    let stolen = echo_requests_from(&at_att.stop(), [10, 30, 0, 2]);
+    assert_eq!(stolen, 0, "no echo request for db delivered to the claimer");
+    let after_claim = stream.progress(Duration::from_secs(3));
+    assert!(after_claim > 20_000, "db's stream on A goes on during the claim ({after_claim} bytes in 3 s)");
+    assert!(
+        b.audit().iter().all(|r| !(r["kind"] == "move" && r["endpoint"] == "db")),
+        "B took no move: {:#?}",
+        b.audit()
+    );
+    assert_eq!(a.endpoint("db")["here"], true, "A still holds db: {:#}", a.endpoint("db"));
+    assert_eq!(b.endpoint("db")["node"], "nodea", "B still places db on A: {:#}", b.endpoint("db"));
+    assert_eq!(a.status()["endpoints"]["moves"], 0);
+
+    let held = b.wait_for(Duration::from_secs(5), "the claim held in B's audit log", |b| {
+        b.audit().into_iter().find(|r| r["kind"] == "claim_held" && r["endpoint"] == "db")
+    });
+    eprintln!("held: {held}");
+    assert_eq!(held["from_node"], "nodea", "{held:#}");
+    // The claimer goes; db really moves: its port leaves A, then it announces itself.
+    drop(att);
+    migrate(&c, &db, &c.a, &c.b, &b);
+    let after_move = stream.progress(Duration::from_secs(3));
+    assert!(after_move > 20_000, "the stream goes on after the real move ({after_move} bytes in 3 s)");
+    assert!(ping(&web2, &db), "web2 pings db, now beside it on B");
+    a.wait_for(Duration::from_secs(5), "A to see db on B", |a| (a.endpoint("db")["node"] == "nodeb").then_some(()));
+    drop(stream);
+    drop((web, db, web2));
+    drop((a, b));
+}

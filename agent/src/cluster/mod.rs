@@ -5,7 +5,7 @@
 //! | key | value | lease |
 //! | --- | --- | --- |
 //! | `nodes/<node>` | `{node, labels, started_unix_ms}` | the node's |
-//! | `endpoints/<mac>` | where the endpoint is: [`Location`] (node, port, labels, since, state) | the hosting node's |
+//! | `endpoints/<mac>` | where the endpoint is: [`Location`] (node, port, labels, since, state; `port_gone_unix_ms` once its port there is gone) | the hosting node's |
 //! | `flows/<mac>` | its established flows with counters: [`HandoverSet`], refreshed every second | the hosting node's |
 //! | `runtime/<name>` | an endpoint added with `backplane endpoint add`: [`RuntimeEndpoint`] | none |
 //! | `attest/<name>` | `YYYY-MM-DD` from `backplane endpoint attest` | none |
@@ -171,18 +171,25 @@ impl Peers for Cluster {
         });
     }
 
-    /// Writes the flows of an endpoint that just left one of this node's ports (in the
-    /// background), for the node it arrives on.
-    fn publish_final_flows(self: Arc<Self>, mac: MacAddr, set: HandoverSet) {
+    /// Writes the flows of an endpoint that just left one of this node's ports, then its
+    /// location saying the port is gone (in the background): a node that sees the port
+    /// gone finds the final flows already there.
+    fn publish_departure(self: Arc<Self>, mac: MacAddr, flows: Option<HandoverSet>, location: Location) {
         if !self.joined() {
             return;
         }
         let me = self;
         tokio::spawn(async move {
-            let value = serde_json::to_vec(&set).unwrap_or_default();
-            match me.etcd.put(&key("flows", &mac.to_string()), &value, me.lease()).await {
-                Ok(()) => log::info!("published {} flow(s) of {mac} as it left port {}", set.flows.len(), set.port),
-                Err(e) => log::warn!("cannot publish the flows of {mac} as it left: {e}"),
+            if let Some(set) = flows {
+                let value = serde_json::to_vec(&set).unwrap_or_default();
+                match me.etcd.put(&key("flows", &mac.to_string()), &value, me.lease()).await {
+                    Ok(()) => log::info!("published {} flow(s) of {mac} as it left port {}", set.flows.len(), set.port),
+                    Err(e) => log::warn!("cannot publish the flows of {mac} as it left: {e}"),
+                }
+            }
+            let value = serde_json::to_vec(&location).unwrap_or_default();
+            if let Err(e) = me.etcd.put(&key("endpoints", &mac.to_string()), &value, me.lease()).await {
+                log::warn!("cannot publish that {mac} left port {}: {e}", location.port);
             }
         });
     }

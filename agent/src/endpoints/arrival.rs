@@ -58,21 +58,21 @@ impl ArrivalKind {
 }
 
 /// An endpoint showing up on a port of this node.
-struct Arrival<'a> {
-    def: Def,
-    mac: MacAddr,
-    ifindex: u32,
-    port: &'a str,
-    kind: ArrivalKind,
+pub(super) struct Arrival<'a> {
+    pub(super) def: Def,
+    pub(super) mac: MacAddr,
+    pub(super) ifindex: u32,
+    pub(super) port: &'a str,
+    pub(super) kind: ArrivalKind,
     /// Where it was last seen, here or on another node.
     previous: Option<Location>,
     /// Whether that was on this node.
-    from_here: bool,
+    pub(super) from_here: bool,
     /// The port of this node it was bound to, if any.
     old_ifindex: Option<u32>,
     /// What told the agent: `rarp`, `gratuitous arp`, `neighbour advertisement`,
-    /// `operator`.
-    cause: &'a str,
+    /// `first use`, `host`, `operator`.
+    pub(super) cause: &'a str,
 }
 
 /// The flows a move carried, and how long after the announcement they were in place.
@@ -170,6 +170,10 @@ impl Endpoints {
     ) {
         let started = Instant::now();
         let Some(arrival) = self.classify(mac, ifindex, port, cause).await else { return };
+        if !self.may_take(&arrival, since_ns).await {
+            return;
+        }
+        self.lock().held.remove(&mac);
         let location = self.bind_here(&arrival);
         // Bind and flag first: from here on the data path judges the endpoint as it
         // stands on this node.
@@ -242,6 +246,7 @@ impl Endpoints {
             since_unix_ms: now_unix_ms(),
             name: a.def.name.clone(),
             state: String::new(),
+            port_gone_unix_ms: None,
         };
         let mut st = self.lock();
         st.bound.retain(|m, b| *m == a.mac || b.ifindex != a.ifindex);
@@ -506,18 +511,7 @@ impl Endpoints {
         if gone.is_empty() {
             return;
         }
-        // The flows as they were when the endpoint left, for the node it goes to.
-        if let Some(peers) = &self.peers {
-            let entries = self.flows.kernel_entries(|_, v| carried(v));
-            for (mac, bound) in &gone {
-                let def = Self::def_by_mac(&self.lock(), *mac);
-                if let Some(def) = def {
-                    let flows = self.to_handover(&entries, Some(bound.ifindex), &def.ips);
-                    let set = self.handover_set(&def, bound.port.clone(), now_unix_ms(), flows);
-                    Arc::clone(peers).publish_final_flows(*mac, set);
-                }
-            }
-        }
+        self.publish_departures(&gone);
         {
             let mut st = self.lock();
             for (mac, bound) in &gone {

@@ -144,6 +144,7 @@ impl Endpoints {
     /// `backplane endpoint unbind`: the VM behind `port` is gone or leaving.
     pub fn unbind(self: &Arc<Self>, port: &str) -> Result<(), String> {
         let ifindex = self.datapath.lock().expect("datapath lock").vm_port_named(port).ok();
+        let mut gone: Vec<(MacAddr, Bound)> = Vec::new();
         let known = {
             let mut st = self.lock();
             let before = st.host_bindings.len();
@@ -154,7 +155,7 @@ impl Endpoints {
                 had_binding = st.bound.values().any(|b| b.ifindex == ifindex)
                     || st.unknown.values().any(|(b, _)| b.ifindex == ifindex)
                     || st.learned_ports.contains_key(&ifindex);
-                st.bound.retain(|_, b| b.ifindex != ifindex);
+                gone = st.bound.iter().filter(|(_, b)| b.ifindex == ifindex).map(|(m, b)| (*m, b.clone())).collect();
                 st.unknown.retain(|_, (b, _)| b.ifindex != ifindex);
                 st.learned_ports.remove(&ifindex);
                 st.host_unknown.remove(&ifindex);
@@ -162,6 +163,15 @@ impl Endpoints {
             self.persist(&st);
             had_record || had_binding
         };
+        // The host's word that the endpoint left: the node it goes to may take it.
+        self.publish_departures(&gone);
+        {
+            let mut st = self.lock();
+            for (mac, _) in &gone {
+                st.bound.remove(mac);
+            }
+            self.persist(&st);
+        }
         let Some(ifindex) = ifindex else {
             return if known { Ok(()) } else { Err(format!("{port} is not a port this agent is attached to")) };
         };

@@ -40,6 +40,7 @@ use crate::{
 pub mod arrival;
 pub mod audit;
 pub mod binding;
+pub mod claim;
 pub mod kernel_sync;
 pub mod model;
 pub mod peers;
@@ -120,6 +121,9 @@ struct State {
     locations: HashMap<MacAddr, Location>,
     /// Endpoints bound to a port here.
     bound: HashMap<MacAddr, Bound>,
+    /// Claims of endpoints another node holds, waiting for it to let go: MAC -> port
+    /// (see `claim`).
+    held: HashMap<MacAddr, u32>,
     /// MACs outside the inventory quarantined on a port here: (port binding, zone id).
     unknown: HashMap<MacAddr, (Bound, u16)>,
     /// Ports locked on first use to a MAC outside the inventory, by ifindex.
@@ -478,6 +482,13 @@ impl Endpoints {
         let mut elsewhere_changed = false;
         {
             let mut st = self.lock();
+            // A location of another node that etcd no longer holds went with that node's
+            // lease (or was never renewed): nobody holds the endpoint.
+            let listed: HashSet<MacAddr> = locations.iter().map(|(m, _)| *m).collect();
+            let before = st.locations.len();
+            let node = self.opts.node.clone();
+            st.locations.retain(|m, l| l.node == node || listed.contains(m));
+            elsewhere_changed |= st.locations.len() != before;
             for (mac, loc) in locations {
                 if loc.node == self.opts.node {
                     continue;
@@ -490,7 +501,8 @@ impl Endpoints {
                         continue;
                     }
                 }
-                elsewhere_changed |= st.locations.get(&mac).is_none_or(|old| old.node != loc.node);
+                elsewhere_changed |=
+                    st.locations.get(&mac).is_none_or(|old| old.node != loc.node || old.released() != loc.released());
                 st.locations.insert(mac, loc);
             }
             st.remote_flows = flows.into_iter().filter(|(_, s)| s.node != self.opts.node).collect();

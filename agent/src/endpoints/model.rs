@@ -41,6 +41,21 @@ pub struct Location {
     /// string rather than a [`Standing`], so that the JSON nodes exchange stays as it is).
     #[serde(default)]
     pub state: String,
+    /// When the node named here saw the endpoint's port go away (its VM left: migrated,
+    /// shut down, unbound by the host). Until then another node takes a claim of the
+    /// endpoint that only the guest makes (first use, an announcement) as a claim, not as
+    /// a move: see `endpoints::arrival`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_gone_unix_ms: Option<i64>,
+}
+
+impl Location {
+    /// Whether another node may take the endpoint on the guest's word: its node says its
+    /// port is gone.
+    #[must_use]
+    pub fn released(&self) -> bool {
+        self.port_gone_unix_ms.is_some()
+    }
 }
 
 /// One flow of an endpoint as it travels between nodes: node-independent (zones by

@@ -25,9 +25,10 @@ pub trait Peers: Send + Sync {
     /// Tells the other nodes where an endpoint is now (in the background).
     fn publish_location(self: Arc<Self>, mac: MacAddr, location: Location);
 
-    /// Hands the flows of an endpoint that just left one of this node's ports to the node
-    /// it arrives on (in the background).
-    fn publish_final_flows(self: Arc<Self>, mac: MacAddr, set: HandoverSet);
+    /// An endpoint left one of this node's ports: hands its flows (when known) to the node
+    /// it arrives on, then says its port here is gone (`location`, released), in that
+    /// order, in the background.
+    fn publish_departure(self: Arc<Self>, mac: MacAddr, flows: Option<HandoverSet>, location: Location);
 
     /// Something to share changed here: share it soon rather than at the next period.
     fn kick(&self);

@@ -108,6 +108,9 @@ impl Endpoints {
         if !def.ips.is_empty() {
             s.value.flags |= backplane_common::policy::ENDPOINT_ADDRS_FIXED;
         }
+        if bound.is_none() && st.locations.get(&def.mac).is_some_and(|l| l.node != self.opts.node && !l.released()) {
+            s.value.flags |= backplane_common::policy::ENDPOINT_ELSEWHERE;
+        }
         if let (Some(rules), Some(c)) = (&rules, &compiled) {
             if rules.patches_for(&def.tags).next().is_some()
                 || !c.vpatch_entries(s.value.endpoint_id, &def.tags).is_empty()

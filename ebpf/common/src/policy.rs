@@ -38,6 +38,11 @@ pub const ENDPOINT_PATCHED: u16 = 1 << 2;
 /// it is bound or locked, it sends only from those (as `ADDR_OWNERS` gives them to its
 /// port), IPv6 link-local and the unspecified address.
 pub const ENDPOINT_ADDRS_FIXED: u16 = 1 << 3;
+/// [`EndpointValue::flags`]: the endpoint is bound on another node (as etcd says) and
+/// that node has not reported its port gone. A port of this node that locks itself to
+/// the endpoint's MAC on first use is not that endpoint until the agent confirms the
+/// move: it is judged as an unbound port meanwhile.
+pub const ENDPOINT_ELSEWHERE: u16 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -23,8 +23,8 @@ use backplane_common::{
     },
     flow::FAMILY_IPV4,
     policy::{
-        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ADDRS_FIXED, ENDPOINT_QUARANTINED, EndpointKey, OWNER_ELSEWHERE,
-        OwnerKey, ZONE_HAS_CIDRS, ZONE_LEARN, ZONE_WORLD,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ADDRS_FIXED, ENDPOINT_ELSEWHERE, ENDPOINT_QUARANTINED, EndpointKey,
+        OWNER_ELSEWHERE, OwnerKey, ZONE_HAS_CIDRS, ZONE_LEARN, ZONE_WORLD,
     },
     reason::Counter,
 };
@@ -240,6 +240,10 @@ pub fn port_ident(cfg: &DatapathConfig, port: &PortInfo, packet: &Packet, ifinde
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
     if let Some(learned) = LEARNED.get_ptr(ifindex).map(|l| unsafe { &*l }) {
         if let Some(ident) = policy::endpoint_ident(slot, &learned.mac) {
+            // Held while the node it is bound on keeps it: a claim, not a move.
+            if ident.flags & ENDPOINT_ELSEWHERE != 0 {
+                return unbound_ident(slot, port);
+            }
             return ident;
         }
         if port.zone_in(slot) != 0 {

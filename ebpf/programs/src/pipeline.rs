@@ -14,7 +14,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::programs::TcContext;
 use backplane_common::{
-    DatapathConfig, FlowKey, PortInfo, PortRole, Verdict,
+    DatapathConfig, PortInfo, PortRole, Verdict,
     config::{BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, PORT_INGRESS_TC, UNBOUND_DENY},
     event::Announcement,
     flow::{FAMILY_IPV4, FAMILY_IPV6, FragmentKey, FragmentPorts},
