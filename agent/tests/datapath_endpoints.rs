@@ -17,14 +17,16 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use backplane_common::{
     DatapathConfig, FlowEvent, FlowEventKind, PortInfo, PortRole, Verdict,
     config::{
-        BINDING_HOST, CONFIG_ENFORCE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ZONE, LearnedValue, PORT_INGRESS_LIVE,
-        PORT_INGRESS_TC, UNBOUND_DENY, UNBOUND_QUARANTINE,
+        ALLOWED_MAC, AllowedKey, BINDING_HOST, CONFIG_ENFORCE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ZONE,
+        LearnedValue, PORT_ADDRS_FIXED, PORT_INGRESS_LIVE, PORT_INGRESS_TC, UNBOUND_DENY, UNBOUND_QUARANTINE,
     },
     event::Announcement,
-    maps::{CONFIG, ENDPOINTS, FLOW_EVENTS, LEARNED, PORTS, VPATCHES, ZONES},
+    flow::FAMILY_IPV4,
+    maps::{ADDR_OWNERS, CONFIG, ENDPOINTS, FLOW_EVENTS, LEARNED, PORT_ALLOWED, PORTS, VPATCHES, ZONE_CIDRS, ZONES},
     policy::{
-        ENDPOINT_ELSEWHERE, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey, EndpointValue, VPATCH_KEY_BITS,
-        VpatchKey, VpatchValue, ZONE_LEARN, ZONE_REMEDIATION, ZoneKey, ZoneValue,
+        ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ELSEWHERE, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey,
+        EndpointValue, OwnerKey, OwnerValue, VPATCH_KEY_BITS, VpatchKey, VpatchValue, ZONE_LEARN, ZONE_REMEDIATION,
+        ZoneKey, ZoneValue,
     },
     reason::{Counter, Reason},
 };
@@ -250,6 +252,60 @@ fn a_port_locked_to_an_endpoint_another_node_holds_is_judged_unbound() {
         (XDP_DROP, Some(MAC_A), Verdict::Denied as u8, Reason::UnboundPort as u8),
         "held: judged as an unbound port (quarantined)"
     );
+}
+
+/// `allowed_macs` and `allowed_addresses` (`PORT_ALLOWED`): a bound port with fixed
+/// addresses sends from its own, and from what the rules allow its endpoint besides
+/// (a VRRP virtual MAC, a shared virtual IP), still inside its zone's networks.
+#[test]
+fn a_bound_port_sends_from_the_macs_and_addresses_allowed_to_it() {
+    const VMAC: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x0a];
+    let mut dp = enforcing_datapath();
+    let mut ports: HashMap<&mut MapData, u32, PortInfo> = HashMap::try_from(dp.ebpf.map_mut(PORTS).unwrap()).unwrap();
+    let mut info = ports.get(&LOOPBACK_IFINDEX, 0).unwrap();
+    info.flags |= PORT_ADDRS_FIXED;
+    ports.insert(LOOPBACK_IFINDEX, info, 0).unwrap();
+    let mut owners: HashMap<&mut MapData, OwnerKey, OwnerValue> =
+        HashMap::try_from(dp.ebpf.map_mut(ADDR_OWNERS).unwrap()).unwrap();
+    let key4 = |a: [u8; 4]| {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&a);
+        addr
+    };
+    let own = OwnerKey { family: FAMILY_IPV4, _pad: [0; 3], addr: key4(A) };
+    owners.insert(own, OwnerValue { ifindex: LOOPBACK_IFINDEX, endpoint_id: 1, mac: MAC_A, _pad: [0; 2] }, 0).unwrap();
+    let from = |mac: [u8; 6], src: [u8; 4], sport: u16| {
+        eth(MAC_B, mac, &[], 0x0800, &ipv4(src, B, 6, &tcp(sport, 80, TCP_SYN, &[])))
+    };
+    assert_eq!(dp.from_port(&from(MAC_A, A, 7000)), XDP_PASS, "positive control: its own MAC and address");
+    assert_eq!(dp.from_port(&from(MAC_A, C, 7001)), XDP_DROP, "another address");
+    assert_eq!(dp.from_port(&from(VMAC, A, 7002)), XDP_DROP, "another MAC");
+    assert_eq!((dp.counter(Counter::SpoofedAddress), dp.counter(Counter::SpoofedMac)), (1, 1));
+    let mut allowed: HashMap<&mut MapData, AllowedKey, u8> =
+        HashMap::try_from(dp.ebpf.map_mut(PORT_ALLOWED).unwrap()).unwrap();
+    let mut vmac = [0u8; 16];
+    vmac[..6].copy_from_slice(&VMAC);
+    allowed
+        .insert(AllowedKey { ifindex: LOOPBACK_IFINDEX, kind: ALLOWED_MAC, _pad: [0; 3], value: vmac }, 1, 0)
+        .unwrap();
+    allowed
+        .insert(AllowedKey { ifindex: LOOPBACK_IFINDEX, kind: FAMILY_IPV4, _pad: [0; 3], value: key4(C) }, 1, 0)
+        .unwrap();
+    // Allowed to another port only: nothing for this one.
+    allowed
+        .insert(AllowedKey { ifindex: 4242, kind: FAMILY_IPV4, _pad: [0; 3], value: key4([10, 0, 0, 9]) }, 1, 0)
+        .unwrap();
+    assert_eq!(dp.from_port(&from(MAC_A, C, 7003)), XDP_PASS, "an allowed address");
+    assert_eq!(dp.from_port(&from(VMAC, C, 7004)), XDP_PASS, "the allowed MAC");
+    assert_eq!(dp.from_port(&from(MAC_A, [10, 0, 0, 9], 7005)), XDP_DROP, "another port's allowed address");
+    assert_eq!(dp.counter(Counter::SpoofedAddress), 2);
+    // An allowed address in another zone's networks (A's zone, world, has none) is not.
+    let mut cidrs: LpmTrie<&mut MapData, AddrKey, u32> =
+        LpmTrie::try_from(dp.ebpf.map_mut(ZONE_CIDRS).unwrap()).unwrap();
+    let key = AddrKey { slot: 0, family: FAMILY_IPV4, _pad: [0; 2], addr: key4(C) };
+    cidrs.insert(&Key::new(ADDR_KEY_HEADER_BITS + 32, key), 2, 0).unwrap();
+    assert_eq!(dp.from_port(&from(MAC_A, C, 7006)), XDP_DROP, "allowed, but it would be judged as zone 2");
+    assert_eq!(dp.counter(Counter::SpoofedAddress), 3);
 }
 
 #[test]

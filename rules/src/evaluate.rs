@@ -561,9 +561,13 @@ fn sender(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Result<End, B
             })
         })
     };
+    // What the rules allow the bound endpoint besides its own MAC and addresses (applied
+    // once the host or the agent bound the port).
+    let inventory = port.binding.as_ref().and_then(|b| rules.endpoints.iter().find(|e| e.mac == b.mac));
+    let allowed_addresses = inventory.map_or(&[][..], |e| &e.allowed_addresses[..]);
     let (end, fixed, is_bound) = if let Some(b) = &port.binding {
         let (found, fixed) = bound(rules, port, b);
-        if mac != b.mac {
+        if mac != b.mac && !inventory.is_some_and(|e| e.allowed_macs.contains(&mac)) {
             let (counter, whose) = match elsewhere {
                 Some(whose) => (Counter::Spoofed, whose),
                 None => (Counter::SpoofedMac, "not the port's".to_owned()),
@@ -600,7 +604,7 @@ fn sender(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Result<End, B
     if let Some(d) = own_mac(&end.found) {
         return Err(d);
     }
-    match address_problem(rules, port, &end.found.zone, &fixed, is_bound, p) {
+    match address_problem(rules, port, &end.found.zone, (&fixed, allowed_addresses), is_bound, p) {
         Some(why) => Err(Box::new(Dropped { counter: Counter::SpoofedAddress, why, end: end.found })),
         None => Ok(end),
     }
@@ -630,7 +634,7 @@ fn address_problem(
     rules: &RuleSet,
     port: &PortIdentity,
     zone: &str,
-    fixed: &[IpAddr],
+    (fixed, allowed): (&[IpAddr], &[IpAddr]),
     is_bound: bool,
     p: &PacketView,
 ) -> Option<String> {
@@ -641,7 +645,8 @@ fn address_problem(
     if fixed.contains(&ip) || !is_bound || is_unspecified(ip) || is_link_local_v6(ip) {
         return None;
     }
-    if !fixed.is_empty() {
+    // An allowed address is not one of its fixed ones, but is held to its zone's networks.
+    if !fixed.is_empty() && !allowed.contains(&ip) {
         let list: Vec<String> = fixed.iter().map(ToString::to_string).collect();
         return Some(format!("source address {ip} is not one of the endpoint's addresses ({})", list.join(", ")));
     }

@@ -19,6 +19,13 @@ pub struct Endpoint {
     pub tags: Vec<String>,
     /// When the endpoint was last patched; `None`: unknown.
     pub patched_at: Option<PatchDate>,
+    /// MACs its port may send from besides `mac` (a VRRP virtual MAC): frames with them
+    /// are the endpoint's.
+    pub allowed_macs: Vec<MacAddr>,
+    /// Addresses it may send from besides `ips` (a virtual IP it shares with a peer, as
+    /// Neutron's allowed address pairs): still inside its zone's networks, and nobody's
+    /// `ips`.
+    pub allowed_addresses: Vec<IpAddr>,
     pub location: SourcePos,
 }
 

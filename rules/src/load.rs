@@ -713,7 +713,11 @@ impl Loader {
 
     fn endpoint(&mut self, name: &str, at: Pos, node: &Node) -> Option<PendingEndpoint> {
         let what = format!("endpoint \"{name}\"");
-        let fields = self.fields(node, &what, &["mac", "ips", "zone", "tags", "patched_at"])?;
+        let fields = self.fields(
+            node,
+            &what,
+            &["mac", "ips", "zone", "tags", "patched_at", "allowed_macs", "allowed_addresses"],
+        )?;
         let mac_node = self.required(&fields, "mac", &what, " (the MAC is the endpoint's identity)");
         let mac = mac_node.and_then(|n| {
             let text = self.scalar(n, "a MAC address")?;
@@ -747,6 +751,36 @@ impl Loader {
             let text = self.scalar(n, "a date YYYY-MM-DD")?;
             text.parse::<PatchDate>().map_err(|e| self.error(n.pos, e)).ok()
         });
+        let mut allowed_macs = Vec::new();
+        for item in fields.get("allowed_macs").map_or(&[][..], |l| self.list(l, "allowed_macs").unwrap_or(&[])) {
+            let Some(text) = self.scalar(item, "a MAC address") else { continue };
+            match text.parse::<MacAddr>() {
+                Err(e) => self.error(item.pos, e),
+                Ok(m) if m.0[0] & 1 != 0 || m.0 == [0; 6] => {
+                    self.error(item.pos, format!("{m} is not a unicast MAC: no frame is sent from it"));
+                }
+                Ok(m) if allowed_macs.contains(&m) || mac.is_some_and(|own| own == m) => {
+                    self.error(item.pos, format!("MAC {m} is listed twice for {what}"));
+                }
+                Ok(m) => allowed_macs.push(m),
+            }
+        }
+        let mut allowed_addresses = Vec::new();
+        for item in
+            fields.get("allowed_addresses").map_or(&[][..], |l| self.list(l, "allowed_addresses").unwrap_or(&[]))
+        {
+            let Some(text) = self.scalar(item, "an IP address") else { continue };
+            match text.parse::<IpAddr>() {
+                Err(_) => self.error(
+                    item.pos,
+                    format!("\"{text}\" is not an IP address; expected an IPv4 or IPv6 address like 10.30.0.100"),
+                ),
+                Ok(ip) if allowed_addresses.contains(&ip) || ips.contains(&ip) => {
+                    self.error(item.pos, format!("address {ip} is listed twice for {what}"));
+                }
+                Ok(ip) => allowed_addresses.push(ip),
+            }
+        }
         Some(PendingEndpoint {
             zone_at: zone.as_ref().map(|(_, pos)| self.loc(*pos)),
             endpoint: Endpoint {
@@ -756,6 +790,8 @@ impl Loader {
                 zone: zone.map(|(z, _)| z),
                 tags: tags.into_iter().map(|(t, _)| t).collect(),
                 patched_at,
+                allowed_macs,
+                allowed_addresses,
                 location: self.loc(at),
             },
         })
@@ -925,6 +961,33 @@ impl Loader {
         self.default_inter_zone = Some((access, self.loc(node.pos)));
     }
 
+    /// What an endpoint is allowed to send from besides its own is nobody else's: not
+    /// another endpoint's MAC or address, not infrastructure's.
+    fn check_allowed(&mut self, endpoints: &[Endpoint]) {
+        for e in endpoints {
+            for m in &e.allowed_macs {
+                let other = endpoints.iter().find(|o| o.mac == *m).map(|o| format!("endpoint \"{}\"'s", o.name));
+                let infra = self.infrastructure.iter().find(|i| i.mac == Some(*m));
+                if let Some(whose) = other.or_else(|| infra.map(|i| format!("infrastructure \"{}\"'s", i.name))) {
+                    self.errors.push(e.location.error(format!(
+                        "allowed_macs of endpoint \"{}\": {m} is {whose}; a port may send only what is nobody else's",
+                        e.name
+                    )));
+                }
+            }
+            for ip in &e.allowed_addresses {
+                let other = endpoints.iter().find(|o| o.ips.contains(ip)).map(|o| format!("endpoint \"{}\"'s", o.name));
+                let infra = self.infrastructure.iter().find(|i| i.ips.contains(ip));
+                if let Some(whose) = other.or_else(|| infra.map(|i| format!("infrastructure \"{}\"'s", i.name))) {
+                    self.errors.push(e.location.error(format!(
+                        "allowed_addresses of endpoint \"{}\": {ip} is {whose}; a port may send only what is nobody else's",
+                        e.name
+                    )));
+                }
+            }
+        }
+    }
+
     /// The checks that need every file: zone references and overlapping members.
     fn finish(mut self) -> Result<RuleSet, Vec<RuleError>> {
         let user_zones = self.zones.iter().filter(|z| z.name != WORLD).count();
@@ -933,6 +996,7 @@ impl Loader {
             self.errors.push(at.error(format!("too many zones ({user_zones}); a rule set has at most {MAX_ZONES}")));
         }
         let endpoints = self.finish_inventory();
+        self.check_allowed(&endpoints);
         for infra in &self.infrastructure {
             for e in &endpoints {
                 if infra.mac == Some(e.mac) {

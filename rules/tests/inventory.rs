@@ -190,3 +190,35 @@ fn an_address_belongs_to_one_endpoint() {
         "{e:#?}"
     );
 }
+
+#[test]
+fn allowed_macs_and_addresses_load_and_are_nobody_elses() {
+    let r = inline(&format!(
+        "{ZONES}endpoints:\n  lb-1:\n    mac: \"52:54:00:30:00:01\"\n    ips: [10.30.0.5]\n    \
+         allowed_macs: [\"00:00:5e:00:01:0a\"]\n    allowed_addresses: [10.30.0.100, \"fd00:30::100\"]\n"
+    ));
+    let e = &r.endpoints[0];
+    assert_eq!(e.allowed_macs, vec!["00:00:5e:00:01:0a".parse::<MacAddr>().unwrap()]);
+    assert_eq!(
+        e.allowed_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["10.30.0.100", "fd00:30::100"]
+    );
+    let e = errors(&format!(
+        "{ZONES}infrastructure:\n  gw: {{ mac: \"02:00:00:00:55:01\", ips: [10.30.0.1] }}\nendpoints:\n  \
+         x:\n    mac: \"52:54:00:00:00:01\"\n    ips: [10.30.0.5]\n  \
+         y:\n    mac: \"52:54:00:00:00:02\"\n    \
+         allowed_macs: [\"52:54:00:00:00:01\", \"02:00:00:00:55:01\", \"01:00:5e:00:00:01\", \"02:00:00:00:00:07\", \"02:00:00:00:00:07\"]\n    \
+         allowed_addresses: [10.30.0.5, 10.30.0.1, 10.30.0.9, 10.30.0.9, nonsense]\n"
+    ));
+    let has = |needle: &str| e.iter().any(|m| m.contains(needle));
+    assert!(has("01:00:5e:00:00:01 is not a unicast MAC"), "{e:#?}");
+    assert!(has("MAC 02:00:00:00:00:07 is listed twice for endpoint \"y\""), "{e:#?}");
+    assert!(has("address 10.30.0.9 is listed twice for endpoint \"y\""), "{e:#?}");
+    assert!(has("\"nonsense\" is not an IP address"), "{e:#?}");
+    assert!(has("allowed_macs of endpoint \"y\": 52:54:00:00:00:01 is endpoint \"x\"'s"), "{e:#?}");
+    assert!(has("allowed_macs of endpoint \"y\": 02:00:00:00:55:01 is infrastructure \"gw\"'s"), "{e:#?}");
+    assert!(has("allowed_addresses of endpoint \"y\": 10.30.0.5 is endpoint \"x\"'s"), "{e:#?}");
+    assert!(has("allowed_addresses of endpoint \"y\": 10.30.0.1 is infrastructure \"gw\"'s"), "{e:#?}");
+    assert_eq!(e.len(), 8, "{e:#?}");
+    assert!(e.iter().all(|m| m.starts_with("r.yaml:")), "every error has its place: {e:#?}");
+}

@@ -43,6 +43,11 @@ endpoints:
   db-1:
     mac: "52:54:00:40:00:01"
     zone: db
+  lb-1:
+    mac: "52:54:00:30:00:02"
+    ips: [10.30.0.6]
+    allowed_macs: ["00:00:5e:00:01:0a"]
+    allowed_addresses: [10.30.0.100, 10.40.0.100]
 UNBOUND
 "#;
 
@@ -344,3 +349,27 @@ fn infrastructure_is_no_ports() {
         Counter::SpoofedAddress,
     );
 }
+
+/// `allowed_macs` and `allowed_addresses` (VRRP, a shared VIP): the bound endpoint may
+/// send from them, still as itself and inside its zone's networks; nobody else may.
+#[test]
+fn a_bound_endpoint_sends_from_what_the_rules_allow_it_and_no_more() {
+    let r = rules("");
+    let lb1 = port("vnet5", Some((LB_1, None, &[])));
+    let d = evaluate(&r, &from_port(lb1.clone(), VMAC, "10.30.0.100", "10.40.0.7", 5432));
+    judged(&d, Verdict::Allowed, Reason::PolicyAllow, ("web", "db"));
+    let d = evaluate(&r, &from_port(lb1.clone(), LB_1, "10.30.0.100", "10.40.0.7", 5432));
+    judged(&d, Verdict::Allowed, Reason::PolicyAllow, ("web", "db"));
+    // Allowed, but in db's networks: it would be judged as db wherever it is seen.
+    dropped(&evaluate(&r, &from_port(lb1.clone(), LB_1, "10.40.0.100", "10.40.0.7", 5432)), Counter::SpoofedAddress);
+    // Not allowed: another address of its zone, another MAC.
+    dropped(&evaluate(&r, &from_port(lb1.clone(), LB_1, "10.30.0.101", "10.40.0.7", 5432)), Counter::SpoofedAddress);
+    dropped(&evaluate(&r, &from_port(lb1, "00:00:5e:00:01:0b", "10.30.0.6", "10.40.0.7", 5432)), Counter::SpoofedMac);
+    // web-1 (fixed address) may use neither.
+    let web1 = port("vnet1", Some((WEB_1, None, &[])));
+    dropped(&evaluate(&r, &from_port(web1.clone(), VMAC, "10.30.0.5", "10.40.0.7", 5432)), Counter::SpoofedMac);
+    dropped(&evaluate(&r, &from_port(web1, WEB_1, "10.30.0.100", "10.40.0.7", 5432)), Counter::SpoofedAddress);
+}
+
+const LB_1: &str = "52:54:00:30:00:02";
+const VMAC: &str = "00:00:5e:00:01:0a";

@@ -36,11 +36,11 @@ use aya::{
 };
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
-    config::{BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedValue, MacKey, PORT_ADDRS_FIXED},
+    config::{AllowedKey, BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedValue, MacKey, PORT_ADDRS_FIXED},
     config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORT_MACS,
-        PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORT_ALLOWED,
+        PORT_MACS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
     },
     policy::{ZonePairKey, ZonePairStats},
 };
@@ -275,6 +275,9 @@ pub struct Datapath {
     /// What unbound VM ports locked on first use (see the data path's `identity`).
     learned: BpfHashMap<MapData, u32, LearnedValue>,
     port_macs: BpfHashMap<MapData, MacKey, u32>,
+    /// What bound ports may send from besides their binding (`allowed_macs`,
+    /// `allowed_addresses`).
+    port_allowed: BpfHashMap<MapData, AllowedKey, u8>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     ports: BTreeMap<u32, AttachedPort>,
@@ -286,7 +289,7 @@ pub struct Datapath {
 }
 
 /// What the endpoints want a VM port bound to, for one half of the rule tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortBinding {
     /// `BINDING_HOST` or `BINDING_LEARNED`.
     pub kind: u8,
@@ -296,6 +299,9 @@ pub struct PortBinding {
     /// Its zone; `None`: the one `interface:` members give the port.
     pub zone: Option<u16>,
     pub standing: u16,
+    /// MACs and addresses it may send from besides its own (`allowed_macs`,
+    /// `allowed_addresses`), as `PORT_ALLOWED` keys without the port.
+    pub allowed: Vec<AllowedKey>,
 }
 
 /// A rule set written into the half of the rule tables that is not in force, waiting for
@@ -363,6 +369,8 @@ impl Datapath {
         let ports_map = BpfHashMap::try_from(take_map(&mut ebpf, PORTS)?).map_err(DatapathError::map(PORTS))?;
         let learned = BpfHashMap::try_from(take_map(&mut ebpf, LEARNED)?).map_err(DatapathError::map(LEARNED))?;
         let port_macs = BpfHashMap::try_from(take_map(&mut ebpf, PORT_MACS)?).map_err(DatapathError::map(PORT_MACS))?;
+        let port_allowed =
+            BpfHashMap::try_from(take_map(&mut ebpf, PORT_ALLOWED)?).map_err(DatapathError::map(PORT_ALLOWED))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
         // A new CONFIG is all zeros: generation 0, observe only until rule sets arrive. An
         // adopted one keeps the generation in force (see `observe_only`).
@@ -389,6 +397,7 @@ impl Datapath {
             ports_map,
             learned,
             port_macs,
+            port_allowed,
             counters,
             config,
             ports: BTreeMap::new(),
@@ -650,6 +659,28 @@ impl Datapath {
         }
         if changed {
             self.ports_changed();
+        }
+        self.write_allowed(bindings);
+    }
+
+    /// Brings `PORT_ALLOWED` up to what the bindings allow: entries of ports no longer
+    /// bound (or no longer allowed) removed, new ones added.
+    fn write_allowed(&mut self, bindings: &std::collections::HashMap<u32, PortBinding>) {
+        let wanted: std::collections::HashSet<AllowedKey> = bindings
+            .iter()
+            .filter(|(i, _)| self.ports.get(i).is_some_and(|p| p.role == PortRole::Vm))
+            .flat_map(|(&ifindex, b)| b.allowed.iter().map(move |k| AllowedKey { ifindex, ..*k }))
+            .collect();
+        let present: Vec<AllowedKey> = self.port_allowed.keys().filter_map(Result::ok).collect();
+        for key in present.iter().filter(|k| !wanted.contains(k)) {
+            if let Err(e) = self.port_allowed.remove(key) {
+                log::error!("port {}: cannot remove an allowed source from PORT_ALLOWED: {}", key.ifindex, report(&e));
+            }
+        }
+        for key in wanted.iter().filter(|k| !present.contains(k)) {
+            if let Err(e) = self.port_allowed.insert(key, 1, 0) {
+                log::error!("port {}: cannot write an allowed source into PORT_ALLOWED: {}", key.ifindex, report(&e));
+            }
         }
     }
 

@@ -15,12 +15,14 @@
 
 use std::{sync::Arc, time::Duration};
 
-use backplane_common::config::{BINDING_HOST, BINDING_LEARNED, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue};
+use backplane_common::config::{
+    ALLOWED_MAC, AllowedKey, BINDING_HOST, BINDING_LEARNED, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue,
+};
 use backplane_rules::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::PortBinding,
+    datapath::{PortBinding, rule_tables::owner_key},
     endpoints::{Bound, Endpoints, State, mac_text, model::EndpointInfo},
     ifnames::name_to_index,
 };
@@ -51,6 +53,21 @@ pub struct HostBinding {
 pub(super) struct LearnedPort {
     pub mac: MacAddr,
     pub zone: Option<u16>,
+}
+
+/// What `def`'s port may send from besides its own, as `PORT_ALLOWED` keys (the port
+/// is filled in by the writer).
+fn allowed_keys(def: &super::Def) -> Vec<AllowedKey> {
+    let macs = def.allowed_macs.iter().map(|m| {
+        let mut value = [0u8; 16];
+        value[..6].copy_from_slice(&m.0);
+        AllowedKey { kind: ALLOWED_MAC, value, ..AllowedKey::default() }
+    });
+    let addrs = def.allowed_addresses.iter().map(|ip| {
+        let key = owner_key(*ip);
+        AllowedKey { kind: key.family, value: key.addr, ..AllowedKey::default() }
+    });
+    macs.chain(addrs).collect()
 }
 
 /// The device MAC of a port, as sysfs shows it.
@@ -345,18 +362,20 @@ impl Endpoints {
         wanted: &std::collections::HashMap<MacAddr, backplane_common::policy::EndpointValue>,
     ) -> std::collections::HashMap<u32, PortBinding> {
         let mut out = std::collections::HashMap::new();
-        let ips_of: std::collections::HashMap<MacAddr, bool> =
-            Self::defs(st).into_iter().map(|d| (d.mac, !d.ips.is_empty())).collect();
+        let defs: std::collections::HashMap<MacAddr, super::Def> =
+            Self::defs(st).into_iter().map(|d| (d.mac, d)).collect();
         for (mac, value) in wanted.iter().filter(|(_, v)| v.ifindex != 0) {
             let host = st.bound.get(mac).is_some_and(|b| b.host);
+            let def = defs.get(mac);
             out.insert(
                 value.ifindex,
                 PortBinding {
                     kind: if host { BINDING_HOST } else { BINDING_LEARNED },
                     mac: mac.0,
-                    fixed: ips_of.get(mac).copied().unwrap_or(false),
+                    fixed: def.is_some_and(|d| !d.ips.is_empty()),
                     zone: Some(value.zone),
                     standing: value.flags,
+                    allowed: def.map(allowed_keys).unwrap_or_default(),
                 },
             );
         }
@@ -367,6 +386,7 @@ impl Endpoints {
                 fixed: false,
                 zone: l.zone,
                 standing: 0,
+                allowed: Vec::new(),
             });
         }
         out

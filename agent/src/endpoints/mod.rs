@@ -100,6 +100,9 @@ struct Def {
     tags: Vec<String>,
     patched_at: Option<PatchDate>,
     runtime: bool,
+    /// What its port may send from besides its MAC and `ips` (rule files only).
+    allowed_macs: Vec<MacAddr>,
+    allowed_addresses: Vec<IpAddr>,
 }
 
 /// An endpoint bound to a port of this node.
@@ -304,6 +307,8 @@ impl Endpoints {
                     tags: e.tags.clone(),
                     patched_at: st.attested.get(&e.name).copied().max(e.patched_at),
                     runtime: false,
+                    allowed_macs: e.allowed_macs.clone(),
+                    allowed_addresses: e.allowed_addresses.clone(),
                 });
             }
         }
@@ -320,6 +325,8 @@ impl Endpoints {
                 tags: r.tags.clone(),
                 patched_at: st.attested.get(&r.name).copied().max(r.patched_at.as_deref().and_then(|d| d.parse().ok())),
                 runtime: true,
+                allowed_macs: Vec::new(),
+                allowed_addresses: Vec::new(),
             });
         }
         out

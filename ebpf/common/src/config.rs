@@ -172,3 +172,21 @@ pub struct MacKey {
 }
 
 const _: () = assert!(core::mem::size_of::<MacKey>() == 8);
+
+/// [`AllowedKey::kind`] of a MAC (its 6 bytes first in `value`); the kind of an address
+/// is its family (`FAMILY_IPV4`, the 4 bytes first; `FAMILY_IPV6`).
+pub const ALLOWED_MAC: u8 = 1;
+
+/// `PORT_ALLOWED` key: what the endpoint bound to VM port `ifindex` may send from besides
+/// its own MAC and addresses (its `allowed_macs` and `allowed_addresses` in the rules:
+/// a VRRP virtual MAC, a virtual IP it shares with a peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllowedKey {
+    pub ifindex: u32,
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub value: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<AllowedKey>() == 24);

@@ -49,6 +49,7 @@ user_pod!(
     PortInfo,
     config::LearnedValue,
     config::MacKey,
+    config::AllowedKey,
     policy::PolicyKey,
     policy::PolicyValue,
     policy::EndpointKey,

@@ -40,6 +40,9 @@ pub const LEARNED: &str = "LEARNED";
 /// Which port a locked MAC is behind, for judging frames sent to it before the agent
 /// confirmed it: `HASH<MacKey, u32 ifindex>`, written with `LEARNED`.
 pub const PORT_MACS: &str = "PORT_MACS";
+/// What a bound VM port may send from besides its binding's MAC and its endpoint's
+/// addresses: `HASH<AllowedKey, u8>`, written by the agent from the rules.
+pub const PORT_ALLOWED: &str = "PORT_ALLOWED";
 
 /// Payload samples of the first packets of flows: `RINGBUF` of
 /// [`crate::sample::PayloadSample`], apart from `FLOW_EVENTS` so that samples never crowd
@@ -68,6 +71,9 @@ pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
 /// - 2: the maps under `<pin-dir>/v2/`, same types as 1.
 /// - 3: `PORTS` values grow from 8 to 24 bytes (the port's binding; the first 8 bytes
 ///   keep their meaning, so an older entry is copied and zero-extended), `LEARNED` added.
+///
+/// A map added without changing the others (`PORT_ALLOWED`) needs no new version: an
+/// agent finds it missing from the pins of the same layout and creates it.
 pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 /// All maps that are pinned under the agent's pin directory, so that they survive
@@ -89,6 +95,7 @@ pub const PINNED_MAPS: &[&str] = &[
     ADDR_OWNERS,
     LEARNED,
     PORT_MACS,
+    PORT_ALLOWED,
     PAYLOAD_SAMPLES,
     SAMPLE_BUDGET,
 ];

@@ -18,8 +18,8 @@ use aya_ebpf::maps::lpm_trie::Key;
 use backplane_common::{
     DatapathConfig, PortInfo, PortRole,
     config::{
-        BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue, MacKey,
-        PORT_ADDRS_FIXED, UNBOUND_DENY, UNBOUND_OBSERVE,
+        ALLOWED_MAC, BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue,
+        MacKey, PORT_ADDRS_FIXED, UNBOUND_DENY, UNBOUND_OBSERVE,
     },
     flow::FAMILY_IPV4,
     policy::{
@@ -30,7 +30,7 @@ use backplane_common::{
 };
 
 use crate::{
-    maps::{ADDR_OWNERS, ENDPOINTS, LEARNED, PORT_MACS, PORTS, ZONE_CIDRS},
+    maps::{ADDR_OWNERS, ENDPOINTS, LEARNED, PORT_ALLOWED, PORT_MACS, PORTS, SCRATCH, ZONE_CIDRS},
     parse::{END_SENDS, END_SPOKE, Packet},
     policy::{self, IDENT_UNBOUND, Ident},
 };
@@ -92,7 +92,7 @@ pub enum Sender {
 #[inline(never)]
 pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &[u8; 6]) -> Result<Sender, Counter> {
     if port.binding != BINDING_NONE {
-        if *src_mac == port.mac {
+        if *src_mac == port.mac || allowed_mac(ifindex, src_mac) {
             return Ok(Sender::Bound);
         }
         return Err(wrong_mac(cfg, src_mac, ifindex));
@@ -309,7 +309,8 @@ fn cidr_zone(slot: u8, family: u8, addr: &[u8; 16]) -> Option<u16> {
 ///   another node, its own MAC arriving here);
 /// - the unspecified address (DHCP, duplicate address detection) and IPv6 link-local
 ///   addresses nobody owns: any port;
-/// - any other address: not when the binding's addresses are fixed; else one that the
+/// - any other address: not when the binding's addresses are fixed, unless the rules
+///   allow the bound endpoint that address (`allowed_addresses`); and only one that the
 ///   zones' networks give the sender's zone (or no zone, for a sender whose zone has no
 ///   networks), so that no node judging it by address puts it in another zone.
 ///
@@ -327,7 +328,11 @@ pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &
     if ident.unbound() || is_unspecified(family, addr) || is_link_local_v6(family, addr) {
         return true;
     }
-    if port.flags & PORT_ADDRS_FIXED != 0 || ident.flags & ENDPOINT_ADDRS_FIXED != 0 {
+    // Fixed addresses: its own (owned above) or what the rules allow it besides
+    // (`allowed_addresses`), which must still keep it in its zone's networks.
+    if (port.flags & PORT_ADDRS_FIXED != 0 || ident.flags & ENDPOINT_ADDRS_FIXED != 0)
+        && !(port.binding != BINDING_NONE && allowed(ifindex, family, addr))
+    {
         return false;
     }
     // The address must not put the sender in another zone (another node judges what it
@@ -336,6 +341,40 @@ pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &
     match cidr_zone(slot, family, addr) {
         Some(zone) => zone == ident.zone,
         None => policy::zone_flags(slot, ident.zone) & ZONE_HAS_CIDRS == 0,
+    }
+}
+
+/// Whether the rules allow the endpoint bound to VM port `ifindex` to send from `value`
+/// (the first 6 bytes: a MAC, `kind` [`ALLOWED_MAC`]; else an address of family `kind`)
+/// besides its own: `allowed_macs`, `allowed_addresses`.
+#[inline(always)]
+fn allowed(ifindex: u32, kind: u8, value: &[u8; 16]) -> bool {
+    // The key is built in this CPU's scratch memory, not on the stack.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
+    unsafe {
+        let key = &mut (*scratch).allowed;
+        key.ifindex = ifindex;
+        key.kind = kind;
+        key._pad = [0; 3];
+        key.value = *value;
+        PORT_ALLOWED.get_ptr(key).is_some()
+    }
+}
+
+/// [`allowed`] for a MAC.
+#[inline(never)]
+fn allowed_mac(ifindex: u32, mac: &[u8; 6]) -> bool {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
+    unsafe {
+        let key = &mut (*scratch).allowed;
+        key.ifindex = ifindex;
+        key.kind = ALLOWED_MAC;
+        key._pad = [0; 3];
+        key.value = [0; 16];
+        key.value[..6].copy_from_slice(mac);
+        PORT_ALLOWED.get_ptr(key).is_some()
     }
 }
 

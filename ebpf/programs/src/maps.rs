@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
-    config::{LearnedValue, MacKey},
+    config::{AllowedKey, LearnedValue, MacKey},
     event::AnnounceKey,
     flow::{FragmentKey, FragmentPorts},
     policy::{
@@ -81,6 +81,12 @@ pub static LEARNED: HashMap<u32, LearnedValue> = HashMap::pinned(4096, 0);
 /// Which port each `LEARNED` MAC is behind (written with it; removed by the agent).
 #[map(name = "PORT_MACS")]
 pub static PORT_MACS: HashMap<MacKey, u32> = HashMap::pinned(4096, 0);
+
+/// What each bound VM port may send from besides its binding (the rules' `allowed_macs`
+/// and `allowed_addresses`); read only when a frame's MAC or a new flow's address is not
+/// the binding's own.
+#[map(name = "PORT_ALLOWED")]
+pub static PORT_ALLOWED: HashMap<AllowedKey, u8> = HashMap::pinned(16_384, 0);
 
 #[map(name = "PAYLOAD_SAMPLES")]
 pub static PAYLOAD_SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_DEFAULT, 0);

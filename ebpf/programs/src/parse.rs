@@ -103,6 +103,8 @@ pub struct Scratch {
     pub port: PortCache,
     /// A new flow's value, built before it is inserted into `FLOWS`.
     pub value: backplane_common::FlowValue,
+    /// A `PORT_ALLOWED` key being looked up.
+    pub allowed: backplane_common::config::AllowedKey,
 }
 
 /// One CPU's copy of a `PORTS` entry, valid while `DatapathConfig::ports_epoch` is
