@@ -1207,3 +1207,167 @@ fn udp_to_a_link_local_address_in_a_multicast_frame_does_not_reach_the_victims_s
     agent.stop();
     breaches.assert_none();
 }
+
+/// An administrator's VM (10.50.0.10, mgmt: may reach db:22), the first on the port.
+const ADMIN_A_MAC: &str = "52:54:00:50:00:0a";
+/// A second administrator's VM (10.50.0.12), on a port of its own throughout.
+const ADMIN_C_MAC: &str = "52:54:00:50:00:0c";
+/// A web VM (10.30.0.11: may reach db:5432 only), the next domain on the port's name.
+const WEB_B_MAC: &str = "52:54:00:30:00:0b";
+
+/// Three-zones where only the host binds (every zone and `world`), with the VMs of the
+/// reuse test in the inventory.
+fn three_zones_host_bound(lab: &Lab) -> PathBuf {
+    let dir = three_zones(
+        lab,
+        "",
+        &format!(
+            "endpoints:
+  admin-a: {{ mac: \"{ADMIN_A_MAC}\", ips: [10.50.0.10] }}
+  admin-c: {{ mac: \"{ADMIN_C_MAC}\", ips: [10.50.0.12] }}
+  web-b: {{ mac: \"{WEB_B_MAC}\", ips: [10.30.0.11] }}
+  db-1: {{ mac: \"{DB_MAC}\", ips: [10.40.0.1] }}
+"
+        ),
+    );
+    let zones = dir.join("zones.yaml");
+    let mut text = std::fs::read_to_string(&zones).expect("read zones.yaml");
+    for zone in ["web", "db", "mgmt"] {
+        text = text.replace(&format!("\n  {zone}:\n"), &format!("\n  {zone}:\n    binding: host\n"));
+    }
+    text.push_str("  world:\n    binding: host\n");
+    std::fs::write(&zones, text).expect("write zones.yaml");
+    dir
+}
+
+/// The port device's own MAC (the tap's, not the guest's).
+fn device_mac(port: &str) -> String {
+    std::fs::read_to_string(format!("/sys/class/net/{port}/address")).expect("the port's MAC").trim().to_owned()
+}
+
+/// The names of the `endpoint list` rows bound on `port` (`here`: bound to a port of this
+/// node; a row that is not only names where the endpoint was last seen).
+fn bound_on(agent: &Agent, port: &str) -> Vec<String> {
+    let list = agent.cli_json(&["endpoint", "list", "--json"]);
+    list.as_array()
+        .expect("endpoint list --json is an array")
+        .iter()
+        .filter(|e| e["port"] == port && e["here"] == true)
+        .map(|e| e["name"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+/// Setup, not an oracle: waits until `endpoint list` shows `name` bound on `vm`'s port
+/// (not only last seen there, as [`wait_bound`] accepts).
+fn wait_bound_here(agent: &Agent, name: &str, vm: &Vm) {
+    let port = vm.host_port();
+    agent.wait_for(Duration::from_secs(5), &format!("{name} bound on {port}"), |a| {
+        bound_on(a, port).iter().any(|n| n == name).then_some(())
+    });
+}
+
+/// `status`'s `binding` and `bound_mac` of `port`.
+fn port_binding(agent: &Agent, port: &str) -> (String, String) {
+    let status = agent.status();
+    let p = status["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == port)
+        .unwrap_or_else(|| panic!("{port} is not in status: {status:#}"));
+    (p["binding"].as_str().unwrap_or_default().to_owned(), p["bound_mac"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Issue 13, item 7: a host binding comes back after a restart only onto the same device.
+/// While the agent is down, the domain on a tap (an administrator's VM, bound by the host)
+/// is destroyed and another domain starts with a tap of the same name (libvirt reuses
+/// `vnetN`): a new device, a new ifindex, a new device MAC, a web VM behind it. The
+/// restarted agent binds nothing to that port: the new VM, with the administrator's MAC
+/// and address, does not reach db:22 on the wire, while the other administrator's VM does;
+/// the port is listed unbound. Once the host binds the new VM, it works as web.
+#[test]
+fn a_restart_after_a_tap_name_was_reused_by_another_vm_binds_nothing_wrongly() {
+    let lab = Lab::new("bp");
+    let a = add_vm(&lab, true, "a", "10.50.0.10/8", None, ADMIN_A_MAC);
+    let c = add_vm(&lab, true, "c", "10.50.0.12/8", None, ADMIN_C_MAC);
+    let db = add_vm(&lab, false, "db", "10.40.0.1/8", None, DB_MAC);
+    let rules = three_zones_host_bound(&lab);
+    let rules_arg = rules.to_str().unwrap();
+    let first = Agent::start_keeping_pins(&lab, &["--rules", rules_arg]);
+    for (vm, name) in [(&a, "admin-a"), (&c, "admin-c"), (&db, "db-1")] {
+        host_bind(&first, vm, Some(name));
+        boot(vm);
+        wait_bound(&first, name, vm, "active");
+    }
+    let _ssh = listen(&db, 22);
+    let _pg = listen(&db, 5432);
+    let port = a.host_port().to_owned();
+    assert!(tcp_connects(&a, "10.50.0.10", 47001, "10.40.0.1", 22), "positive control: admin-a -> db:22 connects");
+    assert_eq!(bound_on(&first, &port), ["admin-a"], "admin-a is listed bound on {port}");
+    assert_eq!(port_binding(&first, &port), ("host".to_owned(), ADMIN_A_MAC.to_owned()), "{port} host-bound");
+    let (old_ifindex, old_device_mac) = (a.host_ifindex(), device_mac(&port));
+
+    // The agent stops (its data path stays, for the next one to adopt); meanwhile libvirt
+    // destroys a's domain and starts b's, whose tap gets the same name.
+    first.stop();
+    drop(a);
+    let b = lab.add_tap_vm_on_port(&port, "b", "10.30.0.11/8", None, Some(WEB_B_MAC));
+    assert_eq!(b.host_port(), port);
+    assert_ne!(b.host_ifindex(), old_ifindex, "precondition: the new tap is another ifindex");
+    assert_ne!(device_mac(&port), old_device_mac, "precondition: the new tap has another device MAC");
+
+    let agent = Agent::start(&lab, &["--rules", rules_arg]);
+    // Positive control: the bindings of the same devices come back.
+    wait_bound_here(&agent, "admin-c", &c);
+    wait_bound_here(&agent, "db-1", &db);
+    boot(&b);
+    let mut breaches = Breaches::default();
+    show_counters(&agent, "before");
+
+    // Hostile b: with a's MAC and address, with its own MAC and a's address, as itself.
+    let (a_mac, b_mac, c_mac, db_mac) = (ADMIN_A_MAC, WEB_B_MAC, ADMIN_C_MAC, DB_MAC);
+    let syn = |src_mac: &str, src: &str, sport: u16| {
+        format!(
+            "Ether(src='{src_mac}', dst='{db_mac}')/IP(src='{src}', dst='10.40.0.1')/TCP(sport={sport}, dport=22, flags='S')"
+        )
+    };
+    let capture = db.capture(Some("tcp dst port 22"));
+    scapy::sendp(
+        &b,
+        &[syn(a_mac, "10.50.0.10", 47101), syn(b_mac, "10.50.0.10", 47102), syn(b_mac, "10.30.0.11", 47103)],
+    );
+    scapy::sendp(&c, &[syn(c_mac, "10.50.0.12", 47110)]);
+    let at_db = settle(capture);
+    assert!(from_sport(&at_db, 47110) > 0, "positive control: admin-c's SYN reaches db:22");
+    for (sport, how) in [(47101, "a's MAC and address"), (47102, "its own MAC and a's address"), (47103, "itself")] {
+        breaches.check(from_sport(&at_db, sport) == 0, format!("b's SYN to db:22 with {how} not delivered"));
+    }
+    // The guest takes a's MAC and address and connects with its own TCP.
+    b.run(&["ip", "link", "set", "dev", "eth0", "address", ADMIN_A_MAC]);
+    b.run(&["ip", "addr", "add", "10.50.0.10/8", "dev", "eth0"]);
+    breaches.check(
+        !tcp_connects(&b, "10.50.0.10", 47104, "10.40.0.1", 22),
+        "b with a's MAC and address does not connect to db:22",
+    );
+    assert!(tcp_connects(&c, "10.50.0.12", 47111, "10.40.0.1", 22), "positive control: admin-c -> db:22 connects");
+    b.run(&["ip", "addr", "del", "10.50.0.10/8", "dev", "eth0"]);
+    b.run(&["ip", "link", "set", "dev", "eth0", "address", WEB_B_MAC]);
+    show_counters(&agent, "after");
+    show_flows(&agent, "\"dst_port\":22");
+
+    // What the agent says: nothing is bound to the port.
+    let bound = bound_on(&agent, &port);
+    breaches.check(bound == [format!("unbound:{port}")], format!("{port} is listed unbound, nothing bound: {bound:?}"));
+    let (binding, bound_mac) = port_binding(&agent, &port);
+    breaches.check(binding == "none", format!("status shows {port} unbound: binding {binding:?}, MAC {bound_mac:?}"));
+    breaches.assert_none();
+
+    // The host binds b: it works as the web VM it is.
+    host_bind(&agent, &b, None);
+    wait_bound(&agent, "web-b", &b, "active");
+    assert_eq!(bound_on(&agent, &port), ["web-b"], "web-b is listed bound on {port}");
+    assert_eq!(port_binding(&agent, &port), ("host".to_owned(), WEB_B_MAC.to_owned()), "{port} bound to b");
+    assert!(tcp_connects(&b, "10.30.0.11", 47201, "10.40.0.1", 5432), "web-b -> db:5432 connects");
+    assert!(!tcp_connects(&b, "10.30.0.11", 47202, "10.40.0.1", 22), "web-b -> db:22 does not (web may not)");
+    agent.stop();
+}

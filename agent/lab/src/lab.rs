@@ -183,6 +183,26 @@ impl Lab {
         self.add_vm(PortKind::Tap, name, ipv4_cidr, ipv6_cidr, mac)
     }
 
+    /// Adds a tap VM as [`Lab::add_tap_vm`] does, but on a port named `port`: the
+    /// [`Vm::host_port`] of a tap VM of this lab that was dropped, as libvirt names a new
+    /// domain's tap `vnetN` again once the domain that had it is gone. The port is a new
+    /// device (a new ifindex, a new device MAC) with the old name.
+    pub fn add_tap_vm_on_port(
+        &self,
+        port: &str,
+        name: &str,
+        ipv4_cidr: &str,
+        ipv6_cidr: Option<&str>,
+        mac: Option<&str>,
+    ) -> Vm {
+        let ours = names::link_name(&self.prefix, LinkRole::TapPort, &self.suffix, None);
+        assert!(
+            port.strip_prefix(ours.as_str()).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+            "{port} is not a tap port name of this lab ({ours}<n>)"
+        );
+        self.add_vm_on(PortKind::Tap, name, port.to_owned(), ipv4_cidr, ipv6_cidr, mac)
+    }
+
     /// Adds a "remote" host behind an uplink port `<prefix>u<suffix><n>` (a veth into the
     /// bridge), as a [`Vm`] of kind [`PortKind::Uplink`].
     pub fn add_uplink(&self, name: &str, ipv4_cidr: &str, ipv6_cidr: Option<&str>, mac: Option<&str>) -> Vm {
@@ -209,17 +229,30 @@ impl Lab {
     }
 
     fn add_vm(&self, kind: PortKind, name: &str, ipv4: &str, ipv6: Option<&str>, mac: Option<&str>) -> Vm {
-        names::check_vm_name(name);
         let role = match kind {
             PortKind::Veth => LinkRole::VethPort,
             PortKind::Tap => LinkRole::TapPort,
             PortKind::Uplink => LinkRole::UplinkPort,
         };
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let host_port = names::link_name(&self.prefix, role, &self.suffix, Some(index));
+        self.add_vm_on(kind, name, host_port, ipv4, ipv6, mac)
+    }
+
+    fn add_vm_on(
+        &self,
+        kind: PortKind,
+        name: &str,
+        host_port: String,
+        ipv4: &str,
+        ipv6: Option<&str>,
+        mac: Option<&str>,
+    ) -> Vm {
+        names::check_vm_name(name);
         Vm::create(&VmSpec {
             name,
             netns: names::netns_name(&self.prefix, &self.suffix, name),
-            host_port: names::link_name(&self.prefix, role, &self.suffix, Some(index)),
+            host_port,
             bridge: &self.bridge,
             kind,
             ipv4,
