@@ -1287,13 +1287,28 @@ fn port_binding(agent: &Agent, port: &str) -> (String, String) {
 /// the port is listed unbound. Once the host binds the new VM, it works as web.
 #[test]
 fn a_restart_after_a_tap_name_was_reused_by_another_vm_binds_nothing_wrongly() {
+    restart_after_a_tap_name_was_reused(true);
+}
+
+/// The same after a clean stop: the next agent adopts no port, attaches every one
+/// afresh, and brings back the host's bindings of the devices that did not change.
+#[test]
+fn after_a_clean_stop_the_host_bindings_of_unchanged_devices_come_back() {
+    restart_after_a_tap_name_was_reused(false);
+}
+
+fn restart_after_a_tap_name_was_reused(keep_pins: bool) {
     let lab = Lab::new("bp");
     let a = add_vm(&lab, true, "a", "10.50.0.10/8", None, ADMIN_A_MAC);
     let c = add_vm(&lab, true, "c", "10.50.0.12/8", None, ADMIN_C_MAC);
     let db = add_vm(&lab, false, "db", "10.40.0.1/8", None, DB_MAC);
     let rules = three_zones_host_bound(&lab);
     let rules_arg = rules.to_str().unwrap();
-    let first = Agent::start_keeping_pins(&lab, &["--rules", rules_arg]);
+    let first = if keep_pins {
+        Agent::start_keeping_pins(&lab, &["--rules", rules_arg])
+    } else {
+        Agent::start(&lab, &["--rules", rules_arg])
+    };
     for (vm, name) in [(&a, "admin-a"), (&c, "admin-c"), (&db, "db-1")] {
         host_bind(&first, vm, Some(name));
         boot(vm);

@@ -25,7 +25,13 @@ pub fn render_endpoints(list: &[EndpointInfo]) -> String {
             e.zone.clone().unwrap_or_else(|| "-".into()),
             e.state.to_string(),
             e.node.clone().unwrap_or_else(|| "-".into()),
-            e.port.clone().unwrap_or_else(|| "-".into()),
+            // A port it is not bound to now (another node's, or a port here it left) is
+            // where it was last seen, not where it is.
+            match (&e.port, e.here) {
+                (Some(p), true) => p.clone(),
+                (Some(p), false) => format!("{p} (last seen)"),
+                (None, _) => "-".into(),
+            },
             e.patched_at.clone().unwrap_or_else(|| "unknown".into()),
             if e.reasons.is_empty() { "-".into() } else { e.reasons.join("; ") },
         ]);

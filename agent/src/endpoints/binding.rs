@@ -302,10 +302,13 @@ impl Endpoints {
         self.sync_kernel();
     }
 
-    /// Brings back bindings after a restart, before the first rule tables are written:
-    /// the host's onto the same device only (name, ifindex and device MAC), and the
-    /// locks on first use the data path keeps by ifindex. Returns how many.
-    pub fn restore_port_bindings(&self) -> usize {
+    /// Brings back bindings after a restart: the host's onto the same device only (name,
+    /// ifindex and device MAC), and the locks on first use the data path keeps by ifindex.
+    /// Called twice: before the first rule tables are written, with the adopted ports
+    /// only (a host record whose port is not attached yet is kept for later), and once
+    /// every port is attached (`every_port`: a record whose device is not there now is
+    /// dropped). Returns how many.
+    pub fn restore_port_bindings(&self, every_port: bool) -> usize {
         let ports: std::collections::HashMap<u32, String> = {
             let dp = self.datapath.lock().expect("datapath lock");
             dp.attached_ports().into_iter().filter(|(i, _)| dp.is_vm_port(*i)).map(|(i, (n, _))| (i, n)).collect()
@@ -322,6 +325,11 @@ impl Endpoints {
             let same = ports.get(&h.ifindex).is_some_and(|name| *name == h.port)
                 && device_mac(&h.port).is_some_and(|m| m == h.device_mac);
             let Ok(mac) = h.mac.parse::<MacAddr>() else { continue };
+            if !same && !every_port && !ports.contains_key(&h.ifindex) && !ports.values().any(|n| *n == h.port) {
+                // Not attached yet: judged once every port is.
+                st.host_bindings.push(h);
+                continue;
+            }
             if !same {
                 log::warn!("{}: not bound to {} again: the port is not the device the host bound", h.port, h.mac);
                 continue;

@@ -827,14 +827,14 @@ impl Endpoints {
     /// Binds again what was bound on the adopted ports (see
     /// [`Endpoints::restore_port_bindings`]): never by a port's name alone.
     pub fn bind_last_locations(&self) -> usize {
-        self.restore_port_bindings()
+        self.restore_port_bindings(false)
     }
 
     /// Binds the endpoints last seen here to their ports once every port is attached,
     /// then writes the kernel: from here on `ADDR_OWNERS` follows this agent's bindings
     /// (until then it keeps what a previous agent left in it).
     pub fn restore_bindings(self: &Arc<Self>) {
-        let restored = self.bind_last_locations();
+        let restored = self.restore_port_bindings(true);
         self.lock().bindings_restored = true;
         if restored > 0 {
             log::info!("{restored} endpoint(s) bound again to the ports they were last seen on");
