@@ -18,11 +18,15 @@ use backplane_common::{
     DatapathConfig, FlowEvent, FlowEventKind, PortInfo, PortRole, Verdict,
     config::{
         ALLOWED_MAC, AllowedKey, BINDING_HOST, CONFIG_ENFORCE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ZONE,
-        LearnedValue, PORT_ADDRS_FIXED, PORT_INGRESS_LIVE, PORT_INGRESS_TC, UNBOUND_DENY, UNBOUND_QUARANTINE,
+        LearnedAddr, LearnedValue, PORT_ADDRS_FIXED, PORT_INGRESS_LIVE, PORT_INGRESS_TC, UNBOUND_DENY,
+        UNBOUND_QUARANTINE,
     },
     event::Announcement,
     flow::FAMILY_IPV4,
-    maps::{ADDR_OWNERS, CONFIG, ENDPOINTS, FLOW_EVENTS, LEARNED, PORT_ALLOWED, PORTS, VPATCHES, ZONE_CIDRS, ZONES},
+    maps::{
+        ADDR_OWNERS, CONFIG, ENDPOINTS, FLOW_EVENTS, LEARNED, LEARNED_ADDR_COUNT, LEARNED_ADDRS, PORT_ALLOWED, PORTS,
+        VPATCHES, ZONE_CIDRS, ZONES,
+    },
     policy::{
         ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ELSEWHERE, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey,
         EndpointValue, OwnerKey, OwnerValue, VPATCH_KEY_BITS, VpatchKey, VpatchValue, ZONE_LEARN, ZONE_REMEDIATION,
@@ -308,6 +312,52 @@ fn a_bound_port_sends_from_the_macs_and_addresses_allowed_to_it() {
     assert_eq!(dp.counter(Counter::SpoofedAddress), 3);
 }
 
+/// A port whose endpoint has no fixed addresses takes the addresses it sends from on
+/// first use (inside its zone's networks): no other port may send from them while it uses
+/// them; one left idle for ten minutes may be taken; a port holds at most 16.
+#[test]
+fn addresses_taken_on_first_use_are_the_ports_alone() {
+    let mut dp = enforcing_datapath();
+    let links = TestLinks::new();
+    let other = links.ifindex[0];
+    bind_port(&mut dp, other, MAC_B, 0, 0);
+    let from = |mac: [u8; 6], src: [u8; 4], sport: u16| {
+        eth(MAC_C, mac, &[], 0x0800, &ipv4(src, [10, 9, 9, 9], 6, &tcp(sport, 80, TCP_SYN, &[])))
+    };
+    assert_eq!(dp.from_port(&from(MAC_A, C, 8000)), XDP_PASS, "the first port takes C");
+    assert_eq!(dp.from_port_on(other, &from(MAC_B, C, 8001)), XDP_DROP, "C is the first port's");
+    assert_eq!(dp.counter(Counter::SpoofedAddress), 1);
+    assert_eq!(dp.from_port_on(other, &arp(0x0806, 2, MAC_B, C, B)), XDP_DROP, "nor may it claim C");
+    assert_eq!(dp.from_port_on(other, &from(MAC_B, B, 8002)), XDP_PASS, "positive control: B it takes");
+    assert_eq!(dp.from_port(&from(MAC_A, C, 8003)), XDP_PASS, "C stays the first port's");
+    let held: HashMap<&MapData, OwnerKey, LearnedAddr> =
+        HashMap::try_from(dp.ebpf.map(LEARNED_ADDRS).unwrap()).unwrap();
+    let key = |a: [u8; 4]| {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&a);
+        OwnerKey { family: FAMILY_IPV4, _pad: [0; 3], addr }
+    };
+    let c = held.get(&key(C), 0).unwrap();
+    assert_eq!((c.ifindex, c.mac), (LOOPBACK_IFINDEX, MAC_A));
+    assert_eq!(held.get(&key(B), 0).unwrap().ifindex, other);
+    // Left idle long enough, another port may take it (a DHCP pool hands it on).
+    let mut held: HashMap<&mut MapData, OwnerKey, LearnedAddr> =
+        HashMap::try_from(dp.ebpf.map_mut(LEARNED_ADDRS).unwrap()).unwrap();
+    held.insert(key(C), LearnedAddr { last_used_ns: 1, ..c }, 0).unwrap();
+    assert_eq!(dp.from_port_on(other, &from(MAC_B, C, 8004)), XDP_PASS, "idle: taken over");
+    assert_eq!(dp.from_port(&from(MAC_A, C, 8005)), XDP_DROP, "and it is the other port's now");
+    let counts: HashMap<&MapData, u32, u32> = HashMap::try_from(dp.ebpf.map(LEARNED_ADDR_COUNT).unwrap()).unwrap();
+    assert_eq!((counts.get(&LOOPBACK_IFINDEX, 0).unwrap(), counts.get(&other, 0).unwrap()), (0, 2));
+    // At most 16 a port.
+    for i in 0..16u8 {
+        let verdict = dp.from_port(&from(MAC_A, [10, 0, 1, i], 8100 + u16::from(i)));
+        assert_eq!(verdict, XDP_PASS, "address {i} of 16");
+    }
+    assert_eq!(dp.from_port(&from(MAC_A, [10, 0, 1, 16], 8200)), XDP_DROP, "a 17th");
+    assert_eq!(dp.counter(Counter::AddressesFull), 1);
+    assert_eq!(dp.from_port(&from(MAC_A, [10, 0, 1, 3], 8201)), XDP_PASS, "one it holds");
+}
+
 #[test]
 fn unbound_ports_deny_drops_what_an_unbound_port_sends() {
     let mut dp = enforcing_datapath_unbound();
@@ -540,12 +590,20 @@ fn router_advertisements_from_vm_ports_are_dropped_while_enforcing() {
 
 #[test]
 fn a_flow_direction_from_another_port_must_be_that_ports_to_use() {
-    // A (active, on loopback) opens a flow to B. Q, quarantined on another port, sends a
-    // frame of the same direction from A's address (nobody owns it, so the address check
-    // lets it through): judged as Q, the flow's verdict does not hold for it.
+    // A (active, on loopback) opens a flow to B from a virtual IP the rules allow both A
+    // and Q (a keepalived pair). Q, quarantined on another port, sends a frame of the
+    // same direction from it (the address check lets it through): judged as Q, the
+    // flow's verdict does not hold for it.
     let links = TestLinks::new();
     let q_port = links.ifindex[0];
     let mut dp = enforcing_datapath();
+    let mut allowed: HashMap<&mut MapData, AllowedKey, u8> =
+        HashMap::try_from(dp.ebpf.map_mut(PORT_ALLOWED).unwrap()).unwrap();
+    let mut vip = [0u8; 16];
+    vip[..4].copy_from_slice(&A);
+    for ifindex in [LOOPBACK_IFINDEX, q_port] {
+        allowed.insert(AllowedKey { ifindex, kind: FAMILY_IPV4, _pad: [0; 3], value: vip }, 1, 0).unwrap();
+    }
     endpoint(
         &mut dp,
         MAC_C,

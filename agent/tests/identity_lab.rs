@@ -1386,3 +1386,54 @@ fn restart_after_a_tap_name_was_reused(keep_pins: bool) {
     assert!(!tcp_connects(&b, "10.30.0.11", 47202, "10.40.0.1", 22), "web-b -> db:22 does not (web may not)");
     agent.stop();
 }
+
+/// Issue 13, items 1 and 2: a VM of a learning zone outside the inventory takes the
+/// addresses it uses on first use; another VM of the same zone cannot send from them or
+/// claim them (its SYN from web2's address does not reach db, its ARP claim of web2's
+/// address does not reach db), while its own address works (positive control).
+#[test]
+fn an_address_a_vm_took_on_first_use_is_no_other_vms() {
+    let lab = Lab::new("bp");
+    let web2 = add_vm(&lab, false, "web2", "10.30.0.20/8", None, WEB2_MAC);
+    let att = add_vm(&lab, true, "att", "10.30.0.10/8", None, ATT_MAC);
+    let db = add_vm(&lab, false, "db", "10.40.0.1/8", None, DB_MAC);
+    let rules = three_zones(&lab, "", "");
+    let agent = start_agent(&lab, &rules, &[]);
+    host_bind(&agent, &db, None);
+    for vm in [&web2, &att, &db] {
+        boot(vm);
+    }
+    let _pg = listen(&db, 5432);
+    assert!(tcp_connects(&web2, "10.30.0.20", 42000, "10.40.0.1", 5432), "positive control: web2 -> db:5432");
+    assert!(tcp_connects(&att, "10.30.0.10", 42001, "10.40.0.1", 5432), "positive control: att -> db:5432");
+    let mut breaches = Breaches::default();
+    show_counters(&agent, "before");
+
+    let (a, d) = (ATT_MAC, DB_MAC);
+    let capture = db.capture(Some("tcp or arp"));
+    scapy::sendp(
+        &att,
+        &[
+            format!(
+                "Ether(src='{a}', dst='{d}')/IP(src='10.30.0.10', dst='10.40.0.1')/TCP(sport=42101, dport=5432, flags='S')"
+            ),
+            format!(
+                "Ether(src='{a}', dst='{d}')/IP(src='10.30.0.20', dst='10.40.0.1')/TCP(sport=42102, dport=5432, flags='S')"
+            ),
+            format!(
+                "Ether(src='{a}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=2, hwsrc='{a}', psrc='10.30.0.20', hwdst='ff:ff:ff:ff:ff:ff', pdst='10.30.0.20')"
+            ),
+        ],
+    );
+    let at_db = settle(capture);
+    assert!(from_sport(&at_db, 42101) > 0, "positive control: att's SYN from its own address reaches db");
+    breaches.check(from_sport(&at_db, 42102) == 0, "att's SYN from web2's address not delivered");
+    let claims = at_db.iter().filter_map(arp_of).filter(|x| x.spa == [10, 30, 0, 20] && x.sha == mac_bytes(ATT_MAC));
+    breaches.check(claims.count() == 0, "att's ARP claim of web2's address not delivered");
+    show_counters(&agent, "after");
+    let status = agent.status();
+    let held = status["ports"].as_array().unwrap().iter().find(|p| p["name"] == web2.host_port()).cloned();
+    eprintln!("web2's port: {held:?}");
+    agent.stop();
+    breaches.assert_none();
+}

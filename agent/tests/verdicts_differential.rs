@@ -674,6 +674,11 @@ struct Maps {
     learned: HashMap<MapData, u32, LearnedValue>,
     /// Which port each locked MAC is behind (`MacKey` → ifindex), in objects that have it.
     port_macs: Option<HashMap<MapData, [u8; 8], u32>>,
+    /// The addresses ports took on first use (`OwnerKey` → `LearnedAddr`) and how many
+    /// each holds, in objects that have them: emptied before each probe, which the
+    /// evaluator judges as the first frame from its address.
+    learned_addrs: Option<HashMap<MapData, [u8; 20], [u8; 24]>>,
+    learned_addr_count: Option<HashMap<MapData, u32, u32>>,
 }
 
 /// The kernel side of the ports and bindings of a probe, written as the agent writes it;
@@ -696,6 +701,18 @@ fn write_state(
         let keys: Vec<[u8; 8]> = port_macs.keys().map(Result::unwrap).collect();
         for key in &keys {
             port_macs.remove(key).unwrap();
+        }
+    }
+    if let Some(held) = maps.learned_addrs.as_mut() {
+        let keys: Vec<[u8; 20]> = held.keys().map(Result::unwrap).collect();
+        for key in &keys {
+            held.remove(key).unwrap();
+        }
+    }
+    if let Some(counts) = maps.learned_addr_count.as_mut() {
+        let keys: Vec<u32> = counts.keys().map(Result::unwrap).collect();
+        for key in &keys {
+            counts.remove(key).unwrap();
         }
     }
     let mut owners: std::collections::HashMap<OwnerKey, OwnerValue> = std::collections::HashMap::new();
@@ -926,6 +943,8 @@ impl Kernel {
             ports: HashMap::try_from(dp.ebpf.take_map(PORTS).unwrap()).unwrap(),
             learned: HashMap::try_from(dp.ebpf.take_map(LEARNED).unwrap()).unwrap(),
             port_macs: dp.ebpf.take_map("PORT_MACS").map(|m| HashMap::try_from(m).unwrap()),
+            learned_addrs: dp.ebpf.take_map("LEARNED_ADDRS").map(|m| HashMap::try_from(m).unwrap()),
+            learned_addr_count: dp.ebpf.take_map("LEARNED_ADDR_COUNT").map(|m| HashMap::try_from(m).unwrap()),
         };
         Self { dp, tables, maps, port_b }
     }

@@ -694,6 +694,7 @@ impl Datapath {
         // What the port locked on first use was its VM's; the next device is another.
         self.set_learned(ifindex, None);
         self.ports_changed();
+        self.free_addresses();
         port.ingress.detach();
         port.tc.detach();
         true

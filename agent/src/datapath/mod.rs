@@ -36,13 +36,16 @@ use aya::{
 };
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
-    config::{AllowedKey, BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedValue, MacKey, PORT_ADDRS_FIXED},
+    config::{
+        AllowedKey, BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedAddr, LearnedValue, MacKey, PORT_ADDRS_FIXED,
+    },
     config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
-        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, PAYLOAD_SAMPLES, PIN_LAYOUT_VERSION, PINNED_MAPS, PORT_ALLOWED,
-        PORT_MACS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC, PROG_TO_PORT, ZONE_PAIR_STATS,
+        CONFIG, COUNTERS, FLOW_EVENTS, FLOWS, LEARNED, LEARNED_ADDR_COUNT, LEARNED_ADDRS, PAYLOAD_SAMPLES,
+        PIN_LAYOUT_VERSION, PINNED_MAPS, PORT_ALLOWED, PORT_MACS, PORTS, PROG_FROM_PORT, PROG_FROM_PORT_TC,
+        PROG_TO_PORT, ZONE_PAIR_STATS,
     },
-    policy::{ZonePairKey, ZonePairStats},
+    policy::{OwnerKey, ZonePairKey, ZonePairStats},
 };
 use backplane_rules::CompiledRules;
 use serde::{Deserialize, Serialize};
@@ -237,6 +240,10 @@ pub struct PortStatus {
     /// The MAC a VM port is bound or locked to.
     #[serde(default)]
     pub bound_mac: Option<String>,
+    /// The addresses a VM port whose endpoint has no fixed addresses took on first use
+    /// (no other port may send from them while it uses them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub learned_addresses: Vec<String>,
 }
 
 /// Maps that other parts of the agent own once the data path is loaded.
@@ -278,6 +285,12 @@ pub struct Datapath {
     /// What bound ports may send from besides their binding (`allowed_macs`,
     /// `allowed_addresses`).
     port_allowed: BpfHashMap<MapData, AllowedKey, u8>,
+    /// Addresses ports took on first use, and how many each holds (the data path's).
+    learned_addrs: BpfHashMap<MapData, OwnerKey, LearnedAddr>,
+    learned_addr_count: BpfHashMap<MapData, u32, u32>,
+    /// The MAC each VM port's learned addresses were last kept for (see
+    /// [`Datapath::free_addresses`]).
+    addr_identity: std::collections::HashMap<u32, [u8; 6]>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     ports: BTreeMap<u32, AttachedPort>,
@@ -286,6 +299,15 @@ pub struct Datapath {
     zone_pair_stats: PerCpuHashMap<MapData, ZonePairKey, ZonePairStats>,
     /// The compiled rule set in force, which gives ports their zones; `None`: observe only.
     rules: Option<Arc<CompiledRules>>,
+}
+
+/// The address of an `ADDR_OWNERS` / `LEARNED_ADDRS` key.
+fn owner_ip(key: &OwnerKey) -> std::net::IpAddr {
+    if key.family == backplane_common::flow::FAMILY_IPV4 {
+        std::net::IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+    } else {
+        std::net::IpAddr::from(key.addr)
+    }
 }
 
 /// What the endpoints want a VM port bound to, for one half of the rule tables.
@@ -371,6 +393,10 @@ impl Datapath {
         let port_macs = BpfHashMap::try_from(take_map(&mut ebpf, PORT_MACS)?).map_err(DatapathError::map(PORT_MACS))?;
         let port_allowed =
             BpfHashMap::try_from(take_map(&mut ebpf, PORT_ALLOWED)?).map_err(DatapathError::map(PORT_ALLOWED))?;
+        let learned_addrs =
+            BpfHashMap::try_from(take_map(&mut ebpf, LEARNED_ADDRS)?).map_err(DatapathError::map(LEARNED_ADDRS))?;
+        let learned_addr_count = BpfHashMap::try_from(take_map(&mut ebpf, LEARNED_ADDR_COUNT)?)
+            .map_err(DatapathError::map(LEARNED_ADDR_COUNT))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS)?).map_err(DatapathError::map(COUNTERS))?;
         // A new CONFIG is all zeros: generation 0, observe only until rule sets arrive. An
         // adopted one keeps the generation in force (see `observe_only`).
@@ -398,6 +424,9 @@ impl Datapath {
             learned,
             port_macs,
             port_allowed,
+            learned_addrs,
+            learned_addr_count,
+            addr_identity: std::collections::HashMap::new(),
             counters,
             config,
             ports: BTreeMap::new(),
@@ -661,6 +690,52 @@ impl Datapath {
             self.ports_changed();
         }
         self.write_allowed(bindings);
+        self.free_addresses();
+    }
+
+    /// Frees the addresses ports took on first use that are no longer their endpoint's:
+    /// a port now bound to (or locked to) another MAC, or bound to nobody, or gone. Looks
+    /// at the table only when some port's identity changed since the last look, and then
+    /// also sets every port's count to what the table holds (nothing drifts).
+    pub fn free_addresses(&mut self) {
+        let identity: std::collections::HashMap<u32, [u8; 6]> = self
+            .ports
+            .iter()
+            .filter(|(_, p)| p.role == PortRole::Vm)
+            .filter_map(|(&i, _)| {
+                let info = self.ports_map.get(&i, 0).ok()?;
+                if info.binding != BINDING_NONE {
+                    return Some((i, info.mac));
+                }
+                self.learned.get(&i, 0).ok().map(|l| (i, l.mac))
+            })
+            .collect();
+        if identity == self.addr_identity {
+            return;
+        }
+        let entries: Vec<(OwnerKey, LearnedAddr)> = self.learned_addrs.iter().filter_map(Result::ok).collect();
+        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        let mut freed = 0;
+        for (key, held) in entries {
+            if identity.get(&held.ifindex) == Some(&held.mac) {
+                *counts.entry(held.ifindex).or_default() += 1;
+            } else if self.learned_addrs.remove(&key).is_ok() {
+                freed += 1;
+            }
+        }
+        let known: Vec<u32> = self.learned_addr_count.keys().filter_map(Result::ok).collect();
+        for ifindex in known.iter().filter(|i| !counts.contains_key(i)) {
+            let _ = self.learned_addr_count.remove(ifindex);
+        }
+        for (ifindex, n) in &counts {
+            if let Err(e) = self.learned_addr_count.insert(ifindex, n, 0) {
+                log::error!("port {ifindex}: cannot write how many addresses it holds: {}", report(&e));
+            }
+        }
+        if freed > 0 {
+            log::info!("{freed} address(es) taken on first use freed: their ports' endpoints changed or left");
+        }
+        self.addr_identity = identity;
     }
 
     /// Brings `PORT_ALLOWED` up to what the bindings allow: entries of ports no longer
@@ -791,6 +866,10 @@ impl Datapath {
     /// Ports as `status` shows them, by ifindex.
     #[must_use]
     pub fn port_status(&self) -> Vec<PortStatus> {
+        let mut learned: std::collections::HashMap<u32, Vec<String>> = std::collections::HashMap::new();
+        for (key, held) in self.learned_addrs.iter().filter_map(Result::ok) {
+            learned.entry(held.ifindex).or_default().push(owner_ip(&key).to_string());
+        }
         self.ports
             .iter()
             .map(|(&ifindex, p)| {
@@ -803,6 +882,10 @@ impl Datapath {
                 PortStatus {
                     binding,
                     bound_mac,
+                    learned_addresses: learned.remove(&ifindex).map_or_else(Vec::new, |mut a| {
+                        a.sort();
+                        a
+                    }),
                     name: p.name.clone(),
                     ifindex,
                     role: role_name(p.role).into(),

@@ -190,3 +190,28 @@ pub struct AllowedKey {
 }
 
 const _: () = assert!(core::mem::size_of::<AllowedKey>() == 24);
+
+/// `LEARNED_ADDRS` value (its key is a `policy::OwnerKey`): an address a VM port whose
+/// endpoint has no fixed addresses took on first use (the first ARP/ND claim of it, or
+/// the first flow from it), inside its zone's networks. No other port may send from it
+/// or claim it while it is in use: until it is [`LEARNED_ADDR_IDLE_NS`] idle (neither
+/// claimed nor the source of a new flow), or the agent frees it (the port went, or is
+/// bound to another MAC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedAddr {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// When it was last claimed or opened a flow (`bpf_ktime_get_coarse_ns`).
+    pub last_used_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LearnedAddr>() == 24);
+
+/// How many addresses one port may hold in `LEARNED_ADDRS` (IPv4 and IPv6 together:
+/// a DHCP address, stable and temporary SLAAC addresses of a few prefixes).
+pub const LEARNED_ADDRS_PER_PORT: u32 = 16;
+/// How long an address learned by one port stays its without use before another port
+/// may take it (a DHCP pool hands a released address to another VM).
+pub const LEARNED_ADDR_IDLE_NS: u64 = 600 * 1_000_000_000;

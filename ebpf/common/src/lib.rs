@@ -50,6 +50,7 @@ user_pod!(
     config::LearnedValue,
     config::MacKey,
     config::AllowedKey,
+    config::LearnedAddr,
     policy::PolicyKey,
     policy::PolicyValue,
     policy::EndpointKey,

@@ -43,6 +43,11 @@ pub const PORT_MACS: &str = "PORT_MACS";
 /// What a bound VM port may send from besides its binding's MAC and its endpoint's
 /// addresses: `HASH<AllowedKey, u8>`, written by the agent from the rules.
 pub const PORT_ALLOWED: &str = "PORT_ALLOWED";
+/// Addresses VM ports took on first use: `HASH<OwnerKey, LearnedAddr>`, written by the
+/// data path, freed by the agent (and taken over by the data path once idle).
+pub const LEARNED_ADDRS: &str = "LEARNED_ADDRS";
+/// How many `LEARNED_ADDRS` entries each port holds: `HASH<u32 ifindex, u32>`.
+pub const LEARNED_ADDR_COUNT: &str = "LEARNED_ADDR_COUNT";
 
 /// Payload samples of the first packets of flows: `RINGBUF` of
 /// [`crate::sample::PayloadSample`], apart from `FLOW_EVENTS` so that samples never crowd
@@ -72,7 +77,8 @@ pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
 /// - 3: `PORTS` values grow from 8 to 24 bytes (the port's binding; the first 8 bytes
 ///   keep their meaning, so an older entry is copied and zero-extended), `LEARNED` added.
 ///
-/// A map added without changing the others (`PORT_ALLOWED`) needs no new version: an
+/// A map added without changing the others (`PORT_ALLOWED`, `LEARNED_ADDRS`,
+/// `LEARNED_ADDR_COUNT`) needs no new version: an
 /// agent finds it missing from the pins of the same layout and creates it.
 pub const PIN_LAYOUT_VERSION: u32 = 3;
 
@@ -96,6 +102,8 @@ pub const PINNED_MAPS: &[&str] = &[
     LEARNED,
     PORT_MACS,
     PORT_ALLOWED,
+    LEARNED_ADDRS,
+    LEARNED_ADDR_COUNT,
     PAYLOAD_SAMPLES,
     SAMPLE_BUDGET,
 ];

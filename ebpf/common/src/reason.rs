@@ -225,6 +225,10 @@ pub enum Counter {
     /// by an end the flow's verdict does not hold for (judged as itself, it would be
     /// denied): an injection into another endpoint's flow; dropped, the flow untouched.
     ForeignSender,
+    /// New addresses a port that learns its addresses could not take: it holds
+    /// [`crate::config::LEARNED_ADDRS_PER_PORT`] in use already (the frame is counted as
+    /// `spoofed_address` too).
+    AddressesFull,
     /// Number of counters; not a counter.
     Count,
 }
@@ -280,6 +284,7 @@ impl Counter {
         Self::EgressDenied,
         Self::ToOwnMac,
         Self::ForeignSender,
+        Self::AddressesFull,
     ];
 
     /// Snake-case name for status output and metric labels.
@@ -328,6 +333,7 @@ impl Counter {
             Self::EgressDenied => "egress_denied",
             Self::ToOwnMac => "to_own_mac",
             Self::ForeignSender => "foreign_sender",
+            Self::AddressesFull => "addresses_full",
             Self::Count => "count",
         }
     }

@@ -224,7 +224,7 @@ fn sender(cfg: &DatapathConfig, packet: &Packet, port: &Port) -> Result<Ident, C
     match port.info {
         Some(info) if port.is_vm() && cfg.flags & CONFIG_ENFORCE != 0 => {
             let ident = identity::port_ident(cfg, info, packet, port.ifindex, END_SENDS);
-            if !identity::address_ok(cfg, info, ident, packet, port.ifindex) {
+            if !identity::source_ok(cfg, info, ident, packet, port.ifindex) {
                 return Err(Counter::SpoofedAddress);
             }
             if ident.unbound()

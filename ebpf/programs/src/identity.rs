@@ -18,8 +18,9 @@ use aya_ebpf::maps::lpm_trie::Key;
 use backplane_common::{
     DatapathConfig, PortInfo, PortRole,
     config::{
-        ALLOWED_MAC, BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue,
-        MacKey, PORT_ADDRS_FIXED, UNBOUND_DENY, UNBOUND_OBSERVE,
+        ALLOWED_MAC, BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ADDR_IDLE_NS, LEARNED_ADDRS_PER_PORT,
+        LEARNED_ENDPOINT, LEARNED_ZONE, LearnedAddr, LearnedValue, MacKey, PORT_ADDRS_FIXED, UNBOUND_DENY,
+        UNBOUND_OBSERVE,
     },
     flow::FAMILY_IPV4,
     policy::{
@@ -30,7 +31,10 @@ use backplane_common::{
 };
 
 use crate::{
-    maps::{ADDR_OWNERS, ENDPOINTS, LEARNED, PORT_ALLOWED, PORT_MACS, PORTS, SCRATCH, ZONE_CIDRS},
+    maps::{
+        ADDR_OWNERS, ENDPOINTS, LEARNED, LEARNED_ADDR_COUNT, LEARNED_ADDRS, PORT_ALLOWED, PORT_MACS, PORTS, SCRATCH,
+        ZONE_CIDRS,
+    },
     parse::{END_SENDS, END_SPOKE, Packet},
     policy::{self, IDENT_UNBOUND, Ident},
 };
@@ -317,30 +321,191 @@ fn cidr_zone(slot: u8, family: u8, addr: &[u8; 16]) -> Option<u16> {
 /// Unbound ports (quarantined, or judged by address under `observe`) are held to the
 /// owners only.
 #[inline(never)]
-pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &Packet, ifindex: u32) -> bool {
+pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &Packet, ifindex: u32) -> Source {
     let (family, mac, addr) = (packet.family, &packet.src_mac, &packet.src);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return Source::Refused };
+    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run: the keys
+    // are built there, not on the stack.
+    let key = unsafe { &mut (*scratch).owner };
+    key.family = family;
+    key._pad = [0; 3];
+    key.addr = *addr;
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
-    if let Some(owner) = ADDR_OWNERS.get_ptr(&OwnerKey { family, _pad: [0; 3], addr: *addr }).map(|o| unsafe { *o }) {
-        return owner.ifindex == 0
+    if let Some(owner) = ADDR_OWNERS.get_ptr(&*key).map(|o| unsafe { *o }) {
+        let ok = owner.ifindex == 0
             || owner.ifindex == ifindex
-            || (owner.ifindex == OWNER_ELSEWHERE && owner.mac == *mac);
+            || (owner.ifindex == OWNER_ELSEWHERE && same_mac(&owner.mac, mac));
+        return if ok { Source::Ok } else { Source::Refused };
     }
-    if ident.unbound() || is_unspecified(family, addr) || is_link_local_v6(family, addr) {
-        return true;
+    if is_unspecified(family, addr) || is_link_local_v6(family, addr) {
+        return Source::Ok;
+    }
+    if ident.unbound() {
+        // Quarantined (or placed by the frame under `observe`): any address but one
+        // another port holds.
+        return Source::NotHeld;
     }
     // Fixed addresses: its own (owned above) or what the rules allow it besides
     // (`allowed_addresses`), which must still keep it in its zone's networks.
-    if (port.flags & PORT_ADDRS_FIXED != 0 || ident.flags & ENDPOINT_ADDRS_FIXED != 0)
-        && !(port.binding != BINDING_NONE && allowed(ifindex, family, addr))
-    {
-        return false;
+    let fixed = port.flags & PORT_ADDRS_FIXED != 0 || ident.flags & ENDPOINT_ADDRS_FIXED != 0;
+    if fixed && !(port.binding != BINDING_NONE && allowed(ifindex, family, addr)) {
+        return Source::Refused;
     }
     // The address must not put the sender in another zone (another node judges what it
     // sends by address): inside its zone's networks, or in none when its zone has none.
     let slot = cfg.active_slot & 1;
-    match cidr_zone(slot, family, addr) {
+    // SAFETY: as above.
+    let cidr = unsafe { &mut (*scratch).cidr };
+    cidr.prefix_len = ADDR_KEY_HEADER_BITS + if family == FAMILY_IPV4 { 32 } else { 128 };
+    cidr.data = AddrKey { slot, family, _pad: [0; 2], addr: *addr };
+    let in_zone = match ZONE_CIDRS.get(&*cidr).map(|z| *z as u16) {
         Some(zone) => zone == ident.zone,
         None => policy::zone_flags(slot, ident.zone) & ZONE_HAS_CIDRS == 0,
+    };
+    if !in_zone {
+        return Source::Refused;
+    }
+    // Not fixed: an address it took on first use, or takes now (see `source_ok`).
+    if fixed { Source::Ok } else { Source::ToTake }
+}
+
+/// Whether VM port `ifindex`, whose sender is `ident`, may send from (or claim) the
+/// frame's source address: [`address_ok`], and for an endpoint without fixed addresses,
+/// an address it holds or takes now ([`take_address`]), else one the rules allow it (a
+/// virtual IP shared with a peer is nobody's to take). Inlined into the entry point, so
+/// that the two checks' frames are not stacked.
+#[inline(always)]
+pub fn source_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &Packet, ifindex: u32) -> bool {
+    match address_ok(cfg, port, ident, packet, ifindex) {
+        Source::Ok => true,
+        Source::Refused => false,
+        Source::ToTake => {
+            take_address(ifindex, &packet.src_mac, packet.family, &packet.src, port.binding != BINDING_NONE)
+        }
+        Source::NotHeld => !held_by_another(ifindex, packet.family, &packet.src),
+    }
+}
+
+/// Whether two MACs are equal, in two word compares (a slice compare is a call to
+/// `bcmp`: a frame of its own on the stack).
+#[inline(always)]
+fn same_mac(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) == u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+        && u16::from_ne_bytes([a[4], a[5]]) == u16::from_ne_bytes([b[4], b[5]])
+}
+
+/// What [`address_ok`] found of a frame's source address.
+pub enum Source {
+    Ok,
+    Refused,
+    /// In the sender's zone's networks, but its endpoint has no fixed addresses: it must
+    /// hold the address.
+    ToTake,
+    /// An unbound port's: no other port may hold it.
+    NotHeld,
+}
+
+/// Whether another port than `ifindex` holds the address (took it on first use and
+/// uses it).
+#[inline(never)]
+fn held_by_another(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return true };
+    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
+    let key = unsafe { &mut (*scratch).owner };
+    key.family = family;
+    key._pad = [0; 3];
+    key.addr = *addr;
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let Some(held) = LEARNED_ADDRS.get_ptr(&*key).map(|h| unsafe { *h }) else { return false };
+    // SAFETY: reading the kernel's coarse monotonic clock has no preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    held.ifindex != ifindex && now.wrapping_sub(held.last_used_ns) < LEARNED_ADDR_IDLE_NS
+}
+
+/// Whether VM port `ifindex` (its frames from `mac`) holds the address, or takes it now:
+/// an address nobody holds, or one another port left idle for
+/// [`LEARNED_ADDR_IDLE_NS`], while the port holds fewer than [`LEARNED_ADDRS_PER_PORT`].
+/// Every use refreshes it.
+#[inline(never)]
+fn take_address(ifindex: u32, mac: &[u8; 6], family: u8, addr: &[u8; 16], bound: bool) -> bool {
+    if try_take(ifindex, mac, family, addr) {
+        return true;
+    }
+    bound && allowed(ifindex, family, addr)
+}
+
+#[inline(always)]
+fn try_take(ifindex: u32, mac: &[u8; 6], family: u8, addr: &[u8; 16]) -> bool {
+    // The key is built in this CPU's scratch memory, not on the stack.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
+    let key = unsafe { &mut (*scratch).owner };
+    key.family = family;
+    key._pad = [0; 3];
+    key.addr = *addr;
+    // SAFETY: reading the kernel's coarse monotonic clock has no preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    if let Some(held) = LEARNED_ADDRS.get_ptr_mut(&*key) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        let held = unsafe { &mut *held };
+        if held.ifindex == ifindex && same_mac(&held.mac, mac) {
+            held.last_used_ns = now;
+            return true;
+        }
+        if now.wrapping_sub(held.last_used_ns) < LEARNED_ADDR_IDLE_NS || !count_add(ifindex, 1) {
+            return false;
+        }
+        // Idle: the other port lets go of it.
+        let _ = count_add(held.ifindex, u32::MAX);
+        held.ifindex = ifindex;
+        held.mac = *mac;
+        held.last_used_ns = now;
+        return true;
+    }
+    if !count_add(ifindex, 1) {
+        return false;
+    }
+    let value = LearnedAddr { ifindex, mac: *mac, _pad: [0; 2], last_used_ns: now };
+    if LEARNED_ADDRS.insert(key, &value, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    // Another CPU took it first (or the table is full): not this port's.
+    let _ = count_add(ifindex, u32::MAX);
+    false
+}
+
+/// Adds `delta` (1, or `u32::MAX` for -1) to the number of addresses port `ifindex`
+/// holds; an addition that would pass [`LEARNED_ADDRS_PER_PORT`] is refused (`false`,
+/// counted as `addresses_full`).
+#[inline(always)]
+fn count_add(ifindex: u32, delta: u32) -> bool {
+    let Some(count) = LEARNED_ADDR_COUNT.get_ptr_mut(&ifindex) else {
+        if delta != 1 {
+            return true;
+        }
+        return LEARNED_ADDR_COUNT.insert(&ifindex, &1, BPF_NOEXIST).is_ok() || count_add_existing(ifindex);
+    };
+    // SAFETY: a pointer returned by a map lookup is valid for this program run.
+    let count = unsafe { &mut *count };
+    if delta == 1 && *count >= LEARNED_ADDRS_PER_PORT {
+        crate::counters::inc(Counter::AddressesFull);
+        return false;
+    }
+    *count = count.wrapping_add(delta);
+    true
+}
+
+/// [`count_add`] of 1 after another CPU created the port's count first.
+#[inline(always)]
+fn count_add_existing(ifindex: u32) -> bool {
+    match LEARNED_ADDR_COUNT.get_ptr_mut(&ifindex) {
+        // SAFETY: a pointer returned by a map lookup is valid for this program run.
+        Some(count) if unsafe { *count } < LEARNED_ADDRS_PER_PORT => {
+            // SAFETY: as above.
+            unsafe { *count += 1 };
+            true
+        }
+        _ => false,
     }
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use backplane_common::{
     DatapathConfig, FlowKey, FlowValue, PortInfo,
-    config::{AllowedKey, LearnedValue, MacKey},
+    config::{AllowedKey, LearnedAddr, LearnedValue, MacKey},
     event::AnnounceKey,
     flow::{FragmentKey, FragmentPorts},
     policy::{
@@ -87,6 +87,16 @@ pub static PORT_MACS: HashMap<MacKey, u32> = HashMap::pinned(4096, 0);
 /// the binding's own.
 #[map(name = "PORT_ALLOWED")]
 pub static PORT_ALLOWED: HashMap<AllowedKey, u8> = HashMap::pinned(16_384, 0);
+
+/// Addresses VM ports took on first use (see `LearnedAddr`): 4096 ports with their
+/// 16 each. Not LRU: an entry leaves only when the agent frees it or another port takes
+/// it over once idle, so that `LEARNED_ADDR_COUNT` stays true.
+#[map(name = "LEARNED_ADDRS")]
+pub static LEARNED_ADDRS: HashMap<OwnerKey, LearnedAddr> = HashMap::pinned(65_536, NO_PREALLOC);
+
+/// How many `LEARNED_ADDRS` entries each port holds.
+#[map(name = "LEARNED_ADDR_COUNT")]
+pub static LEARNED_ADDR_COUNT: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 
 #[map(name = "PAYLOAD_SAMPLES")]
 pub static PAYLOAD_SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_DEFAULT, 0);

@@ -105,6 +105,10 @@ pub struct Scratch {
     pub value: backplane_common::FlowValue,
     /// A `PORT_ALLOWED` key being looked up.
     pub allowed: backplane_common::config::AllowedKey,
+    /// An `ADDR_OWNERS` or `LEARNED_ADDRS` key being looked up.
+    pub owner: backplane_common::policy::OwnerKey,
+    /// A `ZONE_CIDRS` key being looked up.
+    pub cidr: aya_ebpf::maps::lpm_trie::Key<backplane_common::policy::AddrKey>,
 }
 
 /// One CPU's copy of a `PORTS` entry, valid while `DatapathConfig::ports_epoch` is

@@ -256,7 +256,7 @@ fn drop(counter: Counter) -> Action {
 fn claim_ok(cfg: &DatapathConfig, port: &Port, packet: &Packet) -> bool {
     let Some(info) = port.info else { return true };
     let ident = identity::port_ident(cfg, info, packet, port.ifindex, END_SENDS);
-    identity::address_ok(cfg, info, ident, packet, port.ifindex)
+    identity::source_ok(cfg, info, ident, packet, port.ifindex)
 }
 
 /// [`claim_ok`] for the sender address of an ARP frame (put where a flow's source is).
