@@ -17,9 +17,9 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use backplane_common::{
     DatapathConfig, FlowEvent, FlowEventKind, PortInfo, PortRole, Verdict,
     config::{
-        ALLOWED_MAC, AllowedKey, BINDING_HOST, CONFIG_ENFORCE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ZONE,
-        LearnedAddr, LearnedValue, PORT_ADDRS_FIXED, PORT_INGRESS_LIVE, PORT_INGRESS_TC, UNBOUND_DENY,
-        UNBOUND_QUARANTINE,
+        ALLOWED_MAC, AllowedKey, BINDING_HOST, CONFIG_ENFORCE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT,
+        LEARNED_HELD, LEARNED_ZONE, LearnedAddr, LearnedValue, PORT_ADDRS_FIXED, PORT_INGRESS_LIVE, PORT_INGRESS_TC,
+        UNBOUND_DENY, UNBOUND_QUARANTINE,
     },
     event::Announcement,
     flow::FAMILY_IPV4,
@@ -29,8 +29,8 @@ use backplane_common::{
     },
     policy::{
         ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ELSEWHERE, ENDPOINT_PATCHED, ENDPOINT_QUARANTINED, EndpointKey,
-        EndpointValue, OwnerKey, OwnerValue, VPATCH_KEY_BITS, VpatchKey, VpatchValue, ZONE_LEARN, ZONE_REMEDIATION,
-        ZoneKey, ZoneValue,
+        EndpointValue, OWNER_SHARED, OwnerKey, OwnerValue, VPATCH_KEY_BITS, VpatchKey, VpatchValue, ZONE_LEARN,
+        ZONE_REMEDIATION, ZoneKey, ZoneValue,
     },
     reason::{Counter, Reason},
 };
@@ -256,6 +256,20 @@ fn a_port_locked_to_an_endpoint_another_node_holds_is_judged_unbound() {
         (XDP_DROP, Some(MAC_A), Verdict::Denied as u8, Reason::UnboundPort as u8),
         "held: judged as an unbound port (quarantined)"
     );
+    // Once the agent holds the claim (`LEARNED_HELD`), the port's frames are dropped: they
+    // would move the endpoint's MAC in every switch's forwarding table.
+    let mut dp = enforcing_datapath_unbound();
+    let mut learned: HashMap<&mut MapData, u32, LearnedValue> =
+        HashMap::try_from(dp.ebpf.map_mut(LEARNED).unwrap()).unwrap();
+    let lock = LearnedValue { mac: MAC_A, flags: LEARNED_ENDPOINT | LEARNED_HELD, ..LearnedValue::default() };
+    learned.insert(LOOPBACK_IFINDEX, lock, 0).unwrap();
+    assert_eq!(dp.from_port(&arp(0x8035, 3, MAC_A, [0; 4], [0; 4])), XDP_DROP, "its RARP");
+    assert_eq!(dp.from_port(&tcp4(A, 6001, B, 80, TCP_SYN)), XDP_DROP, "its TCP");
+    assert_eq!(dp.counter(Counter::ClaimHeld), 2);
+    let mut learned: HashMap<&mut MapData, u32, LearnedValue> =
+        HashMap::try_from(dp.ebpf.map_mut(LEARNED).unwrap()).unwrap();
+    learned.insert(LOOPBACK_IFINDEX, LearnedValue { flags: LEARNED_ENDPOINT, ..lock }, 0).unwrap();
+    assert_eq!(dp.from_port(&arp(0x8035, 3, MAC_A, [0; 4], [0; 4])), XDP_PASS, "positive control: not held");
 }
 
 /// `allowed_macs` and `allowed_addresses` (`PORT_ALLOWED`): a bound port with fixed
@@ -310,6 +324,26 @@ fn a_bound_port_sends_from_the_macs_and_addresses_allowed_to_it() {
     cidrs.insert(&Key::new(ADDR_KEY_HEADER_BITS + 32, key), 2, 0).unwrap();
     assert_eq!(dp.from_port(&from(MAC_A, C, 7006)), XDP_DROP, "allowed, but it would be judged as zone 2");
     assert_eq!(dp.counter(Counter::SpoofedAddress), 3);
+    // A virtual IP (`OWNER_SHARED`): the ports allowed it, and no other port, not even
+    // one that would take an address on first use.
+    let vip = [10, 0, 0, 100];
+    let mut owners: HashMap<&mut MapData, OwnerKey, OwnerValue> =
+        HashMap::try_from(dp.ebpf.map_mut(ADDR_OWNERS).unwrap()).unwrap();
+    let shared = OwnerValue { ifindex: OWNER_SHARED, endpoint_id: 0, mac: [0; 6], _pad: [0; 2] };
+    owners.insert(OwnerKey { family: FAMILY_IPV4, _pad: [0; 3], addr: key4(vip) }, shared, 0).unwrap();
+    let mut allowed: HashMap<&mut MapData, AllowedKey, u8> =
+        HashMap::try_from(dp.ebpf.map_mut(PORT_ALLOWED).unwrap()).unwrap();
+    allowed
+        .insert(AllowedKey { ifindex: LOOPBACK_IFINDEX, kind: FAMILY_IPV4, _pad: [0; 3], value: key4(vip) }, 1, 0)
+        .unwrap();
+    let links = TestLinks::new();
+    let other = links.ifindex[0];
+    bind_port(&mut dp, other, MAC_B, 0, 0);
+    let from_other = eth(MAC_B, MAC_B, &[], 0x0800, &ipv4(vip, B, 6, &tcp(7007, 80, TCP_SYN, &[])));
+    let from_other = [&MAC_C[..], &from_other[6..]].concat();
+    assert_eq!(dp.from_port_on(other, &from_other), XDP_DROP, "another port may not take the virtual IP");
+    assert_eq!(dp.counter(Counter::SpoofedAddress), 4);
+    assert_eq!(dp.from_port(&from(MAC_A, vip, 7008)), XDP_PASS, "the port allowed it sends from it");
 }
 
 /// A port whose endpoint has no fixed addresses takes the addresses it sends from on

@@ -594,12 +594,18 @@ fn a_claim_of_an_endpoint_another_node_holds_moves_nothing_until_that_node_lets_
     });
     eprintln!("held: {held}");
     assert_eq!(held["from_node"], "nodea", "{held:#}");
-    // The claimer goes; db really moves: its port leaves A, then it announces itself.
-    drop(att);
+    // db really moves (its port leaves A, then it announces itself) while the claimer
+    // still squats its MAC on B: the release is db's, not the claimer's.
+    let at_att = att.capture(Some("icmp"));
     migrate(&c, &db, &c.a, &c.b, &b);
     let after_move = stream.progress(Duration::from_secs(3));
     assert!(after_move > 20_000, "the stream goes on after the real move ({after_move} bytes in 3 s)");
     assert!(ping(&web2, &db), "web2 pings db, now beside it on B");
+    let stolen = echo_requests_from(&at_att.stop(), [10, 30, 0, 2]);
+    assert_eq!(stolen, 0, "nothing for db delivered to the claimer after the move");
+    let bound_port = b.endpoint("db")["port"].clone();
+    assert_eq!(bound_port, db.host_port(), "db is bound to its own port on B: {:#}", b.endpoint("db"));
+    drop(att);
     a.wait_for(Duration::from_secs(5), "A to see db on B", |a| (a.endpoint("db")["node"] == "nodeb").then_some(()));
     drop(stream);
     drop((web, db, web2));

@@ -474,6 +474,9 @@ enum FirstUse {
     LocksMac,
     /// It learns nothing from this frame.
     Nothing,
+    /// It locks the MAC of an endpoint bound on another node: a claim the agent holds,
+    /// judged quarantined (dropped under `unbound_ports: deny`) until that node lets go.
+    Held,
 }
 
 /// Whether some zone (or `world`) learns: an unbound port then locks a MAC outside the
@@ -488,8 +491,15 @@ fn first_use(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> FirstUse {
         by: ZoneMatch::Port { port: port.name.clone(), mac: p.src_mac, first_use: true, by },
     };
     if let Some((zone, by, ips)) = known(rules, p.src_mac, &port.name) {
-        // An endpoint of the rules: only where its zone learns (else the host binds it).
-        return if learns(rules, &zone) { FirstUse::Learns(found(zone, by), ips.to_vec()) } else { FirstUse::Nothing };
+        // An endpoint of the rules: only where its zone learns (else the host binds it);
+        // one bound on another node is a claim, held until that node lets go.
+        if !learns(rules, &zone) {
+            return FirstUse::Nothing;
+        }
+        if port.others.iter().any(|o| !o.here && o.mac == p.src_mac) {
+            return FirstUse::Held;
+        }
+        return FirstUse::Learns(found(zone, by), ips.to_vec());
     }
     if let Some((zone, by)) = port_zone(rules, &port.name) {
         return FirstUse::Learns(found(zone, by), Vec::new());
@@ -599,6 +609,14 @@ fn sender(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Result<End, B
                 (unbound(rules, port, mac, p.src_ip)?, Vec::new(), false)
             }
             FirstUse::Nothing => (unbound(rules, port, mac, p.src_ip)?, Vec::new(), false),
+            FirstUse::Held => {
+                let end = quarantined(rules, port);
+                if rules.unbound_ports == UnboundPorts::Deny {
+                    let why = format!("source MAC {mac} is bound on another node: a claim held (unbound_ports: deny)");
+                    return Err(Box::new(Dropped { counter: Counter::UnboundPort, why, end }));
+                }
+                (End { found: end, quarantined: true }, Vec::new(), false)
+            }
         }
     };
     if let Some(d) = own_mac(&end.found) {
@@ -618,6 +636,16 @@ fn owned(rules: &RuleSet, port: &PortIdentity, p: &PacketView) -> Option<Result<
     let ip = p.src_ip;
     if let Some(infra) = rules.infrastructure.iter().find(|i| i.ips.contains(&ip)) {
         return Some(Err(format!("source address {ip} is infrastructure \"{}\"'s ({})", infra.name, infra.location)));
+    }
+    // A virtual IP the rules allow some endpoints: theirs alone (when bound).
+    if let Some(e) = rules.endpoints.iter().find(|e| e.allowed_addresses.contains(&ip)) {
+        let allowed_here = port
+            .binding
+            .as_ref()
+            .is_some_and(|b| rules.endpoints.iter().any(|o| o.mac == b.mac && o.allowed_addresses.contains(&ip)));
+        return (!allowed_here).then(|| {
+            Err(format!("source address {ip} is a virtual IP the rules allow endpoint \"{}\" (and its peers)", e.name))
+        });
     }
     let owner = port.others.iter().find(|o| o.addresses.contains(&ip))?;
     Some(if owner.here {

@@ -373,3 +373,20 @@ fn a_bound_endpoint_sends_from_what_the_rules_allow_it_and_no_more() {
 
 const LB_1: &str = "52:54:00:30:00:02";
 const VMAC: &str = "00:00:5e:00:01:0a";
+
+/// A port that locks the MAC of an inventory endpoint bound on another node is a held
+/// claim: quarantined (dropped under `unbound_ports: deny`), not that endpoint.
+#[test]
+fn a_claim_of_an_endpoint_bound_on_another_node_is_held() {
+    let claim = || {
+        let mut fresh = port("vnet6", None);
+        fresh.others = vec![OtherBinding { mac: mac(WEB_1), addresses: vec![ip("10.30.0.5")], here: false }];
+        from_port(fresh, WEB_1, "10.30.0.5", "10.40.0.7", 5432)
+    };
+    let d = evaluate(&rules(""), &claim());
+    judged(&d, Verdict::Denied, Reason::UnboundPort, ("world", "db"));
+    dropped(&evaluate(&rules("unbound_ports: deny"), &claim()), Counter::UnboundPort);
+    // Positive control: bound nowhere else, the first use makes it web-1.
+    let d = evaluate(&rules(""), &from_port(port("vnet6", None), WEB_1, "10.30.0.5", "10.40.0.7", 5432));
+    judged(&d, Verdict::Allowed, Reason::PolicyAllow, ("web", "db"));
+}

@@ -129,6 +129,21 @@ impl Cluster {
         }
     }
 
+    /// Writes `value` under the node's lease, trying again a few times (0.2 s doubling to
+    /// 3.2 s): another node may wait for this write to take a move.
+    async fn put_retrying(&self, key: &str, value: &[u8]) -> Result<(), EtcdError> {
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.etcd.put(key, value, self.lease()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if pause > Duration::from_millis(3200) => return Err(e),
+                Err(e) => log::debug!("etcd put of {key} failed ({e}); trying again"),
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+
     /// The flows another node published for an endpoint.
     async fn fetch_flows(&self, mac: MacAddr) -> Result<Option<HandoverSet>, String> {
         let key = key("flows", &mac.to_string());
@@ -165,8 +180,8 @@ impl Peers for Cluster {
         let me = self;
         tokio::spawn(async move {
             let value = serde_json::to_vec(&location).unwrap_or_default();
-            if let Err(e) = me.etcd.put(&key("endpoints", &mac.to_string()), &value, me.lease()).await {
-                log::debug!("cannot publish the location of {mac}: {e}");
+            if let Err(e) = me.put_retrying(&key("endpoints", &mac.to_string()), &value).await {
+                log::warn!("cannot publish the location of {mac}: {e}");
             }
         });
     }
@@ -182,13 +197,13 @@ impl Peers for Cluster {
         tokio::spawn(async move {
             if let Some(set) = flows {
                 let value = serde_json::to_vec(&set).unwrap_or_default();
-                match me.etcd.put(&key("flows", &mac.to_string()), &value, me.lease()).await {
+                match me.put_retrying(&key("flows", &mac.to_string()), &value).await {
                     Ok(()) => log::info!("published {} flow(s) of {mac} as it left port {}", set.flows.len(), set.port),
                     Err(e) => log::warn!("cannot publish the flows of {mac} as it left: {e}"),
                 }
             }
             let value = serde_json::to_vec(&location).unwrap_or_default();
-            if let Err(e) = me.etcd.put(&key("endpoints", &mac.to_string()), &value, me.lease()).await {
+            if let Err(e) = me.put_retrying(&key("endpoints", &mac.to_string()), &value).await {
                 log::warn!("cannot publish that {mac} left port {}: {e}", location.port);
             }
         });

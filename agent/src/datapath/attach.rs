@@ -452,9 +452,10 @@ impl Datapath {
         let zone = self.port_zone(name);
         let hook = self.hook_for(role);
         let info = PortInfo { role: role as u8, zone: [zone, zone], ingress: hook.port_info(), ..PortInfo::default() };
-        // A fresh port starts unbound: a lock on first use left under its ifindex was
-        // another device's.
+        // A fresh port starts unbound: a lock on first use or allowed sources left under
+        // its ifindex were another device's.
         self.set_learned(ifindex, None);
+        self.forget_allowed(ifindex);
         self.ports_map.insert(ifindex, info, 0).map_err(|source| PortError::PortsMap {
             ifname: name.into(),
             ifindex,
@@ -693,6 +694,7 @@ impl Datapath {
         }
         // What the port locked on first use was its VM's; the next device is another.
         self.set_learned(ifindex, None);
+        self.forget_allowed(ifindex);
         self.ports_changed();
         self.free_addresses();
         port.ingress.detach();

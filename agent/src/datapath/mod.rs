@@ -37,7 +37,8 @@ use aya::{
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
     config::{
-        AllowedKey, BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LearnedAddr, LearnedValue, MacKey, PORT_ADDRS_FIXED,
+        AllowedKey, BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LEARNED_HELD, LearnedAddr, LearnedValue, MacKey,
+        PORT_ADDRS_FIXED,
     },
     config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
@@ -808,6 +809,32 @@ impl Datapath {
         };
         if let Err(e) = result {
             log::error!("cannot write LEARNED for ifindex {ifindex}: {}", report(&e));
+        }
+    }
+
+    /// Marks (or clears) port `ifindex`'s lock on first use as a held claim
+    /// (`LEARNED_HELD`: judged unbound, its frames dropped) while it is locked to `mac`.
+    pub fn hold_learned(&mut self, ifindex: u32, mac: [u8; 6], held: bool) {
+        let Ok(mut lock) = self.learned.get(&ifindex, 0) else { return };
+        if lock.mac != mac {
+            return;
+        }
+        let flags = if held { lock.flags | LEARNED_HELD } else { lock.flags & !LEARNED_HELD };
+        if flags == lock.flags {
+            return;
+        }
+        lock.flags = flags;
+        if let Err(e) = self.learned.insert(ifindex, lock, 0) {
+            log::error!("cannot mark the claim on ifindex {ifindex} in LEARNED: {}", report(&e));
+        }
+    }
+
+    /// Removes what the rules allowed port `ifindex` (it is gone, or a new device).
+    pub(crate) fn forget_allowed(&mut self, ifindex: u32) {
+        let keys: Vec<AllowedKey> =
+            self.port_allowed.keys().filter_map(Result::ok).filter(|k| k.ifindex == ifindex).collect();
+        for key in keys {
+            let _ = self.port_allowed.remove(&key);
         }
     }
 

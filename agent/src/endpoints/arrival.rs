@@ -170,10 +170,12 @@ impl Endpoints {
     ) {
         let started = Instant::now();
         let Some(arrival) = self.classify(mac, ifindex, port, cause).await else { return };
-        if !self.may_take(&arrival, since_ns).await {
+        if !self.may_take(&arrival).await {
             return;
         }
         self.lock().held.remove(&mac);
+        // Whatever held the port's frames is over: it is the endpoint now.
+        self.datapath.lock().expect("datapath lock").hold_learned(ifindex, mac.0, false);
         let location = self.bind_here(&arrival);
         // Bind and flag first: from here on the data path judges the endpoint as it
         // stands on this node.
@@ -360,7 +362,7 @@ impl Endpoints {
             .as_ref()
             .map(|r| r.zones.iter().filter(|z| z.endpoints.remediation).map(|z| z.name.clone()).collect())
             .unwrap_or_default();
-        set.flows.into_iter().filter(|f| remediation.contains(&f.zones[usize::from(f.side ^ 1)])).collect()
+        set.flows.into_iter().filter(|f| remediation.contains(&f.zones[usize::from((f.side ^ 1) & 1)])).collect()
     }
 
     /// The flows of an endpoint that moved between two ports of this node.
@@ -502,6 +504,8 @@ impl Endpoints {
             let mut st = self.lock();
             st.unknown.retain(|_, (b, _)| b.ifindex != ifindex);
             st.learned_ports.remove(&ifindex);
+            st.locked_at.remove(&ifindex);
+            st.held.retain(|_, h| h.ifindex != ifindex);
             st.host_unknown.remove(&ifindex);
             st.host_bindings.retain(|h| h.ifindex != ifindex);
             let gone: Vec<(MacAddr, Bound)> =

@@ -16,7 +16,7 @@
 use std::{sync::Arc, time::Duration};
 
 use backplane_common::config::{
-    ALLOWED_MAC, AllowedKey, BINDING_HOST, BINDING_LEARNED, LEARNED_ENDPOINT, LEARNED_ZONE, LearnedValue,
+    ALLOWED_MAC, AllowedKey, BINDING_HOST, BINDING_LEARNED, LEARNED_ENDPOINT, LEARNED_HELD, LEARNED_ZONE, LearnedValue,
 };
 use backplane_rules::MacAddr;
 use serde::{Deserialize, Serialize};
@@ -175,6 +175,8 @@ impl Endpoints {
                 gone = st.bound.iter().filter(|(_, b)| b.ifindex == ifindex).map(|(m, b)| (*m, b.clone())).collect();
                 st.unknown.retain(|_, (b, _)| b.ifindex != ifindex);
                 st.learned_ports.remove(&ifindex);
+                st.locked_at.remove(&ifindex);
+                st.held.retain(|_, h| h.ifindex != ifindex);
                 st.host_unknown.remove(&ifindex);
             }
             self.persist(&st);
@@ -242,6 +244,7 @@ impl Endpoints {
         let lock = self.datapath.lock().expect("datapath lock").learned(ifindex);
         let Some(lock) = lock.filter(|l| l.mac == mac.0) else { return };
         log::info!("{port}: locked to {mac} on first use");
+        self.lock().locked_at.insert(ifindex, crate::clock::now_unix_ms());
         let known = Self::def_by_mac(&self.lock(), mac).is_some();
         // An `interface:` zone may quarantine a MAC outside the inventory (an arrival
         // handles that too).
@@ -342,10 +345,18 @@ impl Endpoints {
             n += 1;
             st.host_bindings.push(h);
         }
+        let mut hold = Vec::new();
         for (ifindex, lock) in learned {
             let Some(port) = ports.get(&ifindex) else { continue };
             let mac = MacAddr(lock.mac);
             if st.bound.get(&mac).is_some_and(|b| b.ifindex != ifindex) {
+                continue;
+            }
+            // A claim held before the restart, or of an endpoint another node holds
+            // (etcd said so last): still a claim, not a binding (see `claim`).
+            let elsewhere = st.locations.get(&mac).is_some_and(|l| l.node != self.opts.node && !l.released());
+            if Self::def_by_mac(&st, mac).is_some() && (lock.flags & LEARNED_HELD != 0 || elsewhere) {
+                hold.push((ifindex, mac));
                 continue;
             }
             if Self::def_by_mac(&st, mac).is_some() {
@@ -360,6 +371,12 @@ impl Endpoints {
             }
         }
         self.persist(&st);
+        drop(st);
+        let mut dp = self.datapath.lock().expect("datapath lock");
+        for (ifindex, mac) in hold {
+            log::warn!("ifindex {ifindex}: its claim of {mac} stays held (another node holds it)");
+            dp.hold_learned(ifindex, mac.0, true);
+        }
         n
     }
 

@@ -99,6 +99,19 @@ impl Endpoints {
                 .map(|(m, _)| *m)
                 .collect();
             let mut owners = Self::address_owners(wanted, &elsewhere, ips_of);
+            // Virtual IPs the rules allow some endpoints (`allowed_addresses`): no port
+            // takes them on first use; only the ports whose endpoints they are allowed.
+            for def in Self::defs(st) {
+                for ip in &def.allowed_addresses {
+                    let shared = OwnerValue {
+                        ifindex: backplane_common::policy::OWNER_SHARED,
+                        endpoint_id: 0,
+                        mac: [0; 6],
+                        _pad: [0; 2],
+                    };
+                    owners.entry(owner_key(*ip)).or_insert(shared);
+                }
+            }
             // Infrastructure addresses are no VM port's, whatever the inventory says.
             for infra in st.rules.iter().flat_map(|r| r.infrastructure.iter()) {
                 let mac = infra.mac.map_or([0; 6], |m| m.0);
@@ -195,7 +208,8 @@ impl Endpoints {
             let (addr, _) = key.sender(dir);
             let port = value.ifindex[usize::from(dir)];
             let owner = owners.get(&OwnerKey { family: key.family, _pad: [0; 3], addr: *addr });
-            vm_ports.contains(&port) && owner.is_some_and(|o| o.ifindex != port)
+            vm_ports.contains(&port)
+                && owner.is_some_and(|o| o.ifindex != port && o.ifindex != backplane_common::policy::OWNER_SHARED)
         };
         let entries = self.flows.kernel_entries(|key, value| (0u8..2).any(|dir| suspect(key, value, dir)));
         if entries.is_empty() {

@@ -124,9 +124,10 @@ struct State {
     locations: HashMap<MacAddr, Location>,
     /// Endpoints bound to a port here.
     bound: HashMap<MacAddr, Bound>,
-    /// Claims of endpoints another node holds, waiting for it to let go: MAC -> port
-    /// (see `claim`).
-    held: HashMap<MacAddr, u32>,
+    /// Claims of endpoints another node holds, waiting for it to let go (see `claim`).
+    held: HashMap<MacAddr, claim::Held>,
+    /// When each port locked its MAC on first use, as this agent saw it (Unix ms).
+    locked_at: HashMap<u32, i64>,
     /// MACs outside the inventory quarantined on a port here: (port binding, zone id).
     unknown: HashMap<MacAddr, (Bound, u16)>,
     /// Ports locked on first use to a MAC outside the inventory, by ifindex.
@@ -477,7 +478,10 @@ impl Endpoints {
     /// The locations of the endpoints bound here (to publish after a reconnect).
     pub(crate) fn local_locations(&self) -> Vec<(MacAddr, Location)> {
         let st = self.lock();
-        st.bound.keys().filter_map(|m| Some((*m, st.locations.get(m)?.clone()))).collect()
+        st.bound
+            .keys()
+            .filter_map(|m| Some((*m, st.locations.get(m).filter(|l| l.node == self.opts.node)?.clone())))
+            .collect()
     }
 
     /// What etcd says about other nodes' endpoints (a poll): locations and their flows.
@@ -489,13 +493,8 @@ impl Endpoints {
         let mut elsewhere_changed = false;
         {
             let mut st = self.lock();
-            // A location of another node that etcd no longer holds went with that node's
-            // lease (or was never renewed): nobody holds the endpoint.
-            let listed: HashSet<MacAddr> = locations.iter().map(|(m, _)| *m).collect();
-            let before = st.locations.len();
-            let node = self.opts.node.clone();
-            st.locations.retain(|m, l| l.node == node || listed.contains(m));
-            elsewhere_changed |= st.locations.len() != before;
+            // A location of another node that etcd no longer holds (its lease expired) is
+            // kept: the endpoint may still run there (see `claim`).
             for (mac, loc) in locations {
                 if loc.node == self.opts.node {
                     continue;

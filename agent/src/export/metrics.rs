@@ -49,6 +49,7 @@ const COUNTER_DROP_REASONS: &[(&str, Counter)] = &[
     ("to_own_mac", Counter::ToOwnMac),
     ("egress_denied", Counter::EgressDenied),
     ("foreign_sender", Counter::ForeignSender),
+    ("claim_held", Counter::ClaimHeld),
 ];
 
 /// Raises a counter to `total` (never lowers it).

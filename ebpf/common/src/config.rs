@@ -160,6 +160,11 @@ pub const LEARNED_ZONE: u8 = 1 << 0;
 /// [`LearnedValue::flags`]: the MAC is an inventory endpoint's (its zone and standing
 /// come from `ENDPOINTS`).
 pub const LEARNED_ENDPOINT: u8 = 1 << 1;
+/// [`LearnedValue::flags`]: the agent holds this port's claim of an inventory endpoint
+/// that another node has (set by the agent): the port is judged as unbound and its
+/// frames are dropped (`claim_held`) until the host binds it or the agent takes the
+/// claim as a move.
+pub const LEARNED_HELD: u8 = 1 << 2;
 
 const _: () = assert!(core::mem::size_of::<LearnedValue>() == 16);
 

@@ -129,6 +129,10 @@ pub const OWNER_ELSEWHERE: u32 = u32::MAX;
 /// uplink (a gateway, a DHCP or DNS server, the rules' `infrastructure:`): no VM port
 /// may send from or claim its address or MAC.
 pub const OWNER_INFRA: u32 = u32::MAX - 1;
+/// [`OwnerValue::ifindex`]: an address the rules allow several endpoints to send from
+/// (`allowed_addresses`: a shared virtual IP): only ports whose `PORT_ALLOWED` lists it
+/// may send from or claim it.
+pub const OWNER_SHARED: u32 = u32::MAX - 2;
 
 /// `ZONES` key.
 #[repr(C)]

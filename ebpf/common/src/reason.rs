@@ -229,6 +229,9 @@ pub enum Counter {
     /// [`crate::config::LEARNED_ADDRS_PER_PORT`] in use already (the frame is counted as
     /// `spoofed_address` too).
     AddressesFull,
+    /// Frames from a port whose claim of an endpoint another node has is held (see
+    /// `LEARNED_HELD`): dropped.
+    ClaimHeld,
     /// Number of counters; not a counter.
     Count,
 }
@@ -285,6 +288,7 @@ impl Counter {
         Self::ToOwnMac,
         Self::ForeignSender,
         Self::AddressesFull,
+        Self::ClaimHeld,
     ];
 
     /// Snake-case name for status output and metric labels.
@@ -334,6 +338,7 @@ impl Counter {
             Self::ToOwnMac => "to_own_mac",
             Self::ForeignSender => "foreign_sender",
             Self::AddressesFull => "addresses_full",
+            Self::ClaimHeld => "claim_held",
             Self::Count => "count",
         }
     }

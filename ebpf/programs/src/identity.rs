@@ -19,13 +19,13 @@ use backplane_common::{
     DatapathConfig, PortInfo, PortRole,
     config::{
         ALLOWED_MAC, BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ADDR_IDLE_NS, LEARNED_ADDRS_PER_PORT,
-        LEARNED_ENDPOINT, LEARNED_ZONE, LearnedAddr, LearnedValue, MacKey, PORT_ADDRS_FIXED, UNBOUND_DENY,
-        UNBOUND_OBSERVE,
+        LEARNED_ENDPOINT, LEARNED_HELD, LEARNED_ZONE, LearnedAddr, LearnedValue, MacKey, PORT_ADDRS_FIXED,
+        UNBOUND_DENY, UNBOUND_OBSERVE,
     },
     flow::FAMILY_IPV4,
     policy::{
         ADDR_KEY_HEADER_BITS, AddrKey, ENDPOINT_ADDRS_FIXED, ENDPOINT_ELSEWHERE, ENDPOINT_QUARANTINED, EndpointKey,
-        OWNER_ELSEWHERE, OwnerKey, ZONE_HAS_CIDRS, ZONE_LEARN, ZONE_WORLD,
+        OWNER_ELSEWHERE, OWNER_SHARED, OwnerKey, ZONE_HAS_CIDRS, ZONE_LEARN, ZONE_WORLD,
     },
     reason::Counter,
 };
@@ -104,6 +104,11 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
     if let Some(learned) = LEARNED.get_ptr(ifindex).map(|l| unsafe { *l }) {
         if learned.mac == *src_mac {
+            if learned.flags & LEARNED_HELD != 0 {
+                // A claim of an endpoint another node has: its frames would move the
+                // endpoint's MAC in every switch's forwarding table.
+                return Err(Counter::ClaimHeld);
+            }
             return Ok(Sender::Bound);
         }
         return Err(wrong_mac(cfg, src_mac, ifindex));
@@ -245,7 +250,7 @@ pub fn port_ident(cfg: &DatapathConfig, port: &PortInfo, packet: &Packet, ifinde
     if let Some(learned) = LEARNED.get_ptr(ifindex).map(|l| unsafe { &*l }) {
         if let Some(ident) = policy::endpoint_ident(slot, &learned.mac) {
             // Held while the node it is bound on keeps it: a claim, not a move.
-            if ident.flags & ENDPOINT_ELSEWHERE != 0 {
+            if ident.flags & ENDPOINT_ELSEWHERE != 0 || learned.flags & LEARNED_HELD != 0 {
                 return unbound_ident(slot, port);
             }
             return ident;
@@ -307,22 +312,26 @@ fn cidr_zone(slot: u8, family: u8, addr: &[u8; 16]) -> Option<u16> {
     ZONE_CIDRS.get(Key::new(ADDR_KEY_HEADER_BITS + bits, key)).map(|z| *z as u16)
 }
 
-/// Whether VM port `ifindex`, whose sender is `ident`, may send from (or claim) the
-/// frame's source address (`packet.src`):
+/// Whether VM port `ifindex` may send from (or claim) the frame's source address
+/// (`packet.src`), for a sender in `zone` with `bits` (`SRC_*`, and the rule-table half
+/// in force in the low byte):
 /// - an address `ADDR_OWNERS` gives to a port: only that port (or, for an owner bound on
-///   another node, its own MAC arriving here);
+///   another node, its own MAC arriving here); a virtual IP it gives to no port
+///   (`OWNER_SHARED`): only bound ports the rules allow it (`allowed_addresses`);
 /// - the unspecified address (DHCP, duplicate address detection) and IPv6 link-local
 ///   addresses nobody owns: any port;
 /// - any other address: not when the binding's addresses are fixed, unless the rules
-///   allow the bound endpoint that address (`allowed_addresses`); and only one that the
-///   zones' networks give the sender's zone (or no zone, for a sender whose zone has no
-///   networks), so that no node judging it by address puts it in another zone.
+///   allow the bound endpoint that address; and only one that the zones' networks give
+///   the sender's zone (or no zone, for a sender whose zone has no networks), so that no
+///   node judging it by address puts it in another zone; without fixed addresses, one
+///   the port holds or takes (see [`source_ok`]).
 ///
 /// Unbound ports (quarantined, or judged by address under `observe`) are held to the
-/// owners only.
+/// owners and to addresses no other port holds.
+// Few, plain arguments: fewer values to keep on the stack across the lookups.
 #[inline(never)]
-pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &Packet, ifindex: u32) -> Source {
-    let (family, mac, addr) = (packet.family, &packet.src_mac, &packet.src);
+fn address_ok(bits: u32, zone: u16, packet: &Packet, ifindex: u32) -> Source {
+    let (family, addr) = (packet.family, &packet.src);
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return Source::Refused };
     // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run: the keys
     // are built there, not on the stack.
@@ -330,44 +339,58 @@ pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &
     key.family = family;
     key._pad = [0; 3];
     key.addr = *addr;
+    let mut shared = false;
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
-    if let Some(owner) = ADDR_OWNERS.get_ptr(&*key).map(|o| unsafe { *o }) {
-        let ok = owner.ifindex == 0
-            || owner.ifindex == ifindex
-            || (owner.ifindex == OWNER_ELSEWHERE && same_mac(&owner.mac, mac));
-        return if ok { Source::Ok } else { Source::Refused };
+    if let Some(owner) = ADDR_OWNERS.get_ptr(&*key).map(|o| unsafe { &*o }) {
+        if owner.ifindex != OWNER_SHARED {
+            let ok = owner.ifindex == 0
+                || owner.ifindex == ifindex
+                || (owner.ifindex == OWNER_ELSEWHERE && same_mac(&owner.mac, &packet.src_mac));
+            return if ok { Source::Ok } else { Source::Refused };
+        }
+        // A virtual IP the rules allow some endpoints: theirs alone, in their zone.
+        if bits & SRC_BOUND == 0 || !allowed(ifindex, family, addr) {
+            return Source::Refused;
+        }
+        shared = true;
     }
     if is_unspecified(family, addr) || is_link_local_v6(family, addr) {
         return Source::Ok;
     }
-    if ident.unbound() {
+    if bits & SRC_UNBOUND != 0 {
         // Quarantined (or placed by the frame under `observe`): any address but one
         // another port holds.
         return Source::NotHeld;
     }
     // Fixed addresses: its own (owned above) or what the rules allow it besides
     // (`allowed_addresses`), which must still keep it in its zone's networks.
-    let fixed = port.flags & PORT_ADDRS_FIXED != 0 || ident.flags & ENDPOINT_ADDRS_FIXED != 0;
-    if fixed && !(port.binding != BINDING_NONE && allowed(ifindex, family, addr)) {
+    let fixed = bits & SRC_FIXED != 0;
+    if fixed && !shared && !(bits & SRC_BOUND != 0 && allowed(ifindex, family, addr)) {
         return Source::Refused;
     }
     // The address must not put the sender in another zone (another node judges what it
     // sends by address): inside its zone's networks, or in none when its zone has none.
-    let slot = cfg.active_slot & 1;
+    let slot = (bits & 1) as u8;
     // SAFETY: as above.
     let cidr = unsafe { &mut (*scratch).cidr };
     cidr.prefix_len = ADDR_KEY_HEADER_BITS + if family == FAMILY_IPV4 { 32 } else { 128 };
     cidr.data = AddrKey { slot, family, _pad: [0; 2], addr: *addr };
     let in_zone = match ZONE_CIDRS.get(&*cidr).map(|z| *z as u16) {
-        Some(zone) => zone == ident.zone,
-        None => policy::zone_flags(slot, ident.zone) & ZONE_HAS_CIDRS == 0,
+        Some(z) => z == zone,
+        None => policy::zone_flags(slot, zone) & ZONE_HAS_CIDRS == 0,
     };
     if !in_zone {
         return Source::Refused;
     }
-    // Not fixed: an address it took on first use, or takes now (see `source_ok`).
-    if fixed { Source::Ok } else { Source::ToTake }
+    if fixed || shared { Source::Ok } else { Source::ToTake }
 }
+
+/// [`address_ok`]'s `bits`: the port is bound (by the host, or confirmed).
+const SRC_BOUND: u32 = 1 << 8;
+/// The sender's addresses are fixed (inventory `ips`).
+const SRC_FIXED: u32 = 1 << 9;
+/// No binding vouches for the sender.
+const SRC_UNBOUND: u32 = 1 << 10;
 
 /// Whether VM port `ifindex`, whose sender is `ident`, may send from (or claim) the
 /// frame's source address: [`address_ok`], and for an endpoint without fixed addresses,
@@ -376,12 +399,20 @@ pub fn address_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &
 /// that the two checks' frames are not stacked.
 #[inline(always)]
 pub fn source_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &Packet, ifindex: u32) -> bool {
-    match address_ok(cfg, port, ident, packet, ifindex) {
+    let mut bits = u32::from(cfg.active_slot & 1);
+    if port.binding != BINDING_NONE {
+        bits |= SRC_BOUND;
+    }
+    if port.flags & PORT_ADDRS_FIXED != 0 || ident.flags & ENDPOINT_ADDRS_FIXED != 0 {
+        bits |= SRC_FIXED;
+    }
+    if ident.unbound() {
+        bits |= SRC_UNBOUND;
+    }
+    match address_ok(bits, ident.zone, packet, ifindex) {
         Source::Ok => true,
         Source::Refused => false,
-        Source::ToTake => {
-            take_address(ifindex, &packet.src_mac, packet.family, &packet.src, port.binding != BINDING_NONE)
-        }
+        Source::ToTake => take_address(ifindex, &packet.src_mac, packet.family, &packet.src, bits & SRC_BOUND != 0),
         Source::NotHeld => !held_by_another(ifindex, packet.family, &packet.src),
     }
 }
@@ -566,8 +597,10 @@ fn local_receiver_of(mac: &[u8; 6]) -> u32 {
         port.mac == *mac
     } else {
         match LEARNED.get_ptr(ifindex) {
+            // A held claim is not the MAC's port: it neither receives for it nor keeps
+            // the endpoint's real port from locking it.
             // SAFETY: a pointer returned by a map lookup is valid for this program run.
-            Some(l) => unsafe { (*l).mac == *mac },
+            Some(l) => unsafe { (*l).mac == *mac && (*l).flags & LEARNED_HELD == 0 },
             None => false,
         }
     };
