@@ -18,8 +18,8 @@ use backplane_common::{
     DatapathConfig, FlowEvent, FlowEventKind, PortInfo, PortRole, Verdict,
     config::{
         ALLOWED_MAC, AllowedKey, BINDING_HOST, CONFIG_ENFORCE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ENDPOINT,
-        LEARNED_HELD, LEARNED_ZONE, LearnedAddr, LearnedValue, PORT_ADDRS_FIXED, PORT_INGRESS_LIVE, PORT_INGRESS_TC,
-        UNBOUND_DENY, UNBOUND_QUARANTINE,
+        LEARNED_HELD, LEARNED_MAC_ONLY, LEARNED_ZONE, LearnedAddr, LearnedValue, PORT_ADDRS_FIXED, PORT_INGRESS_LIVE,
+        PORT_INGRESS_TC, UNBOUND_DENY, UNBOUND_QUARANTINE,
     },
     event::Announcement,
     flow::FAMILY_IPV4,
@@ -390,6 +390,43 @@ fn addresses_taken_on_first_use_are_the_ports_alone() {
     assert_eq!(dp.from_port(&from(MAC_A, [10, 0, 1, 16], 8200)), XDP_DROP, "a 17th");
     assert_eq!(dp.counter(Counter::AddressesFull), 1);
     assert_eq!(dp.from_port(&from(MAC_A, [10, 0, 1, 3], 8201)), XDP_PASS, "one it holds");
+}
+
+/// A port nobody bound that cannot learn (its zone binds by the host only) is held to
+/// its first MAC all the same (the bridge learns where a MAC lives from every frame),
+/// with no identity: it stays unbound (quarantined) and the agent is not told.
+#[test]
+fn an_unbound_port_that_cannot_learn_is_held_to_its_first_mac() {
+    let mut dp = enforcing_datapath_unbound();
+    let from = |mac: [u8; 6], sport: u16| eth(MAC_B, mac, &[], 0x0800, &ipv4(C, B, 6, &tcp(sport, 80, TCP_SYN, &[])));
+    assert_eq!(dp.from_port(&from(MAC_C, 9000)), XDP_DROP, "quarantined, as before");
+    let v = flow(&dp, 9000, 80);
+    assert_eq!((v.verdict, v.reason), (Verdict::Denied as u8, Reason::UnboundPort as u8));
+    assert_eq!(dp.counter(Counter::SpoofedMac), 0, "its first MAC is no spoof");
+    let other_mac = [0x52, 0x54, 0x00, 0x00, 0x00, 0x0d];
+    assert_eq!(dp.from_port(&from(other_mac, 9001)), XDP_DROP);
+    assert_eq!(dp.counter(Counter::SpoofedMac), 1, "another MAC from the same port is");
+    assert!(dp.flows().iter().all(|(k, _)| k.port_lo != 9001 && k.port_hi != 9001), "and makes no flow");
+    let learned: HashMap<&MapData, u32, LearnedValue> = HashMap::try_from(dp.ebpf.map(LEARNED).unwrap()).unwrap();
+    let lock = learned.get(&LOOPBACK_IFINDEX, 0).unwrap();
+    assert_eq!((lock.mac, lock.flags), (MAC_C, LEARNED_MAC_ONLY));
+    assert_eq!(dp.counter(Counter::PortsLearned), 0, "no identity learned");
+    assert!(announcements(&mut dp).is_empty(), "and the agent is not told");
+    // Another port may not send from the MAC this one is held to.
+    let links = TestLinks::new();
+    let other = links.ifindex[0];
+    unbind_port(&mut dp, other);
+    assert_eq!(dp.from_port_on(other, &from(MAC_C, 9002)), XDP_DROP);
+    assert_eq!(dp.counter(Counter::Spoofed), 1);
+    // Once the port may learn (a reload), its held MAC locks for real.
+    let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
+    let mut cfg = config.get(&0, 0).unwrap();
+    cfg.flags |= CONFIG_LEARN | CONFIG_LEARN_WORLD;
+    config.set(0, cfg, 0).unwrap();
+    assert_eq!(dp.from_port(&from(MAC_C, 9003)), XDP_PASS, "now it learns world");
+    assert_eq!(dp.counter(Counter::PortsLearned), 0, "locked before: not counted again");
+    let ann = announcements(&mut dp);
+    assert_eq!(ann.len(), 1, "the agent is told: {ann:?}");
 }
 
 #[test]

@@ -37,8 +37,8 @@ use aya::{
 use backplane_common::{
     Counter, DatapathConfig, FlowKey, FlowValue, PortInfo, PortRole,
     config::{
-        AllowedKey, BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LEARNED_HELD, LearnedAddr, LearnedValue, MacKey,
-        PORT_ADDRS_FIXED,
+        AllowedKey, BINDING_NONE, CONFIG_ENFORCE, CONFIG_INDEX, LEARNED_HELD, LEARNED_MAC_ONLY, LearnedAddr,
+        LearnedValue, MacKey, PORT_ADDRS_FIXED,
     },
     config::{PORT_INGRESS_TC, PORT_INGRESS_XDP_NATIVE, PORT_INGRESS_XDP_SKB},
     maps::{
@@ -938,6 +938,9 @@ impl Datapath {
             Ok(info) if info.binding == backplane_common::config::BINDING_HOST => ("host".into(), mac(info.mac)),
             Ok(info) if info.binding != BINDING_NONE => ("learned".into(), mac(info.mac)),
             _ => match self.learned(ifindex) {
+                // Held to its MAC, with no identity: unbound all the same.
+                Some(l) if l.flags & LEARNED_MAC_ONLY != 0 => ("none".into(), mac(l.mac)),
+                Some(l) if l.flags & LEARNED_HELD != 0 => ("held".into(), mac(l.mac)),
                 Some(l) => ("locked".into(), mac(l.mac)),
                 None => ("none".into(), None),
             },

@@ -114,8 +114,10 @@ impl Endpoints {
         };
         // A hint, never a claim: only the MAC the port is bound or locked to counts.
         let bound_here = self.lock().bound.get(&mac).is_some_and(|b| b.ifindex == event.ifindex);
-        let locked_here =
-            self.datapath.lock().expect("datapath lock").learned(event.ifindex).is_some_and(|l| l.mac == mac.0);
+        let locked_here = self.datapath.lock().expect("datapath lock").learned(event.ifindex).is_some_and(|l| {
+            l.mac == mac.0
+                && l.flags & (backplane_common::config::LEARNED_MAC_ONLY | backplane_common::config::LEARNED_HELD) == 0
+        });
         if !bound_here && !locked_here {
             log::debug!("{mac} announced itself on {port} ({kind}), which is not bound to it: ignored");
             return;

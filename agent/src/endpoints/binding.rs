@@ -16,7 +16,8 @@
 use std::{sync::Arc, time::Duration};
 
 use backplane_common::config::{
-    ALLOWED_MAC, AllowedKey, BINDING_HOST, BINDING_LEARNED, LEARNED_ENDPOINT, LEARNED_HELD, LEARNED_ZONE, LearnedValue,
+    ALLOWED_MAC, AllowedKey, BINDING_HOST, BINDING_LEARNED, LEARNED_ENDPOINT, LEARNED_HELD, LEARNED_MAC_ONLY,
+    LEARNED_ZONE, LearnedValue,
 };
 use backplane_rules::MacAddr;
 use serde::{Deserialize, Serialize};
@@ -348,6 +349,10 @@ impl Endpoints {
         let mut hold = Vec::new();
         for (ifindex, lock) in learned {
             let Some(port) = ports.get(&ifindex) else { continue };
+            if lock.flags & LEARNED_MAC_ONLY != 0 {
+                // Held to its MAC only: no identity to bring back.
+                continue;
+            }
             let mac = MacAddr(lock.mac);
             if st.bound.get(&mac).is_some_and(|b| b.ifindex != ifindex) {
                 continue;

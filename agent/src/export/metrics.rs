@@ -31,7 +31,7 @@ pub const ENDPOINT_STATES: &[&str] = &["active", "quarantined", "isolated"];
 pub const PORT_STATES: &[&str] = &["attached", "blocked", "unguarded"];
 
 /// Bindings of `backplane_port_bindings` (`PortStatus::binding` of VM ports).
-pub const PORT_BINDINGS: &[&str] = &["host", "learned", "locked", "none"];
+pub const PORT_BINDINGS: &[&str] = &["held", "host", "learned", "locked", "none"];
 
 /// Exporters counted in `backplane_export_*`.
 pub const EXPORTERS: &[&str] = &["flow_log", "ipfix"];

@@ -165,6 +165,11 @@ pub const LEARNED_ENDPOINT: u8 = 1 << 1;
 /// frames are dropped (`claim_held`) until the host binds it or the agent takes the
 /// claim as a move.
 pub const LEARNED_HELD: u8 = 1 << 2;
+/// [`LearnedValue::flags`]: the port cannot learn an identity (its zone binds by the
+/// host only), but it is held to its first MAC all the same, as a switch's port security
+/// holds it: the bridge learns where a MAC lives from every frame. No identity comes with
+/// it (the port stays unbound) and the agent is not told.
+pub const LEARNED_MAC_ONLY: u8 = 1 << 3;
 
 const _: () = assert!(core::mem::size_of::<LearnedValue>() == 16);
 

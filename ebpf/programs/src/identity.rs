@@ -19,8 +19,8 @@ use backplane_common::{
     DatapathConfig, PortInfo, PortRole,
     config::{
         ALLOWED_MAC, BINDING_NONE, CONFIG_LEARN, CONFIG_LEARN_WORLD, LEARNED_ADDR_IDLE_NS, LEARNED_ADDRS_PER_PORT,
-        LEARNED_ENDPOINT, LEARNED_HELD, LEARNED_ZONE, LearnedAddr, LearnedValue, MacKey, PORT_ADDRS_FIXED,
-        UNBOUND_DENY, UNBOUND_OBSERVE,
+        LEARNED_ENDPOINT, LEARNED_HELD, LEARNED_MAC_ONLY, LEARNED_ZONE, LearnedAddr, LearnedValue, MacKey,
+        PORT_ADDRS_FIXED, UNBOUND_DENY, UNBOUND_OBSERVE,
     },
     flow::FAMILY_IPV4,
     policy::{
@@ -109,6 +109,15 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
                 // endpoint's MAC in every switch's forwarding table.
                 return Err(Counter::ClaimHeld);
             }
+            if learned.flags & LEARNED_MAC_ONLY != 0 {
+                if !learnable(cfg, ifindex, port, src_mac) {
+                    return Ok(Sender::Unbound);
+                }
+                // The rules now let it learn: it locks for real (the agent is told).
+                let value = LearnedValue { flags: learned.flags & !LEARNED_MAC_ONLY, ..learned };
+                let _ = LEARNED.insert(ifindex, &value, 0);
+                return Ok(Sender::Learned);
+            }
             return Ok(Sender::Bound);
         }
         return Err(wrong_mac(cfg, src_mac, ifindex));
@@ -128,11 +137,8 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
         // or when `interface:` members give the port its zone.
         None => cfg.flags & CONFIG_LEARN != 0 || port.zone_in(slot) != 0,
     };
-    if !learnable {
-        if cfg.unbound_ports == UNBOUND_DENY {
-            return Err(Counter::UnboundPort);
-        }
-        return Ok(Sender::Unbound);
+    if !learnable && cfg.unbound_ports == UNBOUND_DENY {
+        return Err(Counter::UnboundPort);
     }
     // A MAC another port of this node is locked to is that port's (a clone here is a
     // spoof; a VM that moved between two ports here is locked again once its old port
@@ -141,16 +147,25 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
     if other != 0 && other != ifindex {
         return Err(Counter::Spoofed);
     }
-    let flags = if endpoint.is_some() { LEARNED_ENDPOINT } else { 0 };
+    // A port that cannot learn is held to its first MAC all the same, with no identity.
+    let flags = match endpoint {
+        _ if !learnable => LEARNED_MAC_ONLY,
+        Some(_) => LEARNED_ENDPOINT,
+        None => 0,
+    };
     let value = LearnedValue { mac: *src_mac, zone: 0, slot, flags, _pad: [0; 6] };
     if LEARNED.insert(ifindex, &value, BPF_NOEXIST).is_ok() {
-        crate::counters::inc(Counter::PortsLearned);
         let _ = PORT_MACS.insert(&MacKey { mac: *src_mac, _pad: [0; 2] }, &ifindex, 0);
+        if !learnable {
+            return Ok(Sender::Unbound);
+        }
+        crate::counters::inc(Counter::PortsLearned);
         return Ok(Sender::Learned);
     }
     // Another CPU locked it first: this frame must carry what it locked.
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
     match LEARNED.get_ptr(ifindex).map(|l| unsafe { *l }) {
+        Some(l) if l.mac == *src_mac && !learnable => Ok(Sender::Unbound),
         Some(l) if l.mac == *src_mac => Ok(Sender::Bound),
         _ => Err(Counter::SpoofedMac),
     }
@@ -204,7 +219,7 @@ fn learned_zone(cfg: &DatapathConfig, ifindex: u32, family: u8, addr: &[u8; 16])
     if learned.flags & LEARNED_ZONE != 0 {
         return (learned.slot == slot).then_some(learned.zone);
     }
-    if learned.flags & LEARNED_ENDPOINT != 0 || is_unspecified(family, addr) {
+    if learned.flags & (LEARNED_ENDPOINT | LEARNED_MAC_ONLY) != 0 || is_unspecified(family, addr) {
         return None;
     }
     // Another port's address picks nothing (and is dropped as spoofed by the caller).
@@ -247,7 +262,8 @@ pub fn port_ident(cfg: &DatapathConfig, port: &PortInfo, packet: &Packet, ifinde
         });
     }
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
-    if let Some(learned) = LEARNED.get_ptr(ifindex).map(|l| unsafe { &*l }) {
+    if let Some(learned) = LEARNED.get_ptr(ifindex).map(|l| unsafe { &*l }).filter(|l| l.flags & LEARNED_MAC_ONLY == 0)
+    {
         if let Some(ident) = policy::endpoint_ident(slot, &learned.mac) {
             // Held while the node it is bound on keeps it: a claim, not a move.
             if ident.flags & ENDPOINT_ELSEWHERE != 0 || learned.flags & LEARNED_HELD != 0 {
