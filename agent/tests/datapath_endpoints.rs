@@ -418,13 +418,18 @@ fn an_unbound_port_that_cannot_learn_is_held_to_its_first_mac() {
     unbind_port(&mut dp, other);
     assert_eq!(dp.from_port_on(other, &from(MAC_C, 9002)), XDP_DROP);
     assert_eq!(dp.counter(Counter::Spoofed), 1);
-    // Once the port may learn (a reload), its held MAC locks for real.
+    // Once the port may learn (a reload: the agent removes such locks as the rule set
+    // goes in force), its next frame locks it for real.
     let mut config: Array<&mut MapData, DatapathConfig> = Array::try_from(dp.ebpf.map_mut(CONFIG).unwrap()).unwrap();
     let mut cfg = config.get(&0, 0).unwrap();
     cfg.flags |= CONFIG_LEARN | CONFIG_LEARN_WORLD;
     config.set(0, cfg, 0).unwrap();
-    assert_eq!(dp.from_port(&from(MAC_C, 9003)), XDP_PASS, "now it learns world");
-    assert_eq!(dp.counter(Counter::PortsLearned), 0, "locked before: not counted again");
+    assert_eq!(dp.from_port(&from(MAC_C, 9003)), XDP_DROP, "still held to its MAC with no identity");
+    let mut learned: HashMap<&mut MapData, u32, LearnedValue> =
+        HashMap::try_from(dp.ebpf.map_mut(LEARNED).unwrap()).unwrap();
+    learned.remove(&LOOPBACK_IFINDEX).unwrap();
+    assert_eq!(dp.from_port(&from(MAC_C, 9004)), XDP_PASS, "now it learns world");
+    assert_eq!(dp.counter(Counter::PortsLearned), 1);
     let ann = announcements(&mut dp);
     assert_eq!(ann.len(), 1, "the agent is told: {ann:?}");
 }
@@ -675,6 +680,11 @@ fn a_flow_direction_from_another_port_must_be_that_ports_to_use() {
     for ifindex in [LOOPBACK_IFINDEX, q_port] {
         allowed.insert(AllowedKey { ifindex, kind: FAMILY_IPV4, _pad: [0; 3], value: vip }, 1, 0).unwrap();
     }
+    // Reserved for the two, as the agent writes it.
+    let mut owners: HashMap<&mut MapData, OwnerKey, OwnerValue> =
+        HashMap::try_from(dp.ebpf.map_mut(ADDR_OWNERS).unwrap()).unwrap();
+    let shared = OwnerValue { ifindex: OWNER_SHARED, endpoint_id: 0, mac: [0; 6], _pad: [0; 2] };
+    owners.insert(OwnerKey { family: FAMILY_IPV4, _pad: [0; 3], addr: vip }, shared, 0).unwrap();
     endpoint(
         &mut dp,
         MAC_C,

@@ -54,7 +54,8 @@ pub(crate) fn run(cargo_args: &[String], test_args: &[String]) -> Result<()> {
 
     let marker = std::process::id().to_string();
     let mut cargo = util::cargo();
-    cargo.arg("test");
+    // Every test binary runs even after one fails: a run says everything that fails.
+    cargo.args(["test", "--no-fail-fast"]);
     let picks_packages = cargo_args.iter().any(|arg| arg == "-p" || arg.starts_with("--package"));
     if !picks_packages {
         cargo.arg("--workspace");

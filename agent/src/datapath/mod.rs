@@ -603,7 +603,24 @@ impl Datapath {
     pub fn activate_rules(&mut self, staged: StagedRules) -> Result<u32, TableError> {
         let generation = rule_tables::activate(&mut self.config, staged.slot, &staged.compiled)?;
         self.rules = Some(staged.compiled);
+        self.release_mac_only_locks();
         Ok(generation)
+    }
+
+    /// Removes the locks that hold unbound ports to their first MAC without an identity
+    /// (`LEARNED_MAC_ONLY`): under the rule set now in force such a port may learn, and
+    /// its next frame locks it again as these rules say.
+    fn release_mac_only_locks(&mut self) {
+        let held: Vec<u32> = self
+            .learned
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, l)| l.flags & LEARNED_MAC_ONLY != 0)
+            .map(|(i, _)| i)
+            .collect();
+        for ifindex in held {
+            self.set_learned(ifindex, None);
+        }
     }
 
     /// Takes `compiled` as the rule set in force without writing it: the rule set a

@@ -110,13 +110,9 @@ pub fn check_mac(cfg: &DatapathConfig, ifindex: u32, port: &PortInfo, src_mac: &
                 return Err(Counter::ClaimHeld);
             }
             if learned.flags & LEARNED_MAC_ONLY != 0 {
-                if !learnable(cfg, ifindex, port, src_mac) {
-                    return Ok(Sender::Unbound);
-                }
-                // The rules now let it learn: it locks for real (the agent is told).
-                let value = LearnedValue { flags: learned.flags & !LEARNED_MAC_ONLY, ..learned };
-                let _ = LEARNED.insert(ifindex, &value, 0);
-                return Ok(Sender::Learned);
+                // Held to its MAC, no identity. (When a rule set that lets it learn goes in
+                // force, the agent removes such locks: the next frame locks for real.)
+                return Ok(Sender::Unbound);
             }
             return Ok(Sender::Bound);
         }
@@ -410,8 +406,8 @@ const SRC_UNBOUND: u32 = 1 << 10;
 
 /// Whether VM port `ifindex`, whose sender is `ident`, may send from (or claim) the
 /// frame's source address: [`address_ok`], and for an endpoint without fixed addresses,
-/// an address it holds or takes now ([`take_address`]), else one the rules allow it (a
-/// virtual IP shared with a peer is nobody's to take). Inlined into the entry point, so
+/// an address it holds or takes now ([`take_address`]) (what the rules allow several
+/// endpoints is reserved for them in `ADDR_OWNERS`, and passed there). Inlined into the entry point, so
 /// that the two checks' frames are not stacked.
 #[inline(always)]
 pub fn source_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &Packet, ifindex: u32) -> bool {
@@ -428,7 +424,7 @@ pub fn source_ok(cfg: &DatapathConfig, port: &PortInfo, ident: Ident, packet: &P
     match address_ok(bits, ident.zone, packet, ifindex) {
         Source::Ok => true,
         Source::Refused => false,
-        Source::ToTake => take_address(ifindex, &packet.src_mac, packet.family, &packet.src, bits & SRC_BOUND != 0),
+        Source::ToTake => take_address(ifindex, &packet.src_mac, packet.family, &packet.src),
         Source::NotHeld => !held_by_another(ifindex, packet.family, &packet.src),
     }
 }
@@ -474,15 +470,7 @@ fn held_by_another(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
 /// [`LEARNED_ADDR_IDLE_NS`], while the port holds fewer than [`LEARNED_ADDRS_PER_PORT`].
 /// Every use refreshes it.
 #[inline(never)]
-fn take_address(ifindex: u32, mac: &[u8; 6], family: u8, addr: &[u8; 16], bound: bool) -> bool {
-    if try_take(ifindex, mac, family, addr) {
-        return true;
-    }
-    bound && allowed(ifindex, family, addr)
-}
-
-#[inline(always)]
-fn try_take(ifindex: u32, mac: &[u8; 6], family: u8, addr: &[u8; 16]) -> bool {
+fn take_address(ifindex: u32, mac: &[u8; 6], family: u8, addr: &[u8; 16]) -> bool {
     // The key is built in this CPU's scratch memory, not on the stack.
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
     // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
@@ -530,7 +518,9 @@ fn count_add(ifindex: u32, delta: u32) -> bool {
         if delta != 1 {
             return true;
         }
-        return LEARNED_ADDR_COUNT.insert(&ifindex, &1, BPF_NOEXIST).is_ok() || count_add_existing(ifindex);
+        // (Another CPU creating it at the same moment: this frame does not take the
+        // address; the port's next one does.)
+        return LEARNED_ADDR_COUNT.insert(&ifindex, &1, BPF_NOEXIST).is_ok();
     };
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
     let count = unsafe { &mut *count };
@@ -540,20 +530,6 @@ fn count_add(ifindex: u32, delta: u32) -> bool {
     }
     *count = count.wrapping_add(delta);
     true
-}
-
-/// [`count_add`] of 1 after another CPU created the port's count first.
-#[inline(always)]
-fn count_add_existing(ifindex: u32) -> bool {
-    match LEARNED_ADDR_COUNT.get_ptr_mut(&ifindex) {
-        // SAFETY: a pointer returned by a map lookup is valid for this program run.
-        Some(count) if unsafe { *count } < LEARNED_ADDRS_PER_PORT => {
-            // SAFETY: as above.
-            unsafe { *count += 1 };
-            true
-        }
-        _ => false,
-    }
 }
 
 /// Whether the rules allow the endpoint bound to VM port `ifindex` to send from `value`
