@@ -345,12 +345,7 @@ fn cidr_zone(slot: u8, family: u8, addr: &[u8; 16]) -> Option<u16> {
 fn address_ok(bits: u32, zone: u16, packet: &Packet, ifindex: u32) -> Source {
     let (family, addr) = (packet.family, &packet.src);
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return Source::Refused };
-    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run: the keys
-    // are built there, not on the stack.
-    let key = unsafe { &mut (*scratch).owner };
-    key.family = family;
-    key._pad = [0; 3];
-    key.addr = *addr;
+    let Some(key) = owner_key(family, addr) else { return Source::Refused };
     let mut shared = false;
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
     if let Some(owner) = ADDR_OWNERS.get_ptr(&*key).map(|o| unsafe { &*o }) {
@@ -452,12 +447,7 @@ pub enum Source {
 /// uses it).
 #[inline(never)]
 fn held_by_another(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return true };
-    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
-    let key = unsafe { &mut (*scratch).owner };
-    key.family = family;
-    key._pad = [0; 3];
-    key.addr = *addr;
+    let Some(key) = owner_key(family, addr) else { return true };
     // SAFETY: a pointer returned by a map lookup is valid for this program run.
     let Some(held) = LEARNED_ADDRS.get_ptr(&*key).map(|h| unsafe { *h }) else { return false };
     // SAFETY: reading the kernel's coarse monotonic clock has no preconditions.
@@ -471,13 +461,7 @@ fn held_by_another(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
 /// Every use refreshes it.
 #[inline(never)]
 fn take_address(ifindex: u32, mac: &[u8; 6], family: u8, addr: &[u8; 16]) -> bool {
-    // The key is built in this CPU's scratch memory, not on the stack.
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
-    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
-    let key = unsafe { &mut (*scratch).owner };
-    key.family = family;
-    key._pad = [0; 3];
-    key.addr = *addr;
+    let Some(key) = owner_key(family, addr) else { return false };
     // SAFETY: reading the kernel's coarse monotonic clock has no preconditions.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
     if let Some(held) = LEARNED_ADDRS.get_ptr_mut(&*key) {
@@ -533,37 +517,49 @@ fn count_add(ifindex: u32, delta: u32) -> bool {
 }
 
 /// Whether the rules allow the endpoint bound to VM port `ifindex` to send from `value`
-/// (the first 6 bytes: a MAC, `kind` [`ALLOWED_MAC`]; else an address of family `kind`)
-/// besides its own: `allowed_macs`, `allowed_addresses`.
+/// (an address of family `kind`) besides its own: `allowed_addresses`.
 #[inline(always)]
 fn allowed(ifindex: u32, kind: u8, value: &[u8; 16]) -> bool {
-    // The key is built in this CPU's scratch memory, not on the stack.
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
-    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
-    unsafe {
-        let key = &mut (*scratch).allowed;
-        key.ifindex = ifindex;
-        key.kind = kind;
-        key._pad = [0; 3];
-        key.value = *value;
-        PORT_ALLOWED.get_ptr(key).is_some()
-    }
+    let Some(key) = allowed_key(ifindex, kind) else { return false };
+    key.value = *value;
+    PORT_ALLOWED.get_ptr(key).is_some()
 }
 
-/// [`allowed`] for a MAC.
+/// [`allowed`] for a MAC: `allowed_macs`.
 #[inline(never)]
 fn allowed_mac(ifindex: u32, mac: &[u8; 6]) -> bool {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
-    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run.
-    unsafe {
-        let key = &mut (*scratch).allowed;
-        key.ifindex = ifindex;
-        key.kind = ALLOWED_MAC;
-        key._pad = [0; 3];
-        key.value = [0; 16];
-        key.value[..6].copy_from_slice(mac);
-        PORT_ALLOWED.get_ptr(key).is_some()
-    }
+    let Some(key) = allowed_key(ifindex, ALLOWED_MAC) else { return false };
+    key.value = [0; 16];
+    key.value[..6].copy_from_slice(mac);
+    PORT_ALLOWED.get_ptr(key).is_some()
+}
+
+/// An `ADDR_OWNERS` / `LEARNED_ADDRS` key of `addr`: built in this CPU's scratch memory,
+/// not on the stack.
+#[inline(always)]
+fn owner_key(family: u8, addr: &[u8; 16]) -> Option<&'static mut OwnerKey> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run (all the
+    // `'static` is used for).
+    let key = unsafe { &mut (*scratch).owner };
+    key.family = family;
+    key._pad = [0; 3];
+    key.addr = *addr;
+    Some(key)
+}
+
+/// A `PORT_ALLOWED` key for port `ifindex` and `kind`, its value to fill in: built in
+/// this CPU's scratch memory, not on the stack.
+#[inline(always)]
+fn allowed_key(ifindex: u32, kind: u8) -> Option<&'static mut backplane_common::config::AllowedKey> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of the per-CPU SCRATCH map, valid for this run (all the
+    // `'static` is used for).
+    let key = unsafe { &mut (*scratch).allowed };
+    key.ifindex = ifindex;
+    key.kind = kind;
+    key._pad = [0; 3];
+    Some(key)
 }
 
 /// The VM port of this node a frame's destination MAC is locked to (on first use, maybe
