@@ -37,6 +37,7 @@ pub mod datapath;
 pub mod endpoints;
 pub mod error;
 pub mod export;
+pub mod files;
 pub mod flows;
 pub mod ifnames;
 pub mod options;

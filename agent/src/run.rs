@@ -117,6 +117,9 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Etcd(#[from] crate::cluster::etcd::EtcdError),
+    /// The state or pin directory is not the agent's alone.
+    #[error("cannot start: {0}")]
+    Directory(String),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -175,6 +178,8 @@ struct Checked {
 /// the kernel's features (and how TC programs attach); reads the rule files.
 fn check(opts: &RunOptions) -> Result<Checked, AgentError> {
     server::ensure_not_in_use(&opts.socket)?;
+    // What the agent trusts at a start comes from these: no other user may write there.
+    crate::files::ensure_dir(&opts.state_dir, "state directory").map_err(AgentError::Directory)?;
     let selector = PortSelector::new(&opts.interfaces, &opts.uplinks)?;
     let dp_opts = opts.datapath_options(check_kernel(opts.tc_attach)?);
     // The rules are read before anything is loaded or attached: a rule set with errors
@@ -226,6 +231,7 @@ fn load_datapath(opts: &RunOptions, checked: &mut Checked) -> Result<Loaded, Age
         Some(Err(error)) => Some(rules_after_failure(error, inherited.map(|c| c.generation), &checked.last_good)?),
     };
     datapath::prepare_pin_dir(&opts.pin_dir)?;
+    crate::files::check_dir(&opts.pin_dir, "pin directory").map_err(AgentError::Directory)?;
     let pin_lock = datapath::lock_pin_dir(&opts.pin_dir)?;
     let guard = Arc::new(PortGuard::new(guard::table_name(&opts.node, &opts.pin_dir)));
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, dp_opts)?;

@@ -142,3 +142,78 @@ fn unknown_subcommands_flags_and_missing_arguments_exit_2() {
         failures.join("\n")
     );
 }
+
+/// Directories removed when dropped, also when a test fails.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// The state and pin directories decide what an agent trusts at its start (the last
+/// good rules, host bindings, a previous agent's maps): one that another user owns or
+/// may write, or a symbolic link, ends the start with a message naming it and what is
+/// wrong. Positive control: the same start with a directory of its own gets past the
+/// check (and ends at the missing rule files instead).
+#[test]
+fn a_state_or_pin_directory_others_could_change_ends_the_start_naming_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("bp-dirs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let pin_dir = format!("/sys/fs/bpf/bp-dirs-test-{}", std::process::id());
+    // Whatever a start that should have been refused left is removed, also on failure.
+    let _cleanup = Cleanup(vec![dir.clone(), pin_dir.clone().into()]);
+    let start = |state: &std::path::Path, pins: &str, extra: &[&str]| {
+        let socket = dir.join("bp.sock");
+        let mut argv =
+            vec!["run", "--interfaces", "bp-none-*", "--pin-dir", pins, "--socket", socket.to_str().unwrap()];
+        argv.extend(["--state-dir", state.to_str().unwrap()]);
+        argv.extend_from_slice(extra);
+        backplane(&argv)
+    };
+    let mut failures = Vec::new();
+    let expect = |failures: &mut Vec<String>, what: &str, (code, stderr): (Option<i32>, String), needles: &[&str]| {
+        if code == Some(0) || !needles.iter().all(|n| stderr.contains(n)) {
+            failures.push(format!("{what}: exit {code:?}, wanted {needles:?} in:\n{stderr}"));
+        }
+    };
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let open_text = format!("the state directory {} is writable by everyone", open.display());
+    expect(&mut failures, "a state directory anyone may write", start(&open, &pin_dir, &[]), &[&open_text]);
+    let theirs = dir.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown (the tests run as root)");
+    expect(
+        &mut failures,
+        "a state directory of another user",
+        start(&theirs, &pin_dir, &[]),
+        &["is owned by uid 65534"],
+    );
+    let own = dir.join("own");
+    std::fs::create_dir(&own).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&own, &link).unwrap();
+    expect(&mut failures, "a state directory that is a link", start(&link, &pin_dir, &[]), &["is a symbolic link"]);
+    let missing = dir.join("no-such-rules");
+    let control = start(&own, &pin_dir, &["--rules", missing.to_str().unwrap()]);
+    expect(&mut failures, "positive control: its own directory", control.clone(), &["no-such-rules"]);
+    if control.1.contains("state directory") {
+        failures.push(format!("positive control: the state directory was refused:\n{}", control.1));
+    }
+    // A pin directory others may write.
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    std::fs::set_permissions(&pin_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pin_text = format!("the pin directory {pin_dir} is writable by everyone");
+    let refused = start(&own, &pin_dir, &[]);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    expect(&mut failures, "a pin directory anyone may write", refused, &[&pin_text]);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

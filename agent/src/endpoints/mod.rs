@@ -285,11 +285,9 @@ impl Endpoints {
             host_bindings: st.host_bindings.clone(),
         };
         let path = self.opts.state_dir.join(STATE_FILE);
-        let tmp = self.opts.state_dir.join(format!("{STATE_FILE}.tmp"));
         let result = serde_json::to_vec_pretty(&p)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|bytes| crate::files::write_replace(&path, &bytes));
         if let Err(e) = result {
             log::error!("cannot save the endpoint state to {}: {e}", path.display());
         }

@@ -14,7 +14,7 @@
 //! rotated files are kept.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{self, BufWriter, Write as _},
     path::{Path, PathBuf},
     sync::Arc,
@@ -46,6 +46,27 @@ pub struct RotatingFile {
     size: u64,
 }
 
+/// Moves `path` to `path.1` (`.1` to `.2`, ..., dropping `.keep`); with `keep` 0 removes
+/// it. The flow log and the audit log rotate this way.
+pub fn rotate_files(path: &Path, keep: usize) -> io::Result<()> {
+    if keep == 0 {
+        return fs::remove_file(path);
+    }
+    match fs::remove_file(rotated(path, keep)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    for n in (1..keep).rev() {
+        match fs::rename(rotated(path, n), rotated(path, n + 1)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    fs::rename(path, rotated(path, 1))
+}
+
 fn rotated(path: &Path, n: usize) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
@@ -60,7 +81,7 @@ impl RotatingFile {
         {
             fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&opts.path)?;
+        let file = crate::files::open_append(&opts.path)?;
         let size = file.metadata()?.len();
         Ok(Self { opts, file: BufWriter::new(file), size })
     }
@@ -84,24 +105,8 @@ impl RotatingFile {
     fn rotate(&mut self) -> io::Result<()> {
         self.file.flush()?;
         let path = &self.opts.path;
-        if self.opts.keep == 0 {
-            fs::remove_file(path)?;
-        } else {
-            match fs::remove_file(rotated(path, self.opts.keep)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            for n in (1..self.opts.keep).rev() {
-                match fs::rename(rotated(path, n), rotated(path, n + 1)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            fs::rename(path, rotated(path, 1))?;
-        }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        rotate_files(path, self.opts.keep)?;
+        let file = crate::files::open_append(path)?;
         self.file = BufWriter::new(file);
         self.size = 0;
         Ok(())
