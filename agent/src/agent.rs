@@ -217,6 +217,7 @@ impl Agent {
             flows_active: stats.active_records,
             flows_expired: stats.expired,
             flows_evicted: stats.evicted,
+            announcements_dropped: stats.announcements_dropped,
             flow_entries: stats.kernel_entries,
             flow_capacity,
             zone_traffic: traffic

@@ -27,7 +27,7 @@ use thiserror::Error;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal, SignalKind, signal},
-    sync::mpsc::UnboundedSender,
+    sync::mpsc::Sender,
     task::JoinHandle,
 };
 
@@ -59,6 +59,9 @@ use crate::{
     },
     rules::{LoadedRules, RuleSync, RulesError, StartRules, last_good::LastGood},
 };
+
+/// Announcements waiting for the endpoints (each one may ask etcd and sync the kernel).
+const ANNOUNCE_QUEUE: usize = 1024;
 
 /// How often the kernel flow table is read.
 const REFRESH_PERIOD: Duration = Duration::from_secs(1);
@@ -414,7 +417,7 @@ fn start_endpoints(
     clock: Clock,
     cluster: Option<&Arc<Cluster>>,
     tasks: &mut Vec<JoinHandle<()>>,
-) -> Result<(Arc<Endpoints>, UnboundedSender<FlowEvent>), AgentError> {
+) -> Result<(Arc<Endpoints>, Sender<FlowEvent>), AgentError> {
     let endpoint_opts = EndpointOptions {
         node: opts.node.clone(),
         labels: opts.labels.clone(),
@@ -424,7 +427,9 @@ fn start_endpoints(
     let peers = cluster.map(|c| Arc::clone(c) as Arc<dyn Peers>);
     let endpoints = Endpoints::new(endpoint_opts, Arc::clone(&parts.datapath), Arc::clone(&parts.flows), clock, peers)
         .map_err(|source| AgentError::StateDir { path: opts.state_dir.clone(), source })?;
-    let (announce_tx, announce_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded: a guest announcing as fast as it can fills this queue, not the agent's
+    // memory; what does not fit is dropped and counted (`announcements_dropped`).
+    let (announce_tx, announce_rx) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);
     tasks.push(tokio::spawn(Arc::clone(&endpoints).follow_announcements(announce_rx)));
     Ok((endpoints, announce_tx))
 }
@@ -512,7 +517,7 @@ fn start_flow_readers(
     parts: &Parts,
     events: RingBuf<MapData>,
     samples: RingBuf<MapData>,
-    announcements: UnboundedSender<FlowEvent>,
+    announcements: Sender<FlowEvent>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) {
     let events_flows = Arc::clone(&parts.flows);

@@ -84,7 +84,7 @@ struct Handover {
 
 impl Endpoints {
     /// Consumes announcement events until the channel closes.
-    pub async fn follow_announcements(self: Arc<Self>, mut rx: tokio::sync::mpsc::UnboundedReceiver<FlowEvent>) {
+    pub async fn follow_announcements(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<FlowEvent>) {
         while let Some(event) = rx.recv().await {
             self.announced(event).await;
         }

@@ -160,7 +160,7 @@ impl Metrics {
             ring_events_lost: counter_vec(
                 &r,
                 "backplane_ring_events_lost_total",
-                "Records the data path could not put into a ring buffer because it was full.",
+                "Records lost because a ring buffer (or the agent's announcement queue) was full.",
                 &["ring"],
             ),
             parse_failures: counter_vec(
@@ -327,6 +327,7 @@ impl Metrics {
 
         raise(&self.ring_events_lost.with_label_values(&["flow_events"]), get(Counter::EventsLost));
         raise(&self.ring_events_lost.with_label_values(&["payload_samples"]), get(Counter::PayloadSamplesLost));
+        raise(&self.ring_events_lost.with_label_values(&["announcements"]), s.announcements_dropped);
         raise(&self.payload_samples.with_label_values(&["sent"]), get(Counter::PayloadSamples));
         raise(&self.payload_samples.with_label_values(&["lost"]), get(Counter::PayloadSamplesLost));
         raise(&self.payload_samples.with_label_values(&["skipped"]), get(Counter::PayloadSamplesSkipped));
@@ -421,6 +422,8 @@ pub struct Scrape {
     pub flows_active: u64,
     pub flows_expired: u64,
     pub flows_evicted: u64,
+    /// Announcements dropped on their way to the endpoints (queue full).
+    pub announcements_dropped: u64,
     /// Entries in the kernel flow table at the last read, and its capacity.
     pub flow_entries: u64,
     pub flow_capacity: u32,

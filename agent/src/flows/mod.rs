@@ -260,6 +260,18 @@ impl SharedFlows {
         self.table().stats()
     }
 
+    /// An announcement the endpoints' queue had no room for.
+    pub fn announcement_dropped(&self) {
+        let mut table = self.table();
+        table.count_announcement_dropped();
+        if table.stats().announcements_dropped.is_power_of_two() {
+            log::warn!(
+                "{} announcement(s) dropped so far: they come faster than the endpoints take them",
+                table.stats().announcements_dropped
+            );
+        }
+    }
+
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<FollowMessage> {
         self.follow.subscribe()

@@ -14,7 +14,10 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use backplane_common::{FlowEvent, FlowEventKind};
-use tokio::{io::unix::AsyncFd, sync::mpsc::UnboundedSender};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::mpsc::{Sender, error::TrySendError},
+};
 
 use crate::flows::{
     SharedFlows,
@@ -27,7 +30,7 @@ use crate::flows::{
 pub async fn consume_events(
     ring: RingBuf<MapData>,
     flows: Arc<SharedFlows>,
-    announcements: UnboundedSender<FlowEvent>,
+    announcements: Sender<FlowEvent>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd and returns that same open fd for as long
     // as it lives, which is as long as the AsyncFd that owns it.
@@ -45,8 +48,7 @@ pub async fn consume_events(
         if !decoded.is_empty() {
             for event in decoded.iter().flatten() {
                 if event.kind == FlowEventKind::Announce as u8 {
-                    // An error only means the endpoints stopped listening.
-                    let _ = announcements.send(*event);
+                    queue_announcement(&announcements, &flows, *event);
                 }
             }
             flows.apply_events(decoded);
@@ -90,5 +92,42 @@ pub async fn consume_samples(
         if !named.is_empty() {
             flows.apply_samples(named);
         }
+    }
+}
+
+/// Hands an announcement to the endpoints, or drops and counts it when their queue is
+/// full (a closed queue only means the endpoints stopped listening).
+fn queue_announcement(announcements: &Sender<FlowEvent>, flows: &SharedFlows, event: FlowEvent) {
+    if let Err(TrySendError::Full(_)) = announcements.try_send(event) {
+        flows.announcement_dropped();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_beyond_the_queue_are_dropped_and_counted() {
+        let table = crate::flows::table::FlowTable::new(
+            crate::clock::Clock::with_offset_ns(0),
+            1_000_000_000,
+            std::sync::Arc::new(crate::ifnames::IfNames::new()),
+            std::sync::Arc::new(crate::flows::names::RuleNames::new()),
+        );
+        let flows = SharedFlows::new(table, None);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let event = FlowEvent { kind: FlowEventKind::Announce as u8, ..FlowEvent::default() };
+        for _ in 0..10 {
+            queue_announcement(&tx, &flows, event);
+        }
+        assert_eq!(flows.stats().announcements_dropped, 6);
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 4, "the queue holds what it can, in order");
+        queue_announcement(&tx, &flows, event);
+        assert_eq!((flows.stats().announcements_dropped, rx.try_recv().is_ok()), (6, true), "room again");
     }
 }

@@ -84,6 +84,10 @@ pub struct FlowStats {
     pub last_refresh_ms: u64,
     /// Entries that could not be read or deleted during map reads.
     pub map_errors: u64,
+    /// Announcements (RARP, gratuitous ARP, unsolicited NA) the endpoints could not take
+    /// as fast as they came: dropped, counted here.
+    #[serde(default)]
+    pub announcements_dropped: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -380,6 +384,10 @@ impl FlowTable {
     #[must_use]
     pub fn stats(&self) -> FlowStats {
         self.stats
+    }
+
+    pub fn count_announcement_dropped(&mut self) {
+        self.stats.announcements_dropped += 1;
     }
 
     pub fn count_map_errors(&mut self, n: u64) {
