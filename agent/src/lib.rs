@@ -40,6 +40,7 @@ pub mod export;
 pub mod files;
 pub mod flows;
 pub mod ifnames;
+pub mod notify;
 pub mod options;
 pub mod paths;
 pub mod ports;

@@ -36,6 +36,8 @@ pub struct RunOptions {
     /// The rule set (a directory of `*.yaml` files, or one file), followed for changes;
     /// `None`: observe only.
     pub rules: Option<PathBuf>,
+    /// Lift the rules a previous agent left in force when no `rules` are given.
+    pub observe_only: bool,
     /// Size in bytes of the payload sample ring buffer.
     pub payload_ring_size: u32,
     /// Where `/metrics` is served (`--metrics-addr`); `None`: not served.

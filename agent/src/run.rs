@@ -120,9 +120,10 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Etcd(#[from] crate::cluster::etcd::EtcdError),
-    /// The state or pin directory is not the agent's alone.
+    /// What the start found makes it end: a state or pin directory others could change,
+    /// rules in force with none given.
     #[error("cannot start: {0}")]
-    Directory(String),
+    Refused(String),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -138,7 +139,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let rest = Rest { checked, rules, adopting, migration, events: maps.events, samples: maps.samples, map_fills };
     let result = start(&opts, &parts, rest, &mut tasks).await;
     if result.is_ok() {
+        let mode = if opts.rules.is_some() { "enforcing the rules" } else { "observing only" };
+        crate::notify::notify(&format!("READY=1\nSTATUS={mode}"));
         signals.wait().await;
+        crate::notify::notify("STOPPING=1");
     }
     shut_down(&opts, tasks, &parts.datapath, &parts.guard, result.is_ok(), adopting).await;
     result
@@ -182,7 +186,7 @@ struct Checked {
 fn check(opts: &RunOptions) -> Result<Checked, AgentError> {
     server::ensure_not_in_use(&opts.socket)?;
     // What the agent trusts at a start comes from these: no other user may write there.
-    crate::files::ensure_dir(&opts.state_dir, "state directory").map_err(AgentError::Directory)?;
+    crate::files::ensure_dir(&opts.state_dir, "state directory").map_err(AgentError::Refused)?;
     let selector = PortSelector::new(&opts.interfaces, &opts.uplinks)?;
     let dp_opts = opts.datapath_options(check_kernel(opts.tc_attach)?);
     // The rules are read before anything is loaded or attached: a rule set with errors
@@ -226,6 +230,14 @@ fn load_datapath(opts: &RunOptions, checked: &mut Checked) -> Result<Loaded, Age
     let pins = datapath::check_pins(DATAPATH_OBJECT, dp_opts, &found.dir(&opts.pin_dir), upgrading)?;
     let inherited = datapath::pinned_config(&found.dir(&opts.pin_dir))
         .filter(|c| pins.adopting() && !upgrading && c.flags & CONFIG_ENFORCE != 0);
+    if let Some(c) = inherited.filter(|_| opts.rules.is_none() && !opts.observe_only) {
+        return Err(AgentError::Refused(format!(
+            "rules are in force in {} (generation {}) and this start gives no --rules: give the rules \
+             (--rules PATH), or --observe-only to lift them; nothing was changed",
+            opts.pin_dir.display(),
+            c.generation
+        )));
+    }
     // Rule files that do not load keep what is in force, or put the last good copy in
     // force under each zone's on_rules_failure; with neither, the start ends here.
     let rules = match checked.rules.take() {
@@ -234,7 +246,7 @@ fn load_datapath(opts: &RunOptions, checked: &mut Checked) -> Result<Loaded, Age
         Some(Err(error)) => Some(rules_after_failure(error, inherited.map(|c| c.generation), &checked.last_good)?),
     };
     datapath::prepare_pin_dir(&opts.pin_dir)?;
-    crate::files::check_dir(&opts.pin_dir, "pin directory").map_err(AgentError::Directory)?;
+    crate::files::check_dir(&opts.pin_dir, "pin directory").map_err(AgentError::Refused)?;
     let pin_lock = datapath::lock_pin_dir(&opts.pin_dir)?;
     let guard = Arc::new(PortGuard::new(guard::table_name(&opts.node, &opts.pin_dir)));
     let (mut dp, maps) = Datapath::load(DATAPATH_OBJECT, dp_opts)?;
@@ -282,7 +294,7 @@ fn load_datapath(opts: &RunOptions, checked: &mut Checked) -> Result<Loaded, Age
         );
     }
     if inherited.is_some() && opts.rules.is_none() {
-        log::warn!("no --rules: the rules the previous agent left in force are lifted (observing only)");
+        log::warn!("--observe-only: the rules the previous agent left in force are lifted (observing only)");
         dp.observe_only().map_err(|e| DatapathError::Map { map: backplane_common::maps::CONFIG, source: e })?;
     }
     Ok(Loaded { datapath: dp, maps, rules, adopting, migration, pin_lock, guard })

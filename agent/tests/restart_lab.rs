@@ -174,3 +174,53 @@ fn an_adopted_port_keeps_its_ingress_hook_and_a_new_port_gets_the_configured_one
         assert!(common::links_on(port).is_empty(), "{port}: detached on exit");
     }
 }
+
+/// Issue 14, item 5: a start without `--rules` on a data path whose rules are in force
+/// (a restart that lost its arguments) ends, says so, and changes nothing: the denied
+/// flow stays denied on the wire; `--observe-only` lifts the rules on purpose.
+#[test]
+fn a_start_without_rules_does_not_lift_the_rules_in_force_unless_told() {
+    let lab = Lab::new("bp");
+    let web = lab.add_veth_vm("web", "10.30.0.10/8", None, None);
+    let db = lab.add_veth_vm("db", "10.40.0.10/8", None, None);
+    let rules = copy_example_rules(&lab, "three-zones");
+    let first = Agent::start_keeping_pins(&lab, &["--rules", rules.to_str().unwrap()]);
+    // db -> web is denied by the rules (no policy from db to web); web -> db ICMP allowed.
+    assert!(web.ping(db.ip(), 2), "positive control: web pings db");
+    assert!(!db.ping(web.ip(), 1), "db -> web is denied");
+    let generation = first.status()["rules"]["generation"].as_u64().unwrap();
+    first.stop();
+
+    let mut child = std::process::Command::new(common::agent::BACKPLANE)
+        .arg("run")
+        .args(lab.agent_args())
+        .arg("--state-dir")
+        .arg(lab.work_dir().join("state"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run backplane");
+    // It must end by itself; one that runs on (lifting the rules) is stopped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ran_on = child.try_wait().unwrap().is_none();
+    if ran_on {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!ran_on, "a start without --rules ran on over the rules in force:\n{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("rules are in force in {} (generation {generation})", lab.pin_dir().display()))
+            && text.contains("--observe-only"),
+        "names the rules in force and the way out: {text}"
+    );
+    assert!(!db.ping(web.ip(), 1), "db -> web still denied after the refused start");
+    assert!(web.ping(db.ip(), 2), "and web -> db still passes");
+
+    let observing = Agent::start(&lab, &["--observe-only"]);
+    assert!(db.ping(web.ip(), 2), "--observe-only lifts the rules: db -> web passes");
+    observing.stop();
+}

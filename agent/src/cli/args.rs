@@ -76,8 +76,15 @@ pub struct RunArgs {
     /// Zone rules to enforce: a directory of *.yaml files, or one file. Checked before
     /// anything is attached (errors end the start); then watched, and a valid change is
     /// put in force within a second. Without it the agent observes only.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "observe_only")]
     pub rules: Option<PathBuf>,
+
+    /// Start without rules and lift the rules a previous agent left in force (every flow
+    /// passes, `observed`). Without `--rules` and without this, a start that finds rules
+    /// in force ends instead, so that a restart that lost its arguments does not open the
+    /// switch.
+    #[arg(long)]
+    pub observe_only: bool,
 
     /// Serve Prometheus metrics on `http://ADDR/metrics`, or `none` [default:
     /// 127.0.0.1:9469; if that port is taken, the agent runs without metrics and says so].
@@ -231,6 +238,7 @@ impl RunArgs {
             tc_attach: self.tc_attach,
             detach_on_exit: self.detach_on_exit,
             rules: self.rules,
+            observe_only: self.observe_only,
             payload_ring_size: self.payload_ring_size,
             metrics_addr: metrics.map(|(addr, _)| addr),
             metrics_required: metrics.is_some_and(|(_, explicit)| explicit),
