@@ -156,7 +156,7 @@ impl Agent {
             program_ids: datapath.program_ids(),
             config_generation: config.generation,
             config_flags: config.flags,
-            ports: datapath.port_status(),
+            ports: datapath.port_status_with_addresses(),
             port_guard: self.port_guard.status(),
             flows: FlowTableStatus { entries: stats.kernel_entries, capacity: datapath.flow_table_size(), stats },
             events_lost: counters.iter().find(|(c, _)| *c == Counter::EventsLost).map_or(0, |(_, v)| *v),

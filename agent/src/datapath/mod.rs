@@ -286,6 +286,8 @@ pub struct Datapath {
     /// What bound ports may send from besides their binding (`allowed_macs`,
     /// `allowed_addresses`).
     port_allowed: BpfHashMap<MapData, AllowedKey, u8>,
+    /// What `PORT_ALLOWED` was last brought to (`None`: read it again).
+    allowed_written: Option<std::collections::HashSet<AllowedKey>>,
     /// Addresses ports took on first use, and how many each holds (the data path's).
     learned_addrs: BpfHashMap<MapData, OwnerKey, LearnedAddr>,
     learned_addr_count: BpfHashMap<MapData, u32, u32>,
@@ -425,6 +427,7 @@ impl Datapath {
             learned,
             port_macs,
             port_allowed,
+            allowed_written: None,
             learned_addrs,
             learned_addr_count,
             addr_identity: std::collections::HashMap::new(),
@@ -758,13 +761,17 @@ impl Datapath {
 
     /// Brings `PORT_ALLOWED` up to what the bindings allow: entries of ports no longer
     /// bound (or no longer allowed) removed, new ones added.
+    /// The map is read only when what is wanted differs from what was last written.
     fn write_allowed(&mut self, bindings: &std::collections::HashMap<u32, PortBinding>) {
         let wanted: std::collections::HashSet<AllowedKey> = bindings
             .iter()
             .filter(|(i, _)| self.ports.get(i).is_some_and(|p| p.role == PortRole::Vm))
             .flat_map(|(&ifindex, b)| b.allowed.iter().map(move |k| AllowedKey { ifindex, ..*k }))
             .collect();
-        let present: Vec<AllowedKey> = self.port_allowed.keys().filter_map(Result::ok).collect();
+        if self.allowed_written.as_ref() == Some(&wanted) {
+            return;
+        }
+        let present: std::collections::HashSet<AllowedKey> = self.port_allowed.keys().filter_map(Result::ok).collect();
         for key in present.iter().filter(|k| !wanted.contains(k)) {
             if let Err(e) = self.port_allowed.remove(key) {
                 log::error!("port {}: cannot remove an allowed source from PORT_ALLOWED: {}", key.ifindex, report(&e));
@@ -775,6 +782,7 @@ impl Datapath {
                 log::error!("port {}: cannot write an allowed source into PORT_ALLOWED: {}", key.ifindex, report(&e));
             }
         }
+        self.allowed_written = Some(wanted);
     }
 
     /// Tells the data path that `PORTS` changed (`DatapathConfig::ports_epoch`), so that
@@ -853,6 +861,8 @@ impl Datapath {
         for key in keys {
             let _ = self.port_allowed.remove(&key);
         }
+        // Read the map again at the next write.
+        self.allowed_written = None;
     }
 
     /// The flags of the endpoint entries in the half of the rule tables in force;
@@ -910,10 +920,6 @@ impl Datapath {
     /// Ports as `status` shows them, by ifindex.
     #[must_use]
     pub fn port_status(&self) -> Vec<PortStatus> {
-        let mut learned: std::collections::HashMap<u32, Vec<String>> = std::collections::HashMap::new();
-        for (key, held) in self.learned_addrs.iter().filter_map(Result::ok) {
-            learned.entry(held.ifindex).or_default().push(owner_ip(&key).to_string());
-        }
         self.ports
             .iter()
             .map(|(&ifindex, p)| {
@@ -926,10 +932,7 @@ impl Datapath {
                 PortStatus {
                     binding,
                     bound_mac,
-                    learned_addresses: learned.remove(&ifindex).map_or_else(Vec::new, |mut a| {
-                        a.sort();
-                        a
-                    }),
+                    learned_addresses: Vec::new(),
                     name: p.name.clone(),
                     ifindex,
                     role: role_name(p.role).into(),
@@ -943,6 +946,25 @@ impl Datapath {
                 }
             })
             .collect()
+    }
+
+    /// [`Datapath::port_status`] with the addresses each port took on first use: one
+    /// read of the whole `LEARNED_ADDRS` table, for `status` only (not for every metrics
+    /// scrape).
+    #[must_use]
+    pub fn port_status_with_addresses(&self) -> Vec<PortStatus> {
+        let mut learned: std::collections::HashMap<u32, Vec<String>> = std::collections::HashMap::new();
+        for (key, held) in self.learned_addrs.iter().filter_map(Result::ok) {
+            learned.entry(held.ifindex).or_default().push(owner_ip(&key).to_string());
+        }
+        let mut ports = self.port_status();
+        for p in &mut ports {
+            if let Some(mut addrs) = learned.remove(&p.ifindex) {
+                addrs.sort();
+                p.learned_addresses = addrs;
+            }
+        }
+        ports
     }
 
     /// How a port is bound, as `status` says it (see [`PortStatus::binding`]).

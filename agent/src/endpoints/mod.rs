@@ -724,7 +724,7 @@ impl Endpoints {
             let ports = dp.port_status();
             let unbound = ports
                 .iter()
-                .filter(|p| p.binding == "none" || p.binding == "locked")
+                .filter(|p| p.binding == "none" || p.binding == "locked" || p.binding == "held")
                 .map(|p| (p.name.clone(), p.bound_mac.clone()))
                 .collect();
             (ports.into_iter().map(|p| (p.ifindex, p.name)).collect(), unbound)
